@@ -1,0 +1,42 @@
+"""attncontrol: make text-to-image diffusion models obey their prompts, on stock diffusers pipelines.
+
+    import attncontrol
+    out = attncontrol.generate(pipe, "a cat and a dog", controls=[attncontrol.AttendExcite(subjects=["cat", "dog"])])
+"""
+
+from .controls import AttendExcite, Control, StepInfo
+from .errors import (
+    AmbiguousSubjectError,
+    AttnControlError,
+    ModelLoadError,
+    ResolutionError,
+    SubjectError,
+    SubjectNotInPromptError,
+    SubjectTruncatedError,
+    UnsupportedPipelineError,
+)
+from .guidance import StepRecord
+from .pipeline import GenerationResult, generate
+from .tokens import TokenTable, resolve_subjects, tokenize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmbiguousSubjectError",
+    "AttendExcite",
+    "AttnControlError",
+    "Control",
+    "GenerationResult",
+    "ModelLoadError",
+    "ResolutionError",
+    "StepInfo",
+    "StepRecord",
+    "SubjectError",
+    "SubjectNotInPromptError",
+    "SubjectTruncatedError",
+    "TokenTable",
+    "UnsupportedPipelineError",
+    "generate",
+    "resolve_subjects",
+    "tokenize",
+]

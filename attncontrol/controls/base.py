@@ -1,0 +1,95 @@
+"""The control protocol: a config dataclass prepares a per-run object that the guidance engine drives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tokens import resolve_subjects
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where sampling is: loop ``index`` over ``scheduler.timesteps`` (0-based), its ``timestep``, ``total`` steps."""
+
+    index: int
+    timestep: float
+    total: int
+
+
+@dataclass
+class ControlContext:
+    """What a control needs to know about one run to prepare itself."""
+
+    tokenizer: object
+    prompts: list[str]  # one per image (prompts repeated num_images_per_prompt times)
+    prompts_per_input: list[str]  # the prompts as the user passed them
+    num_images_per_prompt: int
+    latent_hw: tuple[int, int]
+    num_steps: int
+    cross_resolutions: list[tuple[int, int]]  # resolutions that have cross-attention layers, for this size
+    default_resolution: tuple[int, int]
+    exclude_eot_default: bool
+    seq_len: int = 77
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def subjects_per_image(self, subjects) -> list[list[tuple[int, ...]]]:
+        """Resolve subjects (one list for all prompts, or one list per prompt) into token positions per image."""
+        per_prompt = subjects
+        n_prompts = len(self.prompts_per_input)
+        nested = bool(subjects) and all(isinstance(s, (list, tuple)) for s in subjects)
+        if not nested:
+            per_prompt = [list(subjects)] * n_prompts
+        elif len(subjects) != n_prompts:
+            raise ValueError(
+                f"subjects given per prompt must have one list per prompt: got {len(subjects)} lists for "
+                f"{n_prompts} prompts"
+            )
+        resolved = [resolve_subjects(self.tokenizer, p, list(s)) for p, s in zip(self.prompts_per_input, per_prompt)]
+        return [r for r in resolved for _ in range(self.num_images_per_prompt)]
+
+    def keep_mask(self, exclude_eot: bool) -> torch.Tensor:
+        """(images, seq_len) tokens kept in the softmax over tokens.
+
+        ``exclude_eot=False``: diffusers' slice ``[1:-1]`` (drops start-of-text and the last slot, keeps
+        end-of-text and padding). ``True``: the official SD 2.1 behaviour, only the prompt's own tokens.
+        """
+        keep = torch.zeros(len(self.prompts), self.seq_len, dtype=torch.bool)
+        if not exclude_eot:
+            keep[:, 1 : self.seq_len - 1] = True
+            return keep
+        for b, prompt in enumerate(self.prompts):
+            n = len(self.tokenizer(prompt, truncation=True, max_length=self.seq_len).input_ids)
+            keep[b, 1 : n - 1] = True
+        return keep
+
+
+class PreparedControl:
+    """One control bound to one run. The engine calls these; subclasses implement the method."""
+
+    name: str = "control"
+    resolution: tuple[int, int]
+    kinds: tuple[str, ...] = ("cross",)
+    max_refinement_steps: int = 0
+
+    def updates_at(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def refine_target(self, step: int) -> float | None:
+        """Loss above which the latents are refined at this step, or None."""
+        return None
+
+    def step_size(self, step: int) -> float:
+        raise NotImplementedError
+
+    def loss(self, maps: dict[tuple[str, tuple[int, int]], torch.Tensor], images: list[int], step: StepInfo):
+        """Per-image losses, shape (len(images),), float32, differentiable w.r.t. the latents."""
+        raise NotImplementedError
+
+
+class Control:
+    """Base of the user-facing control dataclasses."""
+
+    def prepare(self, ctx: ControlContext) -> PreparedControl:
+        raise NotImplementedError

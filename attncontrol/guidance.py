@@ -1,0 +1,158 @@
+"""The test-time optimisation engine: cond-only partial forward, losses, gradient step on the latents,
+iterative refinement; batched over images, each image with its own refinement decision."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .controls.base import PreparedControl, StepInfo
+from .store import AttentionStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """One denoising step of a run. ``loss`` is per image, summed over controls (None where no guidance ran);
+    ``losses`` per control; ``refinement_iterations`` per image; ``seconds`` the whole step (guidance and
+    denoising), ``guidance_seconds`` the guidance part."""
+
+    index: int
+    timestep: float
+    loss: list[float] | None = None
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    refinement_iterations: list[int] | None = None
+    updated: list[bool] | None = None
+    seconds: float = 0.0
+    guidance_seconds: float = 0.0
+
+
+class GuidanceEngine:
+    def __init__(
+        self,
+        adapter,
+        store: AttentionStore,
+        controls: list[PreparedControl],
+        cond: torch.Tensor,
+        timesteps: torch.Tensor,
+        cross_attention_kwargs=None,
+    ):
+        self.adapter = adapter
+        self.store = store
+        self.controls = controls
+        self.cond = cond
+        self.timesteps = timesteps
+        self.cross_attention_kwargs = cross_attention_kwargs
+        self.map_keys = sorted({(kind, c.resolution) for c in controls for kind in c.kinds})
+
+    def needed_at(self, i: int) -> bool:
+        return any(c.updates_at(i) or c.refine_target(i) is not None for c in self.controls)
+
+    def last_guided_step(self) -> int:
+        steps = [i for i in range(len(self.timesteps)) if self.needed_at(i)]
+        return steps[-1] if steps else -1
+
+    def _evaluate(self, z: torch.Tensor, images: list[int], i: int):
+        """Forward the images' latents, return (leaf, objective (n,), {control: losses (n,)})."""
+        t = self.timesteps[i]
+        leaf = z[images].detach().requires_grad_(True)
+        self.store.reset()
+        self.store.active = True
+        try:
+            self.adapter.guidance_forward(leaf, t, self.cond[images], self.cross_attention_kwargs)
+        finally:
+            self.store.active = False
+        maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}
+        info = StepInfo(index=i, timestep=float(t), total=len(self.timesteps))
+        losses = {c.name: c.loss(maps, images, info) for c in self.controls}
+        objective = sum(c.step_size(i) * losses[c.name] for c in self.controls)
+        return leaf, objective, losses
+
+    def _step(self, z: torch.Tensor, images: list[int], leaf, objective, i: int) -> list[bool]:
+        """z[b] <- z[b] - grad(objective_b) for the images whose objective is non-zero and whose gradient is finite."""
+        move = [bool(objective[k] != 0) for k in range(len(images))]
+        if not any(move):
+            return move
+        mask = torch.tensor(move, device=objective.device)
+        (grad,) = torch.autograd.grad(objective[mask].sum(), [leaf])
+        finite = torch.isfinite(grad.flatten(1)).all(1).tolist()
+        for k, b in enumerate(images):
+            if not move[k]:
+                continue
+            if not finite[k]:
+                warnings.warn(f"non-finite gradient at step {i} for image {b}: update skipped", stacklevel=2)
+                move[k] = False
+                continue
+            if z.dtype in (torch.float32, torch.float64):
+                z[b] = leaf[k].detach() - grad[k]
+            else:  # half precision: update in float32, store in the pipeline's dtype
+                z[b] = (leaf[k].detach().float() - grad[k].float()).to(z.dtype)
+        return move
+
+    def guide(self, latents: torch.Tensor, i: int) -> tuple[torch.Tensor, StepRecord]:
+        start = time.perf_counter()
+        record = StepRecord(index=i, timestep=float(self.timesteps[i]))
+        if not self.needed_at(i):
+            return latents, record
+        n = latents.shape[0]
+        z = latents.detach().clone()
+        update = any(c.updates_at(i) for c in self.controls)
+        with torch.enable_grad():
+            leaf, objective, losses = self._evaluate(z, list(range(n)), i)
+            refine = [b for b in range(n) if self._wants_refinement(losses, b, i)]
+            iterations = [0] * n
+            updated = [False] * n
+            final = {name: value.detach().float().clone() for name, value in losses.items()}
+            plain = [b for b in range(n) if b not in refine]
+            if update and plain:
+                rows = torch.tensor(plain, device=objective.device)
+                moved = self._step(z, plain, leaf, objective[rows], i)
+                for b, m in zip(plain, moved):
+                    updated[b] = m
+            del leaf, objective, losses
+            if refine:
+                self._refine(z, refine, i, iterations, final, updated, update)
+        record.loss = [float(sum(final[c.name][b] for c in self.controls)) for b in range(n)]
+        record.losses = {name: value.tolist() for name, value in final.items()}
+        record.refinement_iterations = iterations
+        record.updated = updated
+        record.guidance_seconds = time.perf_counter() - start
+        logger.info("step %d: loss %s, refinement %s", i, record.loss, iterations)
+        return z, record
+
+    def _wants_refinement(self, losses, b: int, i: int) -> bool:
+        for c in self.controls:
+            target = c.refine_target(i)
+            if target is not None and float(losses[c.name][b]) > target:
+                return True
+        return False
+
+    def _refine(self, z, images, i, iterations, final, updated, update: bool) -> None:
+        """Iterative refinement (A&E Sec. 3.3): step while a control's loss is above its target, then one more
+        pass whose loss drives the step's regular update."""
+        limit = max(c.max_refinement_steps for c in self.controls if c.refine_target(i) is not None)
+        active = list(images)
+        k = 0
+        while active:
+            k += 1
+            leaf, objective, losses = self._evaluate(z, active, i)
+            self._step(z, active, leaf, objective, i)
+            for row, b in enumerate(active):
+                iterations[b] = k
+                for name, value in losses.items():
+                    final[name][b] = value[row].detach().float()
+            active = [b for row, b in enumerate(active) if k < limit and self._wants_refinement(losses, row, i)]
+            del leaf, objective, losses
+        if not update:
+            return
+        leaf, objective, losses = self._evaluate(z, list(images), i)
+        moved = self._step(z, list(images), leaf, objective, i)
+        for row, b in enumerate(images):
+            updated[b] = moved[row]
+            for name, value in losses.items():
+                final[name][b] = value[row].detach().float()
