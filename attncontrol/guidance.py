@@ -20,11 +20,13 @@ logger = logging.getLogger(__name__)
 class StepRecord:
     """One denoising step of a run. ``loss`` is per image, summed over controls (None where no guidance ran);
     ``losses`` per control; ``refinement_iterations`` per image; ``seconds`` the whole step (guidance and
-    denoising), ``guidance_seconds`` the guidance part."""
+    denoising), ``guidance_seconds`` the guidance part. ``initial_loss`` is the loss before this step's updates,
+    ``loss`` the one its regular update used (after refinement, where refinement ran)."""
 
     index: int
     timestep: float
     loss: list[float] | None = None
+    initial_loss: list[float] | None = None
     losses: dict[str, list[float]] = field(default_factory=dict)
     refinement_iterations: list[int] | None = None
     updated: list[bool] | None = None
@@ -108,6 +110,7 @@ class GuidanceEngine:
             iterations = [0] * n
             updated = [False] * n
             final = {name: value.detach().float().clone() for name, value in losses.items()}
+            record.initial_loss = [float(sum(final[c.name][b] for c in self.controls)) for b in range(n)]
             plain = [b for b in range(n) if b not in refine]
             if update and plain:
                 rows = torch.tensor(plain, device=objective.device)
@@ -128,7 +131,7 @@ class GuidanceEngine:
     def _wants_refinement(self, losses, b: int, i: int) -> bool:
         for c in self.controls:
             target = c.refine_target(i)
-            if target is not None and float(losses[c.name][b]) > target:
+            if target is not None and float(losses[c.name][b].detach()) > target:
                 return True
         return False
 

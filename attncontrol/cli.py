@@ -1,0 +1,199 @@
+"""Command line: ``attncontrol generate`` and ``attncontrol tokens``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .controls import AttendExcite
+from .errors import AttnControlError
+from .loading import DEFAULT_MODEL
+
+_AE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttendExcite) if f.default is not dataclasses.MISSING}
+
+
+def _parse_subject(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attncontrol", description="Make diffusion models obey their prompts.")
+    parser.add_argument("--version", action="version", version=f"attncontrol {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one image with Attend-and-Excite (or the plain baseline)")
+    gen.add_argument("prompt")
+    gen.add_argument("--subjects", nargs="+", type=_parse_subject, default=None,
+                     help="words, phrases ('red car'), occurrences ('cat#2') or token indices (see `tokens`)")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
+    gen.add_argument("--out", default="out.png", help="output PNG (parameters stored in its text chunk)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=_positive_int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--no-control", action="store_true", help="the plain pipeline, same seed (baseline)")
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                     help="default: fp16 on cuda, fp32 elsewhere")
+    gen.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
+    ae = gen.add_argument_group("Attend-and-Excite")
+    ae.add_argument("--max-iter-to-alter", type=int, default=_AE_DEFAULTS["max_iter_to_alter"])
+    ae.add_argument("--scale-factor", type=float, default=_AE_DEFAULTS["scale_factor"])
+    ae.add_argument("--max-refinement-steps", type=int, default=_AE_DEFAULTS["max_refinement_steps"])
+    ae.add_argument("--no-refinement", action="store_true", help="skip the iterative refinement steps")
+    ae.add_argument("--attn-res", type=int, nargs="+", default=None, help="map resolution: N or ROWS COLS")
+    gen.add_argument("--trace", default=None, help="also write the per-step trace as JSON to this file")
+
+    tok = sub.add_parser("tokens", help="print the token table of a prompt (indices to pass as --subjects)")
+    tok.add_argument("prompt")
+    tok.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder whose tokenizer to use")
+    return parser
+
+
+def _atomic_save_png(image, path: Path, text: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written PNG at ``path``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .loading import load_pipeline
+    from .pipeline import generate
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise AttnControlError(f"--out must end in .png, got {args.out!r}")
+    controls = []
+    if not args.no_control:
+        if not args.subjects:
+            raise AttnControlError("--subjects is required (or pass --no-control for the baseline)")
+        attn_res = None
+        if args.attn_res:
+            if len(args.attn_res) not in (1, 2):
+                raise AttnControlError(f"--attn-res takes N or ROWS COLS, got {args.attn_res}")
+            attn_res = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
+        controls.append(
+            AttendExcite(
+                subjects=args.subjects,
+                max_iter_to_alter=args.max_iter_to_alter,
+                scale_factor=args.scale_factor,
+                max_refinement_steps=args.max_refinement_steps,
+                thresholds={} if args.no_refinement else dict(_AE_DEFAULTS.get("thresholds") or {0: 0.05, 10: 0.5, 20: 0.8}),
+                attn_res=attn_res,
+            )
+        )
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(desc="sampling", leave=True)
+    device = pipe._execution_device
+    gen_device = "cpu" if device.type == "mps" else device
+    generator = torch.Generator(gen_device).manual_seed(args.seed)
+    start = time.perf_counter()
+    result = generate(
+        pipe,
+        args.prompt,
+        controls,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=generator,
+    )
+    seconds = time.perf_counter() - start
+    params = {
+        "attncontrol": __version__,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": result.images[0].height,
+        "width": result.images[0].width,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "controls": [{"method": type(c).__name__, **_jsonable(dataclasses.asdict(c))} for c in controls],
+        "seconds": round(seconds, 3),
+    }
+    _atomic_save_png(result.images[0], out, {"parameters": json.dumps(params)})
+    guided = result.guided_steps
+    if guided:
+        print(f"guided {len(guided)} steps; loss {guided[0].loss[0]:.3f} -> {guided[-1].loss[0]:.3f}", file=sys.stderr)
+    if args.trace:
+        Path(args.trace).write_text(json.dumps([dataclasses.asdict(r) for r in result.trace], indent=1))
+    print(f"wrote {out} in {seconds:.1f}s")
+    return 0
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def cmd_tokens(args) -> int:
+    from .tokens import tokenize
+
+    tokenizer = _load_tokenizer(args.model)
+    print(tokenize(tokenizer, args.prompt).format())
+    return 0
+
+
+def _load_tokenizer(model: str):
+    from transformers import CLIPTokenizer
+
+    from .errors import ModelLoadError
+
+    try:
+        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load the tokenizer of {model!r} (offline, or not a diffusers pipeline folder?): {err}\n"
+            "Pass a local pipeline folder with --model ./my-model."
+        ) from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_tokens(args)
+    except AttnControlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attncontrol.testing import make_clip_tokenizer, save_tiny_sd_pipeline  # noqa: E402
+
+
+def _load(folder, **kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Tiny SD1- and SD2-family pipelines saved to disk (safetensors), so tests use the real loading code."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "sd1": save_tiny_sd_pipeline(root / "sd1", family="sd1", seed=0),
+        "sd2": save_tiny_sd_pipeline(root / "sd2", family="sd2", seed=1),
+    }
+
+
+@pytest.fixture()
+def sd1(tiny_dirs):
+    return _load(tiny_dirs["sd1"])
+
+
+@pytest.fixture()
+def sd2(tiny_dirs):
+    return _load(tiny_dirs["sd2"])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_clip_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sd2_tokenizer():
+    return make_clip_tokenizer(sd2=True)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def ae_reference(pipe):
+    """diffusers' deprecated Attend-and-Excite pipeline over the same components: the oracle."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = StableDiffusionAttendAndExcitePipeline(**parts)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def processor_snapshot(unet):
+    return {name: id(proc) for name, proc in unet.attn_processors.items()}
