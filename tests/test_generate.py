@@ -1,0 +1,267 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import attncontrol
+from attncontrol import AttendExcite, ResolutionError, SubjectNotInPromptError, UnsupportedPipelineError
+from attncontrol.controls.base import Control, PreparedControl
+from attncontrol.testing import make_scheduler
+
+from .conftest import processor_snapshot, seeded
+
+AE = dict(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=5)
+
+
+def _run(pipe, controls, steps=8, seed=0, **kw):
+    return attncontrol.generate(pipe, kw.pop("prompt", "a cat and a dog"), controls, num_inference_steps=steps,
+                                generator=seeded(seed), **kw)
+
+
+def test_returns_what_the_pipeline_returns_and_a_trace(sd1):
+    out = _run(sd1, [AttendExcite(**AE)], output_type="pil")
+    assert len(out.images) == 1 and out.images[0].size == (64, 64)
+    assert [r.index for r in out.trace] == list(range(8))
+    guided = out.guided_steps
+    assert [r.index for r in guided] == [0, 1, 2, 3, 4]
+    for r in guided:
+        assert 0 < r.loss[0] <= 1 and r.refinement_iterations == [0] and r.updated == [True]
+        assert r.timestep == float(sd1.scheduler.timesteps[r.index]) and r.guidance_seconds > 0
+    assert all(r.seconds > 0 for r in out.trace)
+    arr = _run(sd1, [AttendExcite(**AE)], output_type="np").images
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(arr[0], np.asarray(out.images[0]) / 255.0, atol=1 / 255 + 1e-6)
+
+
+def test_same_seed_same_image_and_control_changes_it(sd1):
+    a = _run(sd1, [AttendExcite(**AE)], output_type="latent").images
+    b = _run(sd1, [AttendExcite(**AE)], output_type="latent").images
+    c = _run(sd1, [AttendExcite(**AE)], output_type="latent", seed=1).images
+    plain = _run(sd1, [], output_type="latent").images
+    ref_plain = sd1("a cat and a dog", num_inference_steps=8, generator=seeded(0), output_type="latent").images
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+    assert (a - plain).abs().max() > 1e-2
+    torch.testing.assert_close(plain, ref_plain)  # no control: exactly the stock pipeline
+
+
+def test_refinement_lowers_the_loss(sd1):
+    # the random tiny model's attention barely responds, hence the large step size
+    out = _run(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.5}, max_iter_to_alter=1,
+                                  max_refinement_steps=10, scale_factor=400)], steps=4, output_type="latent")
+    step0 = out.trace[0]
+    assert step0.refinement_iterations == [10]
+    assert step0.loss[0] < step0.initial_loss[0] - 1e-3
+
+
+def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
+    """The quantity A&E maximises, measured independently of the run, is higher after a step than before."""
+    from attncontrol.controls.base import ControlContext
+    from attncontrol.guidance import GuidanceEngine
+    from attncontrol.models import get_adapter
+    from attncontrol.processors.capture import capture_layers
+    from attncontrol.store import AttentionStore
+
+    adapter = get_adapter(sd1)
+    sd1.scheduler.set_timesteps(10)
+    cond, _ = adapter.encode_prompt(["a cat and a dog"], "cpu", 1, False, None, None, None)
+    ctx = ControlContext(adapter.tokenizer, ["a cat and a dog"], ["a cat and a dog"], 1, (32, 32), 10, [(16, 16)],
+                         (16, 16), False)
+    control = AttendExcite(subjects=["cat", "dog"], thresholds={}).prepare(ctx)
+    layers = [la for la in adapter.layers if la.kind == "cross"]
+    store = AttentionStore(layers, adapter.resolutions((32, 32)))
+    engine = GuidanceEngine(adapter, store, [control], cond, sd1.scheduler.timesteps)
+    z = torch.randn(1, 4, 32, 32, generator=seeded(3))
+    with capture_layers(sd1.unet, store):
+        _, before, _ = engine._evaluate(z, [0], 0)
+        z2, record = engine.guide(z, 0)
+        _, after, _ = engine._evaluate(z2, [0], 0)
+    assert record.updated == [True] and not torch.equal(z, z2)
+    assert after.item() < before.item()
+
+
+def test_batched_images_each_get_their_own_refinement(sd1):
+    out = _run(sd1, [AttendExcite(subjects=[["cat", "dog"], ["bird", "bear"]], thresholds={0: 0.2},
+                                  max_iter_to_alter=2, max_refinement_steps=6)],
+               prompt=["a cat and a dog", "a bird and a bear"], num_images_per_prompt=2, steps=4, output_type="latent")
+    assert out.images.shape[0] == 4
+    step0 = out.trace[0]
+    assert len(step0.loss) == 4 and len(step0.refinement_iterations) == 4
+    # images stop refining when their own loss is low enough (or at the cap), not all together
+    assert all(0 < k <= 6 for k in step0.refinement_iterations)
+
+
+def test_no_gradient_pass_after_the_last_altered_step(sd1):
+    passes = []
+    hook = sd1.unet.conv_in.register_forward_hook(lambda m, i, o: passes.append(torch.is_grad_enabled()))
+    try:
+        _run(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=3)], steps=8,
+             output_type="latent")
+    finally:
+        hook.remove()
+    assert passes.count(True) == 3  # one guidance forward per altered step, none after
+    assert passes.count(False) == 8  # the pipeline's own denoising forwards
+
+
+def test_users_callback_still_called_and_its_changes_kept(sd1):
+    seen = []
+
+    def cb(pipe, i, t, kwargs):
+        seen.append((i, kwargs["latents"].shape, tuple(kwargs)))
+        return {"latents": kwargs["latents"] * 0.5} if i == 6 else kwargs
+
+    out = _run(sd1, [AttendExcite(**AE)], output_type="latent", callback_on_step_end=cb,
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert [s[0] for s in seen] == list(range(8))
+    assert seen[0][2] == ("latents", "prompt_embeds")
+    plain = _run(sd1, [AttendExcite(**AE)], output_type="latent")
+    assert (out.images - plain.images).abs().max() > 1e-3
+
+
+def _procs_and_grads(pipe):
+    return processor_snapshot(pipe.unet), [p.requires_grad for p in pipe.unet.parameters()]
+
+
+def test_pipeline_restored_after_success_and_after_an_error(sd1):
+    before = _procs_and_grads(sd1)
+    seen_grad_flags = []
+
+    def check(pipe, i, t, kwargs):
+        seen_grad_flags.append(any(p.requires_grad for p in pipe.unet.parameters()))
+        return kwargs
+
+    _run(sd1, [AttendExcite(**AE)], output_type="latent", callback_on_step_end=check)
+    assert seen_grad_flags and not any(seen_grad_flags)  # parameters frozen during the run
+    assert _procs_and_grads(sd1) == before
+
+    def boom(pipe, i, t, kwargs):
+        if i == 3:
+            raise RuntimeError("boom at step 3")
+        return kwargs
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(sd1, [AttendExcite(**AE)], output_type="latent", callback_on_step_end=boom)
+    assert _procs_and_grads(sd1) == before
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm"])
+def test_other_schedulers(sd1, scheduler):
+    sd1.scheduler = make_scheduler(scheduler)
+    out = _run(sd1, [AttendExcite(**AE)], output_type="latent")
+    plain = _run(sd1, [], output_type="latent")
+    assert torch.isfinite(out.images).all()
+    assert (out.images - plain.images).abs().max() > 1e-4  # the tiny model responds weakly under Euler
+    ref_plain = sd1("a cat and a dog", num_inference_steps=8, generator=seeded(0), output_type="latent").images
+    torch.testing.assert_close(plain.images, ref_plain)
+
+
+def test_euler_guidance_sees_scaled_inputs(sd1):
+    """Euler's scale_model_input divides by sqrt(sigma^2 + 1): the guidance forward must see that input."""
+    sd1.scheduler = make_scheduler("euler")
+    seen = []
+    hook = sd1.unet.conv_in.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].detach().std().item()) if torch.is_grad_enabled() else None
+    )
+    try:
+        _run(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=1)], output_type="latent")
+    finally:
+        hook.remove()
+    # initial noise has std ~ init_noise_sigma; scaled, it is ~1
+    assert len(seen) == 1 and 0.8 < seen[0] < 1.2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_with_float32_maps(sd1, dtype):
+    sd1.to(dtype)
+    out = _run(sd1, [AttendExcite(**AE)], output_type="latent")
+    assert out.images.dtype == dtype and torch.isfinite(out.images.float()).all()
+    assert all(np.isfinite(r.loss[0]) for r in out.guided_steps)
+
+
+class _NaNControl(Control):
+    def prepare(self, ctx):
+        return _PreparedNaN()
+
+
+class _PreparedNaN(PreparedControl):
+    name = "nan"
+    resolution = (16, 16)
+
+    def updates_at(self, step):
+        return step < 2
+
+    def step_size(self, step):
+        return 1.0
+
+    def loss(self, maps, images, step):
+        m = maps[("cross", self.resolution)]
+        return (m.flatten(1).sum(1) * float("nan")).float()
+
+
+def test_non_finite_gradient_skips_the_update_with_a_warning(sd1):
+    with pytest.warns(UserWarning, match="non-finite gradient at step 0"):
+        out = _run(sd1, [_NaNControl()], output_type="latent")
+    plain = _run(sd1, [], output_type="latent")
+    assert out.trace[0].updated == [False]
+    torch.testing.assert_close(out.images, plain.images)
+
+
+def test_bad_inputs_fail_before_any_work_and_leave_the_pipeline_alone(sd1):
+    before = _procs_and_grads(sd1)
+    calls = []
+    hook = sd1.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(SubjectNotInPromptError, match="'horse'"):
+            _run(sd1, [AttendExcite(subjects=["cat", "horse"])])
+        with pytest.raises(ResolutionError, match="height must be a positive multiple of 2.*got 63"):
+            _run(sd1, [AttendExcite(**AE)], height=63)
+        with pytest.raises(ResolutionError, match=r"attn_res 8x8 .*has: 16x16"):
+            _run(sd1, [AttendExcite(subjects=["cat"], attn_res=8)])
+        with pytest.raises(TypeError, match="AttendExcite"):
+            _run(sd1, ["cat"])
+        with pytest.raises(TypeError, match="prompt_embeds"):
+            _run(sd1, [], prompt_embeds=torch.zeros(1, 77, 32))
+        with pytest.raises(ValueError, match="num_images_per_prompt"):
+            _run(sd1, [], num_images_per_prompt=0)
+    finally:
+        hook.remove()
+    assert not calls
+    assert _procs_and_grads(sd1) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"subjects": []}, "at least one subject"),
+        ({"subjects": ["cat"], "scale_factor": 0}, "scale_factor must be > 0, got 0"),
+        ({"subjects": ["cat"], "max_iter_to_alter": -1}, "max_iter_to_alter must be >= 0, got -1"),
+        ({"subjects": ["cat"], "thresholds": {0: 1.5}}, "between 0 and 1, got 1.5"),
+        ({"subjects": ["cat"], "thresholds": {-2: 0.5}}, "got -2"),
+        ({"subjects": ["cat"], "kernel_size": 4}, "odd integer, got 4"),
+        ({"subjects": ["cat"], "sigma": 0}, "sigma must be > 0, got 0"),
+        ({"subjects": ["cat"], "attn_res": (0, 16)}, r"got \(0, 16\)"),
+        ({"subjects": ["cat"], "scale_range": (1.0, -0.5)}, "scale_range"),
+    ],
+)
+def test_attend_excite_validates_its_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttendExcite(**kwargs)
+
+
+def test_unsupported_pipeline_is_named(sd1):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    with pytest.raises(UnsupportedPipelineError, match="DDPMPipeline.*StableDiffusionPipeline"):
+        attncontrol.generate(pipe, "a cat", [AttendExcite(subjects=["cat"])])
+
+
+def test_non_square_images(sd1):
+    out = _run(sd1, [AttendExcite(**AE)], height=48, width=80, output_type="latent")
+    assert out.images.shape == (1, 4, 24, 40)
+    assert out.guided_steps and all(np.isfinite(r.loss[0]) for r in out.guided_steps)
