@@ -1,7 +1,7 @@
 """attncontrol: make text-to-image diffusion models obey their prompts, on stock diffusers pipelines.
 
-    import attncontrol
-    out = attncontrol.generate(pipe, "a cat and a dog", controls=[attncontrol.AttendExcite(subjects=["cat", "dog"])])
+import attncontrol
+out = attncontrol.generate(pipe, "a cat and a dog", controls=[attncontrol.AttendExcite(subjects=["cat", "dog"])])
 """
 
 from .controls import AttendExcite, Control, StepInfo

@@ -37,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate one image with Attend-and-Excite (or the plain baseline)")
     gen.add_argument("prompt")
-    gen.add_argument("--subjects", nargs="+", type=_parse_subject, default=None,
-                     help="words, phrases ('red car'), occurrences ('cat#2') or token indices (see `tokens`)")
+    gen.add_argument(
+        "--subjects",
+        nargs="+",
+        type=_parse_subject,
+        default=None,
+        help="words, phrases ('red car'), occurrences ('cat#2') or token indices (see `tokens`)",
+    )
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
     gen.add_argument("--out", default="out.png", help="output PNG (parameters stored in its text chunk)")
     gen.add_argument("--seed", type=int, default=0)
@@ -49,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--no-control", action="store_true", help="the plain pipeline, same seed (baseline)")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    gen.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                     help="default: fp16 on cuda, fp32 elsewhere")
+    gen.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 elsewhere"
+    )
     gen.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
     ae = gen.add_argument_group("Attend-and-Excite")
     ae.add_argument("--max-iter-to-alter", type=int, default=_AE_DEFAULTS["max_iter_to_alter"])
@@ -108,7 +114,9 @@ def cmd_generate(args) -> int:
                 max_iter_to_alter=args.max_iter_to_alter,
                 scale_factor=args.scale_factor,
                 max_refinement_steps=args.max_refinement_steps,
-                thresholds={} if args.no_refinement else dict(_AE_DEFAULTS.get("thresholds") or {0: 0.05, 10: 0.5, 20: 0.8}),
+                thresholds={}
+                if args.no_refinement
+                else dict(_AE_DEFAULTS.get("thresholds") or {0: 0.05, 10: 0.5, 20: 0.8}),
                 attn_res=attn_res,
             )
         )

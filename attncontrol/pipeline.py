@@ -220,4 +220,3 @@ def generate(
         nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
         prompts=prompts,
     )
-

@@ -12,10 +12,14 @@ def _measure_query_lengths(unet, latent_hw, cond):
     seen, hooks = {}, []
     for name, module in unet.named_modules():
         if name.endswith(("attn1", "attn2")):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, kw, name=name: seen.__setitem__(name, (args[0] if args else kw["hidden_states"]).shape[1]),
-                with_kwargs=True,
-            ))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, kw, name=name: seen.__setitem__(
+                        name, (args[0] if args else kw["hidden_states"]).shape[1]
+                    ),
+                    with_kwargs=True,
+                )
+            )
     try:
         with torch.no_grad():
             unet(torch.randn(1, 4, *latent_hw), 10, encoder_hidden_states=cond)
@@ -125,15 +129,20 @@ def test_cross_attention_kwargs_reach_the_original_processor(sd1):
     class Scaled(AttnProcessor2_0):
         calls = []
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                     my_gain=1.0):
+        def __call__(
+            self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, my_gain=1.0
+        ):
             Scaled.calls.append(my_gain)
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * my_gain
 
     sd1.unet.set_attn_processor(Scaled())
     with torch.no_grad(), capture_layers(sd1.unet, _store(sd1.unet)):
-        sd1.unet(torch.randn(1, 4, 32, 32), 10, encoder_hidden_states=torch.randn(1, 77, 32),
-                 cross_attention_kwargs={"my_gain": 0.5})
+        sd1.unet(
+            torch.randn(1, 4, 32, 32),
+            10,
+            encoder_hidden_states=torch.randn(1, 77, 32),
+            cross_attention_kwargs={"my_gain": 0.5},
+        )
     assert Scaled.calls and set(Scaled.calls) == {0.5}
 
 

@@ -15,8 +15,9 @@ AE = dict(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=5)
 
 
 def _run(pipe, controls, steps=8, seed=0, **kw):
-    return attncontrol.generate(pipe, kw.pop("prompt", "a cat and a dog"), controls, num_inference_steps=steps,
-                                generator=seeded(seed), **kw)
+    return attncontrol.generate(
+        pipe, kw.pop("prompt", "a cat and a dog"), controls, num_inference_steps=steps, generator=seeded(seed), **kw
+    )
 
 
 def test_returns_what_the_pipeline_returns_and_a_trace(sd1):
@@ -48,8 +49,20 @@ def test_same_seed_same_image_and_control_changes_it(sd1):
 
 def test_refinement_lowers_the_loss(sd1):
     # the random tiny model's attention barely responds, hence the large step size
-    out = _run(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.5}, max_iter_to_alter=1,
-                                  max_refinement_steps=10, scale_factor=400)], steps=4, output_type="latent")
+    out = _run(
+        sd1,
+        [
+            AttendExcite(
+                subjects=["cat", "dog"],
+                thresholds={0: 0.5},
+                max_iter_to_alter=1,
+                max_refinement_steps=10,
+                scale_factor=400,
+            )
+        ],
+        steps=4,
+        output_type="latent",
+    )
     step0 = out.trace[0]
     assert step0.refinement_iterations == [10]
     assert step0.loss[0] < step0.initial_loss[0] - 1e-3
@@ -66,8 +79,9 @@ def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
     adapter = get_adapter(sd1)
     sd1.scheduler.set_timesteps(10)
     cond, _ = adapter.encode_prompt(["a cat and a dog"], "cpu", 1, False, None, None, None)
-    ctx = ControlContext(adapter.tokenizer, ["a cat and a dog"], ["a cat and a dog"], 1, (32, 32), 10, [(16, 16)],
-                         (16, 16), False)
+    ctx = ControlContext(
+        adapter.tokenizer, ["a cat and a dog"], ["a cat and a dog"], 1, (32, 32), 10, [(16, 16)], (16, 16), False
+    )
     control = AttendExcite(subjects=["cat", "dog"], thresholds={}).prepare(ctx)
     layers = [la for la in adapter.layers if la.kind == "cross"]
     store = AttentionStore(layers, adapter.resolutions((32, 32)))
@@ -82,9 +96,21 @@ def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
 
 
 def test_batched_images_each_get_their_own_refinement(sd1):
-    out = _run(sd1, [AttendExcite(subjects=[["cat", "dog"], ["bird", "bear"]], thresholds={0: 0.2},
-                                  max_iter_to_alter=2, max_refinement_steps=6)],
-               prompt=["a cat and a dog", "a bird and a bear"], num_images_per_prompt=2, steps=4, output_type="latent")
+    out = _run(
+        sd1,
+        [
+            AttendExcite(
+                subjects=[["cat", "dog"], ["bird", "bear"]],
+                thresholds={0: 0.2},
+                max_iter_to_alter=2,
+                max_refinement_steps=6,
+            )
+        ],
+        prompt=["a cat and a dog", "a bird and a bear"],
+        num_images_per_prompt=2,
+        steps=4,
+        output_type="latent",
+    )
     assert out.images.shape[0] == 4
     step0 = out.trace[0]
     assert len(step0.loss) == 4 and len(step0.refinement_iterations) == 4
@@ -96,8 +122,12 @@ def test_no_gradient_pass_after_the_last_altered_step(sd1):
     passes = []
     hook = sd1.unet.conv_in.register_forward_hook(lambda m, i, o: passes.append(torch.is_grad_enabled()))
     try:
-        _run(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=3)], steps=8,
-             output_type="latent")
+        _run(
+            sd1,
+            [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=3)],
+            steps=8,
+            output_type="latent",
+        )
     finally:
         hook.remove()
     assert passes.count(True) == 3  # one guidance forward per altered step, none after
@@ -111,8 +141,13 @@ def test_users_callback_still_called_and_its_changes_kept(sd1):
         seen.append((i, kwargs["latents"].shape, tuple(kwargs)))
         return {"latents": kwargs["latents"] * 0.5} if i == 6 else kwargs
 
-    out = _run(sd1, [AttendExcite(**AE)], output_type="latent", callback_on_step_end=cb,
-               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    out = _run(
+        sd1,
+        [AttendExcite(**AE)],
+        output_type="latent",
+        callback_on_step_end=cb,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )
     assert [s[0] for s in seen] == list(range(8))
     assert seen[0][2] == ("latents", "prompt_embeds")
     plain = _run(sd1, [AttendExcite(**AE)], output_type="latent")
@@ -252,8 +287,14 @@ def test_attend_excite_validates_its_parameters(kwargs, match):
 def test_unsupported_pipeline_is_named(sd1):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())

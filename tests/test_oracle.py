@@ -19,19 +19,38 @@ def _both(pipe, prompt, indices, subjects, steps=20, plain=False, ref_kwargs=Non
     ref_kwargs = {**(ref_kwargs or {}), **kwargs}
     ctl_kwargs = ctl_kwargs or {}
     ref = ae_reference(pipe)(
-        prompt, token_indices=indices, num_inference_steps=steps, generator=seeded(0), output_type="latent",
-        attn_res=(16, 16), **ref_kwargs,
+        prompt,
+        token_indices=indices,
+        num_inference_steps=steps,
+        generator=seeded(0),
+        output_type="latent",
+        attn_res=(16, 16),
+        **ref_kwargs,
     ).images
-    control = attncontrol.AttendExcite(subjects=subjects, attn_res=16, **ctl_kwargs,
-                                       **{k: v for k, v in kwargs.items() if k != "num_images_per_prompt"})
+    control = attncontrol.AttendExcite(
+        subjects=subjects,
+        attn_res=16,
+        **ctl_kwargs,
+        **{k: v for k, v in kwargs.items() if k != "num_images_per_prompt"},
+    )
     ours = attncontrol.generate(
-        pipe, prompt, [control], num_inference_steps=steps, generator=seeded(0), output_type="latent",
+        pipe,
+        prompt,
+        [control],
+        num_inference_steps=steps,
+        generator=seeded(0),
+        output_type="latent",
         num_images_per_prompt=kwargs.get("num_images_per_prompt", 1),
     )
     base = None
     if plain:
-        base = pipe(prompt, num_inference_steps=steps, generator=seeded(0), output_type="latent",
-                    num_images_per_prompt=kwargs.get("num_images_per_prompt", 1)).images
+        base = pipe(
+            prompt,
+            num_inference_steps=steps,
+            generator=seeded(0),
+            output_type="latent",
+            num_images_per_prompt=kwargs.get("num_images_per_prompt", 1),
+        ).images
     return ours, ref, base
 
 
@@ -41,8 +60,9 @@ def _both(pipe, prompt, indices, subjects, steps=20, plain=False, ref_kwargs=Non
 )
 def test_float32_equals_diffusers(sd1, scheduler, subjects, thresholds):
     sd1.scheduler = make_scheduler(scheduler)
-    ours, ref, plain = _both(sd1, "a cat and a dog", [2, 5], subjects, thresholds=thresholds, max_iter_to_alter=10,
-                             plain=True)
+    ours, ref, plain = _both(
+        sd1, "a cat and a dog", [2, 5], subjects, thresholds=thresholds, max_iter_to_alter=10, plain=True
+    )
     assert (ref - plain).abs().max() > 1e-2  # the method changes the result...
     assert (ours.images - ref).abs().max() < 1e-4  # ...and ours changes it the same way
     if thresholds:
@@ -67,8 +87,15 @@ def test_float64_sd2_family_other_prompt_and_settings(sd2):
             module.upcast_attention = False
     sd2.scheduler = make_scheduler("pndm")
     ours, ref, _ = _both(
-        sd2, "a red car and a blue bench", [3, 7], ["car", "bench"], steps=16,
-        thresholds={0: 0.9, 3: 0.6}, max_iter_to_alter=8, scale_factor=10, ctl_kwargs={"exclude_eot": False},
+        sd2,
+        "a red car and a blue bench",
+        [3, 7],
+        ["car", "bench"],
+        steps=16,
+        thresholds={0: 0.9, 3: 0.6},
+        max_iter_to_alter=8,
+        scale_factor=10,
+        ctl_kwargs={"exclude_eot": False},
     )
     assert (ours.images - ref).abs().max() < 1e-9
 
@@ -78,8 +105,14 @@ def test_float64_prompt_list_and_several_images_per_prompt(sd1):
     sd1.to(torch.float64)
     prompts = ["a cat and a dog", "a frog with a crown"]
     ours, ref, _ = _both(
-        sd1, prompts, [[2, 5], [2, 5]], [["cat", "dog"], ["frog", "crown"]], steps=12,
-        thresholds={0: 0.3, 4: 0.5}, max_iter_to_alter=6, num_images_per_prompt=2,
+        sd1,
+        prompts,
+        [[2, 5], [2, 5]],
+        [["cat", "dog"], ["frog", "crown"]],
+        steps=12,
+        thresholds={0: 0.3, 4: 0.5},
+        max_iter_to_alter=6,
+        num_images_per_prompt=2,
     )
     assert ours.images.shape[0] == 4
     assert (ours.images - ref).abs().max() < 1e-9
@@ -89,15 +122,30 @@ def test_float64_prompt_list_and_several_images_per_prompt(sd1):
 def test_float64_non_default_schedule(sd1):
     sd1.to(torch.float64)
     ours, ref, _ = _both(
-        sd1, "a bird and a bear", [2, 5], ["bird", "bear"], steps=10,
-        thresholds={0: 0.95, 2: 0.9}, max_iter_to_alter=4, scale_factor=35,
+        sd1,
+        "a bird and a bear",
+        [2, 5],
+        ["bird", "bear"],
+        steps=10,
+        thresholds={0: 0.95, 2: 0.9},
+        max_iter_to_alter=4,
+        scale_factor=35,
     )
     assert (ours.images - ref).abs().max() < 1e-9
     assert ours.trace[0].refinement_iterations == [20]  # 0.95 is out of reach: the reference's cap of 20
 
 
 def test_float32_sd2_family_with_sdpa_elsewhere(sd2):
-    ours, ref, plain = _both(sd2, "a red car and a blue bench", [3, 7], ["car", "bench"], steps=16,
-                             thresholds={0: 0.9}, max_iter_to_alter=8, ctl_kwargs={"exclude_eot": False}, plain=True)
+    ours, ref, plain = _both(
+        sd2,
+        "a red car and a blue bench",
+        [3, 7],
+        ["car", "bench"],
+        steps=16,
+        thresholds={0: 0.9},
+        max_iter_to_alter=8,
+        ctl_kwargs={"exclude_eot": False},
+        plain=True,
+    )
     assert (ref - plain).abs().max() > 1e-2
     assert (ours.images - ref).abs().max() < 1e-4

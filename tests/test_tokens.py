@@ -88,8 +88,15 @@ def test_token_table_lists_index_token_word(tokenizer):
 
 def _ctx(tok, prompts):
     return ControlContext(
-        tokenizer=tok, prompts=prompts, prompts_per_input=prompts, num_images_per_prompt=1, latent_hw=(8, 8),
-        num_steps=1, cross_resolutions=[(4, 4)], default_resolution=(4, 4), exclude_eot_default=False,
+        tokenizer=tok,
+        prompts=prompts,
+        prompts_per_input=prompts,
+        num_images_per_prompt=1,
+        latent_hw=(8, 8),
+        num_steps=1,
+        cross_resolutions=[(4, 4)],
+        default_resolution=(4, 4),
+        exclude_eot_default=False,
     )
 
 

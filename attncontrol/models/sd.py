@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import ResolutionError
@@ -26,7 +28,7 @@ class SDAdapter:
 
     @property
     def family(self) -> str:
-        """"sd2" when the tokenizer pads with something other than end-of-text (SD 2.x pads with "!")."""
+        """ "sd2" when the tokenizer pads with something other than end-of-text (SD 2.x pads with "!")."""
         tok = self.tokenizer
         return "sd2" if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id else "sd1"
 
@@ -73,7 +75,7 @@ class SDAdapter:
         x = latents
         if hasattr(self.pipe.scheduler, "scale_model_input"):
             x = self.pipe.scheduler.scale_model_input(x, t)
-        try:
-            self.unet(x, t, encoder_hidden_states=cond, cross_attention_kwargs=cross_attention_kwargs, return_dict=False)
-        except EarlyExit:
-            pass
+        with contextlib.suppress(EarlyExit):
+            self.unet(
+                x, t, encoder_hidden_states=cond, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+            )

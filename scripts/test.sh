@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the tests need into ./.venv (created if missing) and run them offline.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+# torch first: this exact version is a CPU wheel on the project's machines (a CUDA build elsewhere).
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"
+# The CLIP BPE vocabulary for the offline tokenizer; --no-deps keeps torch as installed above.
+python -m pip install -q --no-deps "open-clip-torch>=2.20"
+ruff check attncontrol tests benchmarks examples
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+python -m pytest "$@"

@@ -1,0 +1,132 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from attncontrol.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "attncontrol", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300
+    )
+
+
+def test_generate_writes_a_png_with_its_parameters(tiny_dirs, tmp_path):
+    out = tmp_path / "cat_dog.png"
+    res = _cli(
+        "generate",
+        "a cat and a dog",
+        "--subjects",
+        "cat",
+        "dog",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--out",
+        str(out),
+        "--steps",
+        "6",
+        "--seed",
+        "3",
+        "--trace",
+        str(tmp_path / "trace.json"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "sampling" in res.stderr and "6/6" in res.stderr  # the progress bar
+    with Image.open(out) as img:
+        img.load()
+        params = json.loads(img.text["parameters"])
+        assert img.size == (64, 64)
+    assert params["prompt"] == "a cat and a dog" and params["seed"] == 3 and params["steps"] == 6
+    assert params["controls"][0]["method"] == "AttendExcite" and params["controls"][0]["subjects"] == ["cat", "dog"]
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert len(trace) == 6 and trace[0]["loss"] is not None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+    base = tmp_path / "base.png"
+    res = _cli(
+        "generate",
+        "a cat and a dog",
+        "--no-control",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--out",
+        str(base),
+        "--steps",
+        "6",
+        "--seed",
+        "3",
+    )
+    assert res.returncode == 0, res.stderr
+    with Image.open(base) as a, Image.open(out) as b:
+        assert json.loads(a.text["parameters"])["controls"] == []
+        assert list(a.getdata()) != list(b.getdata())  # the control changed the image
+
+
+def test_tokens_prints_the_table(tiny_dirs, capsys):
+    assert main(["tokens", "a cat and a dog", "--model", str(tiny_dirs["sd1"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split() == ["2", "cat</w>", "cat"] and lines[6].split() == ["5", "dog</w>", "dog"]
+
+
+def test_offline_default_model_fails_clearly_and_writes_nothing(tmp_path):
+    res = _cli("generate", "a cat and a dog", "--subjects", "cat", "dog", "--out", str(tmp_path / "x.png"))
+    assert res.returncode == 2
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in res.stderr and "--model" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--subjects", "cat", "horse"], "'horse' is not in the prompt"),
+        (["--subjects", "cat", "--height", "63"], "height must be a positive multiple of 2"),
+        ([], "--subjects is required"),
+        (["--subjects", "cat", "--attn-res", "5"], "attn_res 5x5"),
+    ],
+)
+def test_bad_input_exits_2_with_the_reason_and_no_file(tiny_dirs, tmp_path, capsys, args, message):
+    out = tmp_path / "x.png"
+    code = main(
+        ["generate", "a cat and a dog", "--model", str(tiny_dirs["sd1"]), "--out", str(out), "--steps", "2", *args]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_folder_and_non_png_output(tmp_path, capsys):
+    assert main(["generate", "a cat", "--subjects", "cat", "--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--subjects", "cat", "--out", "x.jpg"]) == 2
+    assert "must end in .png" in capsys.readouterr().err
+
+
+def test_pickled_weights_refused_unless_allowed(tmp_path, capsys):
+    from attncontrol.testing import make_tiny_sd_pipeline
+
+    folder = tmp_path / "pickled"
+    make_tiny_sd_pipeline().save_pretrained(folder, safe_serialization=False)
+    out = tmp_path / "p.png"
+    args = ["generate", "a cat", "--subjects", "cat", "--model", str(folder), "--out", str(out), "--steps", "2"]
+    assert main(args) == 2
+    assert "--allow-pickle" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--allow-pickle"]) == 0 and out.exists()
+
+
+def test_failure_mid_run_leaves_no_partial_file(tiny_dirs, tmp_path, monkeypatch):
+    import attncontrol.pipeline as pipeline_module
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(pipeline_module, "generate", broken)
+    out = tmp_path / "x.png"
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["generate", "a cat", "--subjects", "cat", "--model", str(tiny_dirs["sd1"]), "--out", str(out)])
+    assert list(tmp_path.iterdir()) == []
