@@ -20,7 +20,7 @@ from importlib import resources
 import torch
 
 import attncontrol
-from attncontrol.testing import make_scheduler, make_tiny_sd_pipeline
+from attncontrol.testing import make_tiny_sd_pipeline
 
 
 def subjects_of(prompt: str) -> list[str]:
@@ -57,8 +57,13 @@ def main() -> None:
                 attention_head_dim=overrides["attention_head_dim"] + (8,),
             )
         sample = rng.choice([16, 24, 32])
-        pipe = make_tiny_sd_pipeline(family, seed=case, scheduler=rng.choice(["ddim", "pndm", "dpm"]),
-                                     sample_size=sample, unet_overrides=overrides)
+        pipe = make_tiny_sd_pipeline(
+            family,
+            seed=case,
+            scheduler=rng.choice(["ddim", "pndm", "dpm"]),
+            sample_size=sample,
+            unet_overrides=overrides,
+        )
         pipe.to(torch.float64)
         for m in pipe.unet.modules():  # float32 upcast would put float32 rounding into a float64 comparison
             if hasattr(m, "upcast_attention"):
@@ -74,25 +79,38 @@ def main() -> None:
         indices = [attncontrol.resolve_subjects(pipe.tokenizer, prompt, [w])[0][0] for w in words]
         steps = rng.randint(6, 16)
         thresholds = {s: round(rng.uniform(0.05, 0.9), 2) for s in rng.sample(range(steps), rng.randint(0, 3))}
-        settings = dict(max_iter_to_alter=rng.randint(1, steps), scale_factor=rng.choice([5, 20, 40]),
-                        thresholds=thresholds)
+        settings = dict(
+            max_iter_to_alter=rng.randint(1, steps), scale_factor=rng.choice([5, 20, 40]), thresholds=thresholds
+        )
         res = sample // 2  # the level with cross-attention one downsampling below the latents
         n_img = rng.choice([1, 2])
         common = dict(num_inference_steps=steps, output_type="latent", num_images_per_prompt=n_img)
-        ref = ref_pipe(prompt, token_indices=indices, generator=torch.Generator().manual_seed(case),
-                       attn_res=(res, res), **settings, **common).images
+        ref = ref_pipe(
+            prompt,
+            token_indices=indices,
+            generator=torch.Generator().manual_seed(case),
+            attn_res=(res, res),
+            **settings,
+            **common,
+        ).images
         ours = attncontrol.generate(
-            pipe, prompt, [attncontrol.AttendExcite(subjects=words, attn_res=res, exclude_eot=False, **settings)],
-            generator=torch.Generator().manual_seed(case), **common,
+            pipe,
+            prompt,
+            [attncontrol.AttendExcite(subjects=words, attn_res=res, exclude_eot=False, **settings)],
+            generator=torch.Generator().manual_seed(case),
+            **common,
         )
         plain = pipe(prompt, generator=torch.Generator().manual_seed(case), **common).images
         diff = (ours.images - ref).abs().max().item()
         effect = (plain - ref).abs().max().item()
         worst = max(worst, diff)
-        print(f"case {case:2d}: {family} {'3-level' if deep else '2-level'} {overrides['layers_per_block']} layer(s) "
-              f"heads {overrides['attention_head_dim']} {2 * sample}px {type(pipe.scheduler).__name__} "
-              f"'{prompt}' -> {words} ({len(table.ids)} tokens) x{n_img} {settings}: diff {diff:.1e}, "
-              f"method effect {effect:.1e}", flush=True)
+        print(
+            f"case {case:2d}: {family} {'3-level' if deep else '2-level'} {overrides['layers_per_block']} layer(s) "
+            f"heads {overrides['attention_head_dim']} {2 * sample}px {type(pipe.scheduler).__name__} "
+            f"'{prompt}' -> {words} ({len(table.ids)} tokens) x{n_img} {settings}: diff {diff:.1e}, "
+            f"method effect {effect:.1e}",
+            flush=True,
+        )
     print(f"worst difference over {args.cases} cases: {worst:.1e}")
     if worst > 1e-9:
         raise SystemExit("oracle sweep FAILED: difference above 1e-9")

@@ -14,6 +14,6 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # The CLIP BPE vocabulary for the offline tokenizer; --no-deps keeps torch as installed above.
 python -m pip install -q --no-deps "open-clip-torch>=2.20"
-ruff check attncontrol tests benchmarks examples
+ruff check attncontrol tests benchmarks examples scripts
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 python -m pytest "$@"
