@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .controls.base import Control, ControlContext
+from .errors import UnsupportedPipelineError
 from .guidance import GuidanceEngine, StepRecord
 from .models import get_adapter
 from .processors.capture import capture_layers, layer_resolution
@@ -127,14 +128,19 @@ def generate(
         seq_len=int(adapter.tokenizer.model_max_length),
         device=device,
     )
+    ts, n_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+    ctx.num_steps = len(ts)
+    prepared = [c.prepare(ctx) for c in controls]
+
     lora_scale = (cross_attention_kwargs or {}).get("scale")
     cond, uncond = adapter.encode_prompt(
         prompts, device, num_images_per_prompt, do_cfg, negative_prompt, clip_skip, lora_scale
     )
-    ts, n_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
-    ctx.num_steps = len(ts)
-    ctx.seq_len = cond.shape[1]
-    prepared = [c.prepare(ctx) for c in controls]
+    if cond.shape[1] != ctx.seq_len:
+        raise UnsupportedPipelineError(
+            f"the text encoder returned {cond.shape[1]} tokens, the tokenizer allows {ctx.seq_len}; "
+            "token positions would not line up with the attention maps"
+        )
 
     if latents is None:
         shape = (n_images, pipe.unet.config.in_channels, *latent_hw)
