@@ -55,10 +55,6 @@ class GuidanceEngine:
     def needed_at(self, i: int) -> bool:
         return any(c.updates_at(i) or c.refine_target(i) is not None for c in self.controls)
 
-    def last_guided_step(self) -> int:
-        steps = [i for i in range(len(self.timesteps)) if self.needed_at(i)]
-        return steps[-1] if steps else -1
-
     def _evaluate(self, z: torch.Tensor, images: list[int], i: int):
         """Forward the images' latents, return (leaf, objective (n,), {control: losses (n,)})."""
         t = self.timesteps[i]
