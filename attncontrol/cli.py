@@ -108,16 +108,15 @@ def cmd_generate(args) -> int:
             if len(args.attn_res) not in (1, 2):
                 raise AttnControlError(f"--attn-res takes N or ROWS COLS, got {args.attn_res}")
             attn_res = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
+        extra = {"thresholds": {}} if args.no_refinement else {}  # else the dataclass default
         controls.append(
             AttendExcite(
                 subjects=args.subjects,
                 max_iter_to_alter=args.max_iter_to_alter,
                 scale_factor=args.scale_factor,
                 max_refinement_steps=args.max_refinement_steps,
-                thresholds={}
-                if args.no_refinement
-                else dict(_AE_DEFAULTS.get("thresholds") or {0: 0.05, 10: 0.5, 20: 0.8}),
                 attn_res=attn_res,
+                **extra,
             )
         )
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)

@@ -160,8 +160,12 @@ def generate(
         engine = None
         if prepared:
             needed = {(kind, c.resolution) for c in prepared for kind in c.kinds}
-            layers = [la for la in adapter.layers if (la.kind, layer_resolution(latent_hw, la.level)) in needed]
-            resolutions = {la.name: layer_resolution(latent_hw, la.level) for la in layers}
+            resolutions = {
+                la.name: res
+                for la in adapter.layers
+                if (la.kind, res := layer_resolution(latent_hw, la.level)) in needed
+            }
+            layers = [la for la in adapter.layers if la.name in resolutions]
             store = AttentionStore(layers, resolutions)
             stack.enter_context(capture_layers(pipe.unet, store))
             stack.enter_context(_frozen(pipe.unet))
