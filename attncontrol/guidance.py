@@ -40,7 +40,7 @@ class GuidanceEngine:
         adapter,
         store: AttentionStore,
         controls: list[PreparedControl],
-        cond: torch.Tensor,
+        cond: dict[str, torch.Tensor],
         timesteps: torch.Tensor,
         cross_attention_kwargs=None,
     ):
@@ -62,7 +62,8 @@ class GuidanceEngine:
         self.store.reset()
         self.store.active = True
         try:
-            self.adapter.guidance_forward(leaf, t, self.cond[images], self.cross_attention_kwargs)
+            cond = {key: value[images] for key, value in self.cond.items()}
+            self.adapter.guidance_forward(leaf, t, cond, self.cross_attention_kwargs)
         finally:
             self.store.active = False
         maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}

@@ -98,7 +98,7 @@ def generate(
     for c in controls:
         if not isinstance(c, Control):
             raise TypeError(f"controls must be attncontrol controls (e.g. AttendExcite(...)), got {c!r}")
-    for key in ("prompt_embeds", "negative_prompt_embeds", "return_dict"):
+    for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "return_dict"):
         if key in pipe_kwargs:
             raise TypeError(f"generate() encodes the prompt itself and returns a GenerationResult; drop {key}=")
     prompts = _as_prompts(prompt)
@@ -124,21 +124,36 @@ def generate(
         num_steps=0,  # set once the schedule is known
         cross_resolutions=sorted(set(adapter.resolutions(latent_hw, "cross").values())),
         default_resolution=adapter.default_attn_res(latent_hw),
-        exclude_eot_default=adapter.family == "sd2",
+        exclude_eot_default=adapter.exclude_eot_default,
         seq_len=int(adapter.tokenizer.model_max_length),
         device=device,
+        secondary=adapter.secondary_prompts(prompts, pipe_kwargs),
     )
     ts, n_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
     ctx.num_steps = len(ts)
     prepared = [c.prepare(ctx) for c in controls]
 
     lora_scale = (cross_attention_kwargs or {}).get("scale")
-    cond, uncond = adapter.encode_prompt(
-        prompts, device, num_images_per_prompt, do_cfg, negative_prompt, clip_skip, lora_scale
+    cond, embeds = adapter.encode(
+        prompts,
+        device,
+        num_images_per_prompt,
+        do_cfg,
+        negative_prompt,
+        clip_skip,
+        lora_scale,
+        height,
+        width,
+        pipe_kwargs,
     )
-    if cond.shape[1] != ctx.seq_len:
+    for key in adapter.consumed_kwargs:
+        pipe_kwargs.pop(key, None)
+    if not do_cfg:
+        embeds = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
+    text = cond["encoder_hidden_states"]
+    if text.shape[1] != ctx.seq_len:
         raise UnsupportedPipelineError(
-            f"the text encoder returned {cond.shape[1]} tokens, the tokenizer allows {ctx.seq_len}; "
+            f"the text encoder returned {text.shape[1]} tokens, the tokenizer allows {ctx.seq_len}; "
             "token positions would not line up with the attention maps"
         )
 
@@ -146,9 +161,9 @@ def generate(
         shape = (n_images, pipe.unet.config.in_channels, *latent_hw)
         if isinstance(generator, list) and len(generator) != n_images:
             raise ValueError(f"got {len(generator)} generators for {n_images} images; pass one per image")
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=text.dtype)
     else:
-        latents = latents.to(device=device, dtype=cond.dtype)
+        latents = latents.to(device=device, dtype=text.dtype)
 
     trace: list[StepRecord] = []
     user_cb = callback_on_step_end
@@ -203,8 +218,7 @@ def generate(
             pending["record"] = StepRecord(index=0, timestep=float(ts[0]))
         call_kwargs = dict(
             prompt=None,
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond if do_cfg else None,
+            **embeds,
             height=height,
             width=width,
             num_inference_steps=n_steps if timesteps is None and sigmas is None else None,

@@ -76,7 +76,7 @@ def run_ours(unet, latents, cond, t, repeats, device):
             from attncontrol.store import EarlyExit
 
             with contextlib.suppress(EarlyExit):
-                unet(x, t, encoder_hidden_states=c)
+                unet(x, t, **c)
 
     hw = tuple(latents.shape[-2:])
     layers = [
@@ -87,7 +87,7 @@ def run_ours(unet, latents, cond, t, repeats, device):
     prompt = "a cat and a dog"
     ctx = ControlContext(tok, [prompt], [prompt], 1, hw, 50, [(16, 16)], (16, 16), False, device=latents.device)
     control = AttendExcite(subjects=["cat", "dog"]).prepare(ctx)
-    engine = GuidanceEngine(Adapter(), store, [control], cond, torch.full((50,), float(t)))
+    engine = GuidanceEngine(Adapter(), store, [control], {"encoder_hidden_states": cond}, torch.full((50,), float(t)))
     times = []
     with capture_layers(unet, store), _frozen(unet), torch.enable_grad():
         for _ in range(repeats + 1):

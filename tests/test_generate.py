@@ -78,7 +78,7 @@ def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
 
     adapter = get_adapter(sd1)
     sd1.scheduler.set_timesteps(10)
-    cond, _ = adapter.encode_prompt(["a cat and a dog"], "cpu", 1, False, None, None, None)
+    cond, _ = adapter.encode(["a cat and a dog"], "cpu", 1, False, None, None, None, 64, 64, {})
     ctx = ControlContext(
         adapter.tokenizer, ["a cat and a dog"], ["a cat and a dog"], 1, (32, 32), 10, [(16, 16)], (16, 16), False
     )

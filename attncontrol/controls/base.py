@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..tokens import resolve_subjects
+from ..errors import SubjectError
+from ..tokens import resolve_subjects, tokenize
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class ControlContext:
     exclude_eot_default: bool
     seq_len: int = 77
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # other (tokenizer, prompts per input) whose token positions must agree (SDXL's second text encoder)
+    secondary: list[tuple[object, list[str]]] = field(default_factory=list)
 
     def subjects_per_image(self, subjects) -> list[list[tuple[int, ...]]]:
         """Resolve subjects (one list for all prompts, or one list per prompt) into token positions per image."""
@@ -47,6 +50,18 @@ class ControlContext:
                 f"{n_prompts} prompts"
             )
         resolved = [resolve_subjects(self.tokenizer, p, list(s)) for p, s in zip(self.prompts_per_input, per_prompt)]
+        for tokenizer, prompts in self.secondary:
+            for k, (prompt, subs) in enumerate(zip(prompts, per_prompt)):
+                other = resolve_subjects(tokenizer, prompt, list(subs))
+                for subject, mine, theirs in zip(subs, resolved[k], other):
+                    if mine != theirs:
+                        raise SubjectError(
+                            f"subject {subject!r} is at tokens {list(mine)} of {self.prompts_per_input[k]!r} for the "
+                            f"first text encoder but at {list(theirs)} of {prompt!r} for the second; both encoders "
+                            "attend through the same token positions, so they must agree"
+                            f"\n{tokenize(self.tokenizer, self.prompts_per_input[k]).format()}"
+                            f"\n{tokenize(tokenizer, prompt).format()}"
+                        )
         return [r for r in resolved for _ in range(self.num_images_per_prompt)]
 
     def keep_mask(self, exclude_eot: bool) -> torch.Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from ..errors import UnsupportedPipelineError
 from .sd import SDAdapter
+from .sdxl import SDXLAdapter
 
-ADAPTERS = [SDAdapter]
+# Most specific first. Adding a family = one adapter module + one entry here.
+ADAPTERS = [SDXLAdapter, SDAdapter]
 
 
 def get_adapter(pipe):
@@ -17,4 +19,4 @@ def get_adapter(pipe):
     raise UnsupportedPipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {supported}")
 
 
-__all__ = ["ADAPTERS", "SDAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "SDAdapter", "SDXLAdapter", "get_adapter"]

@@ -1,8 +1,13 @@
-"""Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline`` with a ``UNet2DConditionModel``)."""
+"""Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline`` with a ``UNet2DConditionModel``).
+
+An adapter is the only code that knows how its family encodes prompts and calls its denoiser; SDXL
+(``sdxl.py``) subclasses this one and overrides just that.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -13,6 +18,8 @@ from ..store import EarlyExit
 
 class SDAdapter:
     description = "StableDiffusionPipeline (SD 1.x and SD 2.x)"
+    # pipeline arguments that this adapter consumes (they describe the prompt, which it encodes itself)
+    consumed_kwargs: tuple[str, ...] = ()
 
     @staticmethod
     def matches(pipe) -> bool:
@@ -33,6 +40,11 @@ class SDAdapter:
         return "sd2" if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id else "sd1"
 
     @property
+    def exclude_eot_default(self) -> bool:
+        """Whether A&E-style token softmaxes drop EOT/padding by default (the official SD 2.1 behaviour)."""
+        return self.family == "sd2"
+
+    @property
     def vae_scale_factor(self) -> int:
         return int(self.pipe.vae_scale_factor)
 
@@ -51,31 +63,45 @@ class SDAdapter:
         return {la.name: layer_resolution(latent_hw, la.level) for la in self.layers if la.kind == kind}
 
     def default_attn_res(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        """The level 4x below the latents (16x16 at 512 px in SD 1.x/2.x) or, where that level has no
-        cross-attention, the cross-attention level nearest to it."""
+        """The level 4x below the latents (16x16 at 512 px in SD 1.x/2.x, 32x32 at 1024 px in SDXL) or, where
+        that level has no cross-attention, the cross-attention level nearest to it."""
         levels = sorted({la.level for la in self.layers if la.kind == "cross"})
         if not levels:
             raise ResolutionError("this UNet has no cross-attention layers")
         level = min(levels, key=lambda lv: (abs(lv - 2), lv))
         return layer_resolution(latent_hw, level)
 
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_cfg, negative_prompt, clip_skip, lora_scale):
-        return self.pipe.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_cfg,
-            negative_prompt,
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
-        )
+    def secondary_prompts(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> list[tuple[Any, list[str]]]:
+        """Other (tokenizer, prompts) pairs whose token positions must agree with the first tokenizer's."""
+        return []
 
-    def guidance_forward(self, latents: torch.Tensor, t, cond: torch.Tensor, cross_attention_kwargs=None) -> None:
+    def encode(
+        self,
+        prompts,
+        device,
+        num_images_per_prompt,
+        do_cfg,
+        negative_prompt,
+        clip_skip,
+        lora_scale,
+        height,
+        width,
+        pipe_kwargs,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Encode once. Returns (the cond-branch inputs of a guidance forward, one tensor per key with the batch
+        first; the embeddings to hand to the pipeline)."""
+        cond, uncond = self.pipe.encode_prompt(
+            prompts, device, num_images_per_prompt, do_cfg, negative_prompt, lora_scale=lora_scale, clip_skip=clip_skip
+        )
+        return {"encoder_hidden_states": cond}, {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+
+    def guidance_forward(self, latents: torch.Tensor, t, cond: dict[str, torch.Tensor], cross_attention_kwargs=None):
         """Cond-only forward up to the last captured layer (the capture processors record the maps)."""
         x = latents
         if hasattr(self.pipe.scheduler, "scale_model_input"):
             x = self.pipe.scheduler.scale_model_input(x, t)
         with contextlib.suppress(EarlyExit):
-            self.unet(
-                x, t, encoder_hidden_states=cond, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
-            )
+            self.unet(x, t, cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **self.unet_inputs(cond))
+
+    def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}

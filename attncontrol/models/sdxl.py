@@ -1,0 +1,100 @@
+"""Stable Diffusion XL (``StableDiffusionXLPipeline``, base model): two text encoders, pooled text embeddings
+and size/crop conditioning passed to the UNet as ``added_cond_kwargs``. Everything else is SD's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .sd import SDAdapter
+
+
+class SDXLAdapter(SDAdapter):
+    description = "StableDiffusionXLPipeline (SDXL base)"
+    consumed_kwargs = ("prompt_2", "negative_prompt_2")
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+        return isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        if pipe.tokenizer is None:
+            # a text_encoder_2-only checkpoint: subjects are resolved with the second tokenizer
+            self.tokenizer = pipe.tokenizer_2
+
+    @property
+    def family(self) -> str:
+        return "sdxl"
+
+    @property
+    def exclude_eot_default(self) -> bool:
+        # The first tokenizer pads with EOT, as in SD 1.x: keep diffusers' rule (EOT/padding stay in the softmax).
+        return False
+
+    def default_size(self) -> tuple[int, int]:
+        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+        return size, size
+
+    def secondary_prompts(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> list[tuple[Any, list[str]]]:
+        if self.pipe.tokenizer is None or self.pipe.tokenizer_2 is None:
+            return []
+        prompt_2 = pipe_kwargs.get("prompt_2")
+        if prompt_2 is None:
+            return [(self.pipe.tokenizer_2, prompts)]
+        prompts_2 = [prompt_2] * len(prompts) if isinstance(prompt_2, str) else list(prompt_2)
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"prompt_2 has {len(prompts_2)} prompts for {len(prompts)} prompts")
+        return [(self.pipe.tokenizer_2, prompts_2)]
+
+    def encode(
+        self,
+        prompts,
+        device,
+        num_images_per_prompt,
+        do_cfg,
+        negative_prompt,
+        clip_skip,
+        lora_scale,
+        height,
+        width,
+        pipe_kwargs,
+    ):
+        pipe = self.pipe
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=pipe_kwargs.get("prompt_2"),
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=pipe_kwargs.get("negative_prompt_2"),
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        # the cond branch's size/crop conditioning, exactly as the pipeline computes it
+        proj_dim = int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids(
+            tuple(pipe_kwargs.get("original_size") or (height, width)),
+            tuple(pipe_kwargs.get("crops_coords_top_left") or (0, 0)),
+            tuple(pipe_kwargs.get("target_size") or (height, width)),
+            dtype=pe.dtype,
+            text_encoder_projection_dim=proj_dim,
+        ).to(device)
+        cond = {"encoder_hidden_states": pe, "text_embeds": ppe, "time_ids": time_ids.repeat(pe.shape[0], 1)}
+        to_pipe = {
+            "prompt_embeds": pe,
+            "negative_prompt_embeds": npe,
+            "pooled_prompt_embeds": ppe,
+            "negative_pooled_prompt_embeds": nppe,
+        }
+        return cond, to_pipe
+
+    def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+        }
