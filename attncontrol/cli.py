@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out.png", help="output PNG (parameters stored in its text chunk)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=_positive_int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's (7.5 SD, 5.0 SDXL)")
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--negative-prompt", default=None)
@@ -124,6 +125,8 @@ def cmd_generate(args) -> int:
     device = pipe._execution_device
     gen_device = "cpu" if device.type == "mps" else device
     generator = torch.Generator(gen_device).manual_seed(args.seed)
+    if args.guidance_scale is None:
+        args.guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
     start = time.perf_counter()
     result = generate(
         pipe,

@@ -8,6 +8,7 @@ capture processor, restored (with the UNet's ``requires_grad`` flags) when the r
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
@@ -68,7 +69,7 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_images_per_prompt: int = 1,
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
@@ -81,7 +82,8 @@ def generate(
     sigmas: list[float] | None = None,
     **pipe_kwargs,
 ) -> GenerationResult:
-    """Generate with ``controls`` applied; every other argument means what it means for ``pipe(...)``.
+    """Generate with ``controls`` applied; every other argument means what it means for ``pipe(...)``, with the
+    pipeline's defaults.
 
     Example::
 
@@ -106,6 +108,8 @@ def generate(
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
+        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
     default_h, default_w = adapter.default_size()
     height = default_h if height is None else height
     width = default_w if width is None else width

@@ -178,6 +178,64 @@ def make_tiny_sd_pipeline(
     )
 
 
+def make_tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler", sample_size: int = 32):
+    """A tiny random SDXL base pipeline: two text encoders (the second with a projection, padding with "!"),
+    pooled embeddings and size/crop conditioning, a 2-level UNet with 2 transformer layers at the lower level."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled
+        cross_attention_dim=64,  # 32 + 32 from the two encoders
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=2 * sample_size,
+    )
+    config = dict(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(pad_token_id=49407, **config)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=0, projection_dim=32, **config)).eval()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=make_clip_tokenizer(),
+        tokenizer_2=make_clip_tokenizer(sd2=True),
+        unet=unet,
+        scheduler=make_scheduler(scheduler),
+    )
+
+
 def make_scheduler(name: str = "ddim"):
     """SD's usual scheduler settings (scaled-linear betas 0.00085..0.012) for ddim, pndm, euler, dpm."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
@@ -195,9 +253,10 @@ def make_scheduler(name: str = "ddim"):
 
 
 def save_tiny_sd_pipeline(folder: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny pipeline to ``folder`` in diffusers' layout (safetensors weights)."""
+    """Write a tiny pipeline (``family`` sd1, sd2 or sdxl) to ``folder`` in diffusers' layout (safetensors)."""
     folder = Path(folder)
-    make_tiny_sd_pipeline(family=family, seed=seed).save_pretrained(folder, safe_serialization=True)
+    pipe = make_tiny_sdxl_pipeline(seed=seed) if family == "sdxl" else make_tiny_sd_pipeline(family=family, seed=seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -206,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m attncontrol.testing", description="Write a tiny random SD pipeline folder (no download)."
     )
     parser.add_argument("folder")
-    parser.add_argument("--family", choices=["sd1", "sd2"], default="sd1")
+    parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = save_tiny_sd_pipeline(args.folder, family=args.family, seed=args.seed)

@@ -29,6 +29,7 @@ def tiny_dirs(tmp_path_factory):
     return {
         "sd1": save_tiny_sd_pipeline(root / "sd1", family="sd1", seed=0),
         "sd2": save_tiny_sd_pipeline(root / "sd2", family="sd2", seed=1),
+        "sdxl": save_tiny_sd_pipeline(root / "sdxl", family="sdxl", seed=2),
     }
 
 
@@ -40,6 +41,17 @@ def sd1(tiny_dirs):
 @pytest.fixture()
 def sd2(tiny_dirs):
     return _load(tiny_dirs["sd2"])
+
+
+@pytest.fixture()
+def sdxl(tiny_dirs):
+    from diffusers import StableDiffusionXLPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,7 @@ def test_offline_default_model_fails_clearly_and_writes_nothing(tmp_path):
     "args,message",
     [
         (["--subjects", "cat", "horse"], "'horse' is not in the prompt"),
-        (["--subjects", "cat", "--height", "63"], "height must be a positive multiple of 2"),
+        (["--subjects", "cat", "--height", "63"], "height must be a positive multiple of 8"),
         ([], "--subjects is required"),
         (["--subjects", "cat", "--attn-res", "5"], "attn_res 5x5"),
     ],
@@ -130,3 +130,26 @@ def test_failure_mid_run_leaves_no_partial_file(tiny_dirs, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="simulated"):
         main(["generate", "a cat", "--subjects", "cat", "--model", str(tiny_dirs["sd1"]), "--out", str(out)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_on_an_sdxl_folder(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "xl.png"
+    code = main(
+        [
+            "generate",
+            "a cat and a dog",
+            "--subjects",
+            "cat",
+            "dog",
+            "--model",
+            str(tiny_dirs["sdxl"]),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as img:
+        params = json.loads(img.text["parameters"])
+    assert params["guidance_scale"] == 5.0  # SDXL's own default, not SD's 7.5

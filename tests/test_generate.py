@@ -249,7 +249,7 @@ def test_bad_inputs_fail_before_any_work_and_leave_the_pipeline_alone(sd1):
     try:
         with pytest.raises(SubjectNotInPromptError, match="'horse'"):
             _run(sd1, [AttendExcite(subjects=["cat", "horse"])])
-        with pytest.raises(ResolutionError, match="height must be a positive multiple of 2.*got 63"):
+        with pytest.raises(ResolutionError, match="height must be a positive multiple of 8.*got 63"):
             _run(sd1, [AttendExcite(**AE)], height=63)
         with pytest.raises(ResolutionError, match=r"attn_res 8x8 .*has: 16x16"):
             _run(sd1, [AttendExcite(subjects=["cat"], attn_res=8)])
@@ -298,7 +298,9 @@ def test_unsupported_pipeline_is_named(sd1):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
-    with pytest.raises(UnsupportedPipelineError, match="DDPMPipeline.*StableDiffusionPipeline"):
+    with pytest.raises(
+        UnsupportedPipelineError, match="DDPMPipeline.*StableDiffusionXLPipeline.*StableDiffusionPipeline"
+    ):
         attncontrol.generate(pipe, "a cat", [AttendExcite(subjects=["cat"])])
 
 

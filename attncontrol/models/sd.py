@@ -7,6 +7,7 @@ An adapter is the only code that knows how its family encodes prompts and calls 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -54,9 +55,10 @@ class SDAdapter:
 
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.vae_scale_factor
+        step = math.lcm(f, 8)  # the VAE's factor, and the pipelines' own check (multiples of 8)
         for label, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
-                raise ResolutionError(f"{label} must be a positive multiple of {f} for this model, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
+                raise ResolutionError(f"{label} must be a positive multiple of {step} for this model, got {value!r}")
         return height // f, width // f
 
     def resolutions(self, latent_hw: tuple[int, int], kind: str = "cross") -> dict[str, tuple[int, int]]:
