@@ -35,6 +35,25 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
+# The full-size SDXL base UNet architecture (from its published config), for benchmarks with random weights.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
 
 def clip_bpe_path() -> Path:
     """Locate the CLIP BPE vocabulary shipped inside the open-clip-torch wheel, without importing it."""

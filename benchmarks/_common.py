@@ -1,7 +1,8 @@
-"""Shared benchmark helpers: the full-size SD 1.5 UNet architecture with random weights (no download)."""
+"""Shared benchmark helpers: full-size UNet architectures with random weights (no download)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -9,13 +10,26 @@ import time
 import torch
 
 
-def full_size_unet(dtype=torch.float32):
+def full_size_unet(dtype=torch.float32, arch: str = "sd15"):
+    """The SD 1.5 or SDXL base UNet with random weights. SDXL's 2.6B parameters are filled with N(0, 0.02)
+    directly (default initialisation of that many parameters takes minutes on a small CPU)."""
+    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from attncontrol.testing import SD15_UNET_CONFIG
+    from attncontrol.testing import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype).eval()
+    if arch == "sd15":
+        return UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype).eval()
+    if arch != "sdxl":
+        raise ValueError(f"arch must be sd15 or sdxl, got {arch!r}")
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = unet.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0.0, 0.02)
+    return unet.eval()
 
 
 def peak_rss_gb() -> float:
@@ -23,8 +37,6 @@ def peak_rss_gb() -> float:
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 

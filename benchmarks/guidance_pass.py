@@ -1,11 +1,15 @@
-"""One Attend-and-Excite guidance pass (forward + backward to the latents) on the full-size SD 1.5 UNet
-architecture (random weights, built from its config) at 512 px, batch 1: ours vs diffusers' approach.
+"""One Attend-and-Excite guidance pass (forward + backward to the latents) on a full-size UNet architecture
+(random weights, built from its config), batch 1: ours vs diffusers' approach.
 
-    python benchmarks/guidance_pass.py [--repeats 3] [--device cpu] [--dtype fp32]
+    python benchmarks/guidance_pass.py [--arch sd15|sdxl] [--size PX] [--repeats 3] [--device cpu] [--dtype fp32]
+
+sd15 defaults to 512 px (16x16 maps, 5 layers captured); sdxl to 768 px, the largest size at which the
+diffusers-style all-layers capture fits in 24 GiB here (24x24 maps: SDXL's level 4x below the latents).
 
 diffusers' approach = its StableDiffusionAttendAndExcitePipeline's: explicit-attention processors in all
-32 layers, a full forward, UNet parameters left requiring grad. Ours = capture processors on the five
-16x16 cross-attention layers only (SDPA elsewhere), early exit after the last of them, parameters frozen.
+attention layers, a full forward, UNet parameters left requiring grad. Ours = capture processors on the
+cross-attention layers at the map resolution only (SDPA elsewhere), early exit after the last of them,
+parameters frozen.
 Each variant runs in its own process so peak memory is its own.
 """
 
@@ -34,6 +38,12 @@ def _peak_mem(device: str) -> float:
     return peak_rss_gb()
 
 
+def _unet_kwargs(cond):
+    from attncontrol.models import SDAdapter, SDXLAdapter
+
+    return (SDXLAdapter if "text_embeds" in cond else SDAdapter).unet_inputs(cond)
+
+
 def run_diffusers(unet, latents, cond, t, repeats, device):
     from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (  # noqa: E501
         AttendExciteAttnProcessor,
@@ -41,7 +51,7 @@ def run_diffusers(unet, latents, cond, t, repeats, device):
         StableDiffusionAttendAndExcitePipeline,
     )
 
-    store = AttentionStore((16, 16))
+    store = AttentionStore(tuple(d // 4 for d in latents.shape[-2:]))
     procs = {}
     for name in unet.attn_processors:
         place = "mid" if name.startswith("mid_block") else "up" if name.startswith("up_blocks") else "down"
@@ -52,7 +62,7 @@ def run_diffusers(unet, latents, cond, t, repeats, device):
     for _ in range(repeats + 1):
         with Timer() as timer:
             z = latents.clone().requires_grad_(True)
-            unet(z, t, encoder_hidden_states=cond)
+            unet(z, t, **_unet_kwargs(cond))
             maps = store.aggregate_attention(from_where=("up", "down", "mid"))
             peaks = StableDiffusionAttendAndExcitePipeline._compute_max_attention_per_index(maps, [2, 5])
             loss = max(max(0, 1.0 - p) for p in peaks)
@@ -76,18 +86,17 @@ def run_ours(unet, latents, cond, t, repeats, device):
             from attncontrol.store import EarlyExit
 
             with contextlib.suppress(EarlyExit):
-                unet(x, t, **c)
+                unet(x, t, **_unet_kwargs(c))
 
     hw = tuple(latents.shape[-2:])
-    layers = [
-        la for la in find_attention_layers(unet) if la.kind == "cross" and layer_resolution(hw, la.level) == (16, 16)
-    ]
+    res = (hw[0] // 4, hw[1] // 4)
+    layers = [la for la in find_attention_layers(unet) if la.kind == "cross" and layer_resolution(hw, la.level) == res]
     store = AttentionStore(layers, {la.name: layer_resolution(hw, la.level) for la in layers})
     tok = make_clip_tokenizer()
     prompt = "a cat and a dog"
-    ctx = ControlContext(tok, [prompt], [prompt], 1, hw, 50, [(16, 16)], (16, 16), False, device=latents.device)
+    ctx = ControlContext(tok, [prompt], [prompt], 1, hw, 50, [res], res, False, device=latents.device)
     control = AttendExcite(subjects=["cat", "dog"]).prepare(ctx)
-    engine = GuidanceEngine(Adapter(), store, [control], {"encoder_hidden_states": cond}, torch.full((50,), float(t)))
+    engine = GuidanceEngine(Adapter(), store, [control], cond, torch.full((50,), float(t)))
     times = []
     with capture_layers(unet, store), _frozen(unet), torch.enable_grad():
         for _ in range(repeats + 1):
@@ -105,11 +114,17 @@ def _sync(device):
 
 
 def child(args) -> None:
+    from attncontrol.processors.capture import find_attention_layers, layer_resolution
+
     dtype = DTYPES[args.dtype]
-    unet = full_size_unet(dtype).to(args.device)
+    unet = full_size_unet(dtype, args.arch).to(args.device)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(args.device, dtype)
-    cond = torch.randn(1, 77, 768, generator=g).to(args.device, dtype)
+    width = unet.config.cross_attention_dim
+    cond = {"encoder_hidden_states": torch.randn(1, 77, width, generator=g).to(args.device, dtype)}
+    if args.arch == "sdxl":  # pooled text embedding and (original size, crop, target size)
+        cond["text_embeds"] = torch.randn(1, 1280, generator=g).to(args.device, dtype)
+        cond["time_ids"] = torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]]).to(args.device, dtype)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base = _peak_mem(args.device)
@@ -124,6 +139,11 @@ def child(args) -> None:
                 "peak_gb": _peak_mem(args.device),
                 "after_load_gb": base,
                 "grad_abs_sum": gsum,
+                "layers": len(unet.attn_processors),
+                "captured": sum(
+                    la.kind == "cross" and layer_resolution(latents.shape[-2:], la.level) == (args.size // 32,) * 2
+                    for la in find_attention_layers(unet)
+                ),
             }
         )
     )
@@ -131,40 +151,45 @@ def child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=None, help="pixels; default 512 (sd15) or 768 (sdxl)")
     parser.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.size = args.size or (768 if args.arch == "sdxl" else 512)
+    if args.size % 32:
+        parser.error(f"--size must be a multiple of 32, got {args.size}")
     if args.variant:
         return child(args)
     rows = {}
     for variant in ("diffusers", "ours"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--repeats",
-            str(args.repeats),
-            "--device",
-            args.device,
-            "--dtype",
-            args.dtype,
-            "--size",
-            str(args.size),
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        rows[variant] = json.loads(out)
+        cmd = [sys.executable, __file__, "--variant", variant, "--arch", args.arch, "--repeats", str(args.repeats),
+               "--device", args.device, "--dtype", args.dtype, "--size", str(args.size)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == -9:  # killed by the kernel: out of memory
+            rows[variant] = None
+            continue
+        if proc.returncode:
+            raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     d, o = rows["diffusers"], rows["ours"]
+    if d is None or o is None:
+        for name, r in rows.items():
+            status = "killed: out of memory" if r is None else f"{r['median_s']:.2f} s/pass, peak {r['peak_gb']:.2f} GB"
+            print(f"{args.arch} {args.size} px, {name}: {status}")
+        return
     mem = "peak GPU memory (GB)" if args.device.startswith("cuda") else "peak RSS (GB)"
-    print(
-        f"A&E guidance pass, full-size SD 1.5 UNet, {args.size} px, batch 1, {args.dtype}, {args.device} ({machine()})"
-    )
+    res = args.size // 32
+    arch = {"sd15": "SD 1.5", "sdxl": "SDXL base"}[args.arch]
+    print(f"A&E guidance pass, full-size {arch} UNet, {args.size} px ({res}x{res} maps), batch 1, {args.dtype}, "
+          f"{args.device} ({machine()})")  # fmt: skip
     print(f"| approach | median s/pass | {mem} | over post-load |")
     print("|---|---|---|---|")
-    for name, r in (("diffusers (all 32 layers explicit, full forward)", d), ("attncontrol (5 layers, early exit)", o)):
+    names = (f"diffusers (all {d['layers']} layers explicit, full forward)",
+             f"attncontrol ({o['captured']} layers, early exit)")  # fmt: skip
+    for name, r in zip(names, (d, o)):
         print(f"| {name} | {r['median_s']:.2f} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['after_load_gb']:.2f} |")
     print(
         f"speed-up {d['median_s'] / o['median_s']:.2f}x, peak memory ratio {o['peak_gb'] / d['peak_gb']:.2f}x "

@@ -308,3 +308,22 @@ def test_non_square_images(sd1):
     out = _run(sd1, [AttendExcite(**AE)], height=48, width=80, output_type="latent")
     assert out.images.shape == (1, 4, 24, 40)
     assert out.guided_steps and all(np.isfinite(r.loss[0]) for r in out.guided_steps)
+
+
+def test_sd2_family_defaults_to_prompt_tokens_only(sd2):
+    """SD 2.x pads with "!": by default the softmax over tokens leaves EOT and padding out (official SD 2.1 rule);
+    exclude_eot=False restores diffusers' rule, and the two give different guidance."""
+    from attncontrol.models import get_adapter
+
+    assert get_adapter(sd2).family == "sd2" and get_adapter(sd2).exclude_eot_default
+    default = _run(
+        sd2, [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=3)], output_type="latent"
+    )
+    diffusers_rule = _run(
+        sd2,
+        [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=3, exclude_eot=False)],
+        output_type="latent",
+    )
+    # with 5 kept tokens instead of 75, each subject gets a far larger share: the loss is much lower
+    assert default.trace[0].loss[0] < diffusers_rule.trace[0].loss[0] - 0.1
+    assert (default.images - diffusers_rule.images).abs().max() > 1e-3

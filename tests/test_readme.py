@@ -22,3 +22,18 @@ def test_readme_python_example_runs(tiny_dirs, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "cat_frog.png").is_file()
     assert namespace["out"].guided_steps  # the example really guided
+
+
+def test_readme_sdxl_example_runs(tiny_dirs, tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    code = next(b for b in blocks if "StableDiffusionXLPipeline" in b)
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in code
+    code = (
+        code.replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(str(tiny_dirs["sdxl"])))
+        .replace('.to("cuda")', '.to("cpu")')
+        .replace("torch.float16", "torch.float32")
+        .replace('"a cat and a frog", [', '"a cat and a frog", num_inference_steps=4, controls=[')
+    )
+    namespace = {}
+    exec("import torch\nimport attncontrol\n" + code, namespace)
+    assert len(namespace["out"].guided_steps) == 4

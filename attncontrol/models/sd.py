@@ -105,5 +105,6 @@ class SDAdapter:
         with contextlib.suppress(EarlyExit):
             self.unet(x, t, cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **self.unet_inputs(cond))
 
-    def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+    @staticmethod
+    def unet_inputs(cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}

@@ -93,7 +93,8 @@ class SDXLAdapter(SDAdapter):
         }
         return cond, to_pipe
 
-    def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+    @staticmethod
+    def unet_inputs(cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
