@@ -51,9 +51,10 @@ class GuidanceEngine:
         self.timesteps = timesteps
         self.cross_attention_kwargs = cross_attention_kwargs
         self.map_keys = sorted({(kind, c.resolution) for c in controls for kind in c.kinds})
+        self.active = list(controls)
 
     def needed_at(self, i: int) -> bool:
-        return any(c.updates_at(i) or c.refine_target(i) is not None for c in self.controls)
+        return any(c.updates_at(i) or c.refines_at(i) for c in self.controls)
 
     def _evaluate(self, z: torch.Tensor, images: list[int], i: int):
         """Forward the images' latents, return (leaf, objective (n,), {control: losses (n,)})."""
@@ -68,9 +69,13 @@ class GuidanceEngine:
             self.store.active = False
         maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}
         info = StepInfo(index=i, timestep=float(t), total=len(self.timesteps))
-        losses = {c.name: c.loss(maps, images, info) for c in self.controls}
-        objective = sum(c.step_size(i) * losses[c.name] for c in self.controls)
-        return leaf, objective, losses
+        losses = {c.name: c.loss(maps, images, info) for c in self.active}
+        return leaf, self._objective(losses, i, self.active), losses
+
+    @staticmethod
+    def _objective(losses, i: int, controls) -> torch.Tensor:
+        """One objective for all controls: sum of step_size_c(i) * loss_c, so one backward serves them all."""
+        return sum(c.step_size(i) * losses[c.name] for c in controls)
 
     def _step(self, z: torch.Tensor, images: list[int], leaf, objective, i: int) -> list[bool]:
         """z[b] <- z[b] - grad(objective_b) for the images whose objective is non-zero and whose gradient is finite."""
@@ -100,24 +105,31 @@ class GuidanceEngine:
             return latents, record
         n = latents.shape[0]
         z = latents.detach().clone()
-        update = any(c.updates_at(i) for c in self.controls)
+        self.active = [c for c in self.controls if c.updates_at(i) or c.refines_at(i)]
+        updating = [c for c in self.active if c.updates_at(i)]
         with torch.enable_grad():
-            leaf, objective, losses = self._evaluate(z, list(range(n)), i)
-            refine = [b for b in range(n) if self._wants_refinement(losses, b, i)]
+            leaf, objective_all, losses = self._evaluate(z, list(range(n)), i)
+            final = {name: value.detach().float().clone() for name, value in losses.items()}
+            record.initial_loss = [float(sum(value[b] for value in final.values())) for b in range(n)]
+            refine = [b for b in range(n) if self._wants_refinement(final, b, b, i)]
             iterations = [0] * n
             updated = [False] * n
-            final = {name: value.detach().float().clone() for name, value in losses.items()}
-            record.initial_loss = [float(sum(final[c.name][b] for c in self.controls)) for b in range(n)]
-            plain = [b for b in range(n) if b not in refine]
-            if update and plain:
-                rows = torch.tensor(plain, device=objective.device)
-                moved = self._step(z, plain, leaf, objective[rows], i)
-                for b, m in zip(plain, moved):
-                    updated[b] = m
-            del leaf, objective, losses
+            # One backward on this pass serves both the images that just take their regular update and the
+            # first refinement iteration of the others (their latents are unchanged, so it is the same pass).
+            if updating or refine:
+                objective_update = self._objective(losses, i, updating) if updating else torch.zeros_like(objective_all)
+                pick = torch.tensor([b in refine for b in range(n)], device=objective_all.device)
+                objective = torch.where(pick, objective_all, objective_update if updating else 0 * objective_all)
+                moved = self._step(z, list(range(n)), leaf, objective, i)
+                for b in range(n):
+                    if b in refine:
+                        iterations[b] = 1
+                    else:
+                        updated[b] = moved[b]
+            del leaf, objective_all, losses
             if refine:
-                self._refine(z, refine, i, iterations, final, updated, update)
-        record.loss = [float(sum(final[c.name][b] for c in self.controls)) for b in range(n)]
+                self._refine(z, refine, i, iterations, final, updated, bool(updating))
+        record.loss = [float(sum(value[b] for value in final.values())) for b in range(n)]
         record.losses = {name: value.tolist() for name, value in final.items()}
         record.refinement_iterations = iterations
         record.updated = updated
@@ -125,19 +137,15 @@ class GuidanceEngine:
         logger.info("step %d: loss %s, refinement %s", i, record.loss, iterations)
         return z, record
 
-    def _wants_refinement(self, losses, b: int, i: int) -> bool:
-        for c in self.controls:
-            target = c.refine_target(i)
-            if target is not None and float(losses[c.name][b].detach()) > target:
-                return True
-        return False
+    def _wants_refinement(self, losses, row: int, image: int, i: int) -> bool:
+        return any(c.refines_at(i) and c.wants_refinement(i, image, float(losses[c.name][row])) for c in self.active)
 
     def _refine(self, z, images, i, iterations, final, updated, update: bool) -> None:
-        """Iterative refinement (A&E Sec. 3.3): step while a control's loss is above its target, then one more
-        pass whose loss drives the step's regular update."""
-        limit = max(c.max_refinement_steps for c in self.controls if c.refine_target(i) is not None)
-        active = list(images)
-        k = 0
+        """Iterative refinement (A&E Sec. 3.3): step while a control asks for it, then one more pass whose loss
+        drives the step's regular update. The first iteration was already taken on the step's first pass."""
+        limit = max(c.max_refinement(i) for c in self.active if c.refines_at(i))
+        active = [b for b in images if limit > 1 and self._wants_refinement(final, b, b, i)]
+        k = 1
         while active:
             k += 1
             leaf, objective, losses = self._evaluate(z, active, i)
@@ -146,12 +154,13 @@ class GuidanceEngine:
                 iterations[b] = k
                 for name, value in losses.items():
                     final[name][b] = value[row].detach().float()
-            active = [b for row, b in enumerate(active) if k < limit and self._wants_refinement(losses, row, i)]
+            active = [b for row, b in enumerate(active) if k < limit and self._wants_refinement(losses, row, b, i)]
             del leaf, objective, losses
         if not update:
             return
-        leaf, objective, losses = self._evaluate(z, list(images), i)
-        moved = self._step(z, list(images), leaf, objective, i)
+        updating = [c for c in self.active if c.updates_at(i)]
+        leaf, _, losses = self._evaluate(z, list(images), i)
+        moved = self._step(z, list(images), leaf, self._objective(losses, i, updating), i)
         for row, b in enumerate(images):
             updated[b] = moved[row]
             for name, value in losses.items():

@@ -95,6 +95,18 @@ class PreparedControl:
         """Loss above which the latents are refined at this step, or None."""
         return None
 
+    def refines_at(self, step: int) -> bool:
+        return self.refine_target(step) is not None
+
+    def wants_refinement(self, step: int, image: int, loss: float) -> bool:
+        """Whether image ``image`` needs another iteration, given its loss at the latest evaluation."""
+        target = self.refine_target(step)
+        return target is not None and loss > target
+
+    def max_refinement(self, step: int) -> int:
+        """Most refinement iterations at this step (before the step's regular update)."""
+        return self.max_refinement_steps
+
     def step_size(self, step: int) -> float:
         raise NotImplementedError
 
