@@ -4,7 +4,7 @@ import attncontrol
 out = attncontrol.generate(pipe, "a cat and a dog", controls=[attncontrol.AttendExcite(subjects=["cat", "dog"])])
 """
 
-from .controls import AttendExcite, Control, StepInfo
+from .controls import AStar, AttendExcite, Control, Refocus, StepInfo
 from .errors import (
     AmbiguousSubjectError,
     AttnControlError,
@@ -22,12 +22,14 @@ from .tokens import TokenTable, resolve_subjects, tokenize
 __version__ = "0.1.0"
 
 __all__ = [
+    "AStar",
     "AmbiguousSubjectError",
     "AttendExcite",
     "AttnControlError",
     "Control",
     "GenerationResult",
     "ModelLoadError",
+    "Refocus",
     "ResolutionError",
     "StepInfo",
     "StepRecord",

@@ -100,6 +100,10 @@ def generate(
     for c in controls:
         if not isinstance(c, Control):
             raise TypeError(f"controls must be attncontrol controls (e.g. AttendExcite(...)), got {c!r}")
+    kinds = [type(c).__name__ for c in controls]
+    repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+    if repeated:
+        raise ValueError(f"each method may appear once in controls; got several {', '.join(repeated)}")
     for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "return_dict"):
         if key in pipe_kwargs:
             raise TypeError(f"generate() encodes the prompt itself and returns a GenerationResult; drop {key}=")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..errors import ResolutionError
-from ..losses.attend_excite import attend_excite_loss, subject_max_attention
-from ..ops import token_softmax
+from ..losses.attend_excite import attend_excite_loss
 from .base import Control, ControlContext, PreparedControl, StepInfo
+from .common import TokenMaps, ae_step_sizes, validate_map_options, validate_step_schedule
 
 
 def _default_thresholds() -> dict[int, float]:
@@ -58,10 +56,7 @@ class AttendExcite(Control):
             raise ValueError("AttendExcite needs at least one subject, got an empty list")
         if self.max_iter_to_alter < 0:
             raise ValueError(f"max_iter_to_alter must be >= 0, got {self.max_iter_to_alter}")
-        if not self.scale_factor > 0:
-            raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
-        if len(self.scale_range) != 2 or not all(s > 0 for s in self.scale_range):
-            raise ValueError(f"scale_range must be two values > 0, got {self.scale_range}")
+        validate_step_schedule(self)
         for step, value in self.thresholds.items():
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"thresholds keys must be step indices >= 0, got {step!r}")
@@ -69,18 +64,7 @@ class AttendExcite(Control):
                 raise ValueError(f"thresholds values must be between 0 and 1, got {value} at step {step}")
         if self.max_refinement_steps < 0:
             raise ValueError(f"max_refinement_steps must be >= 0, got {self.max_refinement_steps}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if not self.softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be > 0, got {self.softmax_scale}")
-        if isinstance(self.attn_res, int):
-            self.attn_res = (self.attn_res, self.attn_res)
-        if self.attn_res is not None:
-            self.attn_res = tuple(int(x) for x in self.attn_res)
-            if len(self.attn_res) != 2 or min(self.attn_res) < 1:
-                raise ValueError(f"attn_res must be (rows, cols) of positive ints, got {self.attn_res}")
+        validate_map_options(self)
 
     def prepare(self, ctx: ControlContext) -> PreparedAttendExcite:
         return PreparedAttendExcite(self, ctx)
@@ -91,12 +75,9 @@ class PreparedAttendExcite(PreparedControl):
 
     def __init__(self, cfg: AttendExcite, ctx: ControlContext):
         self.cfg = cfg
-        self.resolution = resolve_attn_res(cfg.attn_res, ctx)
-        self.subjects = ctx.subjects_per_image(cfg.subjects)
-        exclude = ctx.exclude_eot_default if cfg.exclude_eot is None else cfg.exclude_eot
-        self.keep = ctx.keep_mask(exclude).to(ctx.device)
-        scale = np.linspace(cfg.scale_range[0], cfg.scale_range[1], ctx.num_steps)
-        self.step_sizes = cfg.scale_factor * np.sqrt(scale)
+        self.maps = TokenMaps(cfg, ctx, cfg.subjects)
+        self.resolution = self.maps.resolution
+        self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         self.max_refinement_steps = cfg.max_refinement_steps
 
     def updates_at(self, step: int) -> bool:
@@ -110,24 +91,5 @@ class PreparedAttendExcite(PreparedControl):
         return float(self.step_sizes[step])
 
     def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
-        cross = maps[("cross", self.resolution)]
-        probs = token_softmax(cross, self.keep[images], self.cfg.softmax_scale)
-        losses = []
-        for row, b in enumerate(images):
-            peak = subject_max_attention(
-                probs[row], self.subjects[b], self.cfg.kernel_size, self.cfg.sigma, self.cfg.smooth_attentions
-            )
-            losses.append(attend_excite_loss(peak))
-        return torch.stack(losses)
-
-
-def resolve_attn_res(attn_res, ctx: ControlContext) -> tuple[int, int]:
-    if attn_res is None:
-        return ctx.default_resolution
-    if tuple(attn_res) not in ctx.cross_resolutions:
-        have = ", ".join(f"{r}x{c}" for r, c in ctx.cross_resolutions)
-        raise ResolutionError(
-            f"attn_res {attn_res[0]}x{attn_res[1]} has no cross-attention layer at this image size "
-            f"(latents {ctx.latent_hw[0]}x{ctx.latent_hw[1]}); this model has: {have}"
-        )
-    return tuple(attn_res)
+        per_image = self.maps.per_image(maps, images)
+        return torch.stack([attend_excite_loss(m.flatten(1).amax(1)) for m in per_image])

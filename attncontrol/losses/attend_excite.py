@@ -7,6 +7,19 @@ import torch
 from ..ops import gaussian_smooth
 
 
+def subject_maps(
+    probs: torch.Tensor,
+    subjects: list[tuple[int, ...]],
+    kernel_size: int = 3,
+    sigma: float = 0.5,
+    smooth: bool = True,
+) -> torch.Tensor:
+    """Each subject's (smoothed) map from token-softmaxed ``probs`` (rows, cols, tokens) of one image:
+    (num_subjects, rows, cols). A subject of several tokens (a split word, a phrase) sums its tokens' maps."""
+    maps = torch.stack([probs[..., list(pos)].sum(-1) for pos in subjects])
+    return gaussian_smooth(maps, kernel_size, sigma) if smooth else maps
+
+
 def subject_max_attention(
     probs: torch.Tensor,
     subjects: list[tuple[int, ...]],
@@ -14,15 +27,8 @@ def subject_max_attention(
     sigma: float = 0.5,
     smooth: bool = True,
 ) -> torch.Tensor:
-    """Max over pixels of each subject's (smoothed) token-softmaxed map.
-
-    ``probs``: (rows, cols, tokens) of one image, already softmaxed over the kept tokens. A subject of
-    several tokens (a split word, a phrase) uses the sum of its tokens' maps. Returns (num_subjects,).
-    """
-    maps = torch.stack([probs[..., list(pos)].sum(-1) for pos in subjects])  # (S, rows, cols)
-    if smooth:
-        maps = gaussian_smooth(maps, kernel_size, sigma)
-    return maps.flatten(1).amax(1)
+    """Max over pixels of each subject's (smoothed) map: (num_subjects,)."""
+    return subject_maps(probs, subjects, kernel_size, sigma, smooth).flatten(1).amax(1)
 
 
 def attend_excite_loss(max_attention: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""Attention Refocusing (Phung et al., CVPR 2024): put each subject's attention inside its box(es), on plain
+SD (the official code runs on GLIGEN). CAR with the official code's tiered weights, SAR, the official
+per-step schedule of loss scale and iterations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SubjectError
+from ..losses.refocus import CARWeights, car_loss, sar_loss
+from .base import Control, ControlContext, PreparedControl, StepInfo
+from .common import TokenMaps, validate_map_options
+
+# The official SAR_CAR schedule (``update_loss_self_cross``): (steps below, loss scale, max iterations).
+DEFAULT_SCHEDULE: tuple[tuple[int, float, int], ...] = ((2, 4.0, 2), (5, 4.0, 6), (10, 3.0, 3), (20, 3.0, 2))
+DEFAULT_LATE = (1.0, 2)
+
+
+def _as_box_list(subject, value) -> list[tuple[float, float, float, float]]:
+    boxes = [value] if len(value) == 4 and all(isinstance(v, (int, float)) for v in value) else list(value)
+    out = []
+    for box in boxes:
+        if len(box) != 4:
+            raise ValueError(f"box for {subject!r} must be (x0, y0, x1, y1), got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
+            raise ValueError(f"box for {subject!r} must lie inside [0, 1] (normalised x0, y0, x1, y1), got {box!r}")
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"box for {subject!r} needs x0 < x1 and y0 < y1, got {box!r}")
+        out.append((x0, y0, x1, y1))
+    if not out:
+        raise ValueError(f"no box given for {subject!r}")
+    return out
+
+
+@dataclass
+class Refocus(Control):
+    """Attention Refocusing: boxes per subject, ``z <- z - grad(s_i * (CAR + SAR))``.
+
+    Args:
+        boxes: ``{"cat": (x0, y0, x1, y1), ...}`` normalised to [0, 1], x to the right, y down (rows = height);
+            a subject may have several boxes (a list of tuples), as the official code allows. Keys are
+            subjects as for :class:`AttendExcite` (words, phrases, ``cat#2``).
+        cross_weight, self_weight: weights of CAR and SAR (official: 1 and 1).
+        tiered: the official code's tiered CAR weights (default); False = the paper's plain form.
+        schedule: ``((steps below, loss scale, max iterations), ...)``; steps past the last entry use
+            ``late`` but are only guided at ``late_steps``. Official: <2: (4, 2), <5: (4, 6), <10: (3, 3),
+            <20: (3, 2), else (1, 2).
+        early_steps: steps ``0 .. early_steps - 1`` iterate while the scaled loss > ``loss_threshold`` and the
+            weakest box peak < ``inside_threshold`` (official: 10, 0.1, 0.2).
+        late_steps: later steps guided (while the weakest box peak < ``inside_threshold``); official: every 5th
+            step from 10 to 35.
+        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale: the cross-attention maps as
+            for :class:`AttendExcite` (the official code uses A&E's recipe); SAR uses self-attention at the
+            same resolution.
+    """
+
+    boxes: dict = field(default_factory=dict)
+    cross_weight: float = 1.0
+    self_weight: float = 1.0
+    tiered: bool = True
+    schedule: tuple = DEFAULT_SCHEDULE
+    late: tuple[float, int] = DEFAULT_LATE
+    early_steps: int = 10
+    late_steps: tuple[int, ...] = (10, 15, 20, 25, 30, 35)
+    loss_threshold: float = 0.1
+    inside_threshold: float = 0.2
+    attn_res: tuple[int, int] | int | None = None
+    kernel_size: int = 3
+    sigma: float = 0.5
+    smooth_attentions: bool = True
+    exclude_eot: bool | None = None
+    softmax_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.boxes, dict) or not self.boxes:
+            raise ValueError(f"Refocus needs boxes as {{subject: (x0, y0, x1, y1)}}, got {self.boxes!r}")
+        self.boxes = {subject: _as_box_list(subject, value) for subject, value in self.boxes.items()}
+        for name in ("cross_weight", "self_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for entry in (*self.schedule, (None, *self.late)):
+            if entry[-2] <= 0 or int(entry[-1]) < 1:
+                raise ValueError(f"schedule entries need a loss scale > 0 and >= 1 iteration, got {entry}")
+        validate_map_options(self)
+
+    @property
+    def subjects(self) -> list:
+        return list(self.boxes)
+
+    def prepare(self, ctx: ControlContext) -> PreparedRefocus:
+        return PreparedRefocus(self, ctx)
+
+
+class PreparedRefocus(PreparedControl):
+    name = "refocus"
+    kinds = ("cross", "self")
+
+    def __init__(self, cfg: Refocus, ctx: ControlContext):
+        self.cfg = cfg
+        try:
+            self.maps = TokenMaps(cfg, ctx, cfg.subjects)
+        except SubjectError as err:
+            raise SubjectError(f"Refocus boxes: {err}") from None
+        self.resolution = self.maps.resolution
+        self.boxes = list(cfg.boxes.values())
+        self._min_inside: dict[int, float] = {}
+
+    def _scale_iters(self, step: int) -> tuple[float, int]:
+        for below, scale, iters in self.cfg.schedule:
+            if step < below:
+                return float(scale), int(iters)
+        return float(self.cfg.late[0]), int(self.cfg.late[1])
+
+    def updates_at(self, step: int) -> bool:
+        return step < self.cfg.early_steps or step in self.cfg.late_steps
+
+    def refines_at(self, step: int) -> bool:
+        return self.updates_at(step) and self._scale_iters(step)[1] > 1
+
+    def wants_refinement(self, step: int, image: int, loss: float) -> bool:
+        weak = self._min_inside.get(image, 0.0) < self.cfg.inside_threshold
+        if step < self.cfg.early_steps:
+            return weak and self.step_size(step) * loss > self.cfg.loss_threshold
+        return weak
+
+    def max_refinement(self, step: int) -> int:
+        # the official loop counts every update; the engine takes the regular update after refinement
+        return self._scale_iters(step)[1] - 1
+
+    def step_size(self, step: int) -> float:
+        return self._scale_iters(step)[0]
+
+    def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
+        weights = CARWeights(tiered=self.cfg.tiered)
+        self_maps = maps[("self", self.resolution)]
+        losses = []
+        for row, (b, m) in enumerate(zip(images, self.maps.per_image(maps, images))):
+            car, min_inside = car_loss(m, self.boxes, step.index, weights)
+            self._min_inside[b] = min_inside
+            losses.append(self.cfg.cross_weight * car + self.cfg.self_weight * sar_loss(self_maps[row], self.boxes))
+        return torch.stack(losses)
