@@ -4,7 +4,7 @@ import attncontrol
 out = attncontrol.generate(pipe, "a cat and a dog", controls=[attncontrol.AttendExcite(subjects=["cat", "dog"])])
 """
 
-from .controls import AStar, AttendExcite, Control, Refocus, StepInfo
+from .controls import AStar, AttendExcite, Control, Refocus, Regulate, StepInfo
 from .errors import (
     AmbiguousSubjectError,
     AttnControlError,
@@ -30,6 +30,7 @@ __all__ = [
     "GenerationResult",
     "ModelLoadError",
     "Refocus",
+    "Regulate",
     "ResolutionError",
     "StepInfo",
     "StepRecord",

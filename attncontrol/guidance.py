@@ -21,7 +21,8 @@ class StepRecord:
     """One denoising step of a run. ``loss`` is per image, summed over controls (None where no guidance ran);
     ``losses`` per control; ``refinement_iterations`` per image; ``seconds`` the whole step (guidance and
     denoising), ``guidance_seconds`` the guidance part. ``initial_loss`` is the loss before this step's updates,
-    ``loss`` the one its regular update used (after refinement, where refinement ran)."""
+    ``loss`` the one its regular update used (after refinement, where refinement ran). ``edits`` holds each
+    attention-editing control's statistics for the step (e.g. Regulate's target quantile before/after)."""
 
     index: int
     timestep: float
@@ -32,6 +33,7 @@ class StepRecord:
     updated: list[bool] | None = None
     seconds: float = 0.0
     guidance_seconds: float = 0.0
+    edits: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class GuidanceEngine:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .controls.base import Control, ControlContext
+from .controls.base import Control, ControlContext, PreparedEditor
 from .errors import UnsupportedPipelineError
 from .guidance import GuidanceEngine, StepRecord
 from .models import get_adapter
@@ -136,10 +136,14 @@ def generate(
         seq_len=int(adapter.tokenizer.model_max_length),
         device=device,
         secondary=adapter.secondary_prompts(prompts, pipe_kwargs),
+        cfg_batch=do_cfg,
+        cross_layers=_layers_by_resolution(adapter, latent_hw, "cross"),
     )
     ts, n_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
     ctx.num_steps = len(ts)
-    prepared = [c.prepare(ctx) for c in controls]
+    prepared_all = [c.prepare(ctx) for c in controls]
+    prepared = [c for c in prepared_all if not isinstance(c, PreparedEditor)]  # latent guidance
+    editors = [c for c in prepared_all if isinstance(c, PreparedEditor)]  # attention editing
 
     lora_scale = (cross_attention_kwargs or {}).get("scale")
     cond, embeds = adapter.encode(
@@ -180,8 +184,9 @@ def generate(
         tensor_inputs.append("latents")
 
     with ExitStack() as stack:
-        engine = None
+        engine = store = None
         if prepared:
+            # one capture of the union of what the controls need; one guidance pass serves them all
             needed = {(kind, c.resolution) for c in prepared for kind in c.kinds}
             resolutions = {
                 la.name: res
@@ -190,7 +195,13 @@ def generate(
             }
             layers = [la for la in adapter.layers if la.name in resolutions]
             store = AttentionStore(layers, resolutions)
-            stack.enter_context(capture_layers(pipe.unet, store))
+        by_layer: dict[str, list] = {}
+        for e in editors:
+            for name in e.layers:
+                by_layer.setdefault(name, []).append(e)
+        if store is not None or by_layer:
+            stack.enter_context(capture_layers(pipe.unet, store, by_layer))
+        if store is not None:
             stack.enter_context(_frozen(pipe.unet))
             engine = GuidanceEngine(adapter, store, prepared, cond, ts, cross_attention_kwargs)
 
@@ -198,6 +209,8 @@ def generate(
         pending: dict[str, StepRecord] = {}
 
         def guide(z: torch.Tensor, i: int) -> torch.Tensor:
+            for e in editors:
+                e.begin_step(i)
             if engine is None:
                 record = StepRecord(index=i, timestep=float(ts[i]))
             else:
@@ -211,6 +224,8 @@ def generate(
                 out = user_cb(p, i, t, kwargs)
                 out = dict(kwargs) if out is None else out
             record = pending.pop("record", None) or StepRecord(index=i, timestep=float(t))
+            for e in editors:
+                record.edits[e.name] = e.step_stats()
             now = time.perf_counter()
             record.seconds = now - clock["start"]
             trace.append(record)
@@ -223,7 +238,7 @@ def generate(
         if engine is not None and engine.needed_at(0):
             latents = guide(latents * sigma0, 0) / sigma0
         else:
-            pending["record"] = StepRecord(index=0, timestep=float(ts[0]))
+            guide(latents, 0)  # nothing to guide at step 0: starts the step's record and the editors
         call_kwargs = dict(
             prompt=None,
             **embeds,
@@ -252,3 +267,10 @@ def generate(
         nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
         prompts=prompts,
     )
+
+
+def _layers_by_resolution(adapter, latent_hw, kind: str) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for name, res in adapter.resolutions(latent_hw, kind).items():
+        out.setdefault(res, []).append(name)
+    return out

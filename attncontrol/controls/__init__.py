@@ -2,7 +2,18 @@
 
 from .astar import AStar
 from .attend_excite import AttendExcite
-from .base import Control, ControlContext, PreparedControl, StepInfo
+from .base import Control, ControlContext, PreparedControl, PreparedEditor, StepInfo
 from .refocus import Refocus
+from .regulate import Regulate
 
-__all__ = ["AStar", "AttendExcite", "Control", "ControlContext", "PreparedControl", "Refocus", "StepInfo"]
+__all__ = [
+    "AStar",
+    "AttendExcite",
+    "Control",
+    "ControlContext",
+    "PreparedControl",
+    "PreparedEditor",
+    "Refocus",
+    "Regulate",
+    "StepInfo",
+]

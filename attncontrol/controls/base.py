@@ -36,6 +36,14 @@ class ControlContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # other (tokenizer, prompts per input) whose token positions must agree (SDXL's second text encoder)
     secondary: list[tuple[object, list[str]]] = field(default_factory=list)
+    # whether the denoiser's batch is [unconditional; conditional] (classifier-free guidance)
+    cfg_batch: bool = True
+    # cross-attention layers by resolution (rows, cols) -> layer names, for attention-editing controls
+    cross_layers: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+
+    def eot_indices(self) -> list[int]:
+        """Position of each image's end-of-text token."""
+        return [len(self.tokenizer(p, truncation=True, max_length=self.seq_len).input_ids) - 1 for p in self.prompts]
 
     def subjects_per_image(self, subjects) -> list[list[tuple[int, ...]]]:
         """Resolve subjects (one list for all prompts, or one list per prompt) into token positions per image."""
@@ -113,6 +121,25 @@ class PreparedControl:
     def loss(self, maps: dict[tuple[str, tuple[int, int]], torch.Tensor], images: list[int], step: StepInfo):
         """Per-image losses, shape (len(images),), float32, differentiable w.r.t. the latents."""
         raise NotImplementedError
+
+
+class PreparedEditor:
+    """An attention-editing control bound to one run: it rewrites attention probabilities inside chosen layers
+    during the ordinary denoising forward (no gradient through the UNet)."""
+
+    name: str = "editor"
+    layers: list[str]
+    active: bool = False
+
+    def begin_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def edit(self, layer: str, scores: torch.Tensor, heads: int) -> torch.Tensor:
+        """``scores``: (batch * heads, queries, keys) pre-softmax, float32. Returns probabilities."""
+        raise NotImplementedError
+
+    def step_stats(self) -> dict[str, float]:
+        return {}
 
 
 class Control:

@@ -48,25 +48,35 @@ def layer_resolution(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
 
 
 class CaptureProcessor:
-    """Delegates to the layer's own processor (SDPA, xformers, a user's) except during a guidance pass,
-    when it computes explicit probabilities, records them in the store and, after the last captured
-    layer, stops the forward with :class:`EarlyExit`.
+    """Delegates to the layer's own processor (SDPA, xformers, a user's) except:
+
+    - during a guidance pass (``store.active``) on a captured layer: explicit probabilities, recorded in the
+      store; after the last captured layer the forward stops with :class:`EarlyExit`;
+    - in the ordinary forward while one of its ``editors`` is active: explicit attention whose probabilities
+      the editor rewrites (attention-editing controls such as Attention Regulation).
     """
 
-    def __init__(self, original, store: AttentionStore, name: str):
+    def __init__(self, original, store: AttentionStore | None, name: str, capture: bool = True, editors=()):
         self.original = original
         self.store = store
         self.name = name
+        self.capture = capture and store is not None
+        self.editors = list(editors)
         # diffusers filters cross_attention_kwargs by the processor's signature: expose the original's.
         self.__dict__["__call__"] = _SignatureProxy(self, inspect.signature(original.__call__))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if not self.store.active:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if self.store is not None and self.store.active:
+            if self.capture:
+                return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        else:
+            editors = [e for e in self.editors if e.active]
+            if editors:
+                return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, editors)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
-    def _explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
-        # diffusers' AttnProcessor, with the probabilities recorded.
+    def _explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, editors=()) -> torch.Tensor:
+        # diffusers' AttnProcessor, with the probabilities recorded (guidance) or rewritten (editors).
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -88,10 +98,25 @@ class CaptureProcessor:
         key = attn.to_k(encoder_hidden_states)
         query = attn.head_to_batch_dim(query)
         key = attn.head_to_batch_dim(key)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self.store.record(self.name, probs, attn.heads)
-        if self.store.early_exit and self.name == self.store.last_layer:
-            raise EarlyExit  # nothing after this layer feeds the loss
+        if editors:
+            scores = torch.baddbmm(
+                torch.zeros(1, 1, 1, dtype=torch.float32, device=query.device)
+                if attention_mask is None
+                else attention_mask.float(),
+                query.float(),
+                key.float().transpose(-1, -2),
+                beta=0 if attention_mask is None else 1,
+                alpha=attn.scale,
+            )
+            probs = None
+            for editor in editors:
+                probs = editor.edit(self.name, scores, attn.heads)
+            probs = probs.to(query.dtype)
+        else:
+            probs = attn.get_attention_scores(query, key, attention_mask)
+            self.store.record(self.name, probs, attn.heads)
+            if self.store.early_exit and self.name == self.store.last_layer:
+                raise EarlyExit  # nothing after this layer feeds the loss
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -114,19 +139,25 @@ class _SignatureProxy:
 
 
 @contextmanager
-def capture_layers(unet, store: AttentionStore) -> Iterator[dict]:
-    """Install :class:`CaptureProcessor` on the store's layers only; restore every original processor on exit,
-    also when an error is raised."""
+def capture_layers(unet, store: AttentionStore | None, editors: dict[str, list] | None = None) -> Iterator[dict]:
+    """Install :class:`CaptureProcessor` on the store's layers and the edited layers only; restore every original
+    processor on exit, also when an error is raised."""
     saved = dict(unet.attn_processors)
-    wanted = {layer.name for layer in store.layers}
+    captured = {layer.name for layer in store.layers} if store is not None else set()
+    editors = editors or {}
+    wanted = captured | set(editors)
     missing = wanted - saved.keys()
     if missing:
         raise ValueError(f"layers not in this UNet: {sorted(missing)}")
-    procs = {name: (CaptureProcessor(proc, store, name) if name in wanted else proc) for name, proc in saved.items()}
+    procs = {
+        name: CaptureProcessor(proc, store, name, name in captured, editors.get(name, ())) if name in wanted else proc
+        for name, proc in saved.items()
+    }
     try:
         unet.set_attn_processor(dict(procs))  # set_attn_processor pops from the dict it is given
         yield procs
     finally:
         unet.set_attn_processor(dict(saved))
-        store.active = False
-        store.reset()
+        if store is not None:
+            store.active = False
+            store.reset()

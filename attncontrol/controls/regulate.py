@@ -1,0 +1,164 @@
+"""Attention Regulation (Zhang et al., ECCV 2024): inside the cross-attention layers, optimise a bias on the
+target tokens' logits so each target gets a high attention quantile and a bounded mean. Edits attention
+in the ordinary forward; no gradient through the UNet. Constants from the official code
+(YaNgZhAnG-V5/attention_regulation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..losses.regulate import gaussian_bumps, regulation_objective
+from .base import Control, ControlContext, PreparedEditor
+from .common import resolve_attn_res
+
+
+@dataclass
+class Regulate(Control):
+    """Attention Regulation.
+
+    Args:
+        subjects: words, phrases, occurrences or token indices; every token of every subject is a target.
+        end: edit during the first ``end`` fraction of the steps (official: 25 of 50 -> 0.5).
+        iterations, lr: in-layer gradient steps on the bump weights, ``w <- w - N * lr * grad`` with N the
+            rows averaged over (official: 20, 100, plain gradient descent), the best-loss bias kept.
+        quantile, quantile_target, quantile_weight, mean_weight, weight_penalty: the objective
+            ``1 * mean((q_0.9 - 0.9)^2) + 80 * mean((mean - min(1, 0.2K)/K)^2) + 0.09 * mean(w^2)``.
+        blend, decay: applied bias ``decay**step * ((1 - blend) * best + blend * previous step's best)``
+            (official 0.25, 0.99).
+        attn_res: layers edited: all cross-attention layers at this resolution (default 16x16 at 512 px: the
+            official ``down_blocks.2`` and ``up_blocks.1``; the 8x8 mid block is left alone).
+        restore_special: keep the unedited start- and end-of-text probabilities (official behaviour).
+        seed: seed of the random initial weights (uniform [0, 1)), so runs are reproducible.
+    The conditional half of the classifier-free-guidance batch is edited; the unconditional half is not.
+    """
+
+    subjects: list = field(default_factory=list)
+    end: float = 0.5
+    iterations: int = 20
+    lr: float = 100.0
+    quantile: float = 0.9
+    quantile_target: float = 0.9
+    quantile_weight: float = 1.0
+    mean_weight: float = 80.0
+    weight_penalty: float = 0.09
+    blend: float = 0.25
+    decay: float = 0.99
+    attn_res: tuple[int, int] | int | None = None
+    restore_special: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.subjects = [self.subjects] if isinstance(self.subjects, (str, int)) else list(self.subjects)
+        if not self.subjects:
+            raise ValueError("Regulate needs at least one subject, got an empty list")
+        if not 0.0 < self.end <= 1.0:
+            raise ValueError(f"end must be a fraction of the steps in (0, 1], got {self.end}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        for name in ("lr", "quantile_weight", "mean_weight", "weight_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("quantile", "quantile_target", "blend", "decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if isinstance(self.attn_res, int):
+            self.attn_res = (self.attn_res, self.attn_res)
+        if self.attn_res is not None:
+            self.attn_res = tuple(int(x) for x in self.attn_res)
+            if len(self.attn_res) != 2 or min(self.attn_res) < 1:
+                raise ValueError(f"attn_res must be (rows, cols) of positive ints, got {self.attn_res}")
+
+    def prepare(self, ctx: ControlContext) -> PreparedRegulate:
+        return PreparedRegulate(self, ctx)
+
+
+class PreparedRegulate(PreparedEditor):
+    name = "regulate"
+
+    def __init__(self, cfg: Regulate, ctx: ControlContext):
+        self.cfg = cfg
+        self.resolution = resolve_attn_res(cfg.attn_res, ctx)
+        self.layers = list(ctx.cross_layers[self.resolution])
+        subjects = ctx.subjects_per_image(cfg.subjects)
+        self.targets = [sorted({p for pos in subs for p in pos}) for subs in subjects]
+        self.eot = ctx.eot_indices()
+        self.n_images = len(ctx.prompts)
+        self.cfg_batch = ctx.cfg_batch
+        self.last_step = max(1, round(cfg.end * ctx.num_steps))
+        self.bumps = gaussian_bumps(*self.resolution, device=ctx.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.previous: dict[tuple[str, int], torch.Tensor] = {}
+        self.step = 0
+        self.active = False
+        self._stats: list[tuple[float, float, float]] = []
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self.active = step < self.last_step
+        self._stats = []
+
+    def step_stats(self) -> dict[str, float]:
+        if not self._stats:
+            return {}
+        n = len(self._stats)
+        return {
+            "loss": sum(s[0] for s in self._stats) / n,
+            "quantile_before": sum(s[1] for s in self._stats) / n,
+            "quantile_after": sum(s[2] for s in self._stats) / n,
+        }
+
+    def edit(self, layer: str, scores: torch.Tensor, heads: int) -> torch.Tensor:
+        probs0 = torch.softmax(scores, dim=-1)
+        batch = scores.shape[0] // heads
+        if batch != (2 if self.cfg_batch else 1) * self.n_images:
+            return probs0  # not the run's denoising batch (e.g. someone else's forward): leave it alone
+        rows, cols = self.resolution
+        offset = self.n_images if self.cfg_batch else 0
+        edited = scores.clone()
+        for image in range(self.n_images):
+            sl = slice((offset + image) * heads, (offset + image + 1) * heads)
+            edited[sl] = self._regulate(layer, image, scores[sl], rows, cols)
+        probs = torch.softmax(edited, dim=-1)
+        if self.cfg.restore_special:
+            for image in range(self.n_images):
+                sl = slice((offset + image) * heads, (offset + image + 1) * heads)
+                for col in (0, self.eot[image]):
+                    probs[sl, :, col] = probs0[sl, :, col]
+        return probs
+
+    def _regulate(self, layer: str, image: int, logits: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One image's heads: (heads, pixels, keys) logits -> logits with the optimised bias on its targets."""
+        cfg = self.cfg
+        targets = self.targets[image]
+        n_rows = logits.shape[0]
+        bumps = self.bumps.flatten(1)  # (C, pixels)
+        weights = torch.rand(n_rows, bumps.shape[0], len(targets), generator=self.generator).to(logits.device)
+        initial = torch.einsum("cp,nck->npk", bumps, weights)
+        best, best_loss, before = initial, float("inf"), None
+        with torch.enable_grad():
+            for _ in range(cfg.iterations):
+                weights.requires_grad_(True)
+                bias = torch.einsum("cp,nck->npk", bumps, weights)
+                shifted = logits.index_add(2, torch.tensor(targets, device=logits.device), bias)
+                target_probs = torch.softmax(shifted, dim=-1)[..., targets]
+                loss = regulation_objective(
+                    target_probs, weights, cfg.quantile, cfg.quantile_target, cfg.quantile_weight, cfg.mean_weight,
+                    cfg.weight_penalty,
+                )  # fmt: skip
+                if before is None:
+                    plain = torch.softmax(logits, dim=-1)[..., targets]
+                    before = float(torch.quantile(plain, cfg.quantile, dim=1).mean())
+                if float(loss) < best_loss:
+                    best_loss, best = float(loss), bias.detach()
+                (grad,) = torch.autograd.grad(loss, [weights])
+                weights = (weights - n_rows * cfg.lr * grad).detach()
+        key = (layer, image)
+        previous = self.previous.get(key, initial)
+        self.previous[key] = best
+        applied = (cfg.decay**self.step) * ((1 - cfg.blend) * best + cfg.blend * previous)
+        out = logits.index_add(2, torch.tensor(targets, device=logits.device), applied)
+        after = torch.quantile(torch.softmax(out, dim=-1)[..., targets], cfg.quantile, dim=1).mean()
+        self._stats.append((best_loss, before, float(after)))
+        return out
