@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .controls import AttendExcite
+from .controls import METHODS, AttendExcite, Refocus, parse_boxes
 from .errors import AttnControlError
 from .loading import DEFAULT_MODEL
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"attncontrol {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate one image with Attend-and-Excite (or the plain baseline)")
+    gen = sub.add_parser("generate", help="generate one image with attention controls (or the plain baseline)")
     gen.add_argument("prompt")
     gen.add_argument(
         "--subjects",
@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 elsewhere"
     )
     gen.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
+    gen.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated, combined in one run: {', '.join(METHODS)} "
+        "(default: attend-excite, or refocus when --boxes is given)",
+    )
+    gen.add_argument(
+        "--boxes",
+        default=None,
+        help="Refocus boxes, normalised x0,y0,x1,y1: 'cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9'",
+    )
     ae = gen.add_argument_group("Attend-and-Excite")
     ae.add_argument("--max-iter-to-alter", type=int, default=_AE_DEFAULTS["max_iter_to_alter"])
     ae.add_argument("--scale-factor", type=float, default=_AE_DEFAULTS["scale_factor"])
@@ -91,6 +102,49 @@ def _atomic_save_png(image, path: Path, text: dict[str, str]) -> None:
         raise
 
 
+def build_controls(args) -> list:
+    """The controls that --methods, --subjects, --boxes and the method options ask for."""
+    names = [
+        m.strip() for m in (args.methods or ("refocus" if args.boxes else "attend-excite")).split(",") if m.strip()
+    ]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise AttnControlError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
+    attn_res = None
+    if args.attn_res:
+        if len(args.attn_res) not in (1, 2):
+            raise AttnControlError(f"--attn-res takes N or ROWS COLS, got {args.attn_res}")
+        attn_res = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
+    if args.boxes and "refocus" not in names:
+        raise AttnControlError(f"--boxes is for refocus, which is not among --methods {','.join(names)}")
+    if any(m != "refocus" for m in names) and not args.subjects:
+        raise AttnControlError("--subjects is required (or pass --no-control for the baseline)")
+    controls = []
+    for name in names:
+        if name == "attend-excite":
+            extra = {"thresholds": {}} if args.no_refinement else {}  # else the dataclass default
+            controls.append(
+                AttendExcite(
+                    subjects=args.subjects,
+                    max_iter_to_alter=args.max_iter_to_alter,
+                    scale_factor=args.scale_factor,
+                    max_refinement_steps=args.max_refinement_steps,
+                    attn_res=attn_res,
+                    **extra,
+                )
+            )
+        elif name == "refocus":
+            if not args.boxes:
+                raise AttnControlError("refocus needs --boxes 'cat=x0,y0,x1,y1;dog=...'")
+            try:
+                controls.append(Refocus(boxes=parse_boxes(args.boxes), attn_res=attn_res))
+            except ValueError as err:
+                raise AttnControlError(f"--boxes: {err}") from None
+        else:
+            controls.append(METHODS[name](subjects=args.subjects, attn_res=attn_res))
+    return controls
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -100,26 +154,7 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise AttnControlError(f"--out must end in .png, got {args.out!r}")
-    controls = []
-    if not args.no_control:
-        if not args.subjects:
-            raise AttnControlError("--subjects is required (or pass --no-control for the baseline)")
-        attn_res = None
-        if args.attn_res:
-            if len(args.attn_res) not in (1, 2):
-                raise AttnControlError(f"--attn-res takes N or ROWS COLS, got {args.attn_res}")
-            attn_res = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
-        extra = {"thresholds": {}} if args.no_refinement else {}  # else the dataclass default
-        controls.append(
-            AttendExcite(
-                subjects=args.subjects,
-                max_iter_to_alter=args.max_iter_to_alter,
-                scale_factor=args.scale_factor,
-                max_refinement_steps=args.max_refinement_steps,
-                attn_res=attn_res,
-                **extra,
-            )
-        )
+    controls = [] if args.no_control else build_controls(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(desc="sampling", leave=True)
     device = pipe._execution_device

@@ -3,10 +3,14 @@
 from .astar import AStar
 from .attend_excite import AttendExcite
 from .base import Control, ControlContext, PreparedControl, PreparedEditor, StepInfo
-from .refocus import Refocus
+from .refocus import Refocus, parse_boxes
 from .regulate import Regulate
 
+# CLI / batch names of the methods
+METHODS = {"attend-excite": AttendExcite, "astar": AStar, "refocus": Refocus, "regulate": Regulate}
+
 __all__ = [
+    "METHODS",
     "AStar",
     "AttendExcite",
     "Control",
@@ -16,4 +20,5 @@ __all__ = [
     "Refocus",
     "Regulate",
     "StepInfo",
+    "parse_boxes",
 ]

@@ -35,6 +35,26 @@ def _as_box_list(subject, value) -> list[tuple[float, float, float, float]]:
     return out
 
 
+def parse_boxes(text: str) -> dict[str, list[tuple[float, float, float, float]]]:
+    """``"cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9"`` -> ``{"cat": [(0.05, 0.2, 0.5, 0.9)], "dog": [...]}``.
+    A subject named twice gets both boxes. Values are validated by :class:`Refocus`."""
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        subject, sep, values = part.partition("=")
+        if not sep or not subject.strip():
+            raise ValueError(f"a box must look like 'cat=x0,y0,x1,y1', got {part!r}")
+        try:
+            numbers = tuple(float(v) for v in values.replace(" ", ",").split(",") if v)
+        except ValueError:
+            raise ValueError(f"box {part!r}: coordinates must be numbers") from None
+        if len(numbers) != 4:
+            raise ValueError(f"box {part!r}: expected 4 numbers x0,y0,x1,y1, got {len(numbers)}")
+        boxes.setdefault(subject.strip(), []).append(numbers)
+    if not boxes:
+        raise ValueError(f"no boxes in {text!r}; expected 'cat=x0,y0,x1,y1;dog=...'")
+    return boxes
+
+
 @dataclass
 class Refocus(Control):
     """Attention Refocusing: boxes per subject, ``z <- z - grad(s_i * (CAR + SAR))``.
