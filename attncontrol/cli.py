@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help=f"comma-separated, combined in one run: {', '.join(METHODS)} "
-        "(default: attend-excite, or refocus when --boxes is given)",
+        "(default: attend-excite for --subjects, refocus for --boxes, both when both are given)",
     )
     gen.add_argument(
         "--boxes",
@@ -104,9 +104,8 @@ def _atomic_save_png(image, path: Path, text: dict[str, str]) -> None:
 
 def build_controls(args) -> list:
     """The controls that --methods, --subjects, --boxes and the method options ask for."""
-    names = [
-        m.strip() for m in (args.methods or ("refocus" if args.boxes else "attend-excite")).split(",") if m.strip()
-    ]
+    default = ",".join(name for name, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
+    names = [m.strip() for m in (args.methods or default or "attend-excite").split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise AttnControlError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")

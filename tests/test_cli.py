@@ -153,3 +153,70 @@ def test_generate_on_an_sdxl_folder(tiny_dirs, tmp_path, capsys):
     with Image.open(out) as img:
         params = json.loads(img.text["parameters"])
     assert params["guidance_scale"] == 5.0  # SDXL's own default, not SD's 7.5
+
+
+@pytest.mark.parametrize(
+    "args,methods",
+    [
+        (["--subjects", "cat", "dog", "--methods", "astar"], ["AStar"]),
+        (["--boxes", "cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9"], ["Refocus"]),
+        (["--subjects", "cat", "dog", "--methods", "regulate"], ["Regulate"]),
+        (
+            [
+                "--subjects",
+                "cat",
+                "dog",
+                "--methods",
+                "attend-excite,astar,refocus,regulate",
+                "--boxes",
+                "cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9",
+            ],
+            ["AttendExcite", "AStar", "Refocus", "Regulate"],
+        ),
+    ],
+    ids=["astar", "refocus", "regulate", "all-four"],
+)
+def test_each_method_and_a_combination(tiny_dirs, tmp_path, args, methods):
+    out, trace = tmp_path / "m.png", tmp_path / "t.json"
+    assert (
+        main(
+            [
+                "generate",
+                "a cat and a dog",
+                "--model",
+                str(tiny_dirs["sd1"]),
+                "--out",
+                str(out),
+                "--steps",
+                "4",
+                "--trace",
+                str(trace),
+                *args,
+            ]
+        )
+        == 0
+    )
+    with Image.open(out) as img:
+        assert [c["method"] for c in json.loads(img.text["parameters"])["controls"]] == methods
+    steps = json.loads(trace.read_text())
+    if "Regulate" in methods:
+        assert steps[0]["edits"]["regulate"]["quantile_after"] > steps[0]["edits"]["regulate"]["quantile_before"]
+    if methods != ["Regulate"]:
+        assert steps[0]["losses"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "magic", "--subjects", "cat"], "unknown method(s) ['magic']"),
+        (["--methods", "refocus"], "refocus needs --boxes"),
+        (["--boxes", "cat=0.1,0.1,1.3,0.5"], "1.3"),
+        (["--boxes", "cat=0.1,0.1,0.5"], "4 numbers"),
+        (["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"], "not among --methods astar"),
+        (["--boxes", "horse=0,0,0.5,0.5"], "'horse'"),
+    ],
+)
+def test_method_option_errors(tiny_dirs, tmp_path, capsys, args, message):
+    out = tmp_path / "x.png"
+    assert main(["generate", "a cat and a dog", "--model", str(tiny_dirs["sd1"]), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
