@@ -37,3 +37,12 @@ def test_readme_sdxl_example_runs(tiny_dirs, tmp_path, monkeypatch):
     namespace = {}
     exec("import torch\nimport attncontrol\n" + code, namespace)
     assert len(namespace["out"].guided_steps) == 4
+
+
+def test_readme_methods_example_runs(sd1):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    code = next(b for b in blocks if "attncontrol.Refocus(" in b)
+    code = code.replace('"a cat and a dog", controls,', '"a cat and a dog", controls, num_inference_steps=4,')
+    namespace = {"pipe": sd1}
+    exec("import torch\nimport attncontrol\n" + code, namespace)
+    assert set(namespace["out"].trace[0].losses) == {"attend_excite", "refocus"}
