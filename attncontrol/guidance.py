@@ -140,7 +140,9 @@ class GuidanceEngine:
         return z, record
 
     def _wants_refinement(self, losses, row: int, image: int, i: int) -> bool:
-        return any(c.refines_at(i) and c.wants_refinement(i, image, float(losses[c.name][row].detach())) for c in self.active)
+        return any(
+            c.refines_at(i) and c.wants_refinement(i, image, float(losses[c.name][row].detach())) for c in self.active
+        )
 
     def _refine(self, z, images, i, iterations, final, updated, update: bool) -> None:
         """Iterative refinement (A&E Sec. 3.3): step while a control asks for it, then one more pass whose loss
