@@ -121,7 +121,7 @@ class GuidanceEngine:
             if updating or refine:
                 objective_update = self._objective(losses, i, updating) if updating else torch.zeros_like(objective_all)
                 pick = torch.tensor([b in refine for b in range(n)], device=objective_all.device)
-                objective = torch.where(pick, objective_all, objective_update if updating else 0 * objective_all)
+                objective = torch.where(pick, objective_all, objective_update)
                 moved = self._step(z, list(range(n)), leaf, objective, i)
                 for b in range(n):
                     if b in refine:
