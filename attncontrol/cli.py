@@ -6,15 +6,14 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
-from .controls import METHODS, AttendExcite, Refocus, parse_boxes
+from .controls import METHODS, AttendExcite, make_controls, parse_boxes, parse_methods
 from .errors import AttnControlError
+from .io import atomic_save_png, jsonable
 from .loading import DEFAULT_MODEL
 
 _AE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttendExcite) if f.default is not dataclasses.MISSING}
@@ -84,64 +83,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _atomic_save_png(image, path: Path, text: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written PNG at ``path``."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_controls(args) -> list:
     """The controls that --methods, --subjects, --boxes and the method options ask for."""
     default = ",".join(name for name, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
-    names = [m.strip() for m in (args.methods or default or "attend-excite").split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise AttnControlError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
+    try:
+        names = parse_methods(args.methods or default or "attend-excite")
+    except ValueError as err:
+        raise AttnControlError(str(err)) from None
+    if args.methods and "none" in args.methods.split(","):
+        raise AttnControlError("use --no-control for the baseline")
     attn_res = None
     if args.attn_res:
         if len(args.attn_res) not in (1, 2):
             raise AttnControlError(f"--attn-res takes N or ROWS COLS, got {args.attn_res}")
         attn_res = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
+    ae = dict(
+        max_iter_to_alter=args.max_iter_to_alter,
+        scale_factor=args.scale_factor,
+        max_refinement_steps=args.max_refinement_steps,
+    )
+    if args.no_refinement:
+        ae["thresholds"] = {}  # else the dataclass default
+    options = {name: {"attn_res": attn_res} for name in names}
+    options.setdefault("attend-excite", {}).update(ae)
     if args.boxes and "refocus" not in names:
         raise AttnControlError(f"--boxes is for refocus, which is not among --methods {','.join(names)}")
+    if "refocus" in names and not args.boxes:
+        raise AttnControlError("refocus needs --boxes 'cat=x0,y0,x1,y1;dog=...'")
     if any(m != "refocus" for m in names) and not args.subjects:
         raise AttnControlError("--subjects is required (or pass --no-control for the baseline)")
-    controls = []
-    for name in names:
-        if name == "attend-excite":
-            extra = {"thresholds": {}} if args.no_refinement else {}  # else the dataclass default
-            controls.append(
-                AttendExcite(
-                    subjects=args.subjects,
-                    max_iter_to_alter=args.max_iter_to_alter,
-                    scale_factor=args.scale_factor,
-                    max_refinement_steps=args.max_refinement_steps,
-                    attn_res=attn_res,
-                    **extra,
-                )
-            )
-        elif name == "refocus":
-            if not args.boxes:
-                raise AttnControlError("refocus needs --boxes 'cat=x0,y0,x1,y1;dog=...'")
-            try:
-                controls.append(Refocus(boxes=parse_boxes(args.boxes), attn_res=attn_res))
-            except ValueError as err:
-                raise AttnControlError(f"--boxes: {err}") from None
-        else:
-            controls.append(METHODS[name](subjects=args.subjects, attn_res=attn_res))
-    return controls
+    try:
+        boxes = parse_boxes(args.boxes) if args.boxes else None
+        return make_controls(names, args.subjects, boxes, options)
+    except ValueError as err:
+        raise AttnControlError(f"--boxes: {err}") from None
 
 
 def cmd_generate(args) -> int:
@@ -185,10 +160,10 @@ def cmd_generate(args) -> int:
         "height": result.images[0].height,
         "width": result.images[0].width,
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "controls": [{"method": type(c).__name__, **_jsonable(dataclasses.asdict(c))} for c in controls],
+        "controls": [{"method": type(c).__name__, **jsonable(dataclasses.asdict(c))} for c in controls],
         "seconds": round(seconds, 3),
     }
-    _atomic_save_png(result.images[0], out, {"parameters": json.dumps(params)})
+    atomic_save_png(result.images[0], out, {"parameters": json.dumps(params)})
     guided = result.guided_steps
     if guided:
         print(f"guided {len(guided)} steps; loss {guided[0].loss[0]:.3f} -> {guided[-1].loss[0]:.3f}", file=sys.stderr)
@@ -196,14 +171,6 @@ def cmd_generate(args) -> int:
         Path(args.trace).write_text(json.dumps([dataclasses.asdict(r) for r in result.trace], indent=1))
     print(f"wrote {out} in {seconds:.1f}s")
     return 0
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def cmd_tokens(args) -> int:

@@ -3,11 +3,9 @@
 from .astar import AStar
 from .attend_excite import AttendExcite
 from .base import Control, ControlContext, PreparedControl, PreparedEditor, StepInfo
+from .factory import METHODS, make_controls, parse_methods
 from .refocus import Refocus, parse_boxes
 from .regulate import Regulate
-
-# CLI / batch names of the methods
-METHODS = {"attend-excite": AttendExcite, "astar": AStar, "refocus": Refocus, "regulate": Regulate}
 
 __all__ = [
     "METHODS",
@@ -20,5 +18,7 @@ __all__ = [
     "Refocus",
     "Regulate",
     "StepInfo",
+    "make_controls",
     "parse_boxes",
+    "parse_methods",
 ]
