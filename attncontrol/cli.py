@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--no-refinement", action="store_true", help="skip the iterative refinement steps")
     ae.add_argument("--attn-res", type=int, nargs="+", default=None, help="map resolution: N or ROWS COLS")
     gen.add_argument("--trace", default=None, help="also write the per-step trace as JSON to this file")
+
+    bat = sub.add_parser(
+        "batch",
+        help="prompts x seeds x methods into a folder; resumable; `accelerate launch -m attncontrol batch` splits",
+    )
+    src = bat.add_mutually_exclusive_group(required=True)
+    src.add_argument("prompts", nargs="?", help=".txt ('PROMPT' or 'PROMPT | cat, dog'), .jsonl or .csv file")
+    src.add_argument("--prompt-set", choices=["ae-animals", "ae-animal-objects", "ae-objects", "ae-all"])
+    bat.add_argument("--out", required=True, help="output folder (PNGs, manifest.jsonl, failures.jsonl)")
+    bat.add_argument("--seeds", default="0", help="e.g. 0-63 or 0,1,5 (default 0)")
+    bat.add_argument("--methods", default="attend-excite", help="e.g. none,attend-excite,astar (a+b combines)")
+    bat.add_argument(
+        "--auto-subjects", action="store_true", help="pick subjects: last word of each ' and '/' with ' half"
+    )
+    bat.add_argument("--model", default=DEFAULT_MODEL)
+    bat.add_argument("--steps", type=_positive_int, default=50)
+    bat.add_argument("--guidance-scale", type=float, default=None)
+    bat.add_argument("--height", type=int, default=None)
+    bat.add_argument("--width", type=int, default=None)
+    bat.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call (batched guidance)")
+    bat.add_argument("--device", default=None)
+    bat.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    bat.add_argument("--allow-pickle", action="store_true")
 
     tok = sub.add_parser("tokens", help="print the token table of a prompt (indices to pass as --subjects)")
     tok.add_argument("prompt")
@@ -173,6 +197,60 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .batch import Settings, expand, merge, parse_seeds, prompt_set, read_entries, run
+    from .loading import load_pipeline
+
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        raise AttnControlError(f"--seeds: {err}") from None
+    entries = prompt_set(args.prompt_set) if args.prompt_set else read_entries(args.prompts, args.auto_subjects)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        for m in methods:
+            parse_methods(m)
+    except ValueError as err:
+        raise AttnControlError(f"--methods: {err}") from None
+    items = expand(entries, seeds, methods)  # every line checked before any model work
+    out = Path(args.out)
+    rank, world, state = 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world = state.process_index, state.num_processes
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # temporary files of a run that was killed
+            stale.unlink(missing_ok=True)
+        merge(out)
+    if state is not None:
+        state.wait_for_everyone()
+    device = args.device
+    if device is None and state is not None:
+        device = str(state.device)
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size)
+    done, skipped, failed, seconds = run(items, out, pipe, settings, rank, world)
+    totals = [done, skipped, failed]
+    if state is not None:
+        import torch
+
+        t = torch.tensor(totals, device=state.device)
+        totals = state.reduce(t, reduction="sum").tolist() if hasattr(state, "reduce") else totals
+        state.wait_for_everyone()
+    if rank == 0:
+        merge(out)
+        done, skipped, failed = (int(x) for x in totals)
+        skipped = skipped // world if state is not None else skipped
+        rate = 60 * done / seconds if seconds > 0 else 0.0
+        print(f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
+              + (f"; see {out / 'failures.jsonl'}" if failed else ""))  # fmt: skip
+    return 1 if failed else 0
+
+
 def cmd_tokens(args) -> int:
     from .tokens import tokenize
 
@@ -200,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "batch":
+            return cmd_batch(args)
         return cmd_tokens(args)
     except AttnControlError as err:
         print(f"error: {err}", file=sys.stderr)
