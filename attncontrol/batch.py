@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .controls import make_controls, parse_boxes, parse_methods
+from .controls import Refocus, make_controls, parse_boxes, parse_methods
 from .errors import AttnControlError
 from .io import append_json_line, atomic_save_png, atomic_write_bytes, jsonable, read_json_lines
 
@@ -136,6 +136,8 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
         boxes = raw.get("boxes")
         if isinstance(boxes, str):
             boxes = parse_boxes(boxes)
+        if boxes:
+            boxes = Refocus(boxes=boxes).boxes  # validated and normalised to lists of boxes
         seeds = parse_seeds(raw["seeds"]) if raw.get("seeds") not in (None, "") else None
         methods = raw.get("methods")
         if isinstance(methods, list):
@@ -225,12 +227,10 @@ def expand(entries: list[Entry], seeds: list[int], methods: list[str], options: 
                         source=e.source,
                     )
                 )
-    keys = {}
-    for item in items:
-        if item.key in keys:
-            raise BatchInputError(f"{item.source}: the same item as {keys[item.key]} (prompt, method, seed)")
-        keys[item.key] = item.source
-    return items
+    unique: dict[str, Item] = {}
+    for item in items:  # the same image asked for twice (e.g. a baseline of two lines with one prompt): once
+        unique.setdefault(item.key, item)
+    return list(unique.values())
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -297,17 +297,21 @@ def _loss_summary(result) -> dict:
     return summary
 
 
-def run(items: list[Item], out: Path, pipe, settings: Settings, rank: int = 0, world: int = 1, progress=True):
-    """Generate this process's share of the unfinished items. Returns (done, skipped, failed, seconds)."""
+def run(
+    items: list[Item], out: Path, pipe, settings: Settings, rank: int = 0, world: int = 1, progress=True, done_keys=None
+):
+    """Generate this process's share of the unfinished items. Returns (done, skipped, failed, seconds).
+    ``done_keys``: the items finished before the run (read by every process before any of them starts)."""
     import torch
 
     from .pipeline import generate
 
     out.mkdir(parents=True, exist_ok=True)
-    done_keys = finished_keys(out)
-    pending = [it for it in sorted(items, key=lambda it: it.key) if it.key not in done_keys]
-    mine = pending[rank::world]
-    skipped = len(items) - len(pending)
+    done_keys = finished_keys(out) if done_keys is None else done_keys
+    # An item's process follows from its key alone, never from what is finished (another process may already be
+    # writing): no item twice, none left out, whatever the timing.
+    mine = [it for it in items if int(it.key, 16) % world == rank and it.key not in done_keys]
+    skipped = sum(it.key in done_keys for it in items)
     manifest = out / f"manifest.part-{rank}.jsonl"
     failures = out / f"failures.part-{rank}.jsonl"
     device = pipe._execution_device
@@ -357,6 +361,7 @@ def run(items: list[Item], out: Path, pipe, settings: Settings, rank: int = 0, w
                 "losses": summary,
                 "seconds": round(seconds, 3),
                 "source": it.source,
+                "rank": rank,
                 "attncontrol": __version__,
             }
             atomic_save_png(image, out / it.filename, {"parameters": json.dumps(record)})

@@ -197,8 +197,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _init_distributed(world: int):
+    """torch.distributed for the processes that ``accelerate launch`` / ``torchrun`` started (gloo on CPU)."""
+    if world <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
 def cmd_batch(args) -> int:
-    from .batch import Settings, expand, merge, parse_seeds, prompt_set, read_entries, run
+    from .batch import Settings, expand, finished_keys, merge, parse_seeds, prompt_set, read_entries, run
     from .loading import load_pipeline
 
     try:
@@ -214,37 +226,37 @@ def cmd_batch(args) -> int:
         raise AttnControlError(f"--methods: {err}") from None
     items = expand(entries, seeds, methods)  # every line checked before any model work
     out = Path(args.out)
-    rank, world, state = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-        rank, world = state.process_index, state.num_processes
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dist = _init_distributed(world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # temporary files of a run that was killed
             stale.unlink(missing_ok=True)
         merge(out)
-    if state is not None:
-        state.wait_for_everyone()
+    if dist is not None:
+        dist.barrier()
+    done_keys = finished_keys(out)  # read by every process before any process writes
+    if dist is not None:
+        dist.barrier()
     device = args.device
-    if device is None and state is not None:
-        device = str(state.device)
+    if device is None and world > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size)
-    done, skipped, failed, seconds = run(items, out, pipe, settings, rank, world)
-    totals = [done, skipped, failed]
-    if state is not None:
+    done, skipped, failed, seconds = run(items, out, pipe, settings, rank, world, done_keys=done_keys)
+    if dist is not None:
         import torch
 
-        t = torch.tensor(totals, device=state.device)
-        totals = state.reduce(t, reduction="sum").tolist() if hasattr(state, "reduce") else totals
-        state.wait_for_everyone()
+        counts = torch.tensor([done, failed], dtype=torch.int64, device=pipe._execution_device)
+        dist.all_reduce(counts)
+        done, failed = (int(x) for x in counts.tolist())
+        dist.barrier()
     if rank == 0:
         merge(out)
-        done, skipped, failed = (int(x) for x in totals)
-        skipped = skipped // world if state is not None else skipped
         rate = 60 * done / seconds if seconds > 0 else 0.0
         print(f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
               + (f"; see {out / 'failures.jsonl'}" if failed else ""))  # fmt: skip

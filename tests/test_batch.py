@@ -1,0 +1,183 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attncontrol.batch import BatchInputError, auto_subjects, expand, parse_seeds, prompt_set, read_entries
+from attncontrol.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _manifest(out):
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]  # every line must parse: no partial line
+
+
+def _check_folder(out, expected):
+    records = _manifest(out)
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) == expected  # every item exactly once
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(r["file"] for r in records)
+    for name in pngs:
+        with Image.open(out / name) as img:
+            img.load()  # decodes
+            assert json.loads(img.text["parameters"])["key"] in keys
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.part-*.jsonl"))
+    return records
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def test_seeds_and_auto_subjects():
+    assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10] and parse_seeds("5") == [5]
+    with pytest.raises(ValueError, match="backwards"):
+        parse_seeds("5-2")
+    with pytest.raises(ValueError, match="'x'"):
+        parse_seeds("1,x")
+    assert auto_subjects("a horse with a glasses") == ["horse", "glasses"]
+    assert auto_subjects("a pink crown and a purple bow") == ["crown", "bow"]
+
+
+def test_builtin_prompt_sets_have_the_papers_276_prompts_with_subjects():
+    sizes = {name: len(prompt_set(name)) for name in ("ae-animals", "ae-animal-objects", "ae-objects", "ae-all")}
+    assert sizes == {"ae-animals": 66, "ae-animal-objects": 144, "ae-objects": 66, "ae-all": 276}
+    for entry in prompt_set("ae-all"):
+        assert len(entry.subjects) == 2 and all(s in entry.prompt for s in entry.subjects)
+
+
+def test_txt_jsonl_csv(tmp_path):
+    txt = read_entries(_write(tmp_path, "p.txt", "# comment\na cat and a dog | cat, dog\n\na bird and a bear\n"))
+    assert [(e.prompt, e.subjects, e.source) for e in txt] == [
+        ("a cat and a dog", ["cat", "dog"], "p.txt:2"),
+        ("a bird and a bear", None, "p.txt:4"),
+    ]
+    assert read_entries(tmp_path / "p.txt", auto=True)[1].subjects == ["bird", "bear"]
+    jsonl = read_entries(_write(tmp_path, "p.jsonl", json.dumps(
+        {"prompt": "a cat and a dog", "subjects": ["cat", "dog"], "boxes": "cat=0,0,0.5,1;dog=0.5,0,1,1",
+         "seeds": "1-2", "methods": ["refocus", "attend-excite+astar"], "options": {"astar": {"mask_threshold": 0.4}}}
+    ) + "\n"))  # fmt: skip
+    e = jsonl[0]
+    assert e.seeds == [1, 2] and e.methods == ["refocus", "attend-excite+astar"] and e.boxes["cat"] == [(0, 0, 0.5, 1)]
+    items = expand(jsonl, [0], ["none"])
+    assert sorted((it.method, it.seed) for it in items) == [
+        ("attend-excite+astar", 1), ("attend-excite+astar", 2), ("refocus", 1), ("refocus", 2)
+    ]  # fmt: skip
+    assert json.loads(next(it for it in items if it.method != "refocus").options)["astar"] == {"mask_threshold": 0.4}
+    csv = read_entries(_write(tmp_path, "p.csv", "prompt,subjects,seeds\na cat and a dog,cat;dog,3\n"))
+    assert csv[0].subjects == ["cat", "dog"] and csv[0].seeds == [3]
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"\n', "p.jsonl:2: not valid JSON"),
+        ("p.jsonl", '{"prompt": "a cat", "colour": "red"}\n', "p.jsonl:1: unknown field(s) ['colour']"),
+        ("p.jsonl", '{"prompt": "a cat", "seeds": "a-b"}\n', "p.jsonl:1: seeds must look like"),
+        ("p.jsonl", '{"prompt": "a cat", "boxes": "cat=0,0,2,1"}\n', r"p.jsonl:1: box for 'cat' must lie inside"),
+        ("p.jsonl", '{"prompt": ""}\n', "p.jsonl:1: a non-empty 'prompt'"),
+        ("p.jsonl", '{"prompt": "a cat", "methods": "magic"}\n', "p.jsonl:1: unknown method(s) ['magic']"),
+        ("p.csv", "text\nhello\n", "p.csv:1: the header must have a 'prompt' column"),
+        ("p.yaml", "prompt: a cat\n", "must be .txt, .jsonl or .csv"),
+    ],
+)
+def test_malformed_lines_name_the_line(tmp_path, name, text, message):
+    with pytest.raises(BatchInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]") if "must lie" not in message else message):  # fmt: skip
+        read_entries(_write(tmp_path, name, text))
+
+
+def test_missing_subjects_fail_at_expansion_naming_the_line(tmp_path):
+    entries = read_entries(_write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear\n"))
+    with pytest.raises(BatchInputError, match="p.txt:2: subjects are required for attend-excite"):
+        expand(entries, [0], ["attend-excite"])
+    assert len(expand(entries, [0, 1], ["none"])) == 4  # the baseline needs no subjects
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_batch_run_failures_and_rerun(tiny_dirs, tmp_path, capsys):
+    prompts = _write(tmp_path, "p.jsonl", "\n".join(json.dumps(x) for x in [
+        {"prompt": "a cat and a dog", "subjects": ["cat", "dog"]},
+        {"prompt": "a bird and a bear", "subjects": ["bird", "horse"]},  # horse is not in the prompt
+    ]) + "\n")  # fmt: skip
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out", str(out), "--seeds", "0-1", "--methods", "none,attend-excite",
+            "--model", str(tiny_dirs["sd1"]), "--steps", "3"]  # fmt: skip
+    assert main(args) == 1  # something failed
+    summary = capsys.readouterr().out
+    assert "done 6, skipped 0, failed 2 of 8 items" in summary
+    records = _check_folder(out, 6)
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 2 and all("'horse' is not in the prompt" in f["error"] for f in failures)
+    assert all(f["source"] == "p.jsonl:2" for f in failures)
+    guided = [r for r in records if r["method"] == "attend-excite"]
+    assert len(guided) == 2 and guided[0]["losses"]["attend_excite"]["steps"] == 3
+    assert main(args) == 1
+    assert "done 0, skipped 6, failed 2 of 8 items" in capsys.readouterr().out
+    _check_folder(out, 6)
+
+
+def test_batched_generation_matches_one_by_one(tiny_dirs, tmp_path):
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na frog with a crown | frog, crown\n")
+    outs = {}
+    for bs in (1, 2):
+        out = tmp_path / f"bs{bs}"
+        assert main(["batch", str(prompts), "--out", str(out), "--seeds", "0-1", "--model", str(tiny_dirs["sd1"]),
+                     "--steps", "3", "--batch-size", str(bs)]) == 0  # fmt: skip
+        outs[bs] = {r["key"]: r for r in _check_folder(out, 4)}
+    assert outs[1].keys() == outs[2].keys()
+    assert {r["settings"]["batch_size"] for r in outs[2].values()} == {2}
+    for rec in outs[1].values():
+        a = np.asarray(Image.open(tmp_path / "bs1" / rec["file"]), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "bs2" / rec["file"]), dtype=np.int16)
+        assert np.abs(a - b).max() <= 3  # same seeds, batched guidance: the same images up to rounding
+
+
+def test_resume_after_kill_9(tiny_dirs, tmp_path):
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-4",
+           "--model", str(tiny_dirs["sd1"]), "--steps", "25"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    part = out / "manifest.part-0.jsonl"
+    while time.time() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, possibly mid-write
+    proc.wait()
+    killed_with = len(part.read_text().splitlines())
+    assert 2 <= killed_with < 10  # it really was interrupted
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert f"skipped {killed_with}" in res.stdout or "skipped" in res.stdout
+    _check_folder(out, 10)
+
+
+def test_two_process_accelerate_launch_covers_every_item_once(tiny_dirs, tmp_path):
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attncontrol", "batch",
+           str(prompts), "--out", str(out), "--seeds", "0-2", "--methods", "none,attend-excite",
+           "--model", str(tiny_dirs["sd1"]), "--steps", "3"]  # fmt: skip
+    res = subprocess.run(cmd, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = _check_folder(out, 12)
+    assert {r["rank"] for r in records} == {0, 1}  # both processes worked, no item twice (checked above)
+    assert res.stdout.count("done 12, skipped 0, failed 0 of 12 items") == 1  # one summary, from the main process
