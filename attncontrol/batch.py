@@ -64,10 +64,13 @@ class Item:
     options: str  # canonical JSON of per-method options
     negative_prompt: str | None
     source: str
+    settings: str = "{}"  # canonical JSON of the run settings that change the image (model, steps, size, ...)
 
     @property
     def key(self) -> str:
         payload = [self.prompt, self.subjects, self.boxes, self.method, self.seed, self.options, self.negative_prompt]
+        if self.settings != "{}":
+            payload.append(self.settings)
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -201,8 +204,16 @@ def prompt_set(name: str) -> list[Entry]:
     ]
 
 
-def expand(entries: list[Entry], seeds: list[int], methods: list[str], options: dict | None = None) -> list[Item]:
-    """Entries x seeds x methods -> items; fails on the first entry that cannot make its controls."""
+def expand(
+    entries: list[Entry],
+    seeds: list[int],
+    methods: list[str],
+    options: dict | None = None,
+    settings: dict | None = None,
+) -> list[Item]:
+    """Entries x seeds x methods -> items; fails on the first entry that cannot make its controls. ``settings``
+    (model, steps, size, guidance) are part of each item's identity, so a rerun with other settings redoes it."""
+    settings_json = json.dumps(settings or {}, sort_keys=True)
     items = []
     for e in entries:
         for method_text in e.methods or methods:
@@ -225,6 +236,7 @@ def expand(entries: list[Entry], seeds: list[int], methods: list[str], options: 
                         options=json.dumps(jsonable(merged), sort_keys=True),
                         negative_prompt=e.negative_prompt,
                         source=e.source,
+                        settings=settings_json,
                     )
                 )
     unique: dict[str, Item] = {}
@@ -286,6 +298,10 @@ class Settings:
     height: int | None = None
     width: int | None = None
     batch_size: int = 1
+
+    def identity(self) -> dict:
+        """What changes the image (batch size does not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
 
 
 def _loss_summary(result) -> dict:

@@ -224,7 +224,8 @@ def cmd_batch(args) -> int:
             parse_methods(m)
     except ValueError as err:
         raise AttnControlError(f"--methods: {err}") from None
-    items = expand(entries, seeds, methods)  # every line checked before any model work
+    settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size)
+    items = expand(entries, seeds, methods, settings=settings.identity())  # every line checked before model work
     out = Path(args.out)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     dist = _init_distributed(world)
@@ -246,7 +247,6 @@ def cmd_batch(args) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
-    settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size)
     done, skipped, failed, seconds = run(items, out, pipe, settings, rank, world, done_keys=done_keys)
     if dist is not None:
         import torch

@@ -181,3 +181,13 @@ def test_two_process_accelerate_launch_covers_every_item_once(tiny_dirs, tmp_pat
     records = _check_folder(out, 12)
     assert {r["rank"] for r in records} == {0, 1}  # both processes worked, no item twice (checked above)
     assert res.stdout.count("done 12, skipped 0, failed 0 of 12 items") == 1  # one summary, from the main process
+
+
+def test_other_settings_are_other_items(tiny_dirs, tmp_path, capsys):
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\n")
+    out = tmp_path / "out"
+    base = ["batch", str(prompts), "--out", str(out), "--model", str(tiny_dirs["sd1"])]
+    assert main([*base, "--steps", "2"]) == 0
+    assert main([*base, "--steps", "3"]) == 0  # not "already done": different steps make a different image
+    assert "done 1, skipped 0" in capsys.readouterr().out.splitlines()[-1]
+    assert len(_check_folder(out, 2)) == 2
