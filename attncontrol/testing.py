@@ -125,6 +125,39 @@ def make_clip_tokenizer(sd2: bool = False):
     )
 
 
+def _tiny_vae(sample_size: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=2 * sample_size,
+    )
+
+
+def _tiny_text_config(**overrides):
+    """A 5-layer, 32-wide CLIP text encoder config over the real 49408-token vocabulary."""
+    from transformers import CLIPTextConfig
+
+    config = dict(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    return CLIPTextConfig(**{**config, **overrides})
+
+
 def make_tiny_sd_pipeline(
     family: str = "sd1",
     seed: int = 0,
@@ -138,8 +171,8 @@ def make_tiny_sd_pipeline(
     ``family="sd2"``: SD 2.x-style (linear projections, upcast attention, per-block head counts, "!" padding).
     The VAE downsamples by 2, so ``sample_size`` latents make ``2 * sample_size`` pixel images.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
@@ -161,28 +194,10 @@ def make_tiny_sd_pipeline(
         unet_kwargs.update(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
     unet_kwargs.update(unet_overrides or {})
     unet = UNet2DConditionModel(**unet_kwargs)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=2 * sample_size,
-    )
+    vae = _tiny_vae(sample_size)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0 if family == "sd2" else 49407,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="gelu" if family == "sd2" else "quick_gelu",
+        _tiny_text_config(
+            pad_token_id=0 if family == "sd2" else 49407, hidden_act="gelu" if family == "sd2" else "quick_gelu"
         )
     ).eval()
     return StableDiffusionPipeline(
@@ -200,8 +215,8 @@ def make_tiny_sd_pipeline(
 def make_tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler", sample_size: int = 32):
     """A tiny random SDXL base pipeline: two text encoders (the second with a projection, padding with "!"),
     pooled embeddings and size/crop conditioning, a 2-level UNet with 2 transformer layers at the lower level."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -221,29 +236,9 @@ def make_tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler", sample_size
         cross_attention_dim=64,  # 32 + 32 from the two encoders
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=2 * sample_size,
-    )
-    config = dict(
-        bos_token_id=49406,
-        eos_token_id=49407,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(pad_token_id=49407, **config)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=0, projection_dim=32, **config)).eval()
+    vae = _tiny_vae(sample_size)
+    text_encoder = CLIPTextModel(_tiny_text_config(pad_token_id=49407)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(pad_token_id=0, projection_dim=32)).eval()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
