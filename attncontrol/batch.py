@@ -65,6 +65,8 @@ class Item:
     negative_prompt: str | None
     source: str
     settings: str = "{}"  # canonical JSON of the run settings that change the image (model, steps, size, ...)
+    # the subjects whose attention is measured (also for the baseline); not part of the identity
+    observe: tuple | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -237,6 +239,7 @@ def expand(
                         negative_prompt=e.negative_prompt,
                         source=e.source,
                         settings=settings_json,
+                        observe=tuple(e.subjects) if e.subjects else (tuple(e.boxes) if e.boxes else None),
                     )
                 )
     unique: dict[str, Item] = {}
@@ -313,6 +316,18 @@ def _loss_summary(result) -> dict:
     return summary
 
 
+def _observable(pipe, item: Item) -> bool:
+    """Whether the item's subjects can be found in its prompt (a baseline is made even where they cannot; its
+    attention metrics are then left out, and the controlled items of that line fail with the reason)."""
+    from .tokens import resolve_subjects
+
+    try:
+        resolve_subjects(pipe.tokenizer, item.prompt, list(item.observe))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def run(
     items: list[Item], out: Path, pipe, settings: Settings, rank: int = 0, world: int = 1, progress=True, done_keys=None
 ):
@@ -348,6 +363,7 @@ def run(
         controls = make_controls(
             names, subjects, json.loads(first.boxes) if first.boxes else None, json.loads(first.options)
         )
+        observe = all(it.observe and _observable(pipe, it) for it in group)
         result = generate(
             pipe,
             [it.prompt for it in group],
@@ -360,10 +376,13 @@ def run(
             height=settings.height,
             width=settings.width,
             generator=[torch.Generator(gen_device).manual_seed(it.seed) for it in group],
+            attention=[list(it.observe) for it in group] if observe else False,
         )
         seconds = (time.perf_counter() - t0) / len(group)
         summary = _loss_summary(result)
-        for it, image in zip(group, result.images):
+        for k, (it, image) in enumerate(zip(group, result.images)):
+            metrics = result.attention.metrics(k) if result.attention is not None else None
+            metrics = {m: None if v != v else round(v, 6) for m, v in metrics.items()} if metrics else None
             record = {
                 "key": it.key,
                 "file": it.filename,
@@ -375,6 +394,7 @@ def run(
                 "options": json.loads(it.options),
                 "settings": {**dataclasses.asdict(settings), "batch_size": len(group)},
                 "losses": summary,
+                "attention": {"subjects": list(it.observe), **metrics} if metrics else None,
                 "seconds": round(seconds, 3),
                 "source": it.source,
                 "rank": rank,

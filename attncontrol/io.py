@@ -33,12 +33,12 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def atomic_save_png(image, path: Path, text: dict[str, str]) -> None:
+def atomic_save_png(image, path: Path, text: dict[str, str] | None = None) -> None:
     """Write a PNG with text chunks atomically: never a half-written PNG at ``path``."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key, value in text.items():
+    for key, value in (text or {}).items():
         info.add_text(key, value)
     atomic_write_bytes(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .attention import AttentionMaps, AttentionObserver, subjects_of
 from .controls.base import Control, ControlContext, PreparedEditor
 from .errors import UnsupportedPipelineError
 from .guidance import GuidanceEngine, StepRecord
@@ -27,12 +28,14 @@ from .store import AttentionStore
 
 @dataclass
 class GenerationResult:
-    """``images``: exactly what the pipeline returned for ``output_type``; ``trace``: one record per step."""
+    """``images``: exactly what the pipeline returned for ``output_type``; ``trace``: one record per step;
+    ``attention``: the per-subject maps per step, when ``generate(..., attention=...)`` asked for them."""
 
     images: Any
     trace: list[StepRecord] = field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
     prompts: list[str] = field(default_factory=list)
+    attention: AttentionMaps | None = None
 
     @property
     def guided_steps(self) -> list[StepRecord]:
@@ -80,6 +83,7 @@ def generate(
     callback_on_step_end_tensor_inputs: list[str] | None = None,
     timesteps: list[int] | None = None,
     sigmas: list[float] | None = None,
+    attention: bool | Sequence = False,
     **pipe_kwargs,
 ) -> GenerationResult:
     """Generate with ``controls`` applied; every other argument means what it means for ``pipe(...)``, with the
@@ -91,6 +95,9 @@ def generate(
         out = attncontrol.generate(pipe, "a cat and a dog", [attncontrol.AttendExcite(subjects=["cat", "dog"])],
                                    generator=torch.Generator().manual_seed(0))
         out.images[0].save("cat_dog.png")
+
+    ``attention=True`` also records each subject's cross-attention map per step (the controls' subjects; or
+    name them: ``attention=["cat", "dog"]``, also without controls) into ``result.attention``.
     """
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
     from diffusers.utils.torch_utils import randn_tensor
@@ -144,6 +151,7 @@ def generate(
     prepared_all = [c.prepare(ctx) for c in controls]
     prepared = [c for c in prepared_all if not isinstance(c, PreparedEditor)]  # latent guidance
     editors = [c for c in prepared_all if isinstance(c, PreparedEditor)]  # attention editing
+    observer = _observer(attention, controls, ctx, adapter, do_cfg)
 
     lora_scale = (cross_attention_kwargs or {}).get("scale")
     cond, embeds = adapter.encode(
@@ -199,8 +207,8 @@ def generate(
         for e in editors:
             for name in e.layers:
                 by_layer.setdefault(name, []).append(e)
-        if store is not None or by_layer:
-            stack.enter_context(capture_layers(pipe.unet, store, by_layer))
+        if store is not None or by_layer or observer is not None:
+            stack.enter_context(capture_layers(pipe.unet, store, by_layer, observer))
         if store is not None:
             stack.enter_context(_frozen(pipe.unet))
             engine = GuidanceEngine(adapter, store, prepared, cond, ts, cross_attention_kwargs)
@@ -216,9 +224,13 @@ def generate(
             else:
                 z, record = engine.guide(z, i)
             pending["record"] = record
+            if observer is not None:
+                observer.begin_step()  # records the ordinary forward of step i (not the guidance passes)
             return z
 
         def on_step_end(p, i, t, kwargs):
+            if observer is not None:
+                observer.end_step(i)
             out = kwargs
             if user_cb is not None:
                 out = user_cb(p, i, t, kwargs)
@@ -261,12 +273,52 @@ def generate(
         if call_kwargs["num_inference_steps"] is None:
             del call_kwargs["num_inference_steps"]
         out = pipe(**call_kwargs)
+    maps = None
+    if observer is not None:
+        maps = observer.result(observer_labels(attention, controls, ctx), [float(t) for t in ts])
+        if isinstance(out.images, list):
+            maps.images = list(out.images)
     return GenerationResult(
         images=out.images,
         trace=trace,
         nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
         prompts=prompts,
+        attention=maps,
     )
+
+
+def _wanted_subjects(attention, controls) -> list | None:
+    if attention is False or attention is None:
+        return None
+    if attention is True:
+        subjects = subjects_of(controls)
+        if not subjects:
+            raise ValueError(
+                "attention=True records the controls' subjects, but no control names any; "
+                "name them: attention=['cat', 'dog']"
+            )
+        return subjects
+    if isinstance(attention, str) or not isinstance(attention, Sequence) or not attention:
+        raise TypeError(f"attention must be True/False or a non-empty list of subjects, got {attention!r}")
+    return list(attention)
+
+
+def observer_labels(attention, controls, ctx: ControlContext) -> list[list[str]]:
+    """Per image, the subjects' names as given (per prompt, when given per prompt)."""
+    subjects = _wanted_subjects(attention, controls)
+    nested = all(isinstance(s, (list, tuple)) for s in subjects)
+    per_prompt = subjects if nested else [subjects] * len(ctx.prompts_per_input)
+    return [[str(s) for s in subs] for subs in per_prompt for _ in range(ctx.num_images_per_prompt)]
+
+
+def _observer(attention, controls, ctx: ControlContext, adapter, do_cfg: bool) -> AttentionObserver | None:
+    subjects = _wanted_subjects(attention, controls)
+    if subjects is None:
+        return None
+    positions = ctx.subjects_per_image(subjects)  # raises SubjectError naming a bad subject, before model work
+    resolution = ctx.default_resolution
+    keep = ctx.keep_mask(adapter.exclude_eot_default).to(ctx.device)
+    return AttentionObserver(ctx.cross_layers[resolution], resolution, positions, keep, do_cfg)
 
 
 def _layers_by_resolution(adapter, latent_hw, kind: str) -> dict[tuple[int, int], list[str]]:

@@ -150,7 +150,7 @@ class PreparedRegulate(PreparedEditor):
                 if before is None:
                     plain = torch.softmax(logits, dim=-1)[..., targets]
                     before = float(torch.quantile(plain, cfg.quantile, dim=1).mean())
-                if float(loss) < best_loss:
+                if float(loss.detach()) < best_loss:
                     best_loss, best = float(loss), bias.detach()
                 (grad,) = torch.autograd.grad(loss, [weights])
                 weights = (weights - n_rows * cfg.lr * grad).detach()

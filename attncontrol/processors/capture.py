@@ -53,15 +53,20 @@ class CaptureProcessor:
     - during a guidance pass (``store.active``) on a captured layer: explicit probabilities, recorded in the
       store; after the last captured layer the forward stops with :class:`EarlyExit`;
     - in the ordinary forward while one of its ``editors`` is active: explicit attention whose probabilities
-      the editor rewrites (attention-editing controls such as Attention Regulation).
+      the editor rewrites (attention-editing controls such as Attention Regulation);
+    - in the ordinary forward while its ``observer`` is active: the conditional half's probabilities are also
+      recorded (the output is the original processor's, or the editors').
     """
 
-    def __init__(self, original, store: AttentionStore | None, name: str, capture: bool = True, editors=()):
+    def __init__(
+        self, original, store: AttentionStore | None, name: str, capture: bool = True, editors=(), observer=None
+    ):
         self.original = original
         self.store = store
         self.name = name
         self.capture = capture and store is not None
         self.editors = list(editors)
+        self.observer = observer
         # diffusers filters cross_attention_kwargs by the processor's signature: expose the original's.
         self.__dict__["__call__"] = _SignatureProxy(self, inspect.signature(original.__call__))
 
@@ -73,7 +78,31 @@ class CaptureProcessor:
             editors = [e for e in self.editors if e.active]
             if editors:
                 return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, editors)
+            if self.observer is not None and self.observer.active:
+                self._observe(attn, hidden_states, encoder_hidden_states, attention_mask)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    @torch.no_grad()
+    def _observe(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
+        # The conditional half's probabilities only, computed beside the original processor (a few small layers).
+        obs = self.observer
+        if hidden_states.ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:  # (batch * heads, 1, keys), batch-major: its halves follow the batch's
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
+            attention_mask = obs.cond_half(attention_mask)
+        hidden_states, context = obs.cond_half(hidden_states), obs.cond_half(context)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        obs.record(attn.get_attention_scores(query, key, attention_mask), attn.heads)
 
     def _explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, editors=()) -> torch.Tensor:
         # diffusers' AttnProcessor, with the probabilities recorded (guidance) or rewritten (editors).
@@ -112,6 +141,9 @@ class CaptureProcessor:
             for editor in editors:
                 probs = editor.edit(self.name, scores, attn.heads)
             probs = probs.to(query.dtype)
+            if self.observer is not None and self.observer.active:
+                per_image = probs.view(batch_size, attn.heads, *probs.shape[1:])
+                self.observer.record(self.observer.cond_half(per_image).flatten(0, 1), attn.heads)
         else:
             probs = attn.get_attention_scores(query, key, attention_mask)
             self.store.record(self.name, probs, attn.heads)
@@ -139,18 +171,25 @@ class _SignatureProxy:
 
 
 @contextmanager
-def capture_layers(unet, store: AttentionStore | None, editors: dict[str, list] | None = None) -> Iterator[dict]:
-    """Install :class:`CaptureProcessor` on the store's layers and the edited layers only; restore every original
-    processor on exit, also when an error is raised."""
+def capture_layers(
+    unet, store: AttentionStore | None, editors: dict[str, list] | None = None, observer=None
+) -> Iterator[dict]:
+    """Install :class:`CaptureProcessor` on the store's, the edited and the observed layers only; restore every
+    original processor on exit, also when an error is raised."""
     saved = dict(unet.attn_processors)
     captured = {layer.name for layer in store.layers} if store is not None else set()
     editors = editors or {}
-    wanted = captured | set(editors)
+    observed = set(observer.layers) if observer is not None else set()
+    wanted = captured | set(editors) | observed
     missing = wanted - saved.keys()
     if missing:
         raise ValueError(f"layers not in this UNet: {sorted(missing)}")
     procs = {
-        name: CaptureProcessor(proc, store, name, name in captured, editors.get(name, ())) if name in wanted else proc
+        name: CaptureProcessor(
+            proc, store, name, name in captured, editors.get(name, ()), observer if name in observed else None
+        )
+        if name in wanted
+        else proc
         for name, proc in saved.items()
     }
     try:
