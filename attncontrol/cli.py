@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--no-refinement", action="store_true", help="skip the iterative refinement steps")
     ae.add_argument("--attn-res", type=int, nargs="+", default=None, help="map resolution: N or ROWS COLS")
     gen.add_argument("--trace", default=None, help="also write the per-step trace as JSON to this file")
+    gen.add_argument(
+        "--save-attention",
+        default=None,
+        metavar="DIR",
+        help="write each subject's attention heatmap (PNG, mean over steps), its GIF over the steps and the maps",
+    )
 
     bat = sub.add_parser(
         "batch",
@@ -100,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--device", default=None)
     bat.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     bat.add_argument("--allow-pickle", action="store_true")
+
+    ev = sub.add_parser("eval", help="score a batch folder per image and per method (Markdown/CSV tables, grids)")
+    ev.add_argument("out", help="an `attncontrol batch` output folder")
+    ev.add_argument("--clip", default=None, metavar="PATH", help="CLIP model folder (e.g. clip-vit-base-patch16)")
+    ev.add_argument("--captioner", default=None, metavar="PATH", help="BLIP captioning model folder (needs --clip)")
+    ev.add_argument("--grid", action="store_true", help="also write one image grid per prompt (methods side by side)")
+    ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ev.add_argument("--batch-size", type=_positive_int, default=16)
+    ev.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
 
     tok = sub.add_parser("tokens", help="print the token table of a prompt (indices to pass as --subjects)")
     tok.add_argument("prompt")
@@ -153,6 +168,11 @@ def cmd_generate(args) -> int:
     if out.suffix.lower() != ".png":
         raise AttnControlError(f"--out must end in .png, got {args.out!r}")
     controls = [] if args.no_control else build_controls(args)
+    attention = False
+    if args.save_attention:
+        if not args.subjects and not args.boxes:
+            raise AttnControlError("--save-attention needs --subjects (the words whose attention to show)")
+        attention = list(args.subjects) if args.subjects else True
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(desc="sampling", leave=True)
     device = pipe._execution_device
@@ -171,6 +191,7 @@ def cmd_generate(args) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         generator=generator,
+        attention=attention,
     )
     seconds = time.perf_counter() - start
     params = {
@@ -193,6 +214,10 @@ def cmd_generate(args) -> int:
         print(f"guided {len(guided)} steps; loss {guided[0].loss[0]:.3f} -> {guided[-1].loss[0]:.3f}", file=sys.stderr)
     if args.trace:
         Path(args.trace).write_text(json.dumps([dataclasses.asdict(r) for r in result.trace], indent=1))
+    if result.attention is not None:
+        written = result.attention.save(args.save_attention)
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.attention.metrics().items())
+        print(f"wrote {len(written)} attention files to {args.save_attention} ({metrics})", file=sys.stderr)
     print(f"wrote {out} in {seconds:.1f}s")
     return 0
 
@@ -263,6 +288,23 @@ def cmd_batch(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_eval(args) -> int:
+    from .eval import evaluate
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = evaluate(
+        args.out, args.clip, args.captioner, args.grid, device, args.batch_size, args.allow_pickle, progress=True
+    )
+    print(report.markdown(), end="")
+    print(f"{len(report.rows)} images; wrote {', '.join(str(f) for f in report.files[:3])}"
+          + (f" and {len(report.files) - 3} grids" if len(report.files) > 3 else ""), file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def cmd_tokens(args) -> int:
     from .tokens import tokenize
 
@@ -292,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "batch":
             return cmd_batch(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         return cmd_tokens(args)
     except AttnControlError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -46,3 +46,14 @@ def test_readme_methods_example_runs(sd1):
     namespace = {"pipe": sd1}
     exec("import torch\nimport attncontrol\n" + code, namespace)
     assert set(namespace["out"].trace[0].losses) == {"attend_excite", "refocus"}
+
+
+def test_readme_attention_example_runs(sd1, tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    code = next(b for b in blocks if "attention=True" in b)
+    code = code.replace("attention=True,", "attention=True, num_inference_steps=12,")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"pipe": sd1}
+    exec("import torch\nimport attncontrol\n" + code, namespace)
+    assert (tmp_path / "frog_heat.png").is_file() and (tmp_path / "cat_attention.gif").is_file()
+    assert set(namespace["att"].metrics()) == {"min_subject_attention", "subject_overlap"}

@@ -1,0 +1,297 @@
+"""``attncontrol eval OUT_DIR``: score a batch folder per image and per method.
+
+Metrics (the Attend-and-Excite paper's protocol, Sec. 5; DESIGN.md section 3):
+
+- attention metrics recorded during generation (no extra weights; in ``manifest.jsonl``):
+  ``min_subject_attention`` (the weakest subject's peak attention, mean over steps) and ``subject_overlap``
+  (the most overlapping pair of subjects' maps, histogram intersection, mean over steps);
+- ``clip_full``: CLIP image-text cosine similarity to the full prompt, ``clip_min_half``: the minimum over the
+  prompt's halves (split on " and " / " with "); text embeddings are the mean of the 80 ImageNet prompt templates
+  (as CLIP's zero-shot recipe and the A&E evaluation do), re-normalised. Needs ``--clip PATH`` (e.g. a local copy
+  of openai/clip-vit-base-patch16, the paper's ViT-B/16);
+- ``caption_similarity``: a captioner's caption of the image (``--captioner PATH``, e.g. BLIP) compared with the
+  prompt as CLIP text-text cosine similarity (single sentences, no templates). Needs ``--clip`` too.
+
+Output, in ``OUT_DIR/eval/``: ``per_image.csv``, ``summary.csv`` and ``summary.md`` (one row per method: images
+and the mean +- standard deviation of each metric), and with ``--grid`` one PNG per prompt in ``grids/`` (rows:
+seeds, columns: methods). All files are written atomically; the batch folder itself is only read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import AttnControlError, ModelLoadError
+from .io import atomic_save_png, atomic_write_bytes, read_json_lines
+
+METRICS = ("min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity")
+
+
+def imagenet_templates() -> list[str]:
+    """The 80 ImageNet prompt templates of CLIP's zero-shot evaluation (``"a bad photo of a {}."``, ...)."""
+    return json.loads(resources.files("attncontrol").joinpath("data/imagenet_templates.json").read_text())
+
+
+def prompt_halves(prompt: str) -> list[str]:
+    """The prompt's two halves, split on the first of " and " / " with " it contains (A&E's convention);
+    the whole prompt when it has neither."""
+    for sep in (" and ", " with "):
+        if sep in prompt:
+            return [half.strip() for half in prompt.split(sep, 1)]
+    return [prompt]
+
+
+def load_records(out: str | Path) -> list[dict]:
+    """Finished items of a batch folder (merged manifest and any unmerged parts), one per key, whose PNG exists."""
+    out = Path(out)
+    files = [out / "manifest.jsonl", *sorted(out.glob("manifest.part-*.jsonl"))]
+    if not any(f.is_file() for f in files):
+        raise AttnControlError(f"{str(out)!r} has no manifest.jsonl: is it an `attncontrol batch` output folder?")
+    records: dict[str, dict] = {}
+    for path in files:
+        for rec in read_json_lines(path):
+            if isinstance(rec, dict) and "key" in rec and (out / rec.get("file", "")).is_file():
+                records.setdefault(rec["key"], rec)
+    return list(records.values())
+
+
+def _load(cls, path: str, what: str, **kwargs):
+    if not Path(path).is_dir():
+        raise ModelLoadError(
+            f"the {what} folder {path!r} does not exist; pass a local folder holding the model in transformers' "
+            "save_pretrained layout (e.g. a downloaded openai/clip-vit-base-patch16)"
+        )
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = "a local folder (save_pretrained layout, safetensors weights)"
+        raise ModelLoadError(f"could not load the {what} from {path!r}: {err}\nPass {hint}.") from err
+
+
+class ClipScorer:
+    """CLIP image and text embeddings (transformers' ``CLIPModel`` + ``CLIPProcessor``), L2-normalised."""
+
+    def __init__(self, path: str, device="cpu", allow_pickle: bool = False):
+        import torch
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = torch.device(device)
+        safe = None if allow_pickle else True  # safetensors only unless the user trusts the folder
+        self.model = _load(CLIPModel, path, "CLIP model", use_safetensors=safe).to(self.device).eval()
+        self.processor = _load(CLIPProcessor, path, "CLIP processor")
+        self.templates = imagenet_templates()
+        self._cache: dict[tuple[str, bool], object] = {}
+
+    def _texts(self, texts: list[str]):
+        import torch
+
+        tok = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            feats = self._features(self.model.get_text_features(**tok))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @staticmethod
+    def _features(out):
+        # transformers 5 may return a model output whose pooled projection is the features
+        return out if hasattr(out, "norm") else out.pooler_output
+
+    def text(self, text: str, templates: bool = True):
+        """One normalised embedding: the mean over the templates (re-normalised), or of the text alone."""
+        import torch
+
+        key = (text, templates)
+        if key not in self._cache:
+            if templates:
+                mean = self._texts([t.format(text) for t in self.templates]).mean(0)
+                self._cache[key] = torch.nn.functional.normalize(mean, dim=-1)
+            else:
+                self._cache[key] = self._texts([text])[0]
+        return self._cache[key]
+
+    def images(self, images: list):
+        import torch
+
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats = self._features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+class Captioner:
+    """Image captions from a BLIP-style ``*ForConditionalGeneration`` model with its processor."""
+
+    def __init__(self, path: str, device="cpu", allow_pickle: bool = False, max_new_tokens: int = 30):
+        import torch
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        self.device = torch.device(device)
+        safe = None if allow_pickle else True
+        self.model = _load(BlipForConditionalGeneration, path, "captioner", use_safetensors=safe)
+        self.model = self.model.to(self.device).eval()
+        self.processor = _load(BlipProcessor, path, "captioner processor")
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, images: list) -> list[str]:
+        import torch
+
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        return [c.strip() for c in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+@dataclass
+class EvalReport:
+    rows: list[dict] = field(default_factory=list)  # one per image
+    summary: list[dict] = field(default_factory=list)  # one per method
+    files: list[Path] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return summary_markdown(self.summary)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per method (in order of first appearance): images, and the mean and standard deviation of each metric over
+    the images that have it."""
+    methods: dict[str, list[dict]] = {}
+    for row in rows:
+        methods.setdefault(row["method"], []).append(row)
+    out = []
+    for method, group in methods.items():
+        entry: dict = {"method": method, "images": len(group)}
+        for metric in METRICS:
+            values = [r[metric] for r in group if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+            if values:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+                entry[metric], entry[f"{metric}_std"] = mean, math.sqrt(var)
+        out.append(entry)
+    return out
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    present = [m for m in METRICS if any(m in s for s in summary)]
+    head = "| method | images | " + " | ".join(present) + " |"
+    lines = [head, "|---|---|" + "---|" * len(present)]
+    for s in summary:
+        cells = [f"{s[m]:.4f} ± {s[f'{m}_std']:.4f}" if m in s else "" for m in present]
+        lines.append(f"| {s['method']} | {s['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_bytes(rows: list[dict], columns: list[str]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buf.getvalue().encode("utf-8")
+
+
+def evaluate(
+    out: str | Path,
+    clip: str | None = None,
+    captioner: str | None = None,
+    grid: bool = False,
+    device: str = "cpu",
+    batch_size: int = 16,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Score every finished image of the batch folder ``out``; write the tables (and grids) to ``out/eval``."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if captioner and not clip:
+        raise AttnControlError("--captioner compares captions with prompts through CLIP's text encoder: add --clip")
+    if batch_size < 1:
+        raise AttnControlError(f"--batch-size must be >= 1, got {batch_size}")
+    records = load_records(out)
+    rows = []
+    for rec in records:
+        att = rec.get("attention") or {}
+        rows.append(
+            {
+                "file": rec["file"],
+                "prompt": rec["prompt"],
+                "method": rec["method"],
+                "seed": rec["seed"],
+                "subjects": ";".join(att.get("subjects") or rec.get("subjects") or []),
+                "min_subject_attention": att.get("min_subject_attention"),
+                "subject_overlap": att.get("subject_overlap"),
+            }
+        )
+    scorer = ClipScorer(clip, device, allow_pickle) if clip else None
+    caption = Captioner(captioner, device, allow_pickle) if captioner else None
+    if scorer is not None:
+        bar = tqdm(total=len(rows), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            images = [Image.open(out / r["file"]) for r in chunk]
+            feats = scorer.images(images)
+            captions = caption(images) if caption is not None else None
+            for k, r in enumerate(chunk):
+                r["clip_full"] = float(feats[k] @ scorer.text(r["prompt"]))
+                r["clip_min_half"] = min(float(feats[k] @ scorer.text(h)) for h in prompt_halves(r["prompt"]))
+                if captions is not None:
+                    r["caption"] = captions[k]
+                    sim = scorer.text(captions[k], templates=False) @ scorer.text(r["prompt"], templates=False)
+                    r["caption_similarity"] = float(sim)
+            for im in images:
+                im.close()
+            bar.update(len(chunk))
+        bar.close()
+    report = EvalReport(rows=rows, summary=summarise(rows))
+    dest = out / "eval"
+    dest.mkdir(exist_ok=True)
+    columns = ["file", "prompt", "method", "seed", "subjects", *METRICS, "caption"]
+    summary_columns = ["method", "images"] + [c for m in METRICS for c in (m, f"{m}_std")]
+    for name, data in (
+        ("per_image.csv", _csv_bytes(rows, columns)),
+        ("summary.csv", _csv_bytes(report.summary, summary_columns)),
+        ("summary.md", report.markdown().encode("utf-8")),
+    ):
+        atomic_write_bytes(dest / name, lambda fh, data=data: fh.write(data))
+        report.files.append(dest / name)
+    if grid:
+        report.files += write_grids(out, records, dest / "grids")
+    return report
+
+
+def write_grids(out: Path, records: list[dict], dest: Path, cell: int = 256) -> list[Path]:
+    """One PNG per prompt: rows are seeds, columns methods (in order of first appearance), labelled."""
+    from PIL import Image, ImageDraw
+
+    dest.mkdir(parents=True, exist_ok=True)
+    by_prompt: dict[str, list[dict]] = {}
+    for rec in records:
+        by_prompt.setdefault(rec["prompt"], []).append(rec)
+    written = []
+    for prompt, recs in by_prompt.items():
+        methods = list(dict.fromkeys(r["method"] for r in recs))
+        seeds = sorted({r["seed"] for r in recs})
+        label_h = 20
+        sheet = Image.new("RGB", (cell * len(methods), label_h + cell * len(seeds)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for c, method in enumerate(methods):
+            draw.text((c * cell + 4, 4), method, fill="black")
+        for rec in recs:
+            r, c = seeds.index(rec["seed"]), methods.index(rec["method"])
+            with Image.open(out / rec["file"]) as im:
+                sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, label_h + r * cell))
+            draw.text((c * cell + 4, label_h + r * cell + 4), f"seed {rec['seed']}", fill="white")
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+        path = dest / f"{slug}__{hashlib.sha1(prompt.encode()).hexdigest()[:6]}.png"  # distinct prompts, distinct files
+        atomic_save_png(sheet, path)
+        written.append(path)
+    return written
