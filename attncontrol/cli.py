@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=16)
     ev.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
 
+    ui = sub.add_parser("ui", help="the Gradio app: pick subjects, draw boxes, compare with the baseline, see the maps")
+    ui.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--concurrency", type=_positive_int, default=1, help="requests handled at once (default 1)")
+    ui.add_argument("--max-steps", type=_positive_int, default=100)
+    ui.add_argument("--max-side", type=_positive_int, default=1024, help="largest height/width a user may ask for")
+    ui.add_argument("--device", default=None)
+    ui.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    ui.add_argument("--allow-pickle", action="store_true")
+
     tok = sub.add_parser("tokens", help="print the token table of a prompt (indices to pass as --subjects)")
     tok.add_argument("prompt")
     tok.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder whose tokenizer to use")
@@ -305,6 +316,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise AttnControlError("the UI needs gradio: pip install 'attncontrol[ui]'") from None
+    from .demo import Limits, Runner
+    from .loading import load_pipeline
+    from .ui import launch
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    runner = Runner(pipe, args.model, Limits(max_steps=args.max_steps, max_side=args.max_side))
+    launch(runner, host=args.host, port=args.port, concurrency=args.concurrency)
+    return 0
+
+
 def cmd_tokens(args) -> int:
     from .tokens import tokenize
 
@@ -336,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_batch(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "ui":
+            return cmd_ui(args)
         return cmd_tokens(args)
     except AttnControlError as err:
         print(f"error: {err}", file=sys.stderr)

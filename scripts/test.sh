@@ -11,9 +11,14 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first: this exact version is a CPU wheel on the project's machines (a CUDA build elsewhere).
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,ui]"
 # The CLIP BPE vocabulary for the offline tokenizer; --no-deps keeps torch as installed above.
 python -m pip install -q --no-deps "open-clip-torch>=2.20"
+# The UI's browser test drives Debian's Chromium (never `playwright install`).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 ruff check attncontrol tests benchmarks examples scripts
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 python -m pytest "$@"

@@ -64,7 +64,7 @@ def car_loss(
         own = torch.zeros_like(every)
         for m in masks[k]:
             peak = maps[k][m].max()
-            min_inside = min(min_inside, float(peak))
+            min_inside = min(min_inside, float(peak.detach()))
             if not w.tiered:
                 total = total + (1 - peak)
             elif peak < w.inside_low:

@@ -1,0 +1,292 @@
+"""What the Gradio app does, without Gradio: request validation, the token table, box drawing, and a
+:class:`Runner` that makes the baseline and the controlled image (same seed) with their attention maps.
+
+``ui.py`` holds only the layout and turns :class:`DemoError` into ``gr.Error``; everything here is plain Python
+and unit-tested. Method parameters come from the controls' dataclasses, so a new method appears in the UI
+with its defaults by being added to ``attncontrol.controls.METHODS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .controls import METHODS, make_controls, parse_boxes
+from .errors import AttnControlError
+
+
+class DemoError(AttnControlError, ValueError):
+    """A user mistake in the app (shown in the page; the app keeps serving)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for (a public demo must not be made to run for hours)."""
+
+    max_steps: int = 100
+    min_side: int = 64
+    max_side: int = 1024
+    max_subjects: int = 6
+    max_boxes: int = 8
+    max_prompt_chars: int = 400
+    max_guidance: float = 30.0
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter shown in the UI: a scalar field of the method's dataclass, with its default."""
+
+    method: str
+    name: str
+    kind: str  # "int", "float" or "bool"
+    default: Any
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ")
+
+
+_SCALAR = {"int": int, "float": float, "bool": bool}
+
+
+def method_params(methods: dict | None = None) -> list[Param]:
+    """Every scalar (int / float / bool) field with a default, of every method, in declaration order."""
+    out = []
+    for method, cls in (methods or METHODS).items():
+        for f in dataclasses.fields(cls):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if kind in _SCALAR and f.default is not dataclasses.MISSING:
+                out.append(Param(method, f.name, kind, f.default))
+    return out
+
+
+def token_rows(tokenizer, prompt: str) -> list[list]:
+    """``[index, token, word]`` for the prompt's tokens (start/end of text included), for the token table."""
+    from .tokens import tokenize
+
+    if not prompt or not prompt.strip():
+        return []
+    table = tokenize(tokenizer, prompt)
+    return [[r.index, r.token.removesuffix("</w>"), r.word] for r in table.rows() if r.index <= table.eot_index]
+
+
+def word_choices(tokenizer, prompt: str) -> list[str]:
+    """The prompt's distinct words, in order: what the user can tick as subjects."""
+    seen: dict[str, None] = {}
+    for _, _, word in token_rows(tokenizer, prompt):
+        if word and re.search(r"\w", word):
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def parse_subjects(picked, typed: str | None) -> list:
+    """Ticked words plus typed ones (``"red car, cat#2, 5"``; digits are token indices), without repeats."""
+    subjects: list = []
+    for s in list(picked or []) + [t.strip() for t in re.split(r"[,;]", typed or "") if t.strip()]:
+        value = int(s) if isinstance(s, str) and s.isdigit() else s
+        if value not in subjects:
+            subjects.append(value)
+    return subjects
+
+
+@dataclass
+class Request:
+    prompt: str
+    subjects: list
+    methods: list[str]
+    boxes: dict | None
+    seed: int
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def observed(self) -> list:
+        """Whose attention to show: the subjects, or the boxes' subjects for Refocus alone."""
+        return list(self.subjects) or list(self.boxes or {})
+
+
+def build_request(
+    prompt: str,
+    subjects: list,
+    methods: list[str],
+    boxes_text: str | None,
+    seed,
+    steps,
+    guidance_scale,
+    height,
+    width,
+    params: dict[tuple[str, str], Any] | None = None,
+    limits: Limits = Limits(),
+) -> Request:
+    """Validate everything a user typed; raise :class:`DemoError` naming the bad value."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise DemoError("type a prompt")
+    if len(prompt) > limits.max_prompt_chars:
+        raise DemoError(f"the prompt has {len(prompt)} characters; at most {limits.max_prompt_chars}")
+    methods = list(methods or [])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise DemoError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    if not methods:
+        raise DemoError(f"pick at least one method ({', '.join(METHODS)})")
+    if len(subjects) > limits.max_subjects:
+        raise DemoError(f"{len(subjects)} subjects; at most {limits.max_subjects}")
+    boxes = None
+    if boxes_text and boxes_text.strip():
+        if "refocus" not in methods:
+            raise DemoError("boxes are used by refocus: tick it, or clear the boxes")
+        try:
+            boxes = parse_boxes(boxes_text)
+        except ValueError as err:
+            raise DemoError(f"boxes: {err}") from None
+        if sum(len(b) for b in boxes.values()) > limits.max_boxes:
+            raise DemoError(f"at most {limits.max_boxes} boxes")
+    elif "refocus" in methods:
+        raise DemoError("refocus needs boxes, e.g. 'cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9'")
+    if any(m != "refocus" for m in methods) and not subjects:
+        raise DemoError(f"pick the subjects for {', '.join(m for m in methods if m != 'refocus')} (tick or type them)")
+    ints = {}
+    for label, value, lo, hi in (
+        ("steps", steps, 1, limits.max_steps),
+        ("height", height, limits.min_side, limits.max_side),
+        ("width", width, limits.min_side, limits.max_side),
+        ("seed", seed, 0, 2**32 - 1),
+    ):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise DemoError(f"{label} must be a whole number, got {value!r}") from None
+        if number != value and not (isinstance(value, float) and value.is_integer()):
+            raise DemoError(f"{label} must be a whole number, got {value!r}")
+        if not lo <= number <= hi:
+            raise DemoError(f"{label} must be between {lo} and {hi}, got {number}")
+        ints[label] = number
+    for label in ("height", "width"):
+        if ints[label] % 8:
+            raise DemoError(f"{label} must be a multiple of 8, got {ints[label]}")
+    try:
+        guidance = float(guidance_scale)
+    except (TypeError, ValueError):
+        raise DemoError(f"guidance scale must be a number, got {guidance_scale!r}") from None
+    if not 0 <= guidance <= limits.max_guidance:
+        raise DemoError(f"guidance scale must be between 0 and {limits.max_guidance}, got {guidance}")
+    options: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for (method, name), value in (params or {}).items():
+        if method in options:
+            options[method][name] = value
+    request = Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance,
+                      ints["height"], ints["width"], options)  # fmt: skip
+    try:
+        make_controls(methods, subjects, boxes, options)  # the dataclasses' own checks (ranges, boxes in [0, 1])
+    except (ValueError, TypeError) as err:
+        raise DemoError(str(err)) from None
+    return request
+
+
+def draw_boxes(boxes: dict | None, size: tuple[int, int], base=None):
+    """The boxes (normalised x0, y0, x1, y1) drawn with their subjects' names, over ``base`` or a blank canvas."""
+    from PIL import Image, ImageDraw
+
+    image = base.convert("RGB").copy() if base is not None else Image.new("RGB", size, (238, 238, 238))
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    palette = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152)]
+    for k, (subject, boxes_of) in enumerate((boxes or {}).items()):
+        color = palette[k % len(palette)]
+        for x0, y0, x1, y1 in boxes_of:
+            draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=color, width=max(2, w // 128))
+            draw.text((x0 * w + 4, y0 * h + 2), str(subject), fill=color)
+    return image
+
+
+@dataclass
+class DemoResult:
+    baseline: Any
+    controlled: Any
+    heatmaps: list[tuple[Any, str]]
+    curves: list[dict]  # rows {step, value, series} for the plot
+    summary: str
+
+
+class Runner:
+    """Owns the pipeline (loaded once, by the caller) and makes one comparison at a time."""
+
+    def __init__(self, pipe, model_name: str = "", limits: Limits = Limits()):
+        from .models import get_adapter
+
+        self.pipe = pipe
+        self.model_name = model_name
+        self.limits = limits
+        self.adapter = get_adapter(pipe)  # fails now, not on the first click, for an unsupported pipeline
+        self._lock = threading.Lock()  # runs swap the UNet's processors: one at a time on one pipeline
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    def native_size(self) -> tuple[int, int]:
+        return self.adapter.default_size()
+
+    def default_guidance(self) -> float:
+        import inspect
+
+        return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
+
+    def run(self, req: Request, progress=None) -> DemoResult:
+        """Baseline then controlled, same seed; ``progress(done, total, what)`` is called after every step."""
+        import torch
+
+        from .attention import attention_metrics
+        from .pipeline import generate
+
+        total = 2 * req.steps
+        controls = make_controls(req.methods, req.subjects, req.boxes, req.options)
+        device = self.pipe._execution_device
+        gen_device = "cpu" if device.type == "mps" else device
+        outputs = {}
+        with self._lock:
+            for offset, (label, ctl) in enumerate((("baseline", []), ("controlled", controls))):
+
+                def step_done(pipe, i, t, kwargs, offset=offset, label=label):
+                    if progress is not None:
+                        progress(offset * req.steps + i + 1, total, label)
+                    return kwargs
+
+                try:
+                    outputs[label] = generate(
+                        self.pipe, req.prompt, ctl, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                        height=req.height, width=req.width, generator=torch.Generator(gen_device).manual_seed(req.seed),
+                        attention=req.observed, callback_on_step_end=step_done,
+                    )  # fmt: skip
+                except (AttnControlError, ValueError, TypeError) as err:
+                    raise DemoError(str(err)) from None
+        base, ctrl = outputs["baseline"], outputs["controlled"]
+        heatmaps = []
+        for label, out in (("baseline", base), ("controlled", ctrl)):
+            for subject in out.attention.labels[0]:
+                heatmaps.append((out.attention.heatmap(subject), f"{label} · {subject}"))
+        if req.boxes:
+            heatmaps.append((draw_boxes(req.boxes, ctrl.images[0].size, ctrl.images[0]), "controlled · boxes"))
+        curves = []
+        for r in ctrl.trace:
+            for name, values in r.losses.items():
+                curves.append({"step": r.index, "value": float(values[0]), "series": f"{name} loss"})
+        for label, out in (("baseline", base), ("controlled", ctrl)):
+            maps = out.attention.maps[:, 0]
+            for k, step in enumerate(out.attention.steps):
+                weakest = attention_metrics(maps[k : k + 1])["min_subject_attention"]
+                curves.append({"step": step, "value": weakest, "series": f"weakest subject attention ({label})"})
+        mb, mc = base.attention.metrics(), ctrl.attention.metrics()
+        summary = (
+            f"weakest subject attention: baseline {mb['min_subject_attention']:.3f} → controlled "
+            f"{mc['min_subject_attention']:.3f}; subject overlap {mb['subject_overlap']:.3f} → "
+            f"{mc['subject_overlap']:.3f} (seed {req.seed}, {req.steps} steps, {'+'.join(req.methods)})"
+        )
+        return DemoResult(base.images[0], ctrl.images[0], heatmaps, curves, summary)

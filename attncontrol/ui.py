@@ -1,0 +1,169 @@
+"""``attncontrol ui``: the Gradio app (layout only; the work is in ``demo.py``).
+
+Nothing runs at import: ``main()`` loads the model once and builds the app with :func:`build_demo`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from .controls import METHODS
+from .demo import DemoError, Limits, Runner, build_request, draw_boxes, method_params, parse_subjects, word_choices
+
+
+def example_prompts(per_group: int = 2) -> list[list[str]]:
+    """``[prompt, "subject, subject"]`` from each group of the Attend-and-Excite evaluation set."""
+    from .batch import auto_subjects
+
+    data = json.loads(resources.files("attncontrol").joinpath("data/ae_prompts.json").read_text())
+    prompts = [p for group in ("animals", "animals_objects", "objects") for p in data[group][:per_group]]
+    return [[p, ", ".join(auto_subjects(p))] for p in prompts]
+
+
+def build_demo(runner: Runner, limits: Limits | None = None):
+    import gradio as gr
+    import pandas as pd
+
+    limits = limits or runner.limits
+    params = method_params()
+    height0, width0 = runner.native_size()
+
+    def on_prompt(prompt, picked):
+        try:
+            from .demo import token_rows
+
+            rows = token_rows(runner.tokenizer, prompt)
+            words = word_choices(runner.tokenizer, prompt)
+        except (ValueError, TypeError):
+            rows, words = [], []
+        kept = [w for w in (picked or []) if w in words]
+        table = pd.DataFrame(rows, columns=["index", "token", "word"])
+        return table, gr.update(choices=words, value=kept)
+
+    def on_boxes(text, height, width):
+        from .controls import parse_boxes
+
+        try:
+            boxes = parse_boxes(text) if text and text.strip() else {}
+        except ValueError:
+            boxes = {}
+        size = (int(width or width0), int(height or height0))
+        return draw_boxes(boxes, size)
+
+    track = gr.Progress()  # gradio finds it as the handler's default and reports through it
+
+    def run(prompt, picked, typed, methods, boxes, seed, steps, guidance, height, width, *values, progress=track):
+        chosen = {(p.method, p.name): v for p, v in zip(params, values)}
+        try:
+            req = build_request(
+                prompt,
+                parse_subjects(picked, typed),
+                methods,
+                boxes,
+                seed,
+                steps,
+                guidance,
+                height,
+                width,
+                chosen,
+                limits,
+            )
+            result = runner.run(req, progress=lambda done, total, what: progress((done, total), desc=what))
+        except DemoError as err:
+            raise gr.Error(str(err)) from None
+        curves = pd.DataFrame(result.curves, columns=["step", "value", "series"])
+        return result.baseline, result.controlled, result.heatmaps, curves, result.summary
+
+    with gr.Blocks(title="attncontrol") as demo:
+        gr.Markdown(
+            "## attncontrol: make the model draw every subject\n"
+            f"Model: `{runner.model_name}`. Type a prompt, tick the subjects, pick methods, run: the baseline and "
+            "the controlled image use the same seed."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", value="", placeholder="a cat and a dog", elem_id="prompt")
+                subjects = gr.CheckboxGroup(label="Subjects (tick words of the prompt)", choices=[], elem_id="subjects")
+                typed = gr.Textbox(
+                    label="…or type subjects (comma-separated: words, 'red car', 'cat#2', indices)",
+                    elem_id="typed-subjects",
+                )
+                methods = gr.CheckboxGroup(
+                    label="Methods", choices=list(METHODS), value=["attend-excite"], elem_id="methods"
+                )
+                boxes = gr.Textbox(
+                    label="Boxes for refocus (normalised x0,y0,x1,y1)",
+                    placeholder="cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9",
+                    elem_id="boxes",
+                )
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+                    steps = gr.Slider(
+                        1, limits.max_steps, value=min(50, limits.max_steps), step=1, label="Steps", elem_id="steps"
+                    )
+                    guidance = gr.Slider(
+                        0, limits.max_guidance, value=runner.default_guidance(), step=0.5, label="Guidance scale"
+                    )
+                with gr.Row():
+                    height = gr.Slider(
+                        limits.min_side, limits.max_side, value=height0, step=8, label="Height", elem_id="height"
+                    )
+                    width = gr.Slider(
+                        limits.min_side, limits.max_side, value=width0, step=8, label="Width", elem_id="width"
+                    )
+                param_inputs = []
+                for method in METHODS:
+                    with gr.Accordion(f"{method} parameters", open=False):
+                        for p in (p for p in params if p.method == method):
+                            if p.kind == "bool":
+                                param_inputs.append(gr.Checkbox(label=p.label, value=p.default))
+                            else:
+                                param_inputs.append(
+                                    gr.Number(label=p.label, value=p.default, precision=0 if p.kind == "int" else None)
+                                )
+                run_btn = gr.Button("Run", variant="primary", elem_id="run")
+            with gr.Column(scale=2):
+                token_table = gr.Dataframe(
+                    headers=["index", "token", "word"], label="Tokens", interactive=False, elem_id="tokens"
+                )
+                box_preview = gr.Image(label="Boxes", type="pil", interactive=False, height=220)
+        with gr.Row():
+            baseline = gr.Image(
+                label="Baseline (no control)",
+                type="pil",
+                interactive=False,
+                format="png",
+                height=384,
+                elem_id="baseline",
+            )
+            controlled = gr.Image(
+                label="Controlled", type="pil", interactive=False, format="png", height=384, elem_id="controlled"
+            )
+        heatmaps = gr.Gallery(
+            label="Attention heatmaps (mean over steps)", columns=4, height="auto", elem_id="heatmaps"
+        )
+        curve = gr.LinePlot(
+            x="step", y="value", color="series", label="Loss and weakest subject attention per step", elem_id="curve"
+        )
+        summary = gr.Markdown(elem_id="summary")
+        gr.Examples(examples=example_prompts(), inputs=[prompt, typed], label="Examples (Attend-and-Excite set)")
+
+        prompt.change(on_prompt, [prompt, subjects], [token_table, subjects], queue=False)
+        for trigger in (boxes.change, height.change, width.change):
+            trigger(on_boxes, [boxes, height, width], box_preview, queue=False)
+        run_btn.click(
+            run,
+            [prompt, subjects, typed, methods, boxes, seed, steps, guidance, height, width, *param_inputs],
+            [baseline, controlled, heatmaps, curve, summary],
+            api_name="run",
+        )
+    return demo
+
+
+def launch(runner: Runner, host: str = "127.0.0.1", port: int | None = 7860, concurrency: int = 1, **kwargs):
+    """Build and serve the app (``prevent_thread_lock=True`` returns at once, for tests)."""
+    demo = build_demo(runner)
+    demo.queue(default_concurrency_limit=concurrency)
+    demo.launch(server_name=host, server_port=port, show_error=True, **kwargs)
+    return demo

@@ -1,0 +1,257 @@
+"""The Gradio app: pure handlers, the runner, an end-to-end gradio_client run, and a real browser."""
+
+import dataclasses
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import attncontrol
+from attncontrol.controls import METHODS
+from attncontrol.demo import (
+    DemoError,
+    Limits,
+    Runner,
+    build_request,
+    draw_boxes,
+    method_params,
+    parse_subjects,
+    token_rows,
+    word_choices,
+)
+
+from .conftest import processor_snapshot, seeded
+
+gr = pytest.importorskip("gradio")  # installed by scripts/test.sh (the [ui] extra)
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("ATTNCONTROL_ARTIFACTS", ROOT / "test-artifacts"))
+CHROMIUM = os.environ.get("ATTNCONTROL_CHROMIUM", "/usr/bin/chromium")
+
+
+def _request(**kw):
+    args = dict(prompt="a cat and a dog", subjects=["cat", "dog"], methods=["attend-excite"], boxes_text="",
+                seed=0, steps=3, guidance_scale=7.5, height=64, width=64)  # fmt: skip
+    args.update(kw)
+    return build_request(**args)
+
+
+# ------------------------------------------------------------------ pure handlers
+
+
+def test_method_params_come_from_the_dataclasses():
+    params = method_params()
+    assert {p.method for p in params} == set(METHODS)
+    for method, cls in METHODS.items():
+        scalar = [f for f in dataclasses.fields(cls) if f.type in ("int", "float", "bool")]
+        mine = [p for p in params if p.method == method]
+        assert [p.name for p in mine] == [f.name for f in scalar]
+        assert [p.default for p in mine] == [f.default for f in scalar]
+    ae = {p.name: p for p in params if p.method == "attend-excite"}
+    assert ae["max_iter_to_alter"].default == attncontrol.AttendExcite(subjects=["cat"]).max_iter_to_alter
+    assert ae["scale_factor"].kind == "float" and ae["smooth_attentions"].kind == "bool"
+
+
+def test_token_table_words_and_subjects(tokenizer):
+    rows = token_rows(tokenizer, "a cat and a dog")
+    assert [r[0] for r in rows] == list(range(7)) and rows[2] == [2, "cat", "cat"]
+    assert word_choices(tokenizer, "a cat and a dog, a cat!") == ["a", "cat", "and", "dog"]
+    assert token_rows(tokenizer, "   ") == [] and word_choices(tokenizer, "") == []
+    assert parse_subjects(["cat"], "dog, red car; cat, 5") == ["cat", "dog", "red car", 5]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt="  "), "type a prompt"),
+        (dict(methods=[]), "pick at least one method"),
+        (dict(methods=["magic"]), "unknown method(s) ['magic']"),
+        (dict(subjects=[]), "pick the subjects for attend-excite"),
+        (dict(steps=500), "steps must be between 1 and 100, got 500"),
+        (dict(steps=2.5), "steps must be a whole number, got 2.5"),
+        (dict(height=68), "height must be a multiple of 8, got 68"),
+        (dict(width=4096), "width must be between 64 and 1024, got 4096"),
+        (dict(guidance_scale=-1), "guidance scale must be between 0 and 30.0, got -1.0"),
+        (dict(subjects=list("abcdefg")), "7 subjects; at most 6"),
+        (dict(boxes_text="cat=0,0,0.5,1"), "boxes are used by refocus"),
+        (dict(methods=["refocus"]), "refocus needs boxes"),
+        (dict(methods=["refocus"], boxes_text="cat=0.1,0.1,1.5,0.9"), "1.5"),
+        (dict(methods=["refocus"], boxes_text="cat=0.1,0.1"), "expected 4 numbers"),
+        (dict(params={("attend-excite", "scale_factor"): -3.0}), "scale_factor must be > 0, got -3.0"),
+    ],
+)
+def test_user_mistakes_are_named(change, message):
+    with pytest.raises(DemoError) as err:
+        _request(**change)
+    assert message in str(err.value)
+
+
+def test_request_options_and_limits():
+    req = _request(methods=["attend-excite", "refocus"], boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1",
+                   params={("attend-excite", "max_iter_to_alter"): 2, ("astar", "mask_threshold"): 0.3})  # fmt: skip
+    assert req.options == {"attend-excite": {"max_iter_to_alter": 2}, "refocus": {}}  # unticked methods ignored
+    assert req.observed == ["cat", "dog"]
+    assert _request(methods=["refocus"], subjects=[], boxes_text="cat=0,0,0.5,1").observed == ["cat"]
+    with pytest.raises(DemoError, match="at most 1 boxes"):
+        _request(methods=["refocus"], boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1", limits=Limits(max_boxes=1))
+
+
+def test_draw_boxes_draws_where_the_box_is():
+    image = draw_boxes({"cat": [(0.25, 0.25, 0.75, 0.75)]}, (64, 64))
+    px = np.asarray(image)
+    assert tuple(px[16, 40]) != (238, 238, 238)  # on the top edge of the box
+    assert tuple(px[32, 32]) == (238, 238, 238) and tuple(px[2, 2]) == (238, 238, 238)  # inside / outside
+    over = draw_boxes({"cat": [(0, 0, 1, 1)]}, (8, 8), base=Image.new("RGB", (32, 32), "black"))
+    assert over.size == (32, 32)
+
+
+# ------------------------------------------------------------------ runner
+
+
+def test_runner_compares_with_the_baseline_and_restores(sd1):
+    before = processor_snapshot(sd1.unet)
+    runner = Runner(sd1, "tiny")
+    calls = []
+    result = runner.run(_request(), progress=lambda done, total, what: calls.append((done, total, what)))
+    plain = attncontrol.generate(sd1, "a cat and a dog", [], num_inference_steps=3, generator=seeded(0)).images[0]
+    assert np.array_equal(np.asarray(result.baseline), np.asarray(plain))  # the baseline is the stock pipeline
+    assert not np.array_equal(np.asarray(result.controlled), np.asarray(plain))
+    assert [c[0] for c in calls] == list(range(1, 7)) and calls[-1][1] == 6
+    assert [c[2] for c in calls] == ["baseline"] * 3 + ["controlled"] * 3
+    assert [cap for _, cap in result.heatmaps] == [
+        "baseline · cat", "baseline · dog", "controlled · cat", "controlled · dog"
+    ]  # fmt: skip
+    assert all(img.size == (64, 64) for img, _ in result.heatmaps)
+    series = {row["series"] for row in result.curves}
+    assert series == {"attend_excite loss", "weakest subject attention (baseline)",
+                      "weakest subject attention (controlled)"}  # fmt: skip
+    assert "weakest subject attention" in result.summary
+    with pytest.raises(DemoError, match="'horse' is not in the prompt"):
+        runner.run(_request(subjects=["cat", "horse"]))
+    assert processor_snapshot(sd1.unet) == before
+    boxed = runner.run(_request(methods=["refocus"], subjects=[], boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1"))
+    assert boxed.heatmaps[-1][1] == "controlled · boxes"
+
+
+# ------------------------------------------------------------------ served app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_dirs):
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    from attncontrol.ui import launch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd1"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    port = _free_port()
+    demo = launch(Runner(pipe, "tiny-sd1"), port=port, prevent_thread_lock=True, quiet=True)
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_app_binds_locally_and_serves_one_request_at_a_time(app):
+    demo, _ = app
+    assert demo.server_name == "127.0.0.1"
+    run = next(fn for fn in demo.fns.values() if fn.api_name == "run")
+    assert run.concurrency_limit == "default" and demo._queue.default_concurrency_limit == 1
+
+
+def test_gradio_client_end_to_end(app):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    _, url = app
+    client = Client(url, verbose=False)
+
+    def call(subjects):
+        return client.predict("a cat and a dog", [], subjects, ["attend-excite"], "", 0, 3, 7.5, 64, 64,
+                              api_name="/run")  # fmt: skip
+
+    baseline, controlled, gallery, curve, summary = call("cat, dog")
+    with Image.open(baseline) as b, Image.open(controlled) as c:
+        assert b.size == c.size == (64, 64)
+        assert not np.array_equal(np.asarray(b), np.asarray(c))
+    captions = [g["caption"] for g in gallery]
+    assert captions == ["baseline · cat", "baseline · dog", "controlled · cat", "controlled · dog"]
+    assert curve["columns"] == ["step", "value", "series"] and len(curve["data"]) == 3 * 3
+    assert "weakest subject attention" in summary
+    with pytest.raises(AppError, match="'horse' is not in the prompt"):
+        call("cat, horse")
+    assert call("dog")[4]  # still serving after the mistake
+
+
+# ------------------------------------------------------------------ real browser
+
+
+def _chromium_context(playwright, data_dir):
+    return playwright.chromium.launch_persistent_context(
+        data_dir,
+        executable_path=CHROMIUM,
+        headless=True,
+        viewport={"width": 1400, "height": 1800},
+        args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"],
+    )  # fmt: skip
+
+
+def test_browser_pick_subjects_run_and_see_maps(app):
+    """Debian's Chromium through Playwright: type a prompt, tick subjects, run, see both images and the heatmaps;
+    then a mistake shows an error in the page and the app keeps serving. Saves screenshots."""
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("ATTNCONTROL_SKIP_BROWSER") == "1":
+            pytest.skip("no Chromium and ATTNCONTROL_SKIP_BROWSER=1")
+        pytest.fail(f"{CHROMIUM} not found: install it with `apt-get install -y chromium` (scripts/test.sh does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = app
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    data_dir = tempfile.mkdtemp(prefix="attncontrol-chromium-")
+    try:
+        with sync_playwright() as p:
+            ctx = _chromium_context(p, data_dir)
+            page = ctx.new_page()
+            page.goto(url)
+            page.locator("#prompt textarea").fill("a cat and a dog")
+            page.get_by_label("cat", exact=True).check(timeout=30_000)  # the subject boxes follow the prompt
+            page.get_by_label("dog", exact=True).check()
+            expect(page.locator("#tokens")).to_contain_text("startoftext")  # the token table
+            steps = page.locator("#steps input[type=number]")
+            steps.fill("3")
+            steps.press("Enter")
+            page.locator("#run").click()
+            expect(page.locator("#baseline img")).to_be_visible(timeout=120_000)
+            expect(page.locator("#controlled img")).to_be_visible(timeout=120_000)
+            expect(page.locator("#heatmaps img")).to_have_count(4, timeout=60_000)
+            expect(page.locator("#summary")).to_contain_text("weakest subject attention")
+            for sel in ("#baseline img", "#controlled img"):
+                assert page.locator(sel).evaluate("img => img.complete && img.naturalWidth") == 64
+            page.screenshot(path=str(ARTIFACTS / "ui-browser.png"), full_page=True)
+
+            page.locator("#typed-subjects textarea").fill("horse")
+            page.locator("#run").click()
+            expect(page.get_by_text("'horse' is not in the prompt").first).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-browser-error.png"))  # the viewport, where the toast is
+            page.locator("#typed-subjects textarea").fill("")
+            page.locator("#prompt textarea").fill("a frog with a crown")  # still serving: the page still reacts
+            expect(page.get_by_label("crown", exact=True)).to_be_visible(timeout=30_000)
+            ctx.close()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    with Image.open(ARTIFACTS / "ui-browser.png") as shot:
+        assert shot.width == 1400 and shot.height > 1000
