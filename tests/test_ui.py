@@ -255,3 +255,16 @@ def test_browser_pick_subjects_run_and_see_maps(app):
         shutil.rmtree(data_dir, ignore_errors=True)
     with Image.open(ARTIFACTS / "ui-browser.png") as shot:
         assert shot.width == 1400 and shot.height > 1000
+
+
+def test_nothing_loads_at_import_and_a_bad_model_fails_clearly(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from attncontrol.cli import main
+
+    code = "import sys, attncontrol.ui, attncontrol.demo; print('gradio' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    assert main(["ui", "--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
