@@ -206,6 +206,25 @@ def draw_boxes(boxes: dict | None, size: tuple[int, int], base=None):
     return image
 
 
+def click_box(pending, point, size, subject, boxes_text: str | None):
+    """Drawing a box on the canvas: the first click keeps a corner (returned as ``pending``), the second adds
+    ``subject=x0,y0,x1,y1`` (normalised, ordered) to the boxes text. Returns ``(pending, boxes_text)``."""
+    subject = (subject or "").strip()
+    if not subject:
+        raise DemoError("choose the subject the box is for, then click two opposite corners")
+    if "=" in subject or ";" in subject:
+        raise DemoError(f"a subject cannot contain '=' or ';', got {subject!r}")
+    (x, y), (w, h) = point, size
+    corner = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
+    if pending is None:
+        return corner, boxes_text or ""
+    (x0, x1), (y0, y1) = sorted((pending[0], corner[0])), sorted((pending[1], corner[1]))
+    if x1 - x0 < 0.02 or y1 - y0 < 0.02:
+        raise DemoError("that box is too small: click two opposite corners")
+    entry = f"{subject}={x0:.3f},{y0:.3f},{x1:.3f},{y1:.3f}"
+    return None, "; ".join(part for part in ((boxes_text or "").strip().rstrip(";").strip(), entry) if part)
+
+
 @dataclass
 class DemoResult:
     baseline: Any

@@ -9,7 +9,17 @@ import json
 from importlib import resources
 
 from .controls import METHODS
-from .demo import DemoError, Limits, Runner, build_request, draw_boxes, method_params, parse_subjects, word_choices
+from .demo import (
+    DemoError,
+    Limits,
+    Runner,
+    build_request,
+    click_box,
+    draw_boxes,
+    method_params,
+    parse_subjects,
+    word_choices,
+)
 
 
 def example_prompts(per_group: int = 2) -> list[list[str]]:
@@ -39,7 +49,18 @@ def build_demo(runner: Runner, limits: Limits | None = None):
             rows, words = [], []
         kept = [w for w in (picked or []) if w in words]
         table = pd.DataFrame(rows, columns=["index", "token", "word"])
-        return table, gr.update(choices=words, value=kept)
+        return table, gr.update(choices=words, value=kept), gr.update(choices=words)
+
+    def on_canvas_click(pending, subject, text, height, width, evt: gr.SelectData):
+        size = (int(width or width0), int(height or height0))
+        try:
+            pending, text = click_box(pending, evt.index, size, subject, text)
+        except DemoError as err:
+            raise gr.Error(str(err)) from None
+        return pending, text
+
+    # gradio finds the event-data parameter by its annotation: give it the class, not the postponed string
+    on_canvas_click.__annotations__["evt"] = gr.SelectData
 
     def on_boxes(text, height, width):
         from .controls import parse_boxes
@@ -127,7 +148,18 @@ def build_demo(runner: Runner, limits: Limits | None = None):
                 token_table = gr.Dataframe(
                     headers=["index", "token", "word"], label="Tokens", interactive=False, elem_id="tokens"
                 )
-                box_preview = gr.Image(label="Boxes", type="pil", interactive=False, height=220)
+                box_subject = gr.Dropdown(
+                    label="Draw a box for", choices=[], allow_custom_value=True, elem_id="box-subject"
+                )
+                box_preview = gr.Image(
+                    value=draw_boxes({}, (width0, height0)),
+                    label="Boxes: click two opposite corners on this canvas (or type them)",
+                    type="pil",
+                    interactive=False,
+                    elem_id="box-canvas",  # no fixed height: with one, clicks on the image are not reported
+                )
+                clear_boxes = gr.Button("Clear boxes", size="sm")
+                pending = gr.State(None)
         with gr.Row():
             baseline = gr.Image(
                 label="Baseline (no control)",
@@ -149,7 +181,9 @@ def build_demo(runner: Runner, limits: Limits | None = None):
         summary = gr.Markdown(elem_id="summary")
         gr.Examples(examples=example_prompts(), inputs=[prompt, typed], label="Examples (Attend-and-Excite set)")
 
-        prompt.change(on_prompt, [prompt, subjects], [token_table, subjects], queue=False)
+        prompt.change(on_prompt, [prompt, subjects], [token_table, subjects, box_subject], queue=False)
+        box_preview.select(on_canvas_click, [pending, box_subject, boxes, height, width], [pending, boxes], queue=False)
+        clear_boxes.click(lambda: (None, ""), None, [pending, boxes], queue=False)
         for trigger in (boxes.change, height.change, width.change):
             trigger(on_boxes, [boxes, height, width], box_preview, queue=False)
         run_btn.click(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -18,6 +19,7 @@ from attncontrol.demo import (
     Limits,
     Runner,
     build_request,
+    click_box,
     draw_boxes,
     method_params,
     parse_subjects,
@@ -108,6 +110,21 @@ def test_draw_boxes_draws_where_the_box_is():
     assert tuple(px[32, 32]) == (238, 238, 238) and tuple(px[2, 2]) == (238, 238, 238)  # inside / outside
     over = draw_boxes({"cat": [(0, 0, 1, 1)]}, (8, 8), base=Image.new("RGB", (32, 32), "black"))
     assert over.size == (32, 32)
+
+
+def test_click_box_two_corners_make_a_box():
+    pending, text = click_box(None, (48, 8), (64, 32), "cat", "")
+    assert pending == (0.75, 0.25) and text == ""
+    pending, text = click_box(pending, (16, 24), (64, 32), "cat", "")  # any two opposite corners, ordered
+    assert pending is None and text == "cat=0.250,0.250,0.750,0.750"
+    _, text = click_box(click_box(None, (-5, 0), (64, 32), "dog", text)[0], (70, 40), (64, 32), "dog", text)
+    assert text == "cat=0.250,0.250,0.750,0.750; dog=0.000,0.000,1.000,1.000"  # clamped to the canvas
+    with pytest.raises(DemoError, match="choose the subject"):
+        click_box(None, (1, 1), (64, 64), "", "")
+    with pytest.raises(DemoError, match="too small"):
+        click_box((0.5, 0.5), (32, 33), (64, 64), "cat", "")
+    req = _request(methods=["refocus"], boxes_text=text)  # what the canvas writes, the parser reads
+    assert req.boxes == {"cat": [(0.25, 0.25, 0.75, 0.75)], "dog": [(0.0, 0.0, 1.0, 1.0)]}
 
 
 # ------------------------------------------------------------------ runner
@@ -248,6 +265,14 @@ def test_browser_pick_subjects_run_and_see_maps(app):
             expect(page.get_by_text("'horse' is not in the prompt").first).to_be_visible(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "ui-browser-error.png"))  # the viewport, where the toast is
             page.locator("#typed-subjects textarea").fill("")
+            # a box drawn on the canvas: pick its subject, click two opposite corners
+            page.locator("#box-subject input").fill("cat")
+            page.locator("#box-subject input").press("Enter")
+            canvas = page.locator("#box-canvas img")
+            box = canvas.bounding_box()
+            canvas.click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.3})
+            canvas.click(position={"x": box["width"] * 0.6, "y": box["height"] * 0.9})
+            expect(page.locator("#boxes textarea")).to_have_value(re.compile(r"^cat=0\.\d+,0\.\d+,0\.\d+,0\.\d+$"))
             page.locator("#prompt textarea").fill("a frog with a crown")  # still serving: the page still reacts
             expect(page.get_by_label("crown", exact=True)).to_be_visible(timeout=30_000)
             ctx.close()
