@@ -162,3 +162,13 @@ def test_cli_save_attention(tiny_dirs, tmp_path, capsys):
                  "--out", str(out), "--save-attention", str(tmp_path / "a2")])  # fmt: skip
     assert code == 2 and "--subjects" in capsys.readouterr().err
     assert json.loads(Image.open(out).text["parameters"])["steps"] == 3  # the failed run left the old file alone
+
+
+def test_sdxl_and_sd2_are_observed(sdxl, sd2):
+    plain = attncontrol.generate(sdxl, PROMPT, [], num_inference_steps=3, generator=seeded(0), output_type="latent")
+    seen = attncontrol.generate(sdxl, PROMPT, [], num_inference_steps=3, generator=seeded(0), output_type="latent",
+                                attention=["cat", "dog"])  # fmt: skip
+    torch.testing.assert_close(seen.images, plain.images, rtol=0, atol=0)
+    assert seen.attention.maps.shape[:3] == (3, 1, 2) and torch.isfinite(seen.attention.maps).all()
+    out = _run(sd2, steps=3, attention=["cat", "dog"])
+    assert out.attention.maps.shape[:3] == (3, 1, 2) and torch.isfinite(out.attention.maps).all()
