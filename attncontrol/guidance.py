@@ -3,6 +3,7 @@ iterative refinement; batched over images, each image with its own refinement de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .controls.base import PreparedControl, StepInfo
+from .perf import checkpointing
 from .store import AttentionStore
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,10 @@ class GuidanceEngine:
         cond: dict[str, torch.Tensor],
         timesteps: torch.Tensor,
         cross_attention_kwargs=None,
+        checkpointing: bool = False,
     ):
+        """``checkpointing``: in guidance passes, run the UNet layers before the last captured block under
+        gradient checkpointing (less memory, one extra forward of those layers per pass; same results)."""
         self.adapter = adapter
         self.store = store
         self.controls = controls
@@ -54,6 +59,7 @@ class GuidanceEngine:
         self.cross_attention_kwargs = cross_attention_kwargs
         self.map_keys = sorted({(kind, c.resolution) for c in controls for kind in c.kinds})
         self.active = list(controls)
+        self.checkpointing = checkpointing
 
     def needed_at(self, i: int) -> bool:
         return any(c.updates_at(i) or c.refines_at(i) for c in self.controls)
@@ -66,13 +72,19 @@ class GuidanceEngine:
         self.store.active = True
         try:
             cond = {key: value[images] for key, value in self.cond.items()}
-            self.adapter.guidance_forward(leaf, t, cond, self.cross_attention_kwargs)
+            with self._memory_options():
+                self.adapter.guidance_forward(leaf, t, cond, self.cross_attention_kwargs)
         finally:
             self.store.active = False
         maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}
         info = StepInfo(index=i, timestep=float(t), total=len(self.timesteps))
         losses = {c.name: c.loss(maps, images, info) for c in self.active}
         return leaf, self._objective(losses, i, self.active), losses
+
+    def _memory_options(self):
+        if not self.checkpointing:
+            return contextlib.nullcontext()
+        return checkpointing(self.adapter.checkpoint_modules(self.store.last_layer), self.store)
 
     @staticmethod
     def _objective(losses, i: int, controls) -> torch.Tensor:

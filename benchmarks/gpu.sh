@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One script for a GPU machine (sized for under 8 minutes on one H100): fp16 correctness, then the benchmark
-# tables at 512 px fp16. Run from the repository root after `pip install -e .` (plus open-clip-torch --no-deps).
+# One script for a GPU machine (sized for under 8 minutes on one H100): fp16 correctness (and gradient
+# checkpointing giving the same images), then the benchmark tables at 512 px fp16 (the guidance-pass tables
+# include the gradient-checkpointing row). Run from the repository root after `pip install -e .` (plus
+# open-clip-torch --no-deps).
 #   bash benchmarks/gpu.sh 2>&1 | tee gpu.log
 set -euo pipefail
 export HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
@@ -21,6 +23,15 @@ assert (half == half).all() and abs(half).max() < 1e3, "NaN/inf in fp16"
 diff = abs(half.astype("float32") - ref).max()
 print(f"fp16 vs fp32 (tiny model, 20 steps, A&E): max abs pixel difference {diff:.4f} (tolerance 0.05)")
 assert diff < 0.05
+# gradient checkpointing of the guidance forward: same images in fp16 on CUDA
+import functools
+from attncontrol.guidance import GuidanceEngine
+attncontrol.pipeline.GuidanceEngine = functools.partial(GuidanceEngine, checkpointing=True)
+ckpt = run()
+attncontrol.pipeline.GuidanceEngine = GuidanceEngine
+cdiff = abs(ckpt.astype("float32") - half.astype("float32")).max()
+print(f"fp16, gradient checkpointing vs without (tiny model, 20 steps, A&E): max abs pixel difference {cdiff:.1e}")
+assert cdiff < 1e-3
 PY
 python benchmarks/guidance_pass.py --device cuda --dtype fp16 --repeats 5
 python benchmarks/whole_image.py --device cuda --dtype fp16 --steps 50

@@ -9,7 +9,9 @@ diffusers-style all-layers capture fits in 24 GiB here (24x24 maps: SDXL's level
 diffusers' approach = its StableDiffusionAttendAndExcitePipeline's: explicit-attention processors in all
 attention layers, a full forward, UNet parameters left requiring grad. Ours = capture processors on the
 cross-attention layers at the map resolution only (SDPA elsewhere), early exit after the last of them,
-parameters frozen.
+parameters frozen. A third row runs ours with gradient checkpointing (``checkpointing=True``: the layers of the blocks
+before the one holding the last captured layer are recomputed in the backward instead of keeping their
+activations).
 Each variant runs in its own process so peak memory is its own.
 """
 
@@ -72,21 +74,24 @@ def run_diffusers(unet, latents, cond, t, repeats, device):
     return times[1:], float(grad.abs().sum())
 
 
-def run_ours(unet, latents, cond, t, repeats, device):
+def ours_engine(unet, latents, cond, t, checkpointing=False):
+    """(engine, control, context to enter) for our A&E guidance pass on a bare UNet (no pipeline around it)."""
     from attncontrol.controls import AttendExcite
     from attncontrol.controls.base import ControlContext
     from attncontrol.guidance import GuidanceEngine
+    from attncontrol.perf import checkpoint_layers
     from attncontrol.pipeline import _frozen
     from attncontrol.processors.capture import capture_layers, find_attention_layers, layer_resolution
-    from attncontrol.store import AttentionStore
+    from attncontrol.store import AttentionStore, EarlyExit
     from attncontrol.testing import make_clip_tokenizer
 
-    class Adapter:  # the SD adapter's guidance forward, without a pipeline around the bare UNet
+    class Adapter:  # the SD adapter's guidance forward and checkpointed blocks, on the bare UNet
         def guidance_forward(self, x, t, c, kw=None):
-            from attncontrol.store import EarlyExit
-
             with contextlib.suppress(EarlyExit):
                 unet(x, t, **_unet_kwargs(c))
+
+        def checkpoint_modules(self, last_layer):
+            return checkpoint_layers(unet, last_layer)
 
     hw = tuple(latents.shape[-2:])
     res = (hw[0] // 4, hw[1] // 4)
@@ -96,13 +101,28 @@ def run_ours(unet, latents, cond, t, repeats, device):
     prompt = "a cat and a dog"
     ctx = ControlContext(tok, [prompt], [prompt], 1, hw, 50, [res], res, False, device=latents.device)
     control = AttendExcite(subjects=["cat", "dog"]).prepare(ctx)
-    engine = GuidanceEngine(Adapter(), store, [control], cond, torch.full((50,), float(t)))
+    engine = GuidanceEngine(Adapter(), store, [control], cond, torch.full((50,), float(t)), checkpointing=checkpointing)
+    stack = contextlib.ExitStack()
+    stack.enter_context(capture_layers(unet, store))
+    stack.enter_context(_frozen(unet))
+    stack.enter_context(torch.enable_grad())
+    return engine, control, stack
+
+
+def guidance_pass(engine, control, latents):
+    """One pass: forward to the last captured layer, loss, gradient w.r.t. the latents."""
+    leaf, objective, _ = engine._evaluate(latents, [0], 0)
+    (grad,) = torch.autograd.grad(objective.sum() / control.step_size(0), [leaf])
+    return grad
+
+
+def run_ours(unet, latents, cond, t, repeats, device, checkpointing=False):
+    engine, control, stack = ours_engine(unet, latents, cond, t, checkpointing)
     times = []
-    with capture_layers(unet, store), _frozen(unet), torch.enable_grad():
+    with stack:
         for _ in range(repeats + 1):
             with Timer() as timer:
-                leaf, objective, _ = engine._evaluate(latents, [0], 0)
-                (grad,) = torch.autograd.grad(objective.sum() / control.step_size(0), [leaf])
+                grad = guidance_pass(engine, control, latents)
                 _sync(device)
             times.append(timer.seconds)
     return times[1:], float(grad.abs().sum())
@@ -128,8 +148,10 @@ def child(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base = _peak_mem(args.device)
-    fn = run_ours if args.variant == "ours" else run_diffusers
-    times, gsum = fn(unet, latents, cond, 500, args.repeats, args.device)
+    if args.variant == "diffusers":
+        times, gsum = run_diffusers(unet, latents, cond, 500, args.repeats, args.device)
+    else:
+        times, gsum = run_ours(unet, latents, cond, 500, args.repeats, args.device, args.variant == "ours-ckpt")
     print(
         json.dumps(
             {
@@ -156,7 +178,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--size", type=int, default=None, help="pixels; default 512 (sd15) or 768 (sdxl)")
-    parser.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["ours", "ours-ckpt", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.size = args.size or (768 if args.arch == "sdxl" else 512)
     if args.size % 32:
@@ -164,7 +186,7 @@ def main() -> None:
     if args.variant:
         return child(args)
     rows = {}
-    for variant in ("diffusers", "ours"):
+    for variant in ("diffusers", "ours", "ours-ckpt"):
         cmd = [sys.executable, __file__, "--variant", variant, "--arch", args.arch, "--repeats", str(args.repeats),
                "--device", args.device, "--dtype", args.dtype, "--size", str(args.size)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -174,8 +196,8 @@ def main() -> None:
         if proc.returncode:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
         rows[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    d, o = rows["diffusers"], rows["ours"]
-    if d is None or o is None:
+    d, o, c = rows["diffusers"], rows["ours"], rows["ours-ckpt"]
+    if None in (d, o, c):
         for name, r in rows.items():
             status = "killed: out of memory" if r is None else f"{r['median_s']:.2f} s/pass, peak {r['peak_gb']:.2f} GB"
             print(f"{args.arch} {args.size} px, {name}: {status}")
@@ -188,15 +210,25 @@ def main() -> None:
     print(f"| approach | median s/pass | {mem} | over post-load |")
     print("|---|---|---|---|")
     names = (f"diffusers (all {d['layers']} layers explicit, full forward)",
-             f"attncontrol ({o['captured']} layers, early exit)")  # fmt: skip
-    for name, r in zip(names, (d, o)):
+             f"attncontrol ({o['captured']} layers, early exit)",
+             "attncontrol + gradient checkpointing (layers before the last captured block)")  # fmt: skip
+    for name, r in zip(names, (d, o, c)):
         print(f"| {name} | {r['median_s']:.2f} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['after_load_gb']:.2f} |")
+
+    def over(r):
+        return r["peak_gb"] - r["after_load_gb"]
+
+    for label, r in (("attncontrol", o), ("with checkpointing", c)):
+        print(
+            f"{label}: speed-up {d['median_s'] / r['median_s']:.2f}x, peak memory ratio "
+            f"{r['peak_gb'] / d['peak_gb']:.2f}x (over post-load: {over(r) / over(d):.2f}x)"
+        )
     print(
-        f"speed-up {d['median_s'] / o['median_s']:.2f}x, peak memory ratio {o['peak_gb'] / d['peak_gb']:.2f}x "
-        f"(over post-load: {(o['peak_gb'] - o['after_load_gb']) / (d['peak_gb'] - d['after_load_gb']):.2f}x)"
+        f"checkpointing vs without: time {c['median_s'] / o['median_s']:.2f}x, memory over post-load "
+        f"{over(c) / over(o):.2f}x; gradient {'identical' if c['grad_abs_sum'] == o['grad_abs_sum'] else 'DIFFERENT'}"
     )
     rel = abs(d["grad_abs_sum"] - o["grad_abs_sum"]) / d["grad_abs_sum"]
-    print(f"same gradient: |sum|grad|| relative difference {rel:.1e}")
+    print(f"same gradient as diffusers: |sum|grad|| relative difference {rel:.1e}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import ResolutionError
+from ..perf import checkpoint_layers
 from ..processors.capture import find_attention_layers, layer_resolution
 from ..store import EarlyExit
 
@@ -104,6 +105,11 @@ class SDAdapter:
             x = self.pipe.scheduler.scale_model_input(x, t)
         with contextlib.suppress(EarlyExit):
             self.unet(x, t, cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **self.unet_inputs(cond))
+
+    def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
+        """The denoiser's layers that a checkpointed guidance pass recomputes: those of the blocks that run
+        entirely before the block holding ``last_layer`` (the forward stops there)."""
+        return checkpoint_layers(self.unet, last_layer)
 
     @staticmethod
     def unet_inputs(cond: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -1,0 +1,102 @@
+"""Memory options of the guidance forward.
+
+Gradient checkpointing: the layers (resnets, transformer models, down/upsamplers) of the UNet blocks that run
+entirely before the last captured layer are run under ``torch.utils.checkpoint`` (non-reentrant) during a
+guidance pass, so their intermediate activations are not kept for the backward but recomputed from each layer's
+inputs when the backward reaches it. Results are the same (the recompute runs the same code on the same
+inputs); a pass costs one extra forward of those layers. Per layer rather than per block: on the full-size SD 1.5
+UNet at 512 px that keeps less at once (the recompute of one layer, not of a whole block) for the same time.
+
+The recompute happens inside the backward, after the guidance forward has switched ``store.active`` off. The
+capture processors would then take the ordinary (SDPA) path and recompute other tensors than the forward
+saved. So the recompute is replayed in the forward's mode: ``store.active`` on, as in the forward, and
+``store.record`` a no-op, so that the store keeps exactly the maps (and graph) of the forward and holds no
+reference to the recomputed tensors. The block that holds the last captured layer (where the forward stops
+with :class:`~attncontrol.store.EarlyExit`) is never checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def blocks_before(unet, layer_name: str) -> list[torch.nn.Module]:
+    """The top-level blocks of a ``UNet2DConditionModel`` (down blocks, mid block, up blocks, in execution order)
+    that run entirely before the block holding ``layer_name`` (a key of ``unet.attn_processors``)."""
+    blocks: list[tuple[str, torch.nn.Module]] = [(f"down_blocks.{k}.", b) for k, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        blocks.append(("mid_block.", unet.mid_block))
+    blocks += [(f"up_blocks.{k}.", b) for k, b in enumerate(unet.up_blocks)]
+    for k, (prefix, _) in enumerate(blocks):
+        if layer_name.startswith(prefix):
+            return [b for _, b in blocks[:k]]
+    raise ValueError(f"{layer_name!r} is in none of the UNet's down/mid/up blocks")
+
+
+def checkpoint_layers(unet, layer_name: str) -> list[torch.nn.Module]:
+    """The layers that a checkpointed guidance pass recomputes: those of :func:`blocks_before`."""
+    layers = []
+    for block in blocks_before(unet, layer_name):
+        for group in ("resnets", "attentions", "downsamplers", "upsamplers"):
+            layers += list(getattr(block, group, None) or ())
+    return layers
+
+
+@contextmanager
+def _replaying(store) -> Iterator[None]:
+    """The capture processors' forward mode, recording nothing: for the recompute inside the backward."""
+    active, early_exit = store.active, store.early_exit
+    had_record = "record" in vars(store)
+    saved = vars(store).get("record")
+    store.active, store.early_exit = True, False
+    store.record = _ignore
+    try:
+        yield
+    finally:
+        store.active, store.early_exit = active, early_exit
+        if had_record:
+            store.record = saved
+        else:
+            del store.record
+
+
+def _ignore(*args, **kwargs) -> None:
+    return None
+
+
+def _checkpointed_forward(forward, store):
+    def wrapper(*args, **kwargs):
+        calls = []
+
+        def run(*a, **k):
+            if not calls:  # the forward itself
+                calls.append(True)
+                return forward(*a, **k)
+            with _replaying(store), torch.profiler.record_function("attncontrol::recompute"):
+                return forward(*a, **k)  # the recompute, from the backward
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return wrapper
+
+
+@contextmanager
+def checkpointing(modules: list[torch.nn.Module], store) -> Iterator[None]:
+    """Run ``modules`` under non-reentrant gradient checkpointing while the context is open (one guidance
+    forward). Their ``forward`` is restored on exit; the recompute in a later backward still works (it holds its
+    own reference to the original forward). None of ``modules`` may hold the store's last layer."""
+    patched = []
+    try:
+        for module in modules:
+            if "forward" in vars(module):
+                raise RuntimeError(f"{type(module).__name__} already has an instance-level forward; not patching it")
+            module.forward = _checkpointed_forward(module.forward, store)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward

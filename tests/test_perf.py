@@ -1,0 +1,131 @@
+"""Gradient checkpointing of the guidance forward (``GuidanceEngine(..., checkpointing=True)``): same losses,
+gradients and latents as without it, the recompute really happens, and nothing is left patched afterwards."""
+
+import functools
+
+import pytest
+import torch
+
+import attncontrol
+from attncontrol import AStar, AttendExcite, Refocus
+from attncontrol.controls.base import ControlContext
+from attncontrol.guidance import GuidanceEngine
+from attncontrol.models import get_adapter
+from attncontrol.perf import blocks_before, checkpoint_layers
+from attncontrol.processors.capture import capture_layers
+from attncontrol.store import AttentionStore
+
+from .conftest import processor_snapshot, seeded
+
+PROMPT = "a cat and a dog"
+
+
+def _engine(pipe, controls, checkpointing, n_images=1):
+    adapter = get_adapter(pipe)
+    pipe.scheduler.set_timesteps(10)
+    cond, _ = adapter.encode([PROMPT], "cpu", n_images, False, None, None, None, 64, 64, {})
+    ctx = ControlContext(
+        adapter.tokenizer, [PROMPT] * n_images, [PROMPT], n_images, (32, 32), 10, [(16, 16)], (16, 16), False
+    )
+    prepared = [c.prepare(ctx) for c in controls]
+    kinds = {k for p in prepared for k in p.kinds}
+    layers = [la for la in adapter.layers if la.kind in kinds and la.level == 1]
+    resolutions = {**adapter.resolutions((32, 32)), **adapter.resolutions((32, 32), "self")}
+    store = AttentionStore(layers, {la.name: resolutions[la.name] for la in layers})
+    engine = GuidanceEngine(adapter, store, prepared, cond, pipe.scheduler.timesteps, checkpointing=checkpointing)
+    return adapter, store, engine
+
+
+def _pass(pipe, controls, checkpointing, latents):
+    """One guidance pass: (objective, losses, gradient w.r.t. the latents, maps after the backward)."""
+    adapter, store, engine = _engine(pipe, controls, checkpointing, latents.shape[0])
+    with capture_layers(pipe.unet, store), torch.enable_grad():
+        leaf, objective, losses = engine._evaluate(latents, list(range(latents.shape[0])), 0)
+        maps_before = store.maps((16, 16)).detach().clone()
+        (grad,) = torch.autograd.grad(objective.sum(), [leaf])
+        maps_after = store.maps((16, 16)).detach().clone()
+    return objective.detach(), {k: v.detach() for k, v in losses.items()}, grad, maps_before, maps_after
+
+
+def _counting_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_checkpointed_pass_gives_the_same_loss_and_gradient(sd1):
+    controls = [AttendExcite(subjects=["cat", "dog"]), AStar(subjects=["cat", "dog"])]
+    latents = torch.randn(2, 4, 32, 32, generator=seeded(1))
+    first = sd1.unet.down_blocks[0].resnets[0].conv1  # the recompute calls the resnet's forward, then this
+    calls, handle = _counting_calls(first)
+    try:
+        plain = _pass(sd1, controls, False, latents)
+        assert len(calls) == 1
+        ckpt = _pass(sd1, controls, True, latents)
+        assert len(calls) == 3  # forward, then recomputed in the backward: checkpointing really ran
+    finally:
+        handle.remove()
+    objective, losses, grad, maps_before, maps_after = ckpt
+    assert torch.allclose(objective, plain[0], rtol=1e-6, atol=0)
+    for name in losses:
+        assert torch.allclose(losses[name], plain[1][name], rtol=1e-6, atol=0)
+    assert grad.abs().sum() > 0
+    assert (grad - plain[2]).abs().max() <= 1e-6 * grad.abs().max()
+    # the recompute in the backward left the store as the forward filled it
+    assert torch.equal(maps_before, maps_after)
+    assert torch.equal(maps_before, plain[3])
+
+
+def test_checkpointed_layers_are_those_before_the_last_captured_block(sd1):
+    unet = sd1.unet
+    _, store, _ = _engine(sd1, [AttendExcite(subjects=["cat", "dog"])], True)
+    assert store.last_layer.startswith("up_blocks.0.")
+    assert blocks_before(unet, store.last_layer) == [*unet.down_blocks, unet.mid_block]
+    assert blocks_before(unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor") == [
+        unet.down_blocks[0]
+    ]
+    with pytest.raises(ValueError):
+        blocks_before(unet, "conv_in")
+    layers = checkpoint_layers(unet, store.last_layer)
+    assert unet.down_blocks[1].attentions[0] in layers and unet.down_blocks[0].downsamplers[0] in layers
+    assert not any(m is unet.up_blocks[0] or any(m is x for x in unet.up_blocks[0].modules()) for m in layers)
+
+
+def test_nothing_left_patched_after_a_checkpointed_step(sd1):
+    unet = sd1.unet
+    before = processor_snapshot(unet)
+    flags = [p.requires_grad for p in unet.parameters()]
+    adapter, store, engine = _engine(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.99})], True)
+    with capture_layers(unet, store):
+        z, record = engine.guide(torch.randn(1, 4, 32, 32, generator=seeded(2)), 0)
+    assert record.refinement_iterations[0] > 1 and record.updated == [True]
+    assert processor_snapshot(unet) == before
+    assert [p.requires_grad for p in unet.parameters()] == flags
+    assert not any("forward" in vars(m) for m in unet.modules())
+    assert not store.active and store.early_exit and "record" not in vars(store)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_generate_with_checkpointing_equals_without(family, request, monkeypatch):
+    """Whole runs with refinement, several images and three latent controls: same latents and trace."""
+    pipe = request.getfixturevalue(family)
+    controls = [
+        AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.9, 2: 0.9}, max_refinement_steps=3, attn_res=16),
+        AStar(subjects=["cat", "dog"], attn_res=16),
+        Refocus(boxes={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, attn_res=16),
+    ]
+
+    def run():
+        return attncontrol.generate(
+            pipe, PROMPT, controls, num_inference_steps=4, num_images_per_prompt=2, generator=seeded(0),
+            output_type="latent", height=64, width=64,
+        )  # fmt: skip
+
+    plain = run()
+    monkeypatch.setattr(attncontrol.pipeline, "GuidanceEngine", functools.partial(GuidanceEngine, checkpointing=True))
+    ckpt = run()
+    assert sum(sum(r.refinement_iterations or [0]) for r in plain.trace) > 0
+    assert (ckpt.images - plain.images).abs().max() <= 1e-6 * plain.images.abs().max()
+    for a, b in zip(plain.trace, ckpt.trace):
+        assert a.refinement_iterations == b.refinement_iterations
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
