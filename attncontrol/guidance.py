@@ -56,6 +56,8 @@ class GuidanceEngine:
         self.controls = controls
         self.cond = cond
         self.timesteps = timesteps
+        # host copies, read once: float(timesteps[i]) at every pass would wait for the device each time
+        self.timestep_values = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
         self.cross_attention_kwargs = cross_attention_kwargs
         self.map_keys = sorted({(kind, c.resolution) for c in controls for kind in c.kinds})
         self.active = list(controls)
@@ -77,7 +79,7 @@ class GuidanceEngine:
         finally:
             self.store.active = False
         maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}
-        info = StepInfo(index=i, timestep=float(t), total=len(self.timesteps))
+        info = StepInfo(index=i, timestep=self.timestep_values[i], total=len(self.timesteps))
         losses = {c.name: c.loss(maps, images, info) for c in self.active}
         return leaf, self._objective(losses, i, self.active), losses
 
@@ -93,11 +95,12 @@ class GuidanceEngine:
 
     def _step(self, z: torch.Tensor, images: list[int], leaf, objective, i: int) -> list[bool]:
         """z[b] <- z[b] - grad(objective_b) for the images whose objective is non-zero and whose gradient is finite."""
-        move = [bool(objective[k] != 0) for k in range(len(images))]
+        nonzero = objective != 0
+        move = nonzero.tolist()  # one device sync; the backward is skipped when no image moves
         if not any(move):
             return move
-        mask = torch.tensor(move, device=objective.device)
-        (grad,) = torch.autograd.grad(objective[mask].sum(), [leaf])
+        # d(sum of the moving images' objectives)/d(leaf), without indexing by a mask (a sync on the device)
+        (grad,) = torch.autograd.grad(objective, [leaf], grad_outputs=nonzero.to(objective.dtype))
         finite = torch.isfinite(grad.flatten(1)).all(1).tolist()
         for k, b in enumerate(images):
             if not move[k]:
@@ -114,7 +117,7 @@ class GuidanceEngine:
 
     def guide(self, latents: torch.Tensor, i: int) -> tuple[torch.Tensor, StepRecord]:
         start = time.perf_counter()
-        record = StepRecord(index=i, timestep=float(self.timesteps[i]))
+        record = StepRecord(index=i, timestep=self.timestep_values[i])
         if not self.needed_at(i):
             return latents, record
         n = latents.shape[0]
@@ -124,8 +127,9 @@ class GuidanceEngine:
         with torch.enable_grad():
             leaf, objective_all, losses = self._evaluate(z, list(range(n)), i)
             final = {name: value.detach().float().clone() for name, value in losses.items()}
-            record.initial_loss = [float(sum(value[b] for value in final.values())) for b in range(n)]
-            refine = [b for b in range(n) if self._wants_refinement(final, b, b, i)]
+            host = _host(final)
+            record.initial_loss = _total(final, n)
+            refine = [b for b in range(n) if self._wants_refinement(host, b, b, i)]
             iterations = [0] * n
             updated = [False] * n
             # One backward on this pass serves both the images that just take their regular update and the
@@ -143,7 +147,7 @@ class GuidanceEngine:
             del leaf, objective_all, losses
             if refine:
                 self._refine(z, refine, i, iterations, final, updated, bool(updating))
-        record.loss = [float(sum(value[b] for value in final.values())) for b in range(n)]
+        record.loss = _total(final, n)
         record.losses = {name: value.tolist() for name, value in final.items()}
         record.refinement_iterations = iterations
         record.updated = updated
@@ -151,16 +155,15 @@ class GuidanceEngine:
         logger.info("step %d: loss %s, refinement %s", i, record.loss, iterations)
         return z, record
 
-    def _wants_refinement(self, losses, row: int, image: int, i: int) -> bool:
-        return any(
-            c.refines_at(i) and c.wants_refinement(i, image, float(losses[c.name][row].detach())) for c in self.active
-        )
+    def _wants_refinement(self, host_losses: dict[str, list[float]], row: int, image: int, i: int) -> bool:
+        return any(c.refines_at(i) and c.wants_refinement(i, image, host_losses[c.name][row]) for c in self.active)
 
     def _refine(self, z, images, i, iterations, final, updated, update: bool) -> None:
         """Iterative refinement (A&E Sec. 3.3): step while a control asks for it, then one more pass whose loss
         drives the step's regular update. The first iteration was already taken on the step's first pass."""
         limit = max(c.max_refinement(i) for c in self.active if c.refines_at(i))
-        active = [b for b in images if limit > 1 and self._wants_refinement(final, b, b, i)]
+        host = _host(final)
+        active = [b for b in images if limit > 1 and self._wants_refinement(host, b, b, i)]
         k = 1
         while active:
             k += 1
@@ -170,7 +173,8 @@ class GuidanceEngine:
                 iterations[b] = k
                 for name, value in losses.items():
                     final[name][b] = value[row].detach().float()
-            active = [b for row, b in enumerate(active) if k < limit and self._wants_refinement(losses, row, b, i)]
+            host = _host(losses) if k < limit else {}
+            active = [b for row, b in enumerate(active) if k < limit and self._wants_refinement(host, row, b, i)]
             del leaf, objective, losses
         if not update:
             return
@@ -181,3 +185,16 @@ class GuidanceEngine:
             updated[b] = moved[row]
             for name, value in losses.items():
                 final[name][b] = value[row].detach().float()
+
+
+def _host(losses: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Each control's per-image losses as Python floats: one device sync per control, not one per image."""
+    return {name: value.detach().tolist() for name, value in losses.items()}
+
+
+def _total(final: dict[str, torch.Tensor], n: int) -> list[float]:
+    """Per image, the sum over controls, added in the same order as ``sum(value[b] for value in ...)``."""
+    total = 0
+    for value in final.values():
+        total = total + value
+    return total.tolist() if torch.is_tensor(total) else [float(total)] * n
