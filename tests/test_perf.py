@@ -1,8 +1,6 @@
 """Gradient checkpointing of the guidance forward (``GuidanceEngine(..., checkpointing=True)``): same losses,
 gradients and latents as without it, the recompute really happens, and nothing is left patched afterwards."""
 
-import functools
-
 import pytest
 import torch
 
@@ -121,9 +119,19 @@ def test_generate_with_checkpointing_equals_without(family, request, monkeypatch
             output_type="latent", height=64, width=64,
         )  # fmt: skip
 
-    plain = run()
-    monkeypatch.setattr(attncontrol.pipeline, "GuidanceEngine", functools.partial(GuidanceEngine, checkpointing=True))
-    ckpt = run()
+    class Checkpointed(GuidanceEngine):  # forces the option, whatever generate() passes
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "checkpointing": True})
+
+    calls, handle = _counting_calls(pipe.unet.down_blocks[0].resnets[0].conv1)
+    try:
+        plain = run()
+        n_plain = len(calls)
+        monkeypatch.setattr(attncontrol.pipeline, "GuidanceEngine", Checkpointed)
+        ckpt = run()
+    finally:
+        handle.remove()
+    assert len(calls) - n_plain > n_plain  # every guidance pass recomputed that layer in its backward
     assert sum(sum(r.refinement_iterations or [0]) for r in plain.trace) > 0
     assert (ckpt.images - plain.images).abs().max() <= 1e-6 * plain.images.abs().max()
     for a, b in zip(plain.trace, ckpt.trace):
