@@ -301,10 +301,11 @@ class Settings:
     height: int | None = None
     width: int | None = None
     batch_size: int = 1
+    checkpointing: bool = False
 
     def identity(self) -> dict:
-        """What changes the image (batch size does not)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+        """What changes the image (batch size and checkpointing do not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "checkpointing")}
 
 
 def _loss_summary(result) -> dict:
@@ -377,6 +378,7 @@ def run(
             width=settings.width,
             generator=[torch.Generator(gen_device).manual_seed(it.seed) for it in group],
             attention=[list(it.observe) for it in group] if observe else False,
+            checkpointing=settings.checkpointing,
         )
         seconds = (time.perf_counter() - t0) / len(group)
         summary = _loss_summary(result)

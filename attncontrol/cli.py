@@ -20,6 +20,12 @@ from .loading import DEFAULT_MODEL
 _AE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttendExcite) if f.default is not dataclasses.MISSING}
 
 
+_CHECKPOINTING_HELP = (
+    "recompute the UNet layers before the captured ones in each guidance backward: less memory, ~1.3x slower "
+    "guidance passes, same images"
+)
+
+
 def _parse_subject(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
@@ -78,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--attn-res", type=int, nargs="+", default=None, help="map resolution: N or ROWS COLS")
     gen.add_argument("--trace", default=None, help="also write the per-step trace as JSON to this file")
     gen.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help=_CHECKPOINTING_HELP,
+    )
+    gen.add_argument(
         "--save-attention",
         default=None,
         metavar="DIR",
@@ -106,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--device", default=None)
     bat.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     bat.add_argument("--allow-pickle", action="store_true")
+    bat.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help=_CHECKPOINTING_HELP,
+    )
 
     ev = sub.add_parser("eval", help="score a batch folder per image and per method (Markdown/CSV tables, grids)")
     ev.add_argument("out", help="an `attncontrol batch` output folder")
@@ -203,6 +219,7 @@ def cmd_generate(args) -> int:
         guidance_scale=args.guidance_scale,
         generator=generator,
         attention=attention,
+        checkpointing=args.checkpointing,
     )
     seconds = time.perf_counter() - start
     params = {
@@ -260,7 +277,9 @@ def cmd_batch(args) -> int:
             parse_methods(m)
     except ValueError as err:
         raise AttnControlError(f"--methods: {err}") from None
-    settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size)
+    settings = Settings(
+        args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size, args.checkpointing
+    )
     items = expand(entries, seeds, methods, settings=settings.identity())  # every line checked before model work
     out = Path(args.out)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -84,6 +84,7 @@ def generate(
     timesteps: list[int] | None = None,
     sigmas: list[float] | None = None,
     attention: bool | Sequence = False,
+    checkpointing: bool = False,
     **pipe_kwargs,
 ) -> GenerationResult:
     """Generate with ``controls`` applied; every other argument means what it means for ``pipe(...)``, with the
@@ -98,6 +99,8 @@ def generate(
 
     ``attention=True`` also records each subject's cross-attention map per step (the controls' subjects; or
     name them: ``attention=["cat", "dog"]``, also without controls) into ``result.attention``.
+    ``checkpointing=True`` recomputes the UNet layers before the captured ones in each guidance backward
+    instead of keeping their activations: less memory per guidance pass, ~1.3x slower passes, same images.
     """
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
     from diffusers.utils.torch_utils import randn_tensor
@@ -211,7 +214,9 @@ def generate(
             stack.enter_context(capture_layers(pipe.unet, store, by_layer, observer))
         if store is not None:
             stack.enter_context(_frozen(pipe.unet))
-            engine = GuidanceEngine(adapter, store, prepared, cond, ts, cross_attention_kwargs)
+            engine = GuidanceEngine(
+                adapter, store, prepared, cond, ts, cross_attention_kwargs, checkpointing=checkpointing
+            )
 
         clock = {"start": time.perf_counter()}
         pending: dict[str, StepRecord] = {}

@@ -137,3 +137,26 @@ def test_generate_with_checkpointing_equals_without(family, request, monkeypatch
     for a, b in zip(plain.trace, ckpt.trace):
         assert a.refinement_iterations == b.refinement_iterations
         assert a.loss == pytest.approx(b.loss, rel=1e-6)
+
+
+def test_public_option_and_cli_flag(sd1, tiny_dirs, tmp_path):
+    from attncontrol.cli import main
+
+    controls = [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=2)]
+
+    def run(**kw):
+        return attncontrol.generate(sd1, PROMPT, controls, num_inference_steps=3, generator=seeded(0),
+                                    output_type="latent", **kw)  # fmt: skip
+
+    calls, handle = _counting_calls(sd1.unet.down_blocks[0].resnets[0].conv1)
+    try:
+        plain = run()
+        n_plain = len(calls)
+        ckpt = run(checkpointing=True)
+    finally:
+        handle.remove()
+    assert len(calls) - n_plain == n_plain + 2  # the same forwards plus one recompute per guidance pass (2)
+    assert (ckpt.images - plain.images).abs().max() <= 1e-6 * plain.images.abs().max()
+    out = tmp_path / "c.png"
+    args = ["generate", PROMPT, "--model", str(tiny_dirs["sd1"]), "--subjects", "cat", "dog", "--steps", "2"]
+    assert main([*args, "--out", str(out), "--checkpointing"]) == 0 and out.is_file()
