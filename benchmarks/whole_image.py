@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="also rerun ours from initial noise moved by 1e-7: how far fp32 rounding alone moves the output",
+    )
     args = parser.parse_args()
 
     from diffusers import StableDiffusionAttendAndExcitePipeline
@@ -107,6 +112,9 @@ def main() -> None:
         results["plain"] = pipe(prompt, generator=seed(), **common).images
         sync()
     results["plain_s"] = t.seconds
+    # The same maps for both: ours default to the level 4x below the latents; diffusers' __call__ defaults to a
+    # fixed (16, 16) whatever the size (its docstring says "computed from width and height"), so pass it.
+    res = (args.size // 32, args.size // 32)
     control = attncontrol.AttendExcite(subjects=["cat", "dog"], max_iter_to_alter=n // 2, thresholds=thresholds)
     with Timer() as t:
         ours = attncontrol.generate(pipe, prompt, [control], generator=seed(), **common)
@@ -114,11 +122,18 @@ def main() -> None:
     results["ours_s"] = t.seconds
     with Timer() as t:
         ref = ref_pipe(
-            prompt, token_indices=[2, 5], generator=seed(), max_iter_to_alter=n // 2, thresholds=thresholds, **common
-        ).images
+            prompt, token_indices=[2, 5], generator=seed(), max_iter_to_alter=n // 2, thresholds=thresholds,
+            attn_res=res, **common,
+        ).images  # fmt: skip
         sync()
     results["ref_s"] = t.seconds
     diff = (ours.images.float() - ref.float()).abs().max().item()
+    if args.sensitivity:
+        shape = (1, pipe.unet.config.in_channels, args.size // 8, args.size // 8)
+        noise = torch.randn(shape, generator=seed(), device=args.device, dtype=pipe.unet.dtype)
+        nudged = noise + 1e-7 * torch.randn(shape, generator=torch.Generator(gen_dev).manual_seed(1)).to(noise)
+        runs = [attncontrol.generate(pipe, prompt, [control], latents=z, **common).images for z in (noise, nudged)]
+        results["sensitivity"] = (runs[0].float() - runs[1].float()).abs().max().item()
     effect = (results["plain"].float() - ref.float()).abs().max().item()
     refine = sum(sum(r.refinement_iterations or [0]) for r in ours.trace)
     print(
@@ -134,6 +149,11 @@ def main() -> None:
         f"attncontrol is {results['ref_s'] / results['ours_s']:.2f}x faster than diffusers' pipeline; "
         f"outputs differ by {diff:.1e} (max abs, latents) against a method effect of {effect:.1e}"
     )
+    if args.sensitivity:
+        print(
+            f"sensitivity: moving the initial noise by 1e-7 moves our own output by {results['sensitivity']:.1e} "
+            "(the floor for any fp32 comparison of this run)"
+        )
 
 
 if __name__ == "__main__":
