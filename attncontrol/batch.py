@@ -255,23 +255,24 @@ def _manifest_files(out: Path) -> list[Path]:
     return [out / "manifest.jsonl", *sorted(out.glob("manifest.part-*.jsonl"))]
 
 
-def finished_keys(out: Path) -> set[str]:
-    """Items recorded in the manifest (or an unmerged part) whose image is in place."""
-    done = set()
-    for path in _manifest_files(out):
-        for rec in read_json_lines(path):
-            if isinstance(rec, dict) and "key" in rec and (out / rec.get("file", "")).is_file():
-                done.add(rec["key"])
-    return done
-
-
-def merge(out: Path) -> int:
-    """Fold manifest and failure parts into manifest.jsonl / failures.jsonl (one line per item, atomic)."""
+def finished_records(out: Path) -> dict[str, dict]:
+    """Items recorded in the manifest (or an unmerged part) whose image is in place, by key (first record wins)."""
     records: dict[str, dict] = {}
     for path in _manifest_files(out):
         for rec in read_json_lines(path):
             if isinstance(rec, dict) and "key" in rec and (out / rec.get("file", "")).is_file():
                 records.setdefault(rec["key"], rec)
+    return records
+
+
+def finished_keys(out: Path) -> set[str]:
+    """Keys of :func:`finished_records`."""
+    return set(finished_records(out))
+
+
+def merge(out: Path) -> int:
+    """Fold manifest and failure parts into manifest.jsonl / failures.jsonl (one line per item, atomic)."""
+    records = finished_records(out)
     failures: dict[str, dict] = {}
     for path in [out / "failures.jsonl", *sorted(out.glob("failures.part-*.jsonl"))]:
         for rec in read_json_lines(path):

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import AttnControlError, ModelLoadError
-from .io import atomic_save_png, atomic_write_bytes, read_json_lines
+from .io import atomic_save_png, atomic_write_bytes
 
 METRICS = ("min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity")
 
@@ -52,16 +52,12 @@ def prompt_halves(prompt: str) -> list[str]:
 
 def load_records(out: str | Path) -> list[dict]:
     """Finished items of a batch folder (merged manifest and any unmerged parts), one per key, whose PNG exists."""
+    from .batch import finished_records
+
     out = Path(out)
-    files = [out / "manifest.jsonl", *sorted(out.glob("manifest.part-*.jsonl"))]
-    if not any(f.is_file() for f in files):
+    if not (out / "manifest.jsonl").is_file() and not any(out.glob("manifest.part-*.jsonl")):
         raise AttnControlError(f"{str(out)!r} has no manifest.jsonl: is it an `attncontrol batch` output folder?")
-    records: dict[str, dict] = {}
-    for path in files:
-        for rec in read_json_lines(path):
-            if isinstance(rec, dict) and "key" in rec and (out / rec.get("file", "")).is_file():
-                records.setdefault(rec["key"], rec)
-    return list(records.values())
+    return list(finished_records(out).values())
 
 
 def _load(cls, path: str, what: str, **kwargs):

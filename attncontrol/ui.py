@@ -5,9 +5,6 @@ Nothing runs at import: ``main()`` loads the model once and builds the app with 
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 from .controls import METHODS
 from .demo import (
     DemoError,
@@ -24,11 +21,10 @@ from .demo import (
 
 def example_prompts(per_group: int = 2) -> list[list[str]]:
     """``[prompt, "subject, subject"]`` from each group of the Attend-and-Excite evaluation set."""
-    from .batch import auto_subjects
+    from .batch import prompt_set
 
-    data = json.loads(resources.files("attncontrol").joinpath("data/ae_prompts.json").read_text())
-    prompts = [p for group in ("animals", "animals_objects", "objects") for p in data[group][:per_group]]
-    return [[p, ", ".join(auto_subjects(p))] for p in prompts]
+    groups = ("ae-animals", "ae-animal-objects", "ae-objects")
+    return [[e.prompt, ", ".join(e.subjects)] for g in groups for e in prompt_set(g)[:per_group]]
 
 
 def build_demo(runner: Runner, limits: Limits | None = None):
