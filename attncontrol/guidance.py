@@ -121,7 +121,9 @@ class GuidanceEngine:
         if not self.needed_at(i):
             return latents, record
         n = latents.shape[0]
-        z = latents.detach().clone()
+        # Work in the model's input space z = c * x (see the adapter's input_scale): the same input, the same step.
+        scale = self.adapter.input_scale(self.timesteps[i])
+        z = latents.detach().clone() if scale == 1.0 else latents.detach() * scale
         self.active = [c for c in self.controls if c.updates_at(i) or c.refines_at(i)]
         updating = [c for c in self.active if c.updates_at(i)]
         with torch.enable_grad():
@@ -147,6 +149,12 @@ class GuidanceEngine:
             del leaf, objective_all, losses
             if refine:
                 self._refine(z, refine, i, iterations, final, updated, bool(updating))
+        if scale != 1.0:
+            out = latents.detach().clone()
+            for b in range(n):
+                if iterations[b] or updated[b]:  # images that did not move keep their latents bit for bit
+                    out[b] = z[b] / scale
+            z = out
         record.loss = _total(final, n)
         record.losses = {name: value.tolist() for name, value in final.items()}
         record.refinement_iterations = iterations

@@ -98,13 +98,27 @@ class SDAdapter:
         )
         return {"encoder_hidden_states": cond}, {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
 
-    def guidance_forward(self, latents: torch.Tensor, t, cond: dict[str, torch.Tensor], cross_attention_kwargs=None):
-        """Cond-only forward up to the last captured layer (the capture processors record the maps)."""
-        x = latents
-        if hasattr(self.pipe.scheduler, "scale_model_input"):
-            x = self.pipe.scheduler.scale_model_input(x, t)
+    def input_scale(self, t) -> float:
+        """The factor c with ``scheduler.scale_model_input(x, t) == c * x``: 1 for DDIM, PNDM, DPM-Solver (their
+        latents are the model's input), ``1 / sqrt(sigma^2 + 1)`` for Euler, LMS, Heun, KDPM2 and the like.
+
+        Guidance steps in the model's input space ``z = c * x`` and maps back (``x = z / c``), so the same model
+        input gets the same update whatever the scheduler (a step on x with x's own gradient would move z by
+        only c^2 of it: ~1/200 at SDXL's first sigma)."""
+        scheduler = self.pipe.scheduler
+        if not hasattr(scheduler, "scale_model_input"):
+            return 1.0
+        one = torch.ones((), dtype=torch.float64)
+        scaled = scheduler.scale_model_input(one, t)
+        return 1.0 if scaled is one else float(scaled)
+
+    def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
+        """Cond-only forward of the model input (already scaled) up to the last captured layer."""
         with contextlib.suppress(EarlyExit):
-            self.unet(x, t, cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **self.unet_inputs(cond))
+            self.unet(
+                model_input, t, cross_attention_kwargs=attention_kwargs, return_dict=False,
+                **self.unet_inputs(cond),
+            )  # fmt: skip
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The denoiser's layers that a checkpointed guidance pass recomputes: those of the blocks that run
