@@ -86,6 +86,9 @@ def ours_engine(unet, latents, cond, t, checkpointing=False):
     from attncontrol.testing import make_clip_tokenizer
 
     class Adapter:  # the SD adapter's guidance forward and checkpointed blocks, on the bare UNet
+        def input_scale(self, t):
+            return 1.0  # DDIM-style latents: the model input itself
+
         def guidance_forward(self, x, t, c, kw=None):
             with contextlib.suppress(EarlyExit):
                 unet(x, t, **_unet_kwargs(c))
