@@ -360,17 +360,25 @@ def cmd_tokens(args) -> int:
 
 
 def _load_tokenizer(model: str):
-    from transformers import CLIPTokenizer
+    """The pipeline's (first) tokenizer, from a hub id or a pipeline folder, checked for a real vocabulary."""
+    from transformers import AutoTokenizer
 
     from .errors import ModelLoadError
+    from .hub import check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 
+    local = Path(model).expanduser()
+    if not local.exists() and not is_hub_id(model):
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    if local.exists() and not (local / "tokenizer").is_dir():
+        raise ModelLoadError(f"{model!r} has no tokenizer/ folder: is it a diffusers pipeline folder?")
     try:
-        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else model, subfolder="tokenizer",
+                                                  **hub_kwargs(model))  # fmt: skip
     except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"could not load the tokenizer of {model!r} (offline, or not a diffusers pipeline folder?): {err}\n"
-            "Pass a local pipeline folder with --model ./my-model."
-        ) from err
+        if local.exists():
+            raise ModelLoadError(f"could not load the tokenizer of {model!r}: {err}") from err
+        raise ModelLoadError(unavailable_message(model, "tokenizer", str(err))) from err
+    return check_tokenizer(tokenizer, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,16 +61,28 @@ def load_records(out: str | Path) -> list[dict]:
 
 
 def _load(cls, path: str, what: str, **kwargs):
-    if not Path(path).is_dir():
+    """A transformers model or processor from a local folder or a hub id (fails fast offline); a processor's
+    tokenizer is checked for a real vocabulary."""
+    from .hub import check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
+
+    local = Path(path).expanduser()
+    if not local.is_dir() and not is_hub_id(path):
         raise ModelLoadError(
             f"the {what} folder {path!r} does not exist; pass a local folder holding the model in transformers' "
             "save_pretrained layout (e.g. a downloaded openai/clip-vit-base-patch16)"
         )
     try:
-        return cls.from_pretrained(path, **kwargs)
+        loaded = cls.from_pretrained(str(local) if local.is_dir() else path, **kwargs, **hub_kwargs(path))
     except (OSError, ValueError) as err:
+        if not local.is_dir():
+            flag = "--captioner" if what.startswith("captioner") else "--clip"
+            raise ModelLoadError(unavailable_message(path, what, str(err), flag)) from err
         hint = "a local folder (save_pretrained layout, safetensors weights)"
         raise ModelLoadError(f"could not load the {what} from {path!r}: {err}\nPass {hint}.") from err
+    tokenizer = getattr(loaded, "tokenizer", None)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, path, f"{what}'s tokenizer")
+    return loaded
 
 
 class ClipScorer:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .hub import check_pipeline_tokenizers, hub_kwargs, is_hub_id, unavailable_message
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -56,9 +57,9 @@ def load_pipeline(
             f"{model!r} is a folder but not a diffusers pipeline (no model_index.json); pass a folder saved "
             "with `pipe.save_pretrained(...)` or downloaded with `hf download <model id> --local-dir <folder>`"
         )
-    if not is_local and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+    if not is_local and not is_hub_id(model):
         raise ModelLoadError(f"model folder {model!r} does not exist")
-    kwargs = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}
+    kwargs = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True, **hub_kwargs(model)}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -72,11 +73,7 @@ def load_pipeline(
                 f"--allow-pickle (Python: allow_pickle=True). Details: {text}"
             ) from err
         if not is_local:
-            raise ModelLoadError(
-                f"could not load model {model!r} from the Hugging Face Hub (offline, or no such model?): {text}\n"
-                f"Download it where the Hub is reachable, e.g. `hf download {model} --local-dir ./my-model`, "
-                "then pass the folder: `attncontrol generate ... --model ./my-model` "
-                "(Python: load_pipeline('./my-model'))."
-            ) from err
+            raise ModelLoadError(unavailable_message(model, "model", text)) from err
         raise ModelLoadError(f"could not load the pipeline folder {model!r}: {text}") from err
+    check_pipeline_tokenizers(pipe, model)
     return pipe.to(device)
