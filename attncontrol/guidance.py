@@ -38,6 +38,16 @@ class StepRecord:
     edits: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+@dataclass
+class GuidancePass:
+    """What one guidance pass gives: the leaf the losses are differentiable against, each control's per-image
+    losses, and their weighted sum per image (what the update descends)."""
+
+    leaf: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    objective: torch.Tensor
+
+
 class GuidanceEngine:
     def __init__(
         self,
@@ -66,8 +76,19 @@ class GuidanceEngine:
     def needed_at(self, i: int) -> bool:
         return any(c.updates_at(i) or c.refines_at(i) for c in self.controls)
 
+    def evaluate(self, model_input: torch.Tensor, step: int, images: list[int] | None = None) -> GuidancePass:
+        """One guidance pass, as the engine runs it: forward ``model_input`` (the denoiser's input at ``step``,
+        i.e. ``scheduler.scale_model_input`` of the latents) for ``images`` (default all), return the leaf, each
+        control's per-image loss and the weighted objective of the controls active at ``step``. The capture
+        processors must be installed (``Run.installed()``)."""
+        self.active = [c for c in self.controls if c.updates_at(step) or c.refines_at(step)] or list(self.controls)
+        images = list(range(model_input.shape[0])) if images is None else list(images)
+        leaf, losses = self._evaluate(model_input, images, step)
+        objective = self._objective(losses, step, {c.name: [True] * len(images) for c in self.active})
+        return GuidancePass(leaf, losses, objective)
+
     def _evaluate(self, z: torch.Tensor, images: list[int], i: int):
-        """Forward the images' latents, return (leaf, objective (n,), {control: losses (n,)})."""
+        """Forward the images' latents, return (leaf, {control: losses (n,)})."""
         t = self.timesteps[i]
         leaf = z[images].detach().requires_grad_(True)
         self.store.reset()
@@ -80,18 +101,28 @@ class GuidanceEngine:
             self.store.active = False
         maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}
         info = StepInfo(index=i, timestep=self.timestep_values[i], total=len(self.timesteps))
-        losses = {c.name: c.loss(maps, images, info) for c in self.active}
-        return leaf, self._objective(losses, i, self.active), losses
+        return leaf, {c.name: c.loss(maps, images, info) for c in self.active}
 
     def _memory_options(self):
         if not self.checkpointing:
             return contextlib.nullcontext()
         return checkpointing(self.adapter.checkpoint_modules(self.store.last_layer), self.store)
 
-    @staticmethod
-    def _objective(losses, i: int, controls) -> torch.Tensor:
-        """One objective for all controls: sum of step_size_c(i) * loss_c, so one backward serves them all."""
-        return sum(c.step_size(i) * losses[c.name] for c in controls)
+    def _objective(self, losses, i: int, takes: dict[str, list[bool]]) -> torch.Tensor:
+        """One objective for the controls that take this update: per image, the sum of step_size_c(i) * loss_c over
+        the controls whose ``takes[c][row]`` is set, so one backward serves them all."""
+        total = 0
+        for c in self.active:
+            mask = takes[c.name]
+            if not any(mask):
+                continue
+            term = c.step_size(i) * losses[c.name]
+            if not all(mask):
+                term = torch.where(torch.tensor(mask, device=term.device), term, torch.zeros_like(term))
+            total = total + term
+        if isinstance(total, int):
+            return torch.zeros(len(next(iter(losses.values()))), device=next(iter(losses.values())).device)
+        return total
 
     def _step(self, z: torch.Tensor, images: list[int], leaf, objective, i: int) -> list[bool]:
         """z[b] <- z[b] - grad(objective_b) for the images whose objective is non-zero and whose gradient is finite."""
@@ -116,6 +147,10 @@ class GuidanceEngine:
         return move
 
     def guide(self, latents: torch.Tensor, i: int) -> tuple[torch.Tensor, StepRecord]:
+        """Guide the latents of step ``i``. Per image, every control takes the updates its own method takes alone:
+        refinement iterations while its own test asks for them (at most its cap), then its final update if its
+        rule says so (A&E: always; Refocus: only while its stopping test still passes; others: their one update).
+        Updates that several controls take at the same iteration share one forward and one backward."""
         start = time.perf_counter()
         record = StepRecord(index=i, timestep=self.timestep_values[i])
         if not self.needed_at(i):
@@ -125,30 +160,32 @@ class GuidanceEngine:
         scale = self.adapter.input_scale(self.timesteps[i])
         z = latents.detach().clone() if scale == 1.0 else latents.detach() * scale
         self.active = [c for c in self.controls if c.updates_at(i) or c.refines_at(i)]
-        updating = [c for c in self.active if c.updates_at(i)]
         with torch.enable_grad():
-            leaf, objective_all, losses = self._evaluate(z, list(range(n)), i)
+            leaf, losses = self._evaluate(z, list(range(n)), i)
             final = {name: value.detach().float().clone() for name, value in losses.items()}
             host = _host(final)
             record.initial_loss = _total(final, n)
-            refine = [b for b in range(n) if self._wants_refinement(host, b, b, i)]
-            iterations = [0] * n
+            refining = {
+                c.name: [c.refines_at(i) and c.wants_refinement(i, b, host[c.name][b]) for b in range(n)]
+                for c in self.active
+            }
+            refine = [b for b in range(n) if any(r[b] for r in refining.values())]
+            # One backward on this pass serves both the images that just take their final update and the first
+            # refinement iteration of the others (their latents are unchanged, so it is the same pass).
+            takes = {
+                c.name: [refining[c.name][b] if b in refine else c.final_update(i, b, False, host[c.name][b])
+                         for b in range(n)]
+                for c in self.active
+            }  # fmt: skip
+            iterations = [1 if b in refine else 0 for b in range(n)]
             updated = [False] * n
-            # One backward on this pass serves both the images that just take their regular update and the
-            # first refinement iteration of the others (their latents are unchanged, so it is the same pass).
-            if updating or refine:
-                objective_update = self._objective(losses, i, updating) if updating else torch.zeros_like(objective_all)
-                pick = torch.tensor([b in refine for b in range(n)], device=objective_all.device)
-                objective = torch.where(pick, objective_all, objective_update)
-                moved = self._step(z, list(range(n)), leaf, objective, i)
-                for b in range(n):
-                    if b in refine:
-                        iterations[b] = 1
-                    else:
-                        updated[b] = moved[b]
-            del leaf, objective_all, losses
+            moved = self._step(z, list(range(n)), leaf, self._objective(losses, i, takes), i)
+            for b in range(n):
+                if b not in refine:
+                    updated[b] = moved[b]
+            del leaf, losses
             if refine:
-                self._refine(z, refine, i, iterations, final, updated, bool(updating))
+                self._refine(z, refine, i, iterations, final, updated, refining, host)
         if scale != 1.0:
             out = latents.detach().clone()
             for b in range(n):
@@ -163,33 +200,48 @@ class GuidanceEngine:
         logger.info("step %d: loss %s, refinement %s", i, record.loss, iterations)
         return z, record
 
-    def _wants_refinement(self, host_losses: dict[str, list[float]], row: int, image: int, i: int) -> bool:
-        return any(c.refines_at(i) and c.wants_refinement(i, image, host_losses[c.name][row]) for c in self.active)
-
-    def _refine(self, z, images, i, iterations, final, updated, update: bool) -> None:
-        """Iterative refinement (A&E Sec. 3.3): step while a control asks for it, then one more pass whose loss
-        drives the step's regular update. The first iteration was already taken on the step's first pass."""
-        limit = max(c.max_refinement(i) for c in self.active if c.refines_at(i))
-        host = _host(final)
-        active = [b for b in images if limit > 1 and self._wants_refinement(host, b, b, i)]
+    def _refine(self, z, images, i, iterations, final, updated, refining, host) -> None:
+        """Iterative refinement (A&E Sec. 3.3) of ``images``, whose first iteration was taken on the step's first
+        pass. Control c takes iteration k + 1 if it took iteration k, k < its cap, and its test still asks for it
+        on the evaluation that drove iteration k. When no control takes the next iteration of an image, each
+        control's final update rule is asked (on that same evaluation) and the image gets one more pass for the
+        controls that take it."""
+        started = {name: list(flags) for name, flags in refining.items()}  # who took iteration 1, per image
+        finals: dict[int, dict[str, bool]] = {}
         k = 1
+        active = list(images)
         while active:
+            rows = {}
+            for b in active:
+                for c in self.active:
+                    refining[c.name][b] = (
+                        refining[c.name][b] and k < c.max_refinement(i) and c.wants_refinement(i, b, host[c.name][b])
+                    )
+                if any(r[b] for r in refining.values()):
+                    rows[b] = len(rows)
+                else:  # this image's refinement ends: each control's final-update rule, on the latest evaluation
+                    finals[b] = {c.name: c.final_update(i, b, started[c.name][b], host[c.name][b]) for c in self.active}
+            active = list(rows)
+            if not active:
+                break
             k += 1
-            leaf, objective, losses = self._evaluate(z, active, i)
-            self._step(z, active, leaf, objective, i)
-            for row, b in enumerate(active):
+            leaf, losses = self._evaluate(z, active, i)
+            takes = {c.name: [refining[c.name][b] for b in active] for c in self.active}
+            self._step(z, active, leaf, self._objective(losses, i, takes), i)
+            values = _host(losses)
+            for b, row in rows.items():
                 iterations[b] = k
                 for name, value in losses.items():
                     final[name][b] = value[row].detach().float()
-            host = _host(losses) if k < limit else {}
-            active = [b for row, b in enumerate(active) if k < limit and self._wants_refinement(host, row, b, i)]
-            del leaf, objective, losses
-        if not update:
+                    host[name][b] = values[name][row]
+            del leaf, losses
+        last = [b for b in images if any(finals[b].values())]
+        if not last:
             return
-        updating = [c for c in self.active if c.updates_at(i)]
-        leaf, _, losses = self._evaluate(z, list(images), i)
-        moved = self._step(z, list(images), leaf, self._objective(losses, i, updating), i)
-        for row, b in enumerate(images):
+        leaf, losses = self._evaluate(z, last, i)
+        takes = {c.name: [finals[b][c.name] for b in last] for c in self.active}
+        moved = self._step(z, last, leaf, self._objective(losses, i, takes), i)
+        for row, b in enumerate(last):
             updated[b] = moved[row]
             for name, value in losses.items():
                 final[name][b] = value[row].detach().float()

@@ -42,7 +42,8 @@ def main() -> None:
     engine.timesteps = torch.tensor([500.0, 250.0])  # step 1: another timestep
 
     def pass_(z, i=0, images=(0,)):
-        leaf, objective, _ = engine._evaluate(z, list(images), i)
+        p = engine.evaluate(z, i, list(images))
+        leaf, objective = p.leaf, p.objective
         (grad,) = torch.autograd.grad(objective.sum(), [leaf])
         return grad
 

@@ -114,7 +114,8 @@ def ours_engine(unet, latents, cond, t, checkpointing=False):
 
 def guidance_pass(engine, control, latents):
     """One pass: forward to the last captured layer, loss, gradient w.r.t. the latents."""
-    leaf, objective, _ = engine._evaluate(latents, [0], 0)
+    p = engine.evaluate(latents, 0, [0])
+    leaf, objective = p.leaf, p.objective
     (grad,) = torch.autograd.grad(objective.sum() / control.step_size(0), [leaf])
     return grad
 

@@ -128,7 +128,8 @@ def main() -> None:
     def one_pass():
         with record_function(PHASE + "forward"):
             try:
-                leaf, objective, _ = engine._evaluate(latents, [0], 0)
+                p = engine.evaluate(latents, 0, [0])
+                leaf, objective = p.leaf, p.objective
             finally:
                 labels.close_all()
         with record_function(PHASE + "backward"):

@@ -88,9 +88,9 @@ def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
     engine = GuidanceEngine(adapter, store, [control], cond, sd1.scheduler.timesteps)
     z = torch.randn(1, 4, 32, 32, generator=seeded(3))
     with capture_layers(sd1.unet, store):
-        _, before, _ = engine._evaluate(z, [0], 0)
+        before = engine.evaluate(z, 0, [0]).objective
         z2, record = engine.guide(z, 0)
-        _, after, _ = engine._evaluate(z2, [0], 0)
+        after = engine.evaluate(z2, 0, [0]).objective
     assert record.updated == [True] and not torch.equal(z, z2)
     assert after.item() < before.item()
 

@@ -181,12 +181,12 @@ def _one_step(pipe, control, latents):
     engine = GuidanceEngine(adapter, store, [prepared], cond, pipe.scheduler.timesteps)
     engine.active = [prepared]
     with capture_layers(pipe.unet, store):
-        _, before, _ = engine._evaluate(latents, [0], 0)
+        before = engine.evaluate(latents, 0, [0]).objective
         z2, record = engine.guide(latents, 0)
         engine.active = [prepared]
-        _, after, _ = engine._evaluate(z2, [0], 0)
+        after = engine.evaluate(z2, 0, [0]).objective
         maps_after = {k: v.detach() for k, v in (("cross", store.maps((16, 16))),)}
-        engine._evaluate(latents, [0], 0)
+        engine.evaluate(latents, 0, [0])
         maps_before = {"cross": store.maps((16, 16)).detach()}
     return before.item(), after.item(), record, prepared, maps_before, maps_after
 

@@ -38,7 +38,8 @@ def _pass(pipe, controls, checkpointing, latents):
     """One guidance pass: (objective, losses, gradient w.r.t. the latents, maps after the backward)."""
     adapter, store, engine = _engine(pipe, controls, checkpointing, latents.shape[0])
     with capture_layers(pipe.unet, store), torch.enable_grad():
-        leaf, objective, losses = engine._evaluate(latents, list(range(latents.shape[0])), 0)
+        p = engine.evaluate(latents, 0)
+        leaf, objective, losses = p.leaf, p.objective, p.losses
         maps_before = store.maps((16, 16)).detach().clone()
         (grad,) = torch.autograd.grad(objective.sum(), [leaf])
         maps_after = store.maps((16, 16)).detach().clone()

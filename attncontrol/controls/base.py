@@ -112,8 +112,15 @@ class PreparedControl:
         return target is not None and loss > target
 
     def max_refinement(self, step: int) -> int:
-        """Most refinement iterations at this step (before the step's regular update)."""
+        """Most refinement iterations at this step (before the step's final update)."""
         return self.max_refinement_steps
+
+    def final_update(self, step: int, image: int, refined: bool, loss: float) -> bool:
+        """Whether this control takes one more update of ``image`` after refinement ends (or, with no refinement,
+        its one update of the step). ``refined``: it took refinement iterations of this image at this step;
+        ``loss``: its loss at the evaluation that drove the last update. Default: whenever it updates at this
+        step (Attend-and-Excite: its reference recomputes the loss and updates once more after refinement)."""
+        return self.updates_at(step)
 
     def step_size(self, step: int) -> float:
         raise NotImplementedError

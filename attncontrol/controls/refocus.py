@@ -147,8 +147,15 @@ class PreparedRefocus(PreparedControl):
         return weak
 
     def max_refinement(self, step: int) -> int:
-        # the official loop counts every update; the engine takes the regular update after refinement
+        # the official loop counts every update; the last one is the final update (when the test still passes)
         return self._scale_iters(step)[1] - 1
+
+    def final_update(self, step: int, image: int, refined: bool, loss: float) -> bool:
+        """The official loop (``plms.py:update_loss_self_cross``) tests before every update but the first, on the
+        evaluation that drove the previous update: after refinement the step ends unless that test still passes."""
+        if not self.updates_at(step):
+            return False
+        return not refined or self.wants_refinement(step, image, loss)
 
     def step_size(self, step: int) -> float:
         return self._scale_iters(step)[0]
