@@ -16,7 +16,8 @@ from .errors import (
     UnsupportedPipelineError,
 )
 from .guidance import StepRecord
-from .pipeline import GenerationResult, generate
+from .pipeline import GenerationResult, generate, prepare_run
+from .run import Run
 from .tokens import TokenTable, resolve_subjects, tokenize
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "Refocus",
     "Regulate",
     "ResolutionError",
+    "Run",
     "StepInfo",
     "StepRecord",
     "SubjectError",
@@ -40,6 +42,7 @@ __all__ = [
     "TokenTable",
     "UnsupportedPipelineError",
     "generate",
+    "prepare_run",
     "resolve_subjects",
     "tokenize",
 ]

@@ -1,11 +1,12 @@
 """Memory options of the guidance forward.
 
-Gradient checkpointing: the layers (resnets, transformer models, down/upsamplers) of the UNet blocks that run
-entirely before the last captured layer are run under ``torch.utils.checkpoint`` (non-reentrant) during a
-guidance pass, so their intermediate activations are not kept for the backward but recomputed from each layer's
-inputs when the backward reaches it. Results are the same (the recompute runs the same code on the same
-inputs); a pass costs one extra forward of those layers. Per layer rather than per block: on the full-size SD 1.5
-UNet at 512 px that keeps less at once (the recompute of one layer, not of a whole block) for the same time.
+Gradient checkpointing: the modules the adapter names (``checkpoint_modules``: for SD-family denoisers, the layers
+of the blocks that run entirely before the last captured layer) are run under ``torch.utils.checkpoint``
+(non-reentrant) during a guidance pass, so their intermediate activations are not kept for the backward but
+recomputed from each module's inputs when the backward reaches it. Results are the same (the recompute runs the
+same code on the same inputs); a pass costs one extra forward of those modules. Per layer rather than per block:
+on the full-size SD 1.5 denoiser at 512 px that keeps less at once (the recompute of one layer, not of a whole
+block) for the same time.
 
 The recompute happens inside the backward, after the guidance forward has switched ``store.active`` off. The
 capture processors would then take the ordinary (SDPA) path and recompute other tensors than the forward
@@ -22,28 +23,6 @@ from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
-
-
-def blocks_before(unet, layer_name: str) -> list[torch.nn.Module]:
-    """The top-level blocks of a ``UNet2DConditionModel`` (down blocks, mid block, up blocks, in execution order)
-    that run entirely before the block holding ``layer_name`` (a key of ``unet.attn_processors``)."""
-    blocks: list[tuple[str, torch.nn.Module]] = [(f"down_blocks.{k}.", b) for k, b in enumerate(unet.down_blocks)]
-    if unet.mid_block is not None:
-        blocks.append(("mid_block.", unet.mid_block))
-    blocks += [(f"up_blocks.{k}.", b) for k, b in enumerate(unet.up_blocks)]
-    for k, (prefix, _) in enumerate(blocks):
-        if layer_name.startswith(prefix):
-            return [b for _, b in blocks[:k]]
-    raise ValueError(f"{layer_name!r} is in none of the UNet's down/mid/up blocks")
-
-
-def checkpoint_layers(unet, layer_name: str) -> list[torch.nn.Module]:
-    """The layers that a checkpointed guidance pass recomputes: those of :func:`blocks_before`."""
-    layers = []
-    for block in blocks_before(unet, layer_name):
-        for group in ("resnets", "attentions", "downsamplers", "upsamplers"):
-            layers += list(getattr(block, group, None) or ())
-    return layers
 
 
 @contextmanager

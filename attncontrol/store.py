@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -11,17 +12,32 @@ from .errors import ResolutionError
 
 @dataclass(frozen=True)
 class AttnLayer:
-    """One attention layer of the denoiser, found by module name; ``level`` counts downsamplings."""
+    """One capturable attention layer of the denoiser, as its family's adapter describes it.
 
-    name: str  # key in ``unet.attn_processors``, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
-    kind: str  # "cross" or "self"
-    place: str  # "down", "mid" or "up"
+    ``name`` is the layer's key in the denoiser's ``attn_processors``; ``kind`` is "cross" (image queries, text
+    keys) or "self" (image queries, image keys); its token grid is the latent grid halved (rounding up) ``level``
+    times; ``order`` is its position in one forward; ``block`` names the top-level block that holds it. ``ops``
+    computes the layer's queries, keys and output the way the layer's own processor does (see
+    :mod:`attncontrol.processors`)."""
+
+    name: str
+    kind: str
+    block: str
     level: int
-    order: int  # execution order within one forward
+    order: int
+    ops: Any = field(default=None, compare=False, repr=False)
 
     @property
     def module_name(self) -> str:
         return self.name.removesuffix(".processor")
+
+
+def grid_after(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """(rows, cols) of a token grid after ``level`` stride-2 halvings of the latent grid (rounding up)."""
+    rows, cols = latent_hw
+    for _ in range(level):
+        rows, cols = (rows + 1) // 2, (cols + 1) // 2
+    return rows, cols
 
 
 class AttentionStore:

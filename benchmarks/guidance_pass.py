@@ -75,39 +75,34 @@ def run_diffusers(unet, latents, cond, t, repeats, device):
 
 
 def ours_engine(unet, latents, cond, t, checkpointing=False):
-    """(engine, control, context to enter) for our A&E guidance pass on a bare UNet (no pipeline around it)."""
+    """(engine, control, context to enter) for our A&E guidance pass on a bare UNet (no pipeline around it): the
+    family adapter over a stand-in pipeline that holds just the UNet, the tokenizer and a DDIM scheduler."""
+    from types import SimpleNamespace
+
     from attncontrol.controls import AttendExcite
     from attncontrol.controls.base import ControlContext
     from attncontrol.guidance import GuidanceEngine
-    from attncontrol.perf import checkpoint_layers
-    from attncontrol.pipeline import _frozen
-    from attncontrol.processors.capture import capture_layers, find_attention_layers, layer_resolution
-    from attncontrol.store import AttentionStore, EarlyExit
-    from attncontrol.testing import make_clip_tokenizer
+    from attncontrol.models import SDAdapter, SDXLAdapter
+    from attncontrol.processors import capture_layers
+    from attncontrol.run import frozen
+    from attncontrol.store import AttentionStore
+    from attncontrol.testing import make_clip_tokenizer, make_scheduler
 
-    class Adapter:  # the SD adapter's guidance forward and checkpointed blocks, on the bare UNet
-        def input_scale(self, t):
-            return 1.0  # DDIM-style latents: the model input itself
-
-        def guidance_forward(self, x, t, c, kw=None):
-            with contextlib.suppress(EarlyExit):
-                unet(x, t, **_unet_kwargs(c))
-
-        def checkpoint_modules(self, last_layer):
-            return checkpoint_layers(unet, last_layer)
-
+    tok = make_clip_tokenizer()
+    stand_in = SimpleNamespace(unet=unet, tokenizer=tok, scheduler=make_scheduler("ddim"), vae_scale_factor=8)
+    adapter = (SDXLAdapter if "text_embeds" in cond else SDAdapter)(stand_in)
     hw = tuple(latents.shape[-2:])
     res = (hw[0] // 4, hw[1] // 4)
-    layers = [la for la in find_attention_layers(unet) if la.kind == "cross" and layer_resolution(hw, la.level) == res]
-    store = AttentionStore(layers, {la.name: layer_resolution(hw, la.level) for la in layers})
-    tok = make_clip_tokenizer()
+    layers = [la for la in adapter.layers if la.kind == "cross" and adapter.grid(la, hw) == res]
+    store = AttentionStore(layers, {la.name: res for la in layers})
     prompt = "a cat and a dog"
-    ctx = ControlContext(tok, [prompt], [prompt], 1, hw, 50, [res], res, False, device=latents.device)
+    ctx = ControlContext.simple(tok, [prompt], hw, res, device=latents.device)
+    ctx.grids = adapter.layers_by_grid(hw)
     control = AttendExcite(subjects=["cat", "dog"]).prepare(ctx)
-    engine = GuidanceEngine(Adapter(), store, [control], cond, torch.full((50,), float(t)), checkpointing=checkpointing)
+    engine = GuidanceEngine(adapter, store, [control], cond, torch.full((50,), float(t)), checkpointing=checkpointing)
     stack = contextlib.ExitStack()
-    stack.enter_context(capture_layers(unet, store))
-    stack.enter_context(_frozen(unet))
+    stack.enter_context(capture_layers(unet, adapter.layers, store))
+    stack.enter_context(frozen(unet))
     stack.enter_context(torch.enable_grad())
     return engine, control, stack
 
@@ -138,7 +133,8 @@ def _sync(device):
 
 
 def child(args) -> None:
-    from attncontrol.processors.capture import find_attention_layers, layer_resolution
+    from attncontrol.models.unet import unet_layers
+    from attncontrol.store import grid_after
 
     dtype = DTYPES[args.dtype]
     unet = full_size_unet(dtype, args.arch).to(args.device)
@@ -167,8 +163,8 @@ def child(args) -> None:
                 "grad_abs_sum": gsum,
                 "layers": len(unet.attn_processors),
                 "captured": sum(
-                    la.kind == "cross" and layer_resolution(latents.shape[-2:], la.level) == (args.size // 32,) * 2
-                    for la in find_attention_layers(unet)
+                    la.kind == "cross" and grid_after(latents.shape[-2:], la.level) == (args.size // 32,) * 2
+                    for la in unet_layers(unet)
                 ),
             }
         )

@@ -70,27 +70,15 @@ def test_refinement_lowers_the_loss(sd1):
 
 def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
     """The quantity A&E maximises, measured independently of the run, is higher after a step than before."""
-    from attncontrol.controls.base import ControlContext
-    from attncontrol.guidance import GuidanceEngine
-    from attncontrol.models import get_adapter
-    from attncontrol.processors.capture import capture_layers
-    from attncontrol.store import AttentionStore
-
-    adapter = get_adapter(sd1)
-    sd1.scheduler.set_timesteps(10)
-    cond, _ = adapter.encode(["a cat and a dog"], "cpu", 1, False, None, None, None, 64, 64, {})
-    ctx = ControlContext(
-        adapter.tokenizer, ["a cat and a dog"], ["a cat and a dog"], 1, (32, 32), 10, [(16, 16)], (16, 16), False
-    )
-    control = AttendExcite(subjects=["cat", "dog"], thresholds={}).prepare(ctx)
-    layers = [la for la in adapter.layers if la.kind == "cross"]
-    store = AttentionStore(layers, adapter.resolutions((32, 32)))
-    engine = GuidanceEngine(adapter, store, [control], cond, sd1.scheduler.timesteps)
+    run = attncontrol.prepare_run(
+        sd1, "a cat and a dog", [AttendExcite(subjects=["cat", "dog"], thresholds={})], num_inference_steps=10,
+        guidance_scale=1.0,
+    )  # fmt: skip
     z = torch.randn(1, 4, 32, 32, generator=seeded(3))
-    with capture_layers(sd1.unet, store):
-        before = engine.evaluate(z, 0, [0]).objective
-        z2, record = engine.guide(z, 0)
-        after = engine.evaluate(z2, 0, [0]).objective
+    with run.installed():
+        before = run.engine.evaluate(z, 0).objective
+        z2, record = run.guide(z, 0)
+        after = run.engine.evaluate(z2, 0).objective
     assert record.updated == [True] and not torch.equal(z, z2)
     assert after.item() < before.item()
 

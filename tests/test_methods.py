@@ -163,32 +163,16 @@ def test_regulation_editor_raises_the_targets_quantile(sd1):
 
 
 def _one_step(pipe, control, latents):
-    """Loss before and after one engine step at step 0, on the same latents and timestep."""
-    from attncontrol.controls.base import ControlContext
-    from attncontrol.guidance import GuidanceEngine
-    from attncontrol.models import get_adapter
-    from attncontrol.processors.capture import capture_layers
-    from attncontrol.store import AttentionStore
-
-    adapter = get_adapter(pipe)
-    pipe.scheduler.set_timesteps(10)
-    prompt = "a cat and a dog"
-    cond, _ = adapter.encode([prompt], "cpu", 1, False, None, None, None, 64, 64, {})
-    ctx = ControlContext(adapter.tokenizer, [prompt], [prompt], 1, (32, 32), 10, [(16, 16)], (16, 16), False)
-    prepared = control.prepare(ctx)
-    layers = [la for la in adapter.layers if la.kind in prepared.kinds]
-    store = AttentionStore(layers, {**adapter.resolutions((32, 32)), **adapter.resolutions((32, 32), "self")})
-    engine = GuidanceEngine(adapter, store, [prepared], cond, pipe.scheduler.timesteps)
-    engine.active = [prepared]
-    with capture_layers(pipe.unet, store):
-        before = engine.evaluate(latents, 0, [0]).objective
-        z2, record = engine.guide(latents, 0)
-        engine.active = [prepared]
-        after = engine.evaluate(z2, 0, [0]).objective
-        maps_after = {k: v.detach() for k, v in (("cross", store.maps((16, 16))),)}
-        engine.evaluate(latents, 0, [0])
-        maps_before = {"cross": store.maps((16, 16)).detach()}
-    return before.item(), after.item(), record, prepared, maps_before, maps_after
+    """Loss before and after one guided step at step 0, on the same latents and timestep."""
+    run = attncontrol.prepare_run(pipe, "a cat and a dog", [control], num_inference_steps=10, guidance_scale=1.0)
+    with run.installed():
+        before = run.engine.evaluate(latents, 0).objective
+        z2, record = run.guide(latents, 0)
+        after = run.engine.evaluate(z2, 0).objective
+        maps_after = {"cross": run.store.maps((16, 16)).detach()}
+        run.engine.evaluate(latents, 0)
+        maps_before = {"cross": run.store.maps((16, 16)).detach()}
+    return before.item(), after.item(), record, run.controls[0], maps_before, maps_after
 
 
 @pytest.mark.parametrize(

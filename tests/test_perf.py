@@ -6,43 +6,30 @@ import torch
 
 import attncontrol
 from attncontrol import AStar, AttendExcite, Refocus
-from attncontrol.controls.base import ControlContext
 from attncontrol.guidance import GuidanceEngine
-from attncontrol.models import get_adapter
-from attncontrol.perf import blocks_before, checkpoint_layers
-from attncontrol.processors.capture import capture_layers
-from attncontrol.store import AttentionStore
+from attncontrol.models.unet import blocks_before, checkpoint_layers
 
 from .conftest import processor_snapshot, seeded
 
 PROMPT = "a cat and a dog"
 
 
-def _engine(pipe, controls, checkpointing, n_images=1):
-    adapter = get_adapter(pipe)
-    pipe.scheduler.set_timesteps(10)
-    cond, _ = adapter.encode([PROMPT], "cpu", n_images, False, None, None, None, 64, 64, {})
-    ctx = ControlContext(
-        adapter.tokenizer, [PROMPT] * n_images, [PROMPT], n_images, (32, 32), 10, [(16, 16)], (16, 16), False
-    )
-    prepared = [c.prepare(ctx) for c in controls]
-    kinds = {k for p in prepared for k in p.kinds}
-    layers = [la for la in adapter.layers if la.kind in kinds and la.level == 1]
-    resolutions = {**adapter.resolutions((32, 32)), **adapter.resolutions((32, 32), "self")}
-    store = AttentionStore(layers, {la.name: resolutions[la.name] for la in layers})
-    engine = GuidanceEngine(adapter, store, prepared, cond, pipe.scheduler.timesteps, checkpointing=checkpointing)
-    return adapter, store, engine
+def _run(pipe, controls, checkpointing, n_images=1):
+    return attncontrol.prepare_run(
+        pipe, PROMPT, controls, num_inference_steps=10, guidance_scale=1.0, num_images_per_prompt=n_images,
+        checkpointing=checkpointing,
+    )  # fmt: skip
 
 
 def _pass(pipe, controls, checkpointing, latents):
     """One guidance pass: (objective, losses, gradient w.r.t. the latents, maps after the backward)."""
-    adapter, store, engine = _engine(pipe, controls, checkpointing, latents.shape[0])
-    with capture_layers(pipe.unet, store), torch.enable_grad():
-        p = engine.evaluate(latents, 0)
+    run = _run(pipe, controls, checkpointing, latents.shape[0])
+    with run.installed(), torch.enable_grad():
+        p = run.engine.evaluate(latents, 0)
         leaf, objective, losses = p.leaf, p.objective, p.losses
-        maps_before = store.maps((16, 16)).detach().clone()
+        maps_before = run.store.maps((16, 16)).detach().clone()
         (grad,) = torch.autograd.grad(objective.sum(), [leaf])
-        maps_after = store.maps((16, 16)).detach().clone()
+        maps_after = run.store.maps((16, 16)).detach().clone()
     return objective.detach(), {k: v.detach() for k, v in losses.items()}, grad, maps_before, maps_after
 
 
@@ -77,7 +64,7 @@ def test_checkpointed_pass_gives_the_same_loss_and_gradient(sd1):
 
 def test_checkpointed_layers_are_those_before_the_last_captured_block(sd1):
     unet = sd1.unet
-    _, store, _ = _engine(sd1, [AttendExcite(subjects=["cat", "dog"])], True)
+    store = _run(sd1, [AttendExcite(subjects=["cat", "dog"])], True).store
     assert store.last_layer.startswith("up_blocks.0.")
     assert blocks_before(unet, store.last_layer) == [*unet.down_blocks, unet.mid_block]
     assert blocks_before(unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor") == [
@@ -94,9 +81,10 @@ def test_nothing_left_patched_after_a_checkpointed_step(sd1):
     unet = sd1.unet
     before = processor_snapshot(unet)
     flags = [p.requires_grad for p in unet.parameters()]
-    adapter, store, engine = _engine(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.99})], True)
-    with capture_layers(unet, store):
-        z, record = engine.guide(torch.randn(1, 4, 32, 32, generator=seeded(2)), 0)
+    run = _run(sd1, [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.99})], True)
+    store = run.store
+    with run.installed():
+        z, record = run.guide(torch.randn(1, 4, 32, 32, generator=seeded(2)), 0)
     assert record.refinement_iterations[0] > 1 and record.updated == [True]
     assert processor_snapshot(unet) == before
     assert [p.requires_grad for p in unet.parameters()] == flags
@@ -128,7 +116,7 @@ def test_generate_with_checkpointing_equals_without(family, request, monkeypatch
     try:
         plain = run()
         n_plain = len(calls)
-        monkeypatch.setattr(attncontrol.pipeline, "GuidanceEngine", Checkpointed)
+        monkeypatch.setattr(attncontrol.run, "GuidanceEngine", Checkpointed)
         ckpt = run()
     finally:
         handle.remove()

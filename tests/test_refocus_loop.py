@@ -42,9 +42,9 @@ class StandIn:
 
 
 def _engine(tokenizer, controls):
-    ctx = ControlContext(tokenizer, [PROMPT], [PROMPT], 1, (R, R), STEPS, [(R, R)], (R, R), False)
+    ctx = ControlContext.simple(tokenizer, [PROMPT], (R, R), (R, R), STEPS)
     prepared = [c.prepare(ctx) for c in controls]
-    layers = [AttnLayer("self", "self", "down", 0, 0), AttnLayer("cross", "cross", "down", 0, 1)]
+    layers = [AttnLayer("self", "self", "stand-in", 0, 0), AttnLayer("cross", "cross", "stand-in", 0, 1)]
     store = AttentionStore(layers, {"self": (R, R), "cross": (R, R)})
     engine = GuidanceEngine(StandIn(store), store, prepared, {}, torch.arange(STEPS, 0, -1, dtype=torch.float64))
     return engine, prepared, store

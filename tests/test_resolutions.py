@@ -12,7 +12,7 @@ def test_a_bright_feature_row_comes_back_as_that_row_of_the_map(sd1):
     """Make one row of the features entering a cross-attention block stand out; the captured map of a
     non-square image (24x40 latents -> 12x20 maps) must show that row, not a column or a scrambled band."""
     from attncontrol.models import get_adapter
-    from attncontrol.processors.capture import capture_layers
+    from attncontrol.processors import capture_layers
     from attncontrol.store import AttentionStore
 
     rows, cols, bright = 12, 20, 3
@@ -27,7 +27,7 @@ def test_a_bright_feature_row_comes_back_as_that_row_of_the_map(sd1):
 
     hook = sd1.unet.down_blocks[1].attentions[0].register_forward_pre_hook(mark_row)
     try:
-        with capture_layers(sd1.unet, store):
+        with capture_layers(sd1.unet, adapter.layers, store):
             store.active = True
             try:
                 sd1.unet(

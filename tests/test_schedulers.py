@@ -30,27 +30,13 @@ def _euler_like_ddim():
 
 def _guided(pipe, control, z_model: torch.Tensor, step: int, steps: int = 10) -> tuple[torch.Tensor, object]:
     """Guide the model input ``z_model`` at ``step`` with ``pipe``'s scheduler; return the guided model input."""
-    from attncontrol.controls.base import ControlContext
-    from attncontrol.guidance import GuidanceEngine
-    from attncontrol.models import get_adapter
-    from attncontrol.processors.capture import capture_layers
-    from attncontrol.store import AttentionStore
-
+    run = attncontrol.prepare_run(pipe, PROMPT, [control], num_inference_steps=steps, guidance_scale=1.0)
     sched = pipe.scheduler
-    sched.set_timesteps(steps)
-    adapter = get_adapter(pipe)
-    cond, _ = adapter.encode([PROMPT], "cpu", 1, False, None, None, None, 64, 64, {})
-    ctx = ControlContext(adapter.tokenizer, [PROMPT], [PROMPT], 1, (32, 32), steps, [(16, 16)], (16, 16), False)
-    prepared = control.prepare(ctx)
-    needed = {(k, prepared.resolution) for k in prepared.kinds}
-    layers = [la for la in adapter.layers if (la.kind, (16, 16)) in needed]
-    store = AttentionStore(layers, adapter.resolutions((32, 32), "cross") | adapter.resolutions((32, 32), "self"))
-    engine = GuidanceEngine(adapter, store, [prepared], cond, sched.timesteps)
     sched._step_index = step  # where the sampling loop would be at this step
     scale = float(sched.scale_model_input(torch.ones((), dtype=torch.float64), sched.timesteps[step]))
     x = z_model / scale  # the scheduler's own latents for this model input
-    with capture_layers(pipe.unet, store):
-        x_guided, record = engine.guide(x, step)
+    with run.installed():
+        x_guided, record = run.guide(x, step)
     return x_guided * scale, record
 
 

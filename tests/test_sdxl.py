@@ -112,7 +112,7 @@ def test_default_map_resolution_is_32x32_at_1024px_for_the_sdxl_layout():
     scaled with the image size. Built with small channels; the rule depends only on the layout."""
     from diffusers import UNet2DConditionModel
 
-    from attncontrol.processors.capture import find_attention_layers
+    from attncontrol.models.unet import unet_layers
 
     unet = UNet2DConditionModel(
         block_out_channels=(32, 32, 32),
@@ -125,10 +125,10 @@ def test_default_map_resolution_is_32x32_at_1024px_for_the_sdxl_layout():
     )
 
     adapter = SDXLAdapter.__new__(SDXLAdapter)  # only the layer logic is exercised: no pipeline needed
-    adapter.layers = find_attention_layers(unet)
+    adapter.layers = unet_layers(unet)
     assert adapter.default_attn_res((128, 128)) == (32, 32)  # 1024 px / 8
     assert adapter.default_attn_res((96, 128)) == (24, 32)  # 768 x 1024
-    assert sorted(set(adapter.resolutions((128, 128)).values())) == [(32, 32), (64, 64)]
+    assert sorted(set(adapter.grids((128, 128)).values())) == [(32, 32), (64, 64)]
 
 
 ALL_CONTROLS = {

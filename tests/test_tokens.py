@@ -86,18 +86,10 @@ def test_token_table_lists_index_token_word(tokenizer):
     assert len(lines) == 1 + 7
 
 
-def _ctx(tok, prompts):
-    return ControlContext(
-        tokenizer=tok,
-        prompts=prompts,
-        prompts_per_input=prompts,
-        num_images_per_prompt=1,
-        latent_hw=(8, 8),
-        num_steps=1,
-        cross_resolutions=[(4, 4)],
-        default_resolution=(4, 4),
-        exclude_eot_default=False,
-    )
+def _ctx(tok, prompts, per_prompt=1):
+    ctx = ControlContext.simple(tok, prompts, (8, 8), (4, 4), num_steps=1)
+    ctx.num_images_per_prompt = per_prompt
+    return ctx
 
 
 def test_keep_masks_diffusers_and_sd2_rules(tokenizer, sd2_tokenizer):
@@ -112,9 +104,8 @@ def test_keep_masks_diffusers_and_sd2_rules(tokenizer, sd2_tokenizer):
 
 
 def test_subjects_per_prompt(tokenizer):
-    ctx = _ctx(tokenizer, ["a cat and a dog", "a bird and a bear"])
-    ctx.num_images_per_prompt = 2
-    ctx.prompts = [p for p in ctx.prompts_per_input for _ in range(2)]
+    ctx = _ctx(tokenizer, ["a cat and a dog", "a bird and a bear"], per_prompt=2)
+    assert ctx.prompts == ["a cat and a dog"] * 2 + ["a bird and a bear"] * 2
     assert ctx.subjects_per_image([["cat", "dog"], ["bird", "bear"]]) == [[(2,), (5,)]] * 2 + [[(2,), (5,)]] * 2
     assert ctx.subjects_per_image([["dog"], ["a bird"]]) == [[(5,)], [(5,)], [(1, 2)], [(1, 2)]]
     with pytest.raises(ValueError, match="one list per prompt"):

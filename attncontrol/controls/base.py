@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import SubjectError
-from ..tokens import resolve_subjects, tokenize
+from ..text import TextLayout, TextSegment
 
 
 @dataclass(frozen=True)
@@ -21,71 +20,72 @@ class StepInfo:
 
 @dataclass
 class ControlContext:
-    """What a control needs to know about one run to prepare itself."""
+    """What a control needs to know about one run to prepare itself: the prompts' text streams, the image's latent
+    grid, the schedule length, and which attention layers exist at which token grid."""
 
-    tokenizer: object
-    prompts: list[str]  # one per image (prompts repeated num_images_per_prompt times)
-    prompts_per_input: list[str]  # the prompts as the user passed them
+    text: TextLayout
     num_images_per_prompt: int
     latent_hw: tuple[int, int]
     num_steps: int
-    cross_resolutions: list[tuple[int, int]]  # resolutions that have cross-attention layers, for this size
+    # kind ("cross", "self") -> token grid (rows, cols) -> layer names, at this image size
+    grids: dict[str, dict[tuple[int, int], list[str]]]
     default_resolution: tuple[int, int]
     exclude_eot_default: bool
-    seq_len: int = 77
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # other (tokenizer, prompts per input) whose token positions must agree (SDXL's second text encoder)
-    secondary: list[tuple[object, list[str]]] = field(default_factory=list)
     # whether the denoiser's batch is [unconditional; conditional] (classifier-free guidance)
     cfg_batch: bool = True
-    # cross-attention layers by resolution (rows, cols) -> layer names, for attention-editing controls
-    cross_layers: dict[tuple[int, int], list[str]] = field(default_factory=dict)
 
-    def eot_indices(self) -> list[int]:
-        """Position of each image's end-of-text token."""
-        return [len(self.tokenizer(p, truncation=True, max_length=self.seq_len).input_ids) - 1 for p in self.prompts]
+    @classmethod
+    def simple(cls, tokenizer, prompts: list[str], latent_hw, grid, num_steps: int = 50, **kwargs) -> ControlContext:
+        """One CLIP-style stream and one grid of layers named "cross"/"self" (for tests and stand-ins)."""
+        text = TextLayout((TextSegment(tokenizer, 0, int(tokenizer.model_max_length), tuple(prompts)),))
+        grids = {"cross": {tuple(grid): ["cross"]}, "self": {tuple(grid): ["self"]}}
+        kwargs.setdefault("exclude_eot_default", False)
+        return cls(text, 1, tuple(latent_hw), num_steps, grids, tuple(grid), **kwargs)
+
+    @property
+    def prompts_per_input(self) -> list[str]:
+        return list(self.text.segments[0].prompts)
+
+    @property
+    def prompts(self) -> list[str]:
+        """One per image (each input prompt repeated ``num_images_per_prompt`` times)."""
+        return [p for p in self.prompts_per_input for _ in range(self.num_images_per_prompt)]
+
+    @property
+    def seq_len(self) -> int:
+        return self.text.length
+
+    @property
+    def cross_resolutions(self) -> list[tuple[int, int]]:
+        return sorted(self.grids.get("cross", {}))
+
+    @property
+    def cross_layers(self) -> dict[tuple[int, int], list[str]]:
+        return self.grids.get("cross", {})
+
+    def _per_image(self, per_input: list) -> list:
+        return [x for x in per_input for _ in range(self.num_images_per_prompt)]
+
+    def special_positions(self) -> list[list[int]]:
+        """Per image, the start/end-token positions of its prompt (padding excluded)."""
+        return self._per_image([self.text.special_positions(k) for k in range(self.text.n_inputs)])
 
     def subjects_per_image(self, subjects) -> list[list[tuple[int, ...]]]:
         """Resolve subjects (one list for all prompts, or one list per prompt) into token positions per image."""
-        per_prompt = subjects
-        n_prompts = len(self.prompts_per_input)
+        n_prompts = self.text.n_inputs
         nested = bool(subjects) and all(isinstance(s, (list, tuple)) for s in subjects)
-        if not nested:
-            per_prompt = [list(subjects)] * n_prompts
-        elif len(subjects) != n_prompts:
+        per_prompt = subjects if nested else [list(subjects)] * n_prompts
+        if nested and len(subjects) != n_prompts:
             raise ValueError(
                 f"subjects given per prompt must have one list per prompt: got {len(subjects)} lists for "
                 f"{n_prompts} prompts"
             )
-        resolved = [resolve_subjects(self.tokenizer, p, list(s)) for p, s in zip(self.prompts_per_input, per_prompt)]
-        for tokenizer, prompts in self.secondary:
-            for k, (prompt, subs) in enumerate(zip(prompts, per_prompt)):
-                other = resolve_subjects(tokenizer, prompt, list(subs))
-                for subject, mine, theirs in zip(subs, resolved[k], other):
-                    if mine != theirs:
-                        raise SubjectError(
-                            f"subject {subject!r} is at tokens {list(mine)} of {self.prompts_per_input[k]!r} for the "
-                            f"first text encoder but at {list(theirs)} of {prompt!r} for the second; both encoders "
-                            "attend through the same token positions, so they must agree"
-                            f"\n{tokenize(self.tokenizer, self.prompts_per_input[k]).format()}"
-                            f"\n{tokenize(tokenizer, prompt).format()}"
-                        )
-        return [r for r in resolved for _ in range(self.num_images_per_prompt)]
+        return self._per_image([self.text.resolve(k, list(s)) for k, s in enumerate(per_prompt)])
 
     def keep_mask(self, exclude_eot: bool) -> torch.Tensor:
-        """(images, seq_len) tokens kept in the softmax over tokens.
-
-        ``exclude_eot=False``: diffusers' slice ``[1:-1]`` (drops start-of-text and the last slot, keeps
-        end-of-text and padding). ``True``: the official SD 2.1 behaviour, only the prompt's own tokens.
-        """
-        keep = torch.zeros(len(self.prompts), self.seq_len, dtype=torch.bool)
-        if not exclude_eot:
-            keep[:, 1 : self.seq_len - 1] = True
-            return keep
-        for b, prompt in enumerate(self.prompts):
-            n = len(self.tokenizer(prompt, truncation=True, max_length=self.seq_len).input_ids)
-            keep[b, 1 : n - 1] = True
-        return keep
+        """(images, seq_len) tokens kept in the softmax over tokens (see :meth:`TextLayout.keep`)."""
+        return torch.stack(self._per_image([self.text.keep(k, exclude_eot) for k in range(self.text.n_inputs)]))
 
 
 class PreparedControl:

@@ -27,8 +27,8 @@ class Regulate(Control):
             ``1 * mean((q_0.9 - 0.9)^2) + 80 * mean((mean - min(1, 0.2K)/K)^2) + 0.09 * mean(w^2)``.
         blend, decay: applied bias ``decay**step * ((1 - blend) * best + blend * previous step's best)``
             (official 0.25, 0.99).
-        attn_res: layers edited: all cross-attention layers at this resolution (default 16x16 at 512 px: the
-            official ``down_blocks.2`` and ``up_blocks.1``; the 8x8 mid block is left alone).
+        attn_res: layers edited: all cross-attention layers at this token grid (default 16x16 at 512 px: the
+            official code's two 16x16 levels of SD; the 8x8 level is left alone).
         restore_special: keep the unedited start- and end-of-text probabilities (official behaviour).
         seed: seed of the random initial weights (uniform [0, 1)), so runs are reproducible.
     The conditional half of the classifier-free-guidance batch is edited; the unconditional half is not.
@@ -83,7 +83,7 @@ class PreparedRegulate(PreparedEditor):
         self.layers = list(ctx.cross_layers[self.resolution])
         subjects = ctx.subjects_per_image(cfg.subjects)
         self.targets = [sorted({p for pos in subs for p in pos}) for subs in subjects]
-        self.eot = ctx.eot_indices()
+        self.specials = ctx.special_positions()  # start/end-of-text columns, per image
         self.n_images = len(ctx.prompts)
         self.cfg_batch = ctx.cfg_batch
         self.last_step = max(1, round(cfg.end * ctx.num_steps))
@@ -124,7 +124,7 @@ class PreparedRegulate(PreparedEditor):
         if self.cfg.restore_special:
             for image in range(self.n_images):
                 sl = slice((offset + image) * heads, (offset + image + 1) * heads)
-                for col in (0, self.eot[image]):
+                for col in self.specials[image]:
                     probs[sl, :, col] = probs0[sl, :, col]
         return probs
 
@@ -151,7 +151,7 @@ class PreparedRegulate(PreparedEditor):
                     plain = torch.softmax(logits, dim=-1)[..., targets]
                     before = float(torch.quantile(plain, cfg.quantile, dim=1).mean())
                 if float(loss.detach()) < best_loss:
-                    best_loss, best = float(loss), bias.detach()
+                    best_loss, best = float(loss.detach()), bias.detach()
                 (grad,) = torch.autograd.grad(loss, [weights])
                 weights = (weights - n_rows * cfg.lr * grad).detach()
         key = (layer, image)

@@ -1,16 +1,17 @@
-"""Per-family adapters: the only code that knows how a family's denoiser is called."""
+"""Per-family adapters: the only code that knows a family's modules, latents, schedule and tokenizers."""
 
 from __future__ import annotations
 
 from ..errors import UnsupportedPipelineError
+from .base import Encoded, ModelAdapter, PromptBatch
 from .sd import SDAdapter
 from .sdxl import SDXLAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
-ADAPTERS = [SDXLAdapter, SDAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter]
 
 
-def get_adapter(pipe):
+def get_adapter(pipe) -> ModelAdapter:
     """The adapter for ``pipe``'s family, or :class:`UnsupportedPipelineError` naming the supported ones."""
     for adapter in ADAPTERS:
         if adapter.matches(pipe):
@@ -19,4 +20,4 @@ def get_adapter(pipe):
     raise UnsupportedPipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {supported}")
 
 
-__all__ = ["ADAPTERS", "SDAdapter", "SDXLAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "Encoded", "ModelAdapter", "PromptBatch", "SDAdapter", "SDXLAdapter", "get_adapter"]

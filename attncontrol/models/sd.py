@@ -1,27 +1,25 @@
 """Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline`` with a ``UNet2DConditionModel``).
 
-An adapter is the only code that knows how its family encodes prompts and calls its denoiser; SDXL
-(``sdxl.py``) subclasses this one and overrides just that.
+SDXL (``sdxl.py``) subclasses this adapter and overrides what differs: its two text encoders, pooled embeddings
+and size/crop conditioning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+from functools import cached_property
 from typing import Any
 
 import torch
 
-from ..errors import ResolutionError
-from ..perf import checkpoint_layers
-from ..processors.capture import find_attention_layers, layer_resolution
-from ..store import EarlyExit
+from ..store import AttnLayer, EarlyExit
+from ..text import TextLayout, TextSegment
+from .base import Encoded, ModelAdapter, PromptBatch
+from .unet import checkpoint_layers, unet_layers
 
 
-class SDAdapter:
+class SDAdapter(ModelAdapter):
     description = "StableDiffusionPipeline (SD 1.x and SD 2.x)"
-    # pipeline arguments that this adapter consumes (they describe the prompt, which it encodes itself)
-    consumed_kwargs: tuple[str, ...] = ()
 
     @staticmethod
     def matches(pipe) -> bool:
@@ -29,11 +27,17 @@ class SDAdapter:
 
         return isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.unet = pipe.unet
-        self.tokenizer = pipe.tokenizer
-        self.layers = find_attention_layers(self.unet)
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @cached_property
+    def layers(self) -> list[AttnLayer]:
+        return unet_layers(self.pipe.unet)
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
 
     @property
     def family(self) -> str:
@@ -43,87 +47,39 @@ class SDAdapter:
 
     @property
     def exclude_eot_default(self) -> bool:
-        """Whether A&E-style token softmaxes drop EOT/padding by default (the official SD 2.1 behaviour)."""
+        """The official SD 2.1 behaviour drops EOT/padding ("!") from A&E's token softmax; diffusers' keeps them."""
         return self.family == "sd2"
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
-
     def default_size(self) -> tuple[int, int]:
-        size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        size = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
         return size, size
 
-    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        f = self.vae_scale_factor
-        step = math.lcm(f, 8)  # the VAE's factor, and the pipelines' own check (multiples of 8)
-        for label, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
-                raise ResolutionError(f"{label} must be a positive multiple of {step} for this model, got {value!r}")
-        return height // f, width // f
+    def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
+        return (n, int(self.pipe.unet.config.in_channels), *latent_hw)
 
-    def resolutions(self, latent_hw: tuple[int, int], kind: str = "cross") -> dict[str, tuple[int, int]]:
-        return {la.name: layer_resolution(latent_hw, la.level) for la in self.layers if la.kind == kind}
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        # the pipeline's rule: no CFG at scale <= 1, nor for guidance-distilled UNets (LCM's time_cond_proj_dim)
+        return guidance_scale > 1.0 and not getattr(self.pipe.unet.config, "time_cond_proj_dim", None)
 
-    def default_attn_res(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        """The level 4x below the latents (16x16 at 512 px in SD 1.x/2.x, 32x32 at 1024 px in SDXL) or, where
-        that level has no cross-attention, the cross-attention level nearest to it."""
-        levels = sorted({la.level for la in self.layers if la.kind == "cross"})
-        if not levels:
-            raise ResolutionError("this UNet has no cross-attention layers")
-        level = min(levels, key=lambda lv: (abs(lv - 2), lv))
-        return layer_resolution(latent_hw, level)
+    def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
+        tok = self.tokenizer
+        return TextLayout((TextSegment(tok, 0, int(tok.model_max_length), tuple(prompts)),))
 
-    def secondary_prompts(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> list[tuple[Any, list[str]]]:
-        """Other (tokenizer, prompts) pairs whose token positions must agree with the first tokenizer's."""
-        return []
-
-    def encode(
-        self,
-        prompts,
-        device,
-        num_images_per_prompt,
-        do_cfg,
-        negative_prompt,
-        clip_skip,
-        lora_scale,
-        height,
-        width,
-        pipe_kwargs,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Encode once. Returns (the cond-branch inputs of a guidance forward, one tensor per key with the batch
-        first; the embeddings to hand to the pipeline)."""
+    def encode(self, batch: PromptBatch, device) -> Encoded:
         cond, uncond = self.pipe.encode_prompt(
-            prompts, device, num_images_per_prompt, do_cfg, negative_prompt, lora_scale=lora_scale, clip_skip=clip_skip
-        )
-        return {"encoder_hidden_states": cond}, {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
-
-    def input_scale(self, t) -> float:
-        """The factor c with ``scheduler.scale_model_input(x, t) == c * x``: 1 for DDIM, PNDM, DPM-Solver (their
-        latents are the model's input), ``1 / sqrt(sigma^2 + 1)`` for Euler, LMS, Heun, KDPM2 and the like.
-
-        Guidance steps in the model's input space ``z = c * x`` and maps back (``x = z / c``), so the same model
-        input gets the same update whatever the scheduler (a step on x with x's own gradient would move z by
-        only c^2 of it: ~1/200 at SDXL's first sigma)."""
-        scheduler = self.pipe.scheduler
-        if not hasattr(scheduler, "scale_model_input"):
-            return 1.0
-        one = torch.ones((), dtype=torch.float64)
-        scaled = scheduler.scale_model_input(one, t)
-        return 1.0 if scaled is one else float(scaled)
+            batch.prompts, device, batch.num_images_per_prompt, batch.do_cfg, batch.negative_prompt,
+            lora_scale=batch.lora_scale, clip_skip=batch.clip_skip,
+        )  # fmt: skip
+        return Encoded({"encoder_hidden_states": cond}, {"prompt_embeds": cond, "negative_prompt_embeds": uncond})
 
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
-        """Cond-only forward of the model input (already scaled) up to the last captured layer."""
         with contextlib.suppress(EarlyExit):
-            self.unet(
-                model_input, t, cross_attention_kwargs=attention_kwargs, return_dict=False,
-                **self.unet_inputs(cond),
-            )  # fmt: skip
+            self.pipe.unet(
+                model_input, t, cross_attention_kwargs=attention_kwargs, return_dict=False, **self.unet_inputs(cond)
+            )
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
-        """The denoiser's layers that a checkpointed guidance pass recomputes: those of the blocks that run
-        entirely before the block holding ``last_layer`` (the forward stops there)."""
-        return checkpoint_layers(self.unet, last_layer)
+        return checkpoint_layers(self.pipe.unet, last_layer)
 
     @staticmethod
     def unet_inputs(cond: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Stable Diffusion XL (``StableDiffusionXLPipeline``, base model): two text encoders, pooled text embeddings
-and size/crop conditioning passed to the UNet as ``added_cond_kwargs``. Everything else is SD's."""
+"""Stable Diffusion XL (``StableDiffusionXLPipeline``, base model): two text encoders concatenated on channels
+(their token positions must agree), pooled text embeddings and size/crop conditioning passed to the UNet as
+``added_cond_kwargs``. Everything else is SD's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..text import TextLayout, TextSegment
+from .base import Encoded, PromptBatch
 from .sd import SDAdapter
 
 
@@ -20,11 +23,10 @@ class SDXLAdapter(SDAdapter):
 
         return isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        if pipe.tokenizer is None:
-            # a text_encoder_2-only checkpoint: subjects are resolved with the second tokenizer
-            self.tokenizer = pipe.tokenizer_2
+    @property
+    def tokenizer(self):
+        # a text_encoder_2-only checkpoint: subjects are resolved with the second tokenizer
+        return self.pipe.tokenizer if self.pipe.tokenizer is not None else self.pipe.tokenizer_2
 
     @property
     def family(self) -> str:
@@ -39,48 +41,39 @@ class SDXLAdapter(SDAdapter):
         size = int(self.pipe.default_sample_size) * self.vae_scale_factor
         return size, size
 
-    def secondary_prompts(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> list[tuple[Any, list[str]]]:
-        if self.pipe.tokenizer is None or self.pipe.tokenizer_2 is None:
-            return []
-        prompt_2 = pipe_kwargs.get("prompt_2")
-        if prompt_2 is None:
-            return [(self.pipe.tokenizer_2, prompts)]
-        prompts_2 = [prompt_2] * len(prompts) if isinstance(prompt_2, str) else list(prompt_2)
-        if len(prompts_2) != len(prompts):
-            raise ValueError(f"prompt_2 has {len(prompts_2)} prompts for {len(prompts)} prompts")
-        return [(self.pipe.tokenizer_2, prompts_2)]
+    def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
+        tok = self.tokenizer
+        parallel = ()
+        if self.pipe.tokenizer is not None and self.pipe.tokenizer_2 is not None:
+            prompt_2 = pipe_kwargs.get("prompt_2")
+            prompts_2 = prompts if prompt_2 is None else [prompt_2] * len(prompts) if isinstance(prompt_2, str) else (
+                list(prompt_2)
+            )  # fmt: skip
+            if len(prompts_2) != len(prompts):
+                raise ValueError(f"prompt_2 has {len(prompts_2)} prompts for {len(prompts)} prompts")
+            parallel = ((self.pipe.tokenizer_2, tuple(prompts_2)),)
+        return TextLayout((TextSegment(tok, 0, int(tok.model_max_length), tuple(prompts), parallel=parallel),))
 
-    def encode(
-        self,
-        prompts,
-        device,
-        num_images_per_prompt,
-        do_cfg,
-        negative_prompt,
-        clip_skip,
-        lora_scale,
-        height,
-        width,
-        pipe_kwargs,
-    ):
+    def encode(self, batch: PromptBatch, device) -> Encoded:
         pipe = self.pipe
         pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=pipe_kwargs.get("prompt_2"),
+            prompt=batch.prompts,
+            prompt_2=batch.extra.get("prompt_2"),
             device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=pipe_kwargs.get("negative_prompt_2"),
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
+            num_images_per_prompt=batch.num_images_per_prompt,
+            do_classifier_free_guidance=batch.do_cfg,
+            negative_prompt=batch.negative_prompt,
+            negative_prompt_2=batch.extra.get("negative_prompt_2"),
+            lora_scale=batch.lora_scale,
+            clip_skip=batch.clip_skip,
         )
         # the cond branch's size/crop conditioning, exactly as the pipeline computes it
         proj_dim = int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        size = (batch.height, batch.width)
         time_ids = pipe._get_add_time_ids(
-            tuple(pipe_kwargs.get("original_size") or (height, width)),
-            tuple(pipe_kwargs.get("crops_coords_top_left") or (0, 0)),
-            tuple(pipe_kwargs.get("target_size") or (height, width)),
+            tuple(batch.extra.get("original_size") or size),
+            tuple(batch.extra.get("crops_coords_top_left") or (0, 0)),
+            tuple(batch.extra.get("target_size") or size),
             dtype=pe.dtype,
             text_encoder_projection_dim=proj_dim,
         ).to(device)
@@ -91,7 +84,7 @@ class SDXLAdapter(SDAdapter):
             "pooled_prompt_embeds": ppe,
             "negative_pooled_prompt_embeds": nppe,
         }
-        return cond, to_pipe
+        return Encoded(cond, to_pipe)
 
     @staticmethod
     def unet_inputs(cond: dict[str, torch.Tensor]) -> dict[str, Any]:

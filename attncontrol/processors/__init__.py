@@ -1,5 +1,6 @@
-"""Attention processors: capture (and later, editing) installed only on the layers a control needs."""
+"""Attention processors: the capture processor (install/restore) and the per-architecture attention ops."""
 
-from .capture import CaptureProcessor, capture_layers, find_attention_layers, layer_resolution
+from .capture import CaptureProcessor, capture_layers
+from .classic import CLASSIC, ClassicAttention
 
-__all__ = ["CaptureProcessor", "capture_layers", "find_attention_layers", "layer_resolution"]
+__all__ = ["CLASSIC", "CaptureProcessor", "ClassicAttention", "capture_layers"]

@@ -1,0 +1,200 @@
+"""The model seam: every fact about a model family lives behind :class:`ModelAdapter`.
+
+The rest of the library (the run, the guidance engine, the capture processors, the store, the controls and the
+losses) asks the adapter; it never names a family's modules, its latent layout, its scheduler quirks or its
+tokenizers. Adding a family is one module implementing this class plus one entry in ``models.ADAPTERS``.
+
+Members, and what each answers:
+
+- ``denoiser``: the module whose attention processors are swapped and whose parameters are frozen in a run.
+- ``layers``: the capturable attention layers (:class:`~attncontrol.store.AttnLayer`: name, kind, block,
+  level, execution order, and the ops that compute its attention); ``grid(layer, latent_hw)`` their token grid.
+- ``latent_hw`` / ``default_size`` / ``default_attn_res``: image size -> latent grid; the map level methods use.
+- ``initial_latents`` / ``start_noise_sigma``: how the pipeline draws its initial noise (shape, packing) and the
+  scale it applies to it; ``input_scale``: the factor the scheduler applies to latents before the denoiser.
+- ``schedule``: the pipeline's own timestep schedule; ``uses_cfg``: the pipeline's classifier-free-guidance rule.
+- ``encode`` / ``guidance_forward``: prompt encoding (once per run) and the cond-only guidance forward.
+- ``text_layout``: which key positions of the maps are text, from which tokenizer; ``exclude_eot_default``.
+- ``checkpoint_modules``: which modules gradient checkpointing wraps in a guidance pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ResolutionError
+from ..store import AttnLayer, grid_after
+from ..text import TextLayout
+
+
+@dataclass
+class PromptBatch:
+    """What ``encode`` needs: the prompts and the pipeline arguments that shape their embeddings."""
+
+    prompts: list[str]
+    num_images_per_prompt: int
+    do_cfg: bool
+    negative_prompt: str | list[str] | None = None
+    clip_skip: int | None = None
+    lora_scale: float | None = None
+    height: int = 512
+    width: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)  # the family's own prompt arguments (prompt_2, ...)
+
+
+@dataclass
+class Encoded:
+    """``cond``: the cond-branch inputs of a guidance forward (one tensor per key, batch first); ``to_pipe``: the
+    embeddings handed to the pipeline instead of the prompt."""
+
+    cond: dict[str, torch.Tensor]
+    to_pipe: dict[str, Any]
+
+
+class ModelAdapter(ABC):
+    """One model family's facts. Subclasses set ``description`` and implement the abstract members."""
+
+    description: ClassVar[str]
+    # pipeline arguments that describe the prompt: the adapter encodes them itself and does not pass them on
+    consumed_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @staticmethod
+    @abstractmethod
+    def matches(pipe) -> bool: ...
+
+    # ---------------------------------------------------------------- the denoiser and its layers
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module: ...
+
+    @property
+    @abstractmethod
+    def layers(self) -> list[AttnLayer]: ...
+
+    @property
+    def family(self) -> str:
+        return type(self).__name__.removesuffix("Adapter").lower()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def grid(self, layer: AttnLayer, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The token grid (rows, cols) of ``layer`` when the latents are ``latent_hw``."""
+        return grid_after(latent_hw, layer.level)
+
+    def grids(self, latent_hw: tuple[int, int], kind: str = "cross") -> dict[str, tuple[int, int]]:
+        """Layer name -> token grid, for the layers of ``kind``."""
+        return {la.name: self.grid(la, latent_hw) for la in self.layers if la.kind == kind}
+
+    def layers_by_grid(self, latent_hw: tuple[int, int]) -> dict[str, dict[tuple[int, int], list[str]]]:
+        """kind -> token grid -> layer names (execution order)."""
+        out: dict[str, dict[tuple[int, int], list[str]]] = {}
+        for la in self.layers:
+            out.setdefault(la.kind, {}).setdefault(self.grid(la, latent_hw), []).append(la.name)
+        return out
+
+    def default_attn_res(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The map level 4x below the latents or, where that level has no cross-attention, the nearest one."""
+        levels = sorted({la.level for la in self.layers if la.kind == "cross"})
+        if not levels:
+            raise ResolutionError(f"{type(self.denoiser).__name__} has no cross-attention layers")
+        level = min(levels, key=lambda lv: (abs(lv - 2), lv))
+        return grid_after(latent_hw, level)
+
+    @abstractmethod
+    def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]: ...
+
+    # ---------------------------------------------------------------- sizes and latents
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this (the VAE's factor and the pipeline's own check)."""
+        return math.lcm(self.vae_scale_factor, 8)
+
+    @abstractmethod
+    def default_size(self) -> tuple[int, int]: ...
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        step = self.size_multiple
+        for label, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
+                raise ResolutionError(f"{label} must be a positive multiple of {step} for this model, got {value!r}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    @abstractmethod
+    def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
+        """The shape of the pipeline's latents for ``n`` images (packed, for families that pack them)."""
+
+    def initial_latents(self, n: int, latent_hw, generator, device, dtype) -> torch.Tensor:
+        """The initial noise exactly as the pipeline draws it (the same generator calls)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(self.latent_shape(n, latent_hw), generator=generator, device=device, dtype=dtype)
+
+    def start_noise_sigma(self) -> float:
+        """The factor the pipeline multiplies its initial noise by (1 for flow-matching schedulers)."""
+        return float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
+
+    def input_scale(self, t) -> float:
+        """The factor c with ``scheduler.scale_model_input(x, t) == c * x``: 1 for DDIM, PNDM, DPM-Solver and
+        flow matching, ``1 / sqrt(sigma^2 + 1)`` for Euler, LMS, Heun, KDPM2 and the like.
+
+        Guidance steps in the model's input space ``z = c * x`` and maps back (``x = z / c``), so the same model
+        input gets the same update whatever the scheduler (a step on x with x's own gradient would move z by
+        only c^2 of it: ~1/200 at SDXL's first sigma)."""
+        scheduler = self.pipe.scheduler
+        if not hasattr(scheduler, "scale_model_input"):
+            return 1.0
+        one = torch.ones((), dtype=torch.float64)
+        scaled = scheduler.scale_model_input(one, t)
+        return 1.0 if scaled is one else float(scaled)
+
+    # ---------------------------------------------------------------- schedule, guidance rule, prompts
+
+    def schedule(self, num_inference_steps, device, timesteps=None, sigmas=None, latent_hw=None):
+        """The pipeline's own schedule: (timesteps, number of steps)."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+
+    def default_guidance_scale(self) -> float:
+        return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
+
+    @abstractmethod
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether the pipeline runs classifier-free guidance (a [negative; positive] batch) at this scale."""
+
+    @property
+    @abstractmethod
+    def exclude_eot_default(self) -> bool:
+        """Whether A&E-style token softmaxes drop EOT/padding by default."""
+
+    @abstractmethod
+    def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout: ...
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the first text stream (token tables shown to users)."""
+        return self.text_layout(["a"], {}).segments[0].tokenizer
+
+    @abstractmethod
+    def encode(self, batch: PromptBatch, device) -> Encoded: ...
+
+    @abstractmethod
+    def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
+        """Cond-only forward of the model input up to the last captured layer."""

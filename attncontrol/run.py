@@ -1,0 +1,192 @@
+"""A prepared generation (:class:`Run`) and the object that drives it step by step (:class:`StepDriver`).
+
+A run is built by :func:`attncontrol.pipeline.prepare_run` once every user input has been checked. It holds the
+family adapter, the controls bound to this run, the attention editors and observer, the encoded prompt and the
+schedule. Its steps: install the processors (:meth:`Run.installed`), draw the initial noise and guide it for
+step 0 (:meth:`Run.initial_latents`), then let the stock pipeline sample with :class:`StepDriver` as its
+``callback_on_step_end``: at the end of step i it closes the step's record and guides the latents of step i + 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attention import AttentionMaps, AttentionObserver
+from .controls.base import ControlContext, PreparedControl, PreparedEditor
+from .guidance import GuidanceEngine, StepRecord
+from .models import ModelAdapter
+from .processors import capture_layers
+from .store import AttentionStore
+
+
+@dataclass
+class GenerationResult:
+    """``images``: exactly what the pipeline returned for ``output_type``; ``trace``: one record per step;
+    ``attention``: the per-subject maps per step, when ``generate(..., attention=...)`` asked for them."""
+
+    images: Any
+    trace: list[StepRecord] = field(default_factory=list)
+    nsfw_content_detected: list[bool] | None = None
+    prompts: list[str] = field(default_factory=list)
+    attention: AttentionMaps | None = None
+
+    @property
+    def guided_steps(self) -> list[StepRecord]:
+        return [r for r in self.trace if r.loss is not None]
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters do not require grad during guidance (only the latents do); flags restored after."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class Run:
+    """One generation, prepared: inputs checked, controls bound, prompt encoded, schedule known."""
+
+    pipe: Any
+    adapter: ModelAdapter
+    ctx: ControlContext
+    controls: list[PreparedControl]  # latent guidance
+    editors: list[PreparedEditor]  # attention editing
+    observer: AttentionObserver | None
+    timesteps: torch.Tensor
+    cond: dict[str, torch.Tensor]  # cond-branch inputs of a guidance forward
+    call_kwargs: dict[str, Any]  # what the pipeline is called with (embeddings instead of the prompt, ...)
+    observer_labels: list[list[str]] | None = None
+    attention_kwargs: dict[str, Any] | None = None
+    checkpointing: bool = False
+    latent_dtype: torch.dtype = torch.float32  # the pipeline's latents (its text embeddings' dtype)
+    store: AttentionStore | None = field(default=None, init=False)
+    engine: GuidanceEngine | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.controls:
+            # one capture of the union of what the controls need; one guidance pass serves them all
+            needed = {(kind, c.resolution) for c in self.controls for kind in c.kinds}
+            grids = {la.name: self.adapter.grid(la, self.ctx.latent_hw) for la in self.adapter.layers}
+            layers = [la for la in self.adapter.layers if (la.kind, grids[la.name]) in needed]
+            self.store = AttentionStore(layers, {la.name: grids[la.name] for la in layers})
+            self.engine = GuidanceEngine(
+                self.adapter, self.store, self.controls, self.cond, self.timesteps, self.attention_kwargs,
+                checkpointing=self.checkpointing,
+            )  # fmt: skip
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Capture processors on the layers the controls, editors and observer need (only those); parameters
+        frozen while guidance may run. Everything restored on exit, however the block ends."""
+        by_layer: dict[str, list] = {}
+        for e in self.editors:
+            for name in e.layers:
+                by_layer.setdefault(name, []).append(e)
+        with ExitStack() as stack:
+            denoiser = self.adapter.denoiser
+            if self.store is not None or by_layer or self.observer is not None:
+                stack.enter_context(capture_layers(denoiser, self.adapter.layers, self.store, by_layer, self.observer))
+            if self.store is not None:
+                stack.enter_context(frozen(denoiser))
+            yield
+
+    def guide(self, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, StepRecord]:
+        """Start ``step``: the editors' step begins and the latents (the scheduler's, for that step) are guided."""
+        for e in self.editors:
+            e.begin_step(step)
+        if self.engine is None:
+            return latents, StepRecord(index=step, timestep=float(self.timesteps[step]))
+        return self.engine.guide(latents, step)
+
+    def draw_latents(self) -> torch.Tensor:
+        """The initial noise: the ``latents`` given, or drawn exactly as the pipeline would draw it."""
+        latents = self.call_kwargs["latents"]
+        if latents is None:
+            n = len(self.ctx.prompts)
+            device = self.pipe._execution_device
+            generator = self.call_kwargs["generator"]
+            latents = self.adapter.initial_latents(n, self.ctx.latent_hw, generator, device, self.latent_dtype)
+        return latents
+
+    def initial_latents(self, driver: StepDriver) -> torch.Tensor:
+        """The initial noise, guided for step 0 in the scheduler's scale."""
+        latents = self.draw_latents()
+        sigma0 = self.adapter.start_noise_sigma()
+        if self.engine is not None and self.engine.needed_at(0):
+            return driver.begin(latents * sigma0, 0) / sigma0
+        driver.begin(latents, 0)  # nothing to guide at step 0: starts the step's record and the editors
+        return latents
+
+    def execute(self) -> GenerationResult:
+        """Sample with the stock pipeline; the processors are installed for the whole call."""
+        driver = StepDriver(self, self.call_kwargs.pop("callback_on_step_end", None))
+        with self.installed():
+            kwargs = dict(self.call_kwargs, latents=self.initial_latents(driver), callback_on_step_end=driver)
+            out = self.pipe(**kwargs)
+        maps = None
+        if self.observer is not None:
+            maps = self.observer.result(self.observer_labels, [float(t) for t in self.timesteps])
+            if isinstance(out.images, list):
+                maps.images = list(out.images)
+        return GenerationResult(
+            images=out.images,
+            trace=driver.trace,
+            nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
+            prompts=self.ctx.prompts_per_input,
+            attention=maps,
+        )
+
+
+class StepDriver:
+    """The run's ``callback_on_step_end``: at the end of step i it closes step i's record (time, editors'
+    statistics, observed maps), calls the user's callback (whatever it returns is kept), and guides the latents of
+    step i + 1."""
+
+    def __init__(self, run: Run, user_callback=None):
+        self.run = run
+        self.user_callback = user_callback
+        self.trace: list[StepRecord] = []
+        self.pending: StepRecord | None = None
+        self.clock = time.perf_counter()
+
+    def begin(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        latents, self.pending = self.run.guide(latents, step)
+        if self.run.observer is not None:
+            self.run.observer.begin_step()  # records the ordinary forward of this step (not the guidance passes)
+        return latents
+
+    def __call__(self, pipe, i: int, t, kwargs: dict) -> dict:
+        run = self.run
+        if run.observer is not None:
+            run.observer.end_step(i)
+        out = kwargs
+        if self.user_callback is not None:
+            out = self.user_callback(pipe, i, t, kwargs)
+            out = dict(kwargs) if out is None else out
+        record = self.pending or StepRecord(index=i, timestep=float(t))
+        self.pending = None
+        for e in run.editors:
+            record.edits[e.name] = e.step_stats()
+        now = time.perf_counter()
+        record.seconds = now - self.clock
+        self.trace.append(record)
+        self.clock = now
+        if i + 1 < run.num_steps and not getattr(pipe, "_interrupt", False):
+            out["latents"] = self.begin(out.get("latents", kwargs["latents"]), i + 1)
+        return out

@@ -1,0 +1,100 @@
+"""The text side of the attention maps: which key positions are text, from which tokenizer.
+
+A model's cross-attention (or the text part of its joint attention) attends to one or more text streams laid
+end to end along the maps' token axis. SD 1.x/2.x and SDXL have one stream (77 CLIP positions; SDXL's second
+encoder is concatenated on channels, so it shares those positions and only has to agree on them); SD3 has CLIP
+(77) then T5; FLUX has T5 only. A :class:`TextLayout` lists the streams, each a :class:`TextSegment`, and answers
+the questions the controls ask: where a subject is, which positions the token softmax keeps, which are the
+start/end tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import SubjectError
+from .tokens import TokenTable, resolve_subjects, tokenize
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """One text stream: ``length`` positions of the token axis from ``offset``, tokenised by ``tokenizer``.
+
+    ``prompts`` (one per input prompt) are what this stream encodes; ``parallel`` are other (tokenizer, prompts)
+    streams concatenated on channels with this one, whose token positions must agree (SDXL's second encoder)."""
+
+    tokenizer: Any
+    offset: int
+    length: int
+    prompts: tuple[str, ...]
+    label: str = "CLIP"
+    parallel: tuple[tuple[Any, tuple[str, ...]], ...] = ()
+
+    def table(self, k: int) -> TokenTable:
+        return tokenize(self.tokenizer, self.prompts[k], self.length)
+
+    def resolve(self, k: int, subjects: list) -> list[tuple[int, ...]]:
+        """Positions of the subjects of input prompt ``k`` in this stream (plus the offset)."""
+        mine = resolve_subjects(self.tokenizer, self.prompts[k], subjects, self.length)
+        for tokenizer, prompts in self.parallel:
+            theirs = resolve_subjects(tokenizer, prompts[k], subjects, self.length)
+            for subject, a, b in zip(subjects, mine, theirs):
+                if a != b:
+                    raise SubjectError(
+                        f"subject {subject!r} is at tokens {list(a)} of {self.prompts[k]!r} for the first text "
+                        f"encoder but at {list(b)} of {prompts[k]!r} for the second; both encoders attend through "
+                        "the same token positions, so they must agree"
+                        f"\n{self.table(k).format()}\n{tokenize(tokenizer, prompts[k], self.length).format()}"
+                    )
+        return [tuple(self.offset + p for p in pos) for pos in mine]
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """The text streams of one run, in the order of the maps' token axis."""
+
+    segments: tuple[TextSegment, ...]
+    n_inputs: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "n_inputs", len(self.segments[0].prompts))
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def resolve(self, k: int, subjects: list) -> list[tuple[int, ...]]:
+        """Each subject's positions in every stream (SD3: its CLIP positions and its T5 positions)."""
+        per_stream = []
+        for seg in self.segments:
+            try:
+                per_stream.append(seg.resolve(k, subjects))
+            except SubjectError as err:
+                if len(self.segments) == 1:
+                    raise
+                raise type(err)(f"in the {seg.label} tokens: {err}") from None
+        return [tuple(p for stream in per_stream for p in stream[j]) for j in range(len(subjects))]
+
+    def keep(self, k: int, exclude_eot: bool) -> torch.Tensor:
+        """(length,) positions kept in a token softmax for input prompt ``k``.
+
+        ``exclude_eot=False``: diffusers' A&E slice ``[1:-1]`` per stream (drops the start token and the last
+        slot; keeps the end token and padding). ``True``: only the prompt's own tokens."""
+        keep = torch.zeros(self.length, dtype=torch.bool)
+        for seg in self.segments:
+            table = seg.table(k)
+            if exclude_eot:
+                keep[seg.offset + table.first_index : seg.offset + table.last_index + 1] = True
+            else:
+                keep[seg.offset + table.prefix : seg.offset + seg.length - 1] = True
+        return keep
+
+    def special_positions(self, k: int) -> list[int]:
+        """Start/end-token positions of input prompt ``k`` (padding excluded), over all streams."""
+        return [seg.offset + p for seg in self.segments for p in seg.table(k).special_positions]
+
+    def format(self, k: int) -> str:
+        return "\n".join(seg.table(k).format() for seg in self.segments)
