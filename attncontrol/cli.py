@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Refocus boxes, normalised x0,y0,x1,y1: 'cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9'",
     )
     ae = gen.add_argument_group("Attend-and-Excite")
-    ae.add_argument("--max-iter-to-alter", type=int, default=_AE_DEFAULTS["max_iter_to_alter"])
+    ae.add_argument("--max-iter-to-alter", type=int, default=_AE_DEFAULTS["stop"])
     ae.add_argument("--scale-factor", type=float, default=_AE_DEFAULTS["scale_factor"])
     ae.add_argument("--max-refinement-steps", type=int, default=_AE_DEFAULTS["max_refinement_steps"])
     ae.add_argument("--no-refinement", action="store_true", help="skip the iterative refinement steps")
@@ -233,7 +233,7 @@ def cmd_generate(args) -> int:
         "height": result.images[0].height,
         "width": result.images[0].width,
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "controls": [{"method": type(c).__name__, **jsonable(dataclasses.asdict(c))} for c in controls],
+        "controls": [{"method": c.method, **jsonable(dataclasses.asdict(c))} for c in controls],
         "seconds": round(seconds, 3),
     }
     atomic_save_png(result.images[0], out, {"parameters": json.dumps(params)})

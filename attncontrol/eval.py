@@ -216,64 +216,73 @@ def evaluate(
     progress: bool = True,
 ) -> EvalReport:
     """Score every finished image of the batch folder ``out``; write the tables (and grids) to ``out/eval``."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if captioner and not clip:
         raise AttnControlError("--captioner compares captions with prompts through CLIP's text encoder: add --clip")
     if batch_size < 1:
         raise AttnControlError(f"--batch-size must be >= 1, got {batch_size}")
     records = load_records(out)
-    rows = []
-    for rec in records:
-        att = rec.get("attention") or {}
-        rows.append(
-            {
-                "file": rec["file"],
-                "prompt": rec["prompt"],
-                "method": rec["method"],
-                "seed": rec["seed"],
-                "subjects": ";".join(att.get("subjects") or rec.get("subjects") or []),
-                "min_subject_attention": att.get("min_subject_attention"),
-                "subject_overlap": att.get("subject_overlap"),
-            }
-        )
-    scorer = ClipScorer(clip, device, allow_pickle) if clip else None
-    caption = Captioner(captioner, device, allow_pickle) if captioner else None
-    if scorer is not None:
-        bar = tqdm(total=len(rows), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            images = [Image.open(out / r["file"]) for r in chunk]
-            feats = scorer.images(images)
-            captions = caption(images) if caption is not None else None
-            for k, r in enumerate(chunk):
-                r["clip_full"] = float(feats[k] @ scorer.text(r["prompt"]))
-                r["clip_min_half"] = min(float(feats[k] @ scorer.text(h)) for h in prompt_halves(r["prompt"]))
-                if captions is not None:
-                    r["caption"] = captions[k]
-                    sim = scorer.text(captions[k], templates=False) @ scorer.text(r["prompt"], templates=False)
-                    r["caption_similarity"] = float(sim)
-            for im in images:
-                im.close()
-            bar.update(len(chunk))
-        bar.close()
+    rows = [_row(rec) for rec in records]
+    if clip:
+        scorer = ClipScorer(clip, device, allow_pickle)
+        caption = Captioner(captioner, device, allow_pickle) if captioner else None
+        _score_clip(rows, out, scorer, caption, batch_size, progress)
     report = EvalReport(rows=rows, summary=summarise(rows))
-    dest = out / "eval"
+    _write_tables(report, out / "eval")
+    if grid:
+        report.files += write_grids(out, records, out / "eval" / "grids")
+    return report
+
+
+def _row(rec: dict) -> dict:
+    """The per-image row of a manifest record (the attention metrics that ``batch`` recorded)."""
+    att = rec.get("attention") or {}
+    return {
+        "file": rec["file"],
+        "prompt": rec["prompt"],
+        "method": rec["method"],
+        "seed": rec["seed"],
+        "subjects": ";".join(att.get("subjects") or rec.get("subjects") or []),
+        "min_subject_attention": att.get("min_subject_attention"),
+        "subject_overlap": att.get("subject_overlap"),
+    }
+
+
+def _score_clip(rows: list[dict], out: Path, scorer, caption, batch_size: int, progress: bool) -> None:
+    """CLIP image-text similarities (full prompt, weakest half) and caption similarity, into ``rows``."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = [Image.open(out / r["file"]) for r in chunk]
+        feats = scorer.images(images)
+        captions = caption(images) if caption is not None else None
+        for k, r in enumerate(chunk):
+            r["clip_full"] = float(feats[k] @ scorer.text(r["prompt"]))
+            r["clip_min_half"] = min(float(feats[k] @ scorer.text(h)) for h in prompt_halves(r["prompt"]))
+            if captions is not None:
+                r["caption"] = captions[k]
+                sim = scorer.text(captions[k], templates=False) @ scorer.text(r["prompt"], templates=False)
+                r["caption_similarity"] = float(sim)
+        for im in images:
+            im.close()
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _write_tables(report: EvalReport, dest: Path) -> None:
     dest.mkdir(exist_ok=True)
     columns = ["file", "prompt", "method", "seed", "subjects", *METRICS, "caption"]
     summary_columns = ["method", "images"] + [c for m in METRICS for c in (m, f"{m}_std")]
     for name, data in (
-        ("per_image.csv", _csv_bytes(rows, columns)),
+        ("per_image.csv", _csv_bytes(report.rows, columns)),
         ("summary.csv", _csv_bytes(report.summary, summary_columns)),
         ("summary.md", report.markdown().encode("utf-8")),
     ):
         atomic_write_bytes(dest / name, lambda fh, data=data: fh.write(data))
         report.files.append(dest / name)
-    if grid:
-        report.files += write_grids(out, records, dest / "grids")
-    return report
 
 
 def write_grids(out: Path, records: list[dict], dest: Path, cell: int = 256) -> list[Path]:

@@ -59,7 +59,7 @@ class GuidanceEngine:
         cross_attention_kwargs=None,
         checkpointing: bool = False,
     ):
-        """``checkpointing``: in guidance passes, run the UNet layers before the last captured block under
+        """``checkpointing``: in guidance passes, run the denoiser layers before the last captured block under
         gradient checkpointing (less memory, one extra forward of those layers per pass; same results)."""
         self.adapter = adapter
         self.store = store

@@ -13,6 +13,7 @@ the pipeline's adapter (:mod:`attncontrol.models`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ def _check_controls(controls) -> list[Control]:
     for c in controls:
         if not isinstance(c, Control):
             raise TypeError(f"controls must be attncontrol controls (e.g. AttendExcite(...)), got {c!r}")
-    kinds = [type(c).__name__ for c in controls]
+    kinds = [c.method for c in controls]
     repeated = sorted({k for k in kinds if kinds.count(k) > 1})
     if repeated:
         raise ValueError(f"each method may appear once in controls; got several {', '.join(repeated)}")
@@ -86,60 +87,54 @@ def generate(
     instead of keeping their activations: less memory per guidance pass, ~1.3x slower passes, same images.
     """
     args = dict(locals())
-    args.pop("pipe_kwargs")
-    return prepare_run(**args, **pipe_kwargs).execute()
+    pipe, prompt, controls = args.pop("pipe"), args.pop("prompt"), args.pop("controls")
+    return prepare_run(pipe, prompt, controls, **args.pop("pipe_kwargs"), **args).execute()
 
 
-def prepare_run(
-    pipe,
-    prompt,
-    controls=(),
-    *,
-    negative_prompt=None,
-    height=None,
-    width=None,
-    num_inference_steps=50,
-    guidance_scale=None,
-    num_images_per_prompt=1,
-    generator=None,
-    latents=None,
-    output_type="pil",
-    clip_skip=None,
-    cross_attention_kwargs=None,
-    callback_on_step_end=None,
-    callback_on_step_end_tensor_inputs=None,
-    timesteps=None,
-    sigmas=None,
-    attention=False,
-    checkpointing=False,
-    **pipe_kwargs,
-) -> Run:
-    """Check every input and prepare a :class:`~attncontrol.run.Run` (the arguments are :func:`generate`'s).
+@dataclass
+class GenerateArgs:
+    """:func:`generate`'s keyword arguments (the pipeline's, with its defaults, plus ours); ``pipe_kwargs`` holds
+    the pipeline arguments this library passes through unread (``prompt_2``, ``eta``, ...)."""
+
+    negative_prompt: str | list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    num_images_per_prompt: int = 1
+    generator: Any = None
+    latents: torch.Tensor | None = None
+    output_type: str = "pil"
+    clip_skip: int | None = None
+    cross_attention_kwargs: dict[str, Any] | None = None
+    callback_on_step_end: Any = None
+    callback_on_step_end_tensor_inputs: list[str] | None = None
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    attention: bool | Sequence = False
+    checkpointing: bool = False
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
+    """Check every input and prepare a :class:`~attncontrol.run.Run` (the keyword arguments are :func:`generate`'s).
     Nothing is installed and no noise is drawn yet; what fails on user input fails here, before model work."""
+    names = {f.name for f in fields(GenerateArgs)} - {"pipe_kwargs"}
+    args = GenerateArgs(**{k: v for k, v in kwargs.items() if k in names})
+    args.pipe_kwargs = {k: v for k, v in kwargs.items() if k not in names}
     adapter = get_adapter(pipe)
     controls = _check_controls(controls)
-    for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "return_dict"):
-        if key in pipe_kwargs:
-            raise TypeError(f"generate() encodes the prompt itself and returns a GenerationResult; drop {key}=")
     prompts = _as_prompts(prompt)
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
-        guidance_scale = adapter.default_guidance_scale()
-    default_h, default_w = adapter.default_size()
-    height = default_h if height is None else height
-    width = default_w if width is None else width
-    latent_hw = adapter.latent_hw(height, width)
+    _check_args(adapter, args)
+    latent_hw = adapter.latent_hw(args.height, args.width)
     device = pipe._execution_device
-    do_cfg = adapter.uses_cfg(guidance_scale)
+    do_cfg = adapter.uses_cfg(args.guidance_scale)
 
     # Resolve everything that can fail on user input before any model work.
-    ts, n_steps = adapter.schedule(num_inference_steps, device, timesteps, sigmas, latent_hw)
+    ts, n_steps = adapter.schedule(args.num_inference_steps, device, args.timesteps, args.sigmas, latent_hw)
     ctx = ControlContext(
-        text=adapter.text_layout(prompts, pipe_kwargs),
-        num_images_per_prompt=num_images_per_prompt,
+        text=adapter.text_layout(prompts, args.pipe_kwargs),
+        num_images_per_prompt=args.num_images_per_prompt,
         latent_hw=latent_hw,
         num_steps=len(ts),
         grids=adapter.layers_by_grid(latent_hw),
@@ -149,46 +144,75 @@ def prepare_run(
         cfg_batch=do_cfg,
     )
     prepared_all = [c.prepare(ctx) for c in controls]
-    observer, labels = _observer(attention, controls, ctx, adapter)
-
-    lora_scale = (cross_attention_kwargs or {}).get("scale")
-    batch = PromptBatch(prompts, num_images_per_prompt, do_cfg, negative_prompt, clip_skip, lora_scale, height, width,
-                        pipe_kwargs)  # fmt: skip
-    encoded = adapter.encode(batch, device)
-    for key in adapter.consumed_kwargs:
-        pipe_kwargs.pop(key, None)
-    embeds = encoded.to_pipe if do_cfg else {k: v for k, v in encoded.to_pipe.items() if not k.startswith("negative_")}
-    text = encoded.cond["encoder_hidden_states"]
-    if text.shape[1] != ctx.seq_len:
-        raise UnsupportedPipelineError(
-            f"the text encoder returned {text.shape[1]} tokens, the tokenizer allows {ctx.seq_len}; "
-            "token positions would not line up with the attention maps"
-        )
-    n_images = len(prompts) * num_images_per_prompt
-    if isinstance(generator, list) and len(generator) != n_images:
-        raise ValueError(f"got {len(generator)} generators for {n_images} images; pass one per image")
-    if latents is not None:
-        latents = latents.to(device=device, dtype=text.dtype)
-    tensor_inputs = list(callback_on_step_end_tensor_inputs or getattr(callback_on_step_end, "tensor_inputs", None)
-                         or ["latents"])  # fmt: skip
-    if "latents" not in tensor_inputs:
-        tensor_inputs.append("latents")
-    call_kwargs = dict(
-        prompt=None, **embeds, height=height, width=width, num_inference_steps=n_steps, guidance_scale=guidance_scale,
-        num_images_per_prompt=1, generator=generator, latents=latents, output_type=output_type,
-        cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
-        callback_on_step_end_tensor_inputs=tensor_inputs, timesteps=timesteps, sigmas=sigmas, return_dict=True,
-        **pipe_kwargs,
-    )  # fmt: skip
-    if timesteps is not None or sigmas is not None:
-        del call_kwargs["num_inference_steps"]
+    observer, labels = _observer(args.attention, controls, ctx, adapter)
+    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
+    n_images = len(prompts) * args.num_images_per_prompt
+    if isinstance(args.generator, list) and len(args.generator) != n_images:
+        raise ValueError(f"got {len(args.generator)} generators for {n_images} images; pass one per image")
+    text_dtype = encoded.cond["encoder_hidden_states"].dtype
+    if args.latents is not None:
+        args.latents = args.latents.to(device=device, dtype=text_dtype)
     return Run(
         pipe, adapter, ctx,
         controls=[c for c in prepared_all if not isinstance(c, PreparedEditor)],
         editors=[c for c in prepared_all if isinstance(c, PreparedEditor)],
-        observer=observer, timesteps=ts, cond=encoded.cond, call_kwargs=call_kwargs, observer_labels=labels,
-        attention_kwargs=cross_attention_kwargs, checkpointing=checkpointing, latent_dtype=text.dtype,
+        observer=observer, timesteps=ts, cond=encoded.cond, call_kwargs=_call_kwargs(args, encoded, do_cfg, n_steps),
+        observer_labels=labels, attention_kwargs=args.cross_attention_kwargs, checkpointing=args.checkpointing,
+        latent_dtype=text_dtype,
     )  # fmt: skip
+
+
+def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
+    """Checks that need no model work; fills in the pipeline's defaults (size, guidance scale)."""
+    for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "return_dict"):
+        if key in args.pipe_kwargs:
+            raise TypeError(f"generate() encodes the prompt itself and returns a GenerationResult; drop {key}=")
+    if not isinstance(args.num_images_per_prompt, int) or args.num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {args.num_images_per_prompt!r}")
+    if not isinstance(args.num_inference_steps, int) or args.num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {args.num_inference_steps!r}")
+    if args.guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
+        args.guidance_scale = adapter.default_guidance_scale()
+    default_h, default_w = adapter.default_size()
+    args.height = default_h if args.height is None else args.height
+    args.width = default_w if args.width is None else args.width
+
+
+def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cfg: bool, device, seq_len: int):
+    """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``)."""
+    lora_scale = (args.cross_attention_kwargs or {}).get("scale")
+    batch = PromptBatch(prompts, args.num_images_per_prompt, do_cfg, args.negative_prompt, args.clip_skip, lora_scale,
+                        args.height, args.width, args.pipe_kwargs)  # fmt: skip
+    encoded = adapter.encode(batch, device)
+    for key in adapter.consumed_kwargs:
+        args.pipe_kwargs.pop(key, None)
+    text = encoded.cond["encoder_hidden_states"]
+    if text.shape[1] != seq_len:
+        raise UnsupportedPipelineError(
+            f"the text encoder returned {text.shape[1]} tokens, the tokenizer allows {seq_len}; "
+            "token positions would not line up with the attention maps"
+        )
+    return encoded
+
+
+def _call_kwargs(args: GenerateArgs, encoded, do_cfg: bool, n_steps: int) -> dict[str, Any]:
+    """What the stock pipeline is called with: the embeddings instead of the prompt, and the caller's arguments."""
+    embeds = encoded.to_pipe if do_cfg else {k: v for k, v in encoded.to_pipe.items() if not k.startswith("negative_")}
+    user_cb = args.callback_on_step_end
+    tensor_inputs = list(args.callback_on_step_end_tensor_inputs or getattr(user_cb, "tensor_inputs", None)
+                         or ["latents"])  # fmt: skip
+    if "latents" not in tensor_inputs:
+        tensor_inputs.append("latents")
+    call_kwargs = dict(
+        prompt=None, **embeds, height=args.height, width=args.width, num_inference_steps=n_steps,
+        guidance_scale=args.guidance_scale, num_images_per_prompt=1, generator=args.generator, latents=args.latents,
+        output_type=args.output_type, cross_attention_kwargs=args.cross_attention_kwargs,
+        callback_on_step_end=user_cb, callback_on_step_end_tensor_inputs=tensor_inputs, timesteps=args.timesteps,
+        sigmas=args.sigmas, return_dict=True, **args.pipe_kwargs,
+    )  # fmt: skip
+    if args.timesteps is not None or args.sigmas is not None:
+        del call_kwargs["num_inference_steps"]
+    return call_kwargs
 
 
 def _wanted_subjects(attention, controls) -> list | None:

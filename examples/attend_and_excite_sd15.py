@@ -20,7 +20,7 @@ pipe = StableDiffusionPipeline.from_pretrained(
 prompt = "a cat and a frog"
 print(attncontrol.tokenize(pipe.tokenizer, prompt).format())  # the indices you could pass instead of words
 
-for name, controls in (("baseline", []), ("attend_excite", [attncontrol.AttendExcite(subjects=["cat", "frog"])])):
+for name, controls in (("baseline", []), ("attend-excite", [attncontrol.AttendExcite(subjects=["cat", "frog"])])):
     out = attncontrol.generate(pipe, prompt, controls, generator=torch.Generator(device).manual_seed(6141))
     out.images[0].save(f"cat_frog_{name}.png")
     if out.guided_steps:

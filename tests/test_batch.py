@@ -127,7 +127,7 @@ def test_batch_run_failures_and_rerun(tiny_dirs, tmp_path, capsys):
     assert len(failures) == 2 and all("'horse' is not in the prompt" in f["error"] for f in failures)
     assert all(f["source"] == "p.jsonl:2" for f in failures)
     guided = [r for r in records if r["method"] == "attend-excite"]
-    assert len(guided) == 2 and guided[0]["losses"]["attend_excite"]["steps"] == 3
+    assert len(guided) == 2 and guided[0]["losses"]["attend-excite"]["steps"] == 3
     assert main(args) == 1
     assert "done 0, skipped 6, failed 2 of 8 items" in capsys.readouterr().out
     _check_folder(out, 6)

@@ -43,7 +43,7 @@ def test_generate_writes_a_png_with_its_parameters(tiny_dirs, tmp_path):
         params = json.loads(img.text["parameters"])
         assert img.size == (64, 64)
     assert params["prompt"] == "a cat and a dog" and params["seed"] == 3 and params["steps"] == 6
-    assert params["controls"][0]["method"] == "AttendExcite" and params["controls"][0]["subjects"] == ["cat", "dog"]
+    assert params["controls"][0]["method"] == "attend-excite" and params["controls"][0]["subjects"] == ["cat", "dog"]
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert len(trace) == 6 and trace[0]["loss"] is not None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
@@ -158,9 +158,9 @@ def test_generate_on_an_sdxl_folder(tiny_dirs, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,methods",
     [
-        (["--subjects", "cat", "dog", "--methods", "astar"], ["AStar"]),
-        (["--boxes", "cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9"], ["Refocus"]),
-        (["--subjects", "cat", "dog", "--methods", "regulate"], ["Regulate"]),
+        (["--subjects", "cat", "dog", "--methods", "astar"], ["astar"]),
+        (["--boxes", "cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9"], ["refocus"]),
+        (["--subjects", "cat", "dog", "--methods", "regulate"], ["regulate"]),
         (
             [
                 "--subjects",
@@ -171,7 +171,7 @@ def test_generate_on_an_sdxl_folder(tiny_dirs, tmp_path, capsys):
                 "--boxes",
                 "cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9",
             ],
-            ["AttendExcite", "AStar", "Refocus", "Regulate"],
+            ["attend-excite", "astar", "refocus", "regulate"],
         ),
     ],
     ids=["astar", "refocus", "regulate", "all-four"],
@@ -199,9 +199,9 @@ def test_each_method_and_a_combination(tiny_dirs, tmp_path, args, methods):
     with Image.open(out) as img:
         assert [c["method"] for c in json.loads(img.text["parameters"])["controls"]] == methods
     steps = json.loads(trace.read_text())
-    if "Regulate" in methods:
+    if "regulate" in methods:
         assert steps[0]["edits"]["regulate"]["quantile_after"] > steps[0]["edits"]["regulate"]["quantile_before"]
-    if methods != ["Regulate"]:
+    if methods != ["regulate"]:
         assert steps[0]["losses"]
 
 

@@ -258,7 +258,7 @@ def test_bad_inputs_fail_before_any_work_and_leave_the_pipeline_alone(sd1):
     [
         ({"subjects": []}, "at least one subject"),
         ({"subjects": ["cat"], "scale_factor": 0}, "scale_factor must be > 0, got 0"),
-        ({"subjects": ["cat"], "max_iter_to_alter": -1}, "max_iter_to_alter must be >= 0, got -1"),
+        ({"subjects": ["cat"], "max_iter_to_alter": -1}, r"stop \(max_iter_to_alter\) must be >= 0, got -1"),
         ({"subjects": ["cat"], "thresholds": {0: 1.5}}, "between 0 and 1, got 1.5"),
         ({"subjects": ["cat"], "thresholds": {-2: 0.5}}, "got -2"),
         ({"subjects": ["cat"], "kernel_size": 4}, "odd integer, got 4"),

@@ -246,17 +246,17 @@ def test_composition_is_one_guidance_pass_per_step(sd1):
         hook.remove()
     assert passes.count(True) == 4  # one forward (and one backward) per guided step, not one per control
     for r in out.trace[:4]:
-        assert set(r.losses) == {"attend_excite", "astar", "refocus"} and r.edits["regulate"]
+        assert set(r.losses) == {"attend-excite", "astar", "refocus"} and r.edits["regulate"]
     assert out.trace[5].loss is None
     assert processor_snapshot(sd1.unet) == before
 
 
 def test_conflicts_and_bad_subjects_fail_early(sd1):
-    with pytest.raises(ValueError, match="several AttendExcite"):
+    with pytest.raises(ValueError, match="several attend-excite"):
         attncontrol.generate(sd1, "a cat", [AttendExcite(subjects=["cat"]), AttendExcite(subjects=["cat"])])
     with pytest.raises(SubjectError, match="Refocus boxes.*'horse'"):
         attncontrol.generate(sd1, "a cat and a dog", [Refocus(boxes={"horse": LEFT})])
     with pytest.raises(ValueError, match="mask_threshold"):
         AStar(subjects=["cat"], mask_threshold=1.5)
-    with pytest.raises(ValueError, match="end must be"):
+    with pytest.raises(ValueError, match=r"stop \(end\) must be after start"):
         Regulate(subjects=["cat"], end=0)

@@ -45,7 +45,7 @@ def test_readme_methods_example_runs(sd1):
     code = code.replace('"a cat and a dog", controls,', '"a cat and a dog", controls, num_inference_steps=4,')
     namespace = {"pipe": sd1}
     exec("import torch\nimport attncontrol\n" + code, namespace)
-    assert set(namespace["out"].trace[0].losses) == {"attend_excite", "refocus"}
+    assert set(namespace["out"].trace[0].losses) == {"attend-excite", "refocus"}
 
 
 def test_readme_attention_example_runs(sd1, tmp_path, monkeypatch):

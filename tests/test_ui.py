@@ -55,7 +55,7 @@ def test_method_params_come_from_the_dataclasses():
         assert [p.name for p in mine] == [f.name for f in scalar]
         assert [p.default for p in mine] == [f.default for f in scalar]
     ae = {p.name: p for p in params if p.method == "attend-excite"}
-    assert ae["max_iter_to_alter"].default == attncontrol.AttendExcite(subjects=["cat"]).max_iter_to_alter
+    assert ae["max_refinement_steps"].default == attncontrol.AttendExcite(subjects=["cat"]).max_refinement_steps
     assert ae["scale_factor"].kind == "float" and ae["smooth_attentions"].kind == "bool"
 
 
@@ -145,7 +145,7 @@ def test_runner_compares_with_the_baseline_and_restores(sd1):
     ]  # fmt: skip
     assert all(img.size == (64, 64) for img, _ in result.heatmaps)
     series = {row["series"] for row in result.curves}
-    assert series == {"attend_excite loss", "weakest subject attention (baseline)",
+    assert series == {"attend-excite loss", "weakest subject attention (baseline)",
                       "weakest subject attention (controlled)"}  # fmt: skip
     assert "weakest subject attention" in result.summary
     with pytest.raises(DemoError, match="'horse' is not in the prompt"):

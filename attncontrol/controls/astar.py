@@ -5,21 +5,23 @@ the paper does not state is ours and marked so below."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..losses.astar import binarize, retention_loss, segregation_loss
-from .base import Control, ControlContext, PreparedControl, StepInfo
-from .common import TokenMaps, ae_step_sizes, validate_map_options, validate_step_schedule
+from .base import ControlContext, PreparedControl, StepInfo, with_aliases
+from .common import MapOptions, TokenMaps, ae_step_sizes, validate_step_schedule
 
 
+@with_aliases
 @dataclass
-class AStar(Control):
+class AStar(MapOptions):
     """A-STAR: ``L = L_seg + L_ret`` (Eq. 4, unweighted), ``z <- z - alpha_i * grad L``.
 
     Args:
         subjects: as for :class:`AttendExcite` (at least two for segregation to act).
-        max_iter_to_alter: latents are updated at steps ``0 .. max_iter_to_alter - 1``; None = every step
+        stop (alias ``max_iter_to_alter``): latents are updated at steps ``start .. stop - 1``; None = every step
             (the paper updates at every step and shows that stopping early loses concepts).
         segregation_weight, retention_weight: 1 and 1 (Eq. 4 has no weights).
         mask_threshold: a pixel is in subject m's high-activation region B_m when its attention is at least
@@ -31,53 +33,41 @@ class AStar(Control):
     No refinement: the paper describes none.
     """
 
+    method: ClassVar[str] = "astar"
+    aliases: ClassVar[dict[str, str]] = {"max_iter_to_alter": "stop"}
+
     subjects: list = field(default_factory=list)
-    max_iter_to_alter: int | None = None
     segregation_weight: float = 1.0
     retention_weight: float = 1.0
     mask_threshold: float = 0.5
     scale_factor: float = 20.0
     scale_range: tuple[float, float] = (1.0, 0.5)
-    attn_res: tuple[int, int] | int | None = None
-    kernel_size: int = 3
-    sigma: float = 0.5
-    smooth_attentions: bool = True
-    exclude_eot: bool | None = None
-    softmax_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        self.subjects = [self.subjects] if isinstance(self.subjects, (str, int)) else list(self.subjects)
-        if not self.subjects:
-            raise ValueError("AStar needs at least one subject, got an empty list")
-        if self.max_iter_to_alter is not None and self.max_iter_to_alter < 0:
-            raise ValueError(f"max_iter_to_alter must be >= 0 or None, got {self.max_iter_to_alter}")
+        self.validate_subjects()
+        self.validate_window()
         for name in ("segregation_weight", "retention_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be between 0 and 1, got {self.mask_threshold}")
         validate_step_schedule(self)
-        validate_map_options(self)
+        self.validate_map_options()
 
     def prepare(self, ctx: ControlContext) -> PreparedAStar:
         return PreparedAStar(self, ctx)
 
 
 class PreparedAStar(PreparedControl):
-    name = "astar"
-
     def __init__(self, cfg: AStar, ctx: ControlContext):
         self.cfg = cfg
+        self.bind_window(cfg, ctx.num_steps)
         self.maps = TokenMaps(cfg, ctx, cfg.subjects)
         self.resolution = self.maps.resolution
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
-        self.last = cfg.max_iter_to_alter if cfg.max_iter_to_alter is not None else ctx.num_steps
         # per image: masks of the latest step seen, and of the step before it (the "previous step" B_t)
         self._latest: dict[int, tuple[int, torch.Tensor]] = {}
         self._previous: dict[int, torch.Tensor] = {}
-
-    def updates_at(self, step: int) -> bool:
-        return step < self.last
 
     def step_size(self, step: int) -> float:
         return float(self.step_sizes[step])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -88,16 +89,32 @@ class ControlContext:
         return torch.stack(self._per_image([self.text.keep(k, exclude_eot) for k in range(self.text.n_inputs)]))
 
 
-class PreparedControl:
-    """One control bound to one run. The engine calls these; subclasses implement the method."""
+class Prepared:
+    """What ``Control.prepare`` returns: the control bound to one run. ``name`` is the method's registry key
+    (the same in the CLI, batch manifests, traces and the UI); ``first`` and ``stop`` are its window of steps."""
 
     name: str = "control"
+    first: int = 0
+    stop: int = 1 << 30
+
+    def bind_window(self, cfg: Control, num_steps: int) -> None:
+        self.name = cfg.method
+        self.first, self.stop = cfg.window(num_steps)
+
+    def in_window(self, step: int) -> bool:
+        return self.first <= step < self.stop
+
+
+class PreparedControl(Prepared):
+    """A latent-guidance control bound to one run. The engine calls these; subclasses implement the method."""
+
     resolution: tuple[int, int]
     kinds: tuple[str, ...] = ("cross",)
     max_refinement_steps: int = 0
 
     def updates_at(self, step: int) -> bool:
-        raise NotImplementedError
+        """Whether it takes its (regular) update at this step. Default: every step of its window."""
+        return self.in_window(step)
 
     def refine_target(self, step: int) -> float | None:
         """Loss above which the latents are refined at this step, or None."""
@@ -130,11 +147,10 @@ class PreparedControl:
         raise NotImplementedError
 
 
-class PreparedEditor:
+class PreparedEditor(Prepared):
     """An attention-editing control bound to one run: it rewrites attention probabilities inside chosen layers
-    during the ordinary denoising forward (no gradient through the UNet)."""
+    during the ordinary denoising forward (no gradient through the denoiser)."""
 
-    name: str = "editor"
     layers: list[str]
     active: bool = False
 
@@ -149,8 +165,90 @@ class PreparedEditor:
         return {}
 
 
-class Control:
-    """Base of the user-facing control dataclasses."""
+def step_index(value: int | float, num_steps: int, at_least_one: bool = False) -> int:
+    """A step given as an int (a loop index over the scheduler's timesteps) or a float in [0, 1] (a fraction of
+    the schedule, rounded; with ``at_least_one`` a positive fraction is at least step 1)."""
+    if isinstance(value, float):
+        index = round(value * num_steps)
+        return max(1, index) if at_least_one and value > 0 else index
+    return int(value)
 
-    def prepare(self, ctx: ControlContext) -> PreparedControl:
+
+@dataclass(kw_only=True)
+class Control:
+    """Base of the user-facing control dataclasses: the method's registry key and when it acts.
+
+    ``start`` / ``stop``: the method acts at steps ``start <= i < stop``; an int is a step index (0-based loop
+    index over the scheduler's timesteps), a float in [0, 1] a fraction of the schedule; ``stop=None`` runs to
+    the last step. The same two fields mean the same thing in every method (published names such as A&E's
+    ``max_iter_to_alter`` are accepted as aliases of ``stop``)."""
+
+    method: ClassVar[str] = "control"
+    aliases: ClassVar[dict[str, str]] = {}
+
+    start: int | float = 0
+    stop: int | float | None = None
+
+    def validate_subjects(self) -> None:
+        """``subjects`` as a list (a single word or index is accepted alone); at least one."""
+        subjects = self.subjects
+        self.subjects = [subjects] if isinstance(subjects, (str, int)) else list(subjects)
+        if not self.subjects:
+            raise ValueError(f"{type(self).__name__} needs at least one subject, got an empty list")
+
+    def window(self, num_steps: int) -> tuple[int, int]:
+        first = step_index(self.start, num_steps)
+        stop = num_steps if self.stop is None else step_index(self.stop, num_steps, at_least_one=True)
+        return first, stop
+
+    def validate_window(self) -> None:
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if value is None and name == "stop":
+                continue
+            also = [alias for alias, target in self.aliases.items() if target == name]
+            label = f"{name} ({', '.join(also)})" if also else name
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    f"{label} must be a step index (int) or a fraction of the steps (float), got {value!r}"
+                )
+            if isinstance(value, float) and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{label} as a fraction of the steps must be between 0 and 1, got {value}")
+            if value < 0:
+                raise ValueError(f"{label} must be >= 0, got {value}")
+        if self.stop is not None and type(self.stop) is type(self.start) and self.stop <= self.start:
+            also = [alias for alias, target in self.aliases.items() if target == "stop"]
+            label = f"stop ({', '.join(also)})" if also else "stop"
+            raise ValueError(f"{label} must be after start: the window {self.start}..{self.stop} has no step")
+
+    def prepare(self, ctx: ControlContext) -> Prepared:
         raise NotImplementedError
+
+
+def with_aliases(cls):
+    """Accept ``cls.aliases`` (published parameter names) as keyword arguments of the dataclass and as
+    attributes, each standing for its canonical field (e.g. A&E's ``max_iter_to_alter`` for ``stop``)."""
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        for alias, target in cls.aliases.items():
+            if alias in kwargs:
+                if target in kwargs:
+                    raise TypeError(f"{cls.__name__}: pass {target}= or its alias {alias}=, not both")
+                kwargs[target] = kwargs.pop(alias)
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped__ = init
+    cls.__init__ = __init__
+    for alias, target in cls.aliases.items():
+        setattr(
+            cls,
+            alias,
+            property(
+                lambda self, t=target: getattr(self, t),
+                lambda self, v, t=target: setattr(self, t, v),
+                doc=f"Alias of ``{target}``.",
+            ),
+        )
+    return cls

@@ -2,29 +2,64 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ..errors import ResolutionError
 from ..losses.attend_excite import subject_maps
 from ..ops import token_softmax
-from .base import ControlContext
+from .base import Control, ControlContext
 
 
-def validate_map_options(cfg) -> None:
-    """Checks the smoothing/softmax/resolution fields every map-based control has; normalises ``attn_res``."""
-    if cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {cfg.kernel_size}")
-    if not cfg.sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {cfg.sigma}")
-    if not cfg.softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be > 0, got {cfg.softmax_scale}")
-    if isinstance(cfg.attn_res, int):
-        cfg.attn_res = (cfg.attn_res, cfg.attn_res)
-    if cfg.attn_res is not None:
-        cfg.attn_res = tuple(int(x) for x in cfg.attn_res)
-        if len(cfg.attn_res) != 2 or min(cfg.attn_res) < 1:
-            raise ValueError(f"attn_res must be (rows, cols) of positive ints, got {cfg.attn_res}")
+def normalise_attn_res(value) -> tuple[int, int] | None:
+    """``None``, ``N`` or ``(rows, cols)`` -> ``None`` or ``(rows, cols)``; raises naming a bad value."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        rows, cols = (int(x) for x in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"attn_res must be N or (rows, cols) of positive ints, got {value!r}") from None
+    if min(rows, cols) < 1:
+        raise ValueError(f"attn_res must be (rows, cols) of positive ints, got {value}")
+    return rows, cols
+
+
+@dataclass(kw_only=True)
+class MapOptions(Control):
+    """How a map-reading control builds its per-subject maps (Attend-and-Excite's recipe, which A-STAR and
+    Attention Refocusing share): cross-attention at ``attn_res`` averaged over heads and layers, times
+    ``softmax_scale``, softmax over the kept tokens, each subject's tokens summed, Gaussian-smoothed.
+
+    Args:
+        attn_res: (rows, cols) of the attention maps; ``None`` = the level 4x below the latents (16x16 at 512 px
+            for SD 1.x/2.x), or the nearest level with cross-attention.
+        kernel_size, sigma, smooth_attentions: the 3x3 Gaussian smoothing of the reference.
+        exclude_eot: drop end-of-text and padding from the softmax over tokens (the official SD 2.1 behaviour).
+            ``None`` = the model family's default (True for SD 2.x-style tokenizers, padding with "!"; False
+            otherwise, diffusers' behaviour).
+        softmax_scale: the maps are multiplied by this before the softmax over tokens (reference: 100).
+    """
+
+    attn_res: tuple[int, int] | int | None = None
+    kernel_size: int = 3
+    sigma: float = 0.5
+    smooth_attentions: bool = True
+    exclude_eot: bool | None = None
+    softmax_scale: float = 100.0
+
+    def validate_map_options(self) -> None:
+        """Checks the smoothing/softmax/resolution fields; normalises ``attn_res``."""
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if not self.softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be > 0, got {self.softmax_scale}")
+        self.attn_res = normalise_attn_res(self.attn_res)
 
 
 def validate_step_schedule(cfg) -> None:

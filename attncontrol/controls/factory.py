@@ -9,7 +9,8 @@ from .attend_excite import AttendExcite
 from .refocus import Refocus
 from .regulate import Regulate
 
-METHODS = {"attend-excite": AttendExcite, "astar": AStar, "refocus": Refocus, "regulate": Regulate}
+# The registry: each method has one name (its class's ``method``) in the CLI, batch manifests, traces and the UI.
+METHODS = {cls.method: cls for cls in (AttendExcite, AStar, Refocus, Regulate)}
 
 
 def parse_methods(text: str) -> list[str]:

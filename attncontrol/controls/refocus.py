@@ -5,13 +5,14 @@ per-step schedule of loss scale and iterations."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..errors import SubjectError
 from ..losses.refocus import CARWeights, car_loss, sar_loss
-from .base import Control, ControlContext, PreparedControl, StepInfo
-from .common import TokenMaps, validate_map_options
+from .base import ControlContext, PreparedControl, StepInfo
+from .common import MapOptions, TokenMaps
 
 # The official SAR_CAR schedule (``update_loss_self_cross``): (steps below, loss scale, max iterations).
 DEFAULT_SCHEDULE: tuple[tuple[int, float, int], ...] = ((2, 4.0, 2), (5, 4.0, 6), (10, 3.0, 3), (20, 3.0, 2))
@@ -56,7 +57,7 @@ def parse_boxes(text: str) -> dict[str, list[tuple[float, float, float, float]]]
 
 
 @dataclass
-class Refocus(Control):
+class Refocus(MapOptions):
     """Attention Refocusing: boxes per subject, ``z <- z - grad(s_i * (CAR + SAR))``.
 
     Args:
@@ -72,10 +73,13 @@ class Refocus(Control):
             weakest box peak < ``inside_threshold`` (official: 10, 0.1, 0.2).
         late_steps: later steps guided (while the weakest box peak < ``inside_threshold``); official: every 5th
             step from 10 to 35.
+        start, stop: the window of steps inside which the schedule above applies (default: all steps).
         attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale: the cross-attention maps as
             for :class:`AttendExcite` (the official code uses A&E's recipe); SAR uses self-attention at the
             same resolution.
     """
+
+    method: ClassVar[str] = "refocus"
 
     boxes: dict = field(default_factory=dict)
     cross_weight: float = 1.0
@@ -87,24 +91,19 @@ class Refocus(Control):
     late_steps: tuple[int, ...] = (10, 15, 20, 25, 30, 35)
     loss_threshold: float = 0.1
     inside_threshold: float = 0.2
-    attn_res: tuple[int, int] | int | None = None
-    kernel_size: int = 3
-    sigma: float = 0.5
-    smooth_attentions: bool = True
-    exclude_eot: bool | None = None
-    softmax_scale: float = 100.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.boxes, dict) or not self.boxes:
             raise ValueError(f"Refocus needs boxes as {{subject: (x0, y0, x1, y1)}}, got {self.boxes!r}")
         self.boxes = {subject: _as_box_list(subject, value) for subject, value in self.boxes.items()}
+        self.validate_window()
         for name in ("cross_weight", "self_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for entry in (*self.schedule, (None, *self.late)):
             if entry[-2] <= 0 or int(entry[-1]) < 1:
                 raise ValueError(f"schedule entries need a loss scale > 0 and >= 1 iteration, got {entry}")
-        validate_map_options(self)
+        self.validate_map_options()
 
     @property
     def subjects(self) -> list:
@@ -115,11 +114,11 @@ class Refocus(Control):
 
 
 class PreparedRefocus(PreparedControl):
-    name = "refocus"
     kinds = ("cross", "self")
 
     def __init__(self, cfg: Refocus, ctx: ControlContext):
         self.cfg = cfg
+        self.bind_window(cfg, ctx.num_steps)
         try:
             self.maps = TokenMaps(cfg, ctx, cfg.subjects)
         except SubjectError as err:
@@ -135,7 +134,7 @@ class PreparedRefocus(PreparedControl):
         return float(self.cfg.late[0]), int(self.cfg.late[1])
 
     def updates_at(self, step: int) -> bool:
-        return step < self.cfg.early_steps or step in self.cfg.late_steps
+        return self.in_window(step) and (step < self.cfg.early_steps or step in self.cfg.late_steps)
 
     def refines_at(self, step: int) -> bool:
         return self.updates_at(step) and self._scale_iters(step)[1] > 1

@@ -1,26 +1,29 @@
 """Attention Regulation (Zhang et al., ECCV 2024): inside the cross-attention layers, optimise a bias on the
 target tokens' logits so each target gets a high attention quantile and a bounded mean. Edits attention
-in the ordinary forward; no gradient through the UNet. Constants from the official code
+in the ordinary forward; no gradient through the denoiser. Constants from the official code
 (YaNgZhAnG-V5/attention_regulation)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..losses.regulate import gaussian_bumps, regulation_objective
-from .base import Control, ControlContext, PreparedEditor
-from .common import resolve_attn_res
+from .base import Control, ControlContext, PreparedEditor, with_aliases
+from .common import normalise_attn_res, resolve_attn_res
 
 
+@with_aliases
 @dataclass
 class Regulate(Control):
     """Attention Regulation.
 
     Args:
         subjects: words, phrases, occurrences or token indices; every token of every subject is a target.
-        end: edit during the first ``end`` fraction of the steps (official: 25 of 50 -> 0.5).
+        stop (alias ``end``): edit at steps ``start .. stop - 1``; a float is a fraction of the steps (official:
+            the first 25 of 50 -> 0.5).
         iterations, lr: in-layer gradient steps on the bump weights, ``w <- w - N * lr * grad`` with N the
             rows averaged over (official: 20, 100, plain gradient descent), the best-loss bias kept.
         quantile, quantile_target, quantile_weight, mean_weight, weight_penalty: the objective
@@ -34,8 +37,10 @@ class Regulate(Control):
     The conditional half of the classifier-free-guidance batch is edited; the unconditional half is not.
     """
 
+    method: ClassVar[str] = "regulate"
+    aliases: ClassVar[dict[str, str]] = {"end": "stop"}
+
     subjects: list = field(default_factory=list)
-    end: float = 0.5
     iterations: int = 20
     lr: float = 100.0
     quantile: float = 0.9
@@ -48,13 +53,11 @@ class Regulate(Control):
     attn_res: tuple[int, int] | int | None = None
     restore_special: bool = True
     seed: int = 0
+    stop: int | float | None = field(default=0.5, kw_only=True)
 
     def __post_init__(self) -> None:
-        self.subjects = [self.subjects] if isinstance(self.subjects, (str, int)) else list(self.subjects)
-        if not self.subjects:
-            raise ValueError("Regulate needs at least one subject, got an empty list")
-        if not 0.0 < self.end <= 1.0:
-            raise ValueError(f"end must be a fraction of the steps in (0, 1], got {self.end}")
+        self.validate_subjects()
+        self.validate_window()
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         for name in ("lr", "quantile_weight", "mean_weight", "weight_penalty"):
@@ -63,22 +66,16 @@ class Regulate(Control):
         for name in ("quantile", "quantile_target", "blend", "decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-        if isinstance(self.attn_res, int):
-            self.attn_res = (self.attn_res, self.attn_res)
-        if self.attn_res is not None:
-            self.attn_res = tuple(int(x) for x in self.attn_res)
-            if len(self.attn_res) != 2 or min(self.attn_res) < 1:
-                raise ValueError(f"attn_res must be (rows, cols) of positive ints, got {self.attn_res}")
+        self.attn_res = normalise_attn_res(self.attn_res)
 
     def prepare(self, ctx: ControlContext) -> PreparedRegulate:
         return PreparedRegulate(self, ctx)
 
 
 class PreparedRegulate(PreparedEditor):
-    name = "regulate"
-
     def __init__(self, cfg: Regulate, ctx: ControlContext):
         self.cfg = cfg
+        self.bind_window(cfg, ctx.num_steps)
         self.resolution = resolve_attn_res(cfg.attn_res, ctx)
         self.layers = list(ctx.cross_layers[self.resolution])
         subjects = ctx.subjects_per_image(cfg.subjects)
@@ -86,7 +83,6 @@ class PreparedRegulate(PreparedEditor):
         self.specials = ctx.special_positions()  # start/end-of-text columns, per image
         self.n_images = len(ctx.prompts)
         self.cfg_batch = ctx.cfg_batch
-        self.last_step = max(1, round(cfg.end * ctx.num_steps))
         self.bumps = gaussian_bumps(*self.resolution, device=ctx.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.previous: dict[tuple[str, int], torch.Tensor] = {}
@@ -96,7 +92,7 @@ class PreparedRegulate(PreparedEditor):
 
     def begin_step(self, step: int) -> None:
         self.step = step
-        self.active = step < self.last_step
+        self.active = self.in_window(step)
         self._stats = []
 
     def step_stats(self) -> dict[str, float]:

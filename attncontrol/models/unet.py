@@ -38,8 +38,7 @@ def unet_layers(unet) -> list[AttnLayer]:
         found.append((key, name, "self" if m["which"] == "attn1" else "cross", label, level))
     found.sort()
     return [
-        AttnLayer(name, kind, label, level, order, CLASSIC)
-        for order, (_, name, kind, label, level) in enumerate(found)
+        AttnLayer(name, kind, label, level, order, CLASSIC) for order, (_, name, kind, label, level) in enumerate(found)
     ]
 
 

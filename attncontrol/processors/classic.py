@@ -1,5 +1,5 @@
 """Attention as diffusers' classic ``AttnProcessor`` computes it (separate q/k/v projections, optional group
-norm, spatial norm and cross norm, residual and rescale): the layers of UNet-based models. Used by the capture
+norm, spatial norm and cross norm, residual and rescale): the layers of the SD-family denoisers. Used by the capture
 processor for the layers where probabilities must be explicit; everywhere else the layer's own processor runs.
 """
 

@@ -1,0 +1,88 @@
+"""Batch items: entries x seeds x methods, each with a key that identifies it across runs and processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..controls import make_controls, parse_methods
+from ..io import jsonable
+from .inputs import BatchInputError, Entry
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make. ``key`` identifies it across runs and processes."""
+
+    prompt: str
+    subjects: tuple | None
+    boxes: str | None  # canonical JSON of the boxes
+    method: str  # "none" or names joined with "+"
+    seed: int
+    options: str  # canonical JSON of per-method options
+    negative_prompt: str | None
+    source: str
+    settings: str = "{}"  # canonical JSON of the run settings that change the image (model, steps, size, ...)
+    # the subjects whose attention is measured (also for the baseline); not part of the identity
+    observe: tuple | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> str:
+        payload = [self.prompt, self.subjects, self.boxes, self.method, self.seed, self.options, self.negative_prompt]
+        if self.settings != "{}":
+            payload.append(self.settings)
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def filename(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:48] or "prompt"
+        return f"{slug}__{self.method}__s{self.seed}__{self.key[:8]}.png"
+
+    def controls(self) -> list:
+        names = [] if self.method == "none" else self.method.split("+")
+        boxes = json.loads(self.boxes) if self.boxes else None
+        return make_controls(names, list(self.subjects or []), boxes, json.loads(self.options))
+
+
+def expand(
+    entries: list[Entry],
+    seeds: list[int],
+    methods: list[str],
+    options: dict | None = None,
+    settings: dict | None = None,
+) -> list[Item]:
+    """Entries x seeds x methods -> items; fails on the first entry that cannot make its controls. ``settings``
+    (model, steps, size, guidance) are part of each item's identity, so a rerun with other settings redoes it."""
+    settings_json = json.dumps(settings or {}, sort_keys=True)
+    items = []
+    for e in entries:
+        for method_text in e.methods or methods:
+            names = parse_methods(method_text)
+            method = "+".join(names) or "none"
+            merged = {name: {**(options or {}).get(name, {}), **e.options.get(name, {})} for name in names}
+            item_boxes = e.boxes if "refocus" in names else None
+            try:
+                make_controls(names, e.subjects, item_boxes, merged)  # validates before any generation
+            except (ValueError, TypeError) as err:
+                raise BatchInputError(f"{e.source}: {err}") from None
+            for seed in e.seeds or seeds:
+                items.append(
+                    Item(
+                        prompt=e.prompt,
+                        subjects=tuple(e.subjects) if e.subjects and names else None,
+                        boxes=json.dumps(jsonable(item_boxes), sort_keys=True) if item_boxes else None,
+                        method=method,
+                        seed=int(seed),
+                        options=json.dumps(jsonable(merged), sort_keys=True),
+                        negative_prompt=e.negative_prompt,
+                        source=e.source,
+                        settings=settings_json,
+                        observe=tuple(e.subjects) if e.subjects else (tuple(e.boxes) if e.boxes else None),
+                    )
+                )
+    unique: dict[str, Item] = {}
+    for item in items:  # the same image asked for twice (e.g. a baseline of two lines with one prompt): once
+        unique.setdefault(item.key, item)
+    return list(unique.values())
