@@ -25,7 +25,12 @@ from .ops import gaussian_smooth, token_softmax
 
 
 class AttentionObserver:
-    """Records head-summed cross-attention of the conditional half in the observed layers, one step at a time."""
+    """Records head-summed cross-attention of the conditional images in the observed layers, one step at a time.
+
+    ``cfg_batch``: the denoiser's batch is [unconditional; conditional] (its second half is recorded); otherwise
+    the first forward of a step is the conditional one, and a layer seen again in the same step (a second,
+    unconditional forward, as FLUX's true CFG runs it) is not recorded. Joint layers give only the text
+    ``columns`` the maps need; they are put back at their positions of the ``text_len``-long token axis."""
 
     def __init__(
         self,
@@ -35,6 +40,7 @@ class AttentionObserver:
         keep: torch.Tensor,
         cfg_batch: bool,
         softmax_scale: float = 100.0,
+        columns: torch.Tensor | None = None,
     ):
         self.layers = set(layers)
         self.resolution = tuple(resolution)
@@ -42,9 +48,12 @@ class AttentionObserver:
         self.keep = keep  # (images, tokens) bool
         self.cfg_batch = cfg_batch
         self.softmax_scale = softmax_scale
+        self.columns = columns
+        self.text_len = int(keep.shape[-1])
         self.active = False
         self._sum: torch.Tensor | None = None
         self._heads = 0
+        self._seen: set[str] = set()
         self.steps: list[int] = []
         self.maps: list[torch.Tensor] = []  # per step: (images, subjects, rows, cols) float32 on CPU
         self.raw: list[torch.Tensor] = []
@@ -52,15 +61,38 @@ class AttentionObserver:
     def cond_half(self, x: torch.Tensor) -> torch.Tensor:
         return x[x.shape[0] // 2 :] if self.cfg_batch else x
 
-    def record(self, probs: torch.Tensor, heads: int) -> None:
-        """``probs``: (images * heads, queries, keys) of the conditional half."""
+    def _first_time(self, layer: str | None) -> bool:
+        if layer is None:
+            return True
+        if layer in self._seen:
+            return False  # a second forward in this step: the unconditional one
+        self._seen.add(layer)
+        return True
+
+    def record(self, probs: torch.Tensor, heads: int, layer: str | None = None) -> None:
+        """``probs``: (images * heads, queries, keys) of the conditional images."""
+        if not self._first_time(layer):
+            return
         bh, q, k = probs.shape
-        summed = probs.detach().float().view(bh // heads, heads, q, k).sum(1)
+        self._add(probs.detach().float().view(bh // heads, heads, q, k).sum(1), heads)
+
+    def record_heads(self, probs: torch.Tensor, layer: str | None = None) -> None:
+        """``probs``: (images, heads, queries, columns) of the conditional images, from a joint layer."""
+        if not self._first_time(layer):
+            return
+        summed = probs.detach().float().sum(1)
+        if self.columns is not None and summed.shape[-1] != self.text_len:
+            full = summed.new_zeros(*summed.shape[:-1], self.text_len)
+            summed = full.index_copy(-1, self.columns.to(summed.device), summed)
+        self._add(summed, probs.shape[1])
+
+    def _add(self, summed: torch.Tensor, heads: int) -> None:
         self._sum = summed if self._sum is None else self._sum + summed
         self._heads += heads
 
     def begin_step(self) -> None:
         self._sum, self._heads, self.active = None, 0, True
+        self._seen = set()
 
     def end_step(self, index: int) -> None:
         self.active = False

@@ -11,8 +11,8 @@ block) for the same time.
 The recompute happens inside the backward, after the guidance forward has switched ``store.active`` off. The
 capture processors would then take the ordinary (SDPA) path and recompute other tensors than the forward
 saved. So the recompute is replayed in the forward's mode: ``store.active`` on, as in the forward, and
-``store.record`` a no-op, so that the store keeps exactly the maps (and graph) of the forward and holds no
-reference to the recomputed tensors. The block that holds the last captured layer (where the forward stops
+``store.record`` / ``record_heads`` no-ops, so that the store keeps exactly the maps (and graph) of the forward
+and holds no reference to the recomputed tensors. The block that holds the last captured layer (where the forward stops
 with :class:`~attncontrol.store.EarlyExit`) is never checkpointed.
 """
 
@@ -29,18 +29,22 @@ from torch.utils.checkpoint import checkpoint
 def _replaying(store) -> Iterator[None]:
     """The capture processors' forward mode, recording nothing: for the recompute inside the backward."""
     active, early_exit = store.active, store.early_exit
-    had_record = "record" in vars(store)
-    saved = vars(store).get("record")
+    saved = {name: vars(store)[name] for name in _RECORDERS if name in vars(store)}
     store.active, store.early_exit = True, False
-    store.record = _ignore
+    for name in _RECORDERS:
+        setattr(store, name, _ignore)
     try:
         yield
     finally:
         store.active, store.early_exit = active, early_exit
-        if had_record:
-            store.record = saved
-        else:
-            del store.record
+        for name in _RECORDERS:
+            if name in saved:
+                setattr(store, name, saved[name])
+            else:
+                delattr(store, name)
+
+
+_RECORDERS = ("record", "record_heads")
 
 
 def _ignore(*args, **kwargs) -> None:

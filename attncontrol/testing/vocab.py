@@ -1,0 +1,125 @@
+"""Offline tokenizers with real vocabularies: CLIP's (rebuilt from the BPE file the ``open-clip-torch`` wheel
+ships; its ids equal Stable Diffusion's) and a T5-style sentencepiece unigram tokenizer trained on CLIP's words."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+
+
+def clip_bpe_path() -> Path:
+    """Locate the CLIP BPE vocabulary shipped inside the open-clip-torch wheel, without importing it."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The offline CLIP tokenizer needs the vocabulary file shipped by open-clip-torch; install it with "
+            "`pip install --no-deps open-clip-torch` (its dependencies would replace a CPU torch)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise RuntimeError(f"open_clip is installed but {path} is missing")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The reversible byte -> printable-character table used by GPT-2/CLIP byte-level BPE.
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_clip_tokenizer_files(folder: str | Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of the CLIP ViT-L/14 tokenizer (49408 tokens) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    merge_lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_files_dir() -> Path:
+    import tempfile
+
+    return write_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="attncontrol-clip-tok-")))
+
+
+def make_clip_tokenizer(sd2: bool = False):
+    """A real CLIP tokenizer built offline. ``sd2=True`` pads with "!" (id 0) like SD 2.x's tokenizer."""
+    from transformers import CLIPTokenizer
+
+    folder = _tokenizer_files_dir()
+    kwargs = {"pad_token": "!"} if sd2 else {"pad_token": EOT_TOKEN}
+    return CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=77,
+        bos_token=SOT_TOKEN,
+        eos_token=EOT_TOKEN,
+        unk_token=EOT_TOKEN,
+        **kwargs,
+    )
+
+
+def _clip_words() -> list[str]:
+    """The whole words of CLIP's BPE vocabulary (alphabetic merges that end a word)."""
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    words = {"".join(line.split()).removesuffix("</w>") for line in lines if line.strip().endswith("</w>")}
+    return sorted(w for w in words if w.isalpha())
+
+
+@lru_cache(maxsize=1)
+def _t5_tokenizer_file() -> Path:
+    """Train (once per process, ~10 s) a sentencepiece-style unigram model on CLIP's words; save its JSON."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=8000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", max_piece_length=16
+    )
+    tok.train_from_iterator(_clip_words(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    path = Path(tempfile.mkdtemp(prefix="attncontrol-t5-tok-")) / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def make_t5_tokenizer(max_length: int = 256):
+    """A T5-style tokenizer built offline: 8000 unigram pieces learnt from CLIP's words, ``\u2581`` marking a word's
+    start, no start token, ``</s>`` (id 1) at the end and ``<pad>`` (id 0) padding, as T5's own. No package ships
+    T5's ``spiece.model``; this one tokenises like it (``\u2581cat``, ``\u2581rest`` + ``ing``)."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(
+        tokenizer_file=str(_t5_tokenizer_file()), eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_ids=0, model_max_length=max_length,
+    )  # fmt: skip
