@@ -58,6 +58,7 @@ class GuidanceEngine:
         timesteps: torch.Tensor,
         cross_attention_kwargs=None,
         checkpointing: bool = False,
+        layer_names: dict | None = None,
     ):
         """``checkpointing``: in guidance passes, run the denoiser layers before the last captured block under
         gradient checkpointing (less memory, one extra forward of those layers per pass; same results)."""
@@ -69,7 +70,8 @@ class GuidanceEngine:
         # host copies, read once: float(timesteps[i]) at every pass would wait for the device each time
         self.timestep_values = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
         self.cross_attention_kwargs = cross_attention_kwargs
-        self.map_keys = sorted({(kind, c.resolution) for c in controls for kind in c.kinds})
+        self.map_keys = sorted({key for c in controls for key in c.map_keys()}, key=repr)
+        self.layer_names = layer_names  # MapKey -> the layers it averages (None: every captured one at its grid)
         self.active = list(controls)
         self.checkpointing = checkpointing
 
@@ -99,9 +101,14 @@ class GuidanceEngine:
                 self.adapter.guidance_forward(leaf, t, cond, self.cross_attention_kwargs)
         finally:
             self.store.active = False
-        maps = {key: self.store.maps(key[1], key[0]) for key in self.map_keys}
+        maps = {key: self._maps(key) for key in self.map_keys}
         info = StepInfo(index=i, timestep=self.timestep_values[i], total=len(self.timesteps))
         return leaf, {c.name: c.loss(maps, images, info) for c in self.active}
+
+    def _maps(self, key) -> torch.Tensor:
+        if self.layer_names is None:
+            return self.store.maps(key.grid, key.kind)
+        return self.store.maps_of(self.layer_names[key], key.grid, key.normalise)
 
     def _memory_options(self):
         if not self.checkpointing:

@@ -12,6 +12,7 @@ the pipeline's adapter (:mod:`attncontrol.models`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -23,6 +24,7 @@ from .controls.base import Control, ControlContext, PreparedEditor
 from .errors import UnsupportedPipelineError
 from .models import ModelAdapter, PromptBatch, get_adapter
 from .run import GenerationResult, Run
+from .store import MapKey
 
 __all__ = ["GenerationResult", "Run", "generate", "prepare_run"]
 
@@ -127,11 +129,14 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     prompts = _as_prompts(prompt)
     _check_args(adapter, args)
     latent_hw = adapter.latent_hw(args.height, args.width)
+    adapter.bind_size(latent_hw)
     device = pipe._execution_device
-    do_cfg = adapter.uses_cfg(args.guidance_scale)
+    do_cfg = adapter.uses_cfg(args.guidance_scale, args.negative_prompt, args.pipe_kwargs)
 
     # Resolve everything that can fail on user input before any model work.
-    ts, n_steps = adapter.schedule(args.num_inference_steps, device, args.timesteps, args.sigmas, latent_hw)
+    ts, n_steps = adapter.schedule(
+        args.num_inference_steps, device, args.timesteps, args.sigmas, latent_hw, args.pipe_kwargs
+    )
     ctx = ControlContext(
         text=adapter.text_layout(prompts, args.pipe_kwargs),
         num_images_per_prompt=args.num_images_per_prompt,
@@ -141,7 +146,9 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         default_resolution=adapter.default_attn_res(latent_hw),
         exclude_eot_default=adapter.exclude_eot_default,
         device=device,
-        cfg_batch=do_cfg,
+        cfg_batch=adapter.cfg_batched(do_cfg),
+        block_index={la.name: la.block_index for la in adapter.layers if la.block_index is not None},
+        default_blocks=adapter.default_blocks(),
     )
     prepared_all = [c.prepare(ctx) for c in controls]
     observer, labels = _observer(args.attention, controls, ctx, adapter)
@@ -152,13 +159,13 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     text_dtype = encoded.cond["encoder_hidden_states"].dtype
     if args.latents is not None:
         args.latents = args.latents.to(device=device, dtype=text_dtype)
+    call_kwargs = _call_kwargs(args, encoded, do_cfg, n_steps, adapter.attention_kwargs_name)
     return Run(
         pipe, adapter, ctx,
         controls=[c for c in prepared_all if not isinstance(c, PreparedEditor)],
         editors=[c for c in prepared_all if isinstance(c, PreparedEditor)],
-        observer=observer, timesteps=ts, cond=encoded.cond, call_kwargs=_call_kwargs(args, encoded, do_cfg, n_steps),
-        observer_labels=labels, attention_kwargs=args.cross_attention_kwargs, checkpointing=args.checkpointing,
-        latent_dtype=text_dtype,
+        observer=observer, timesteps=ts, cond=encoded.cond, call_kwargs=call_kwargs, observer_labels=labels,
+        attention_kwargs=args.cross_attention_kwargs, checkpointing=args.checkpointing, latent_dtype=text_dtype,
     )  # fmt: skip
 
 
@@ -171,8 +178,15 @@ def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {args.num_images_per_prompt!r}")
     if not isinstance(args.num_inference_steps, int) or args.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {args.num_inference_steps!r}")
-    if args.guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL)
+    if args.guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL, 7.0 SD3, 3.5 FLUX)
         args.guidance_scale = adapter.default_guidance_scale()
+    joint = args.pipe_kwargs.pop("joint_attention_kwargs", None)  # SD3's and FLUX's name for the same thing
+    if joint is not None:
+        if args.cross_attention_kwargs is not None:
+            raise TypeError("pass cross_attention_kwargs= or joint_attention_kwargs=, not both")
+        args.cross_attention_kwargs = joint
+    if args.timesteps is not None and "timesteps" not in inspect.signature(adapter.pipe.__call__).parameters:
+        raise TypeError(f"{type(adapter.pipe).__name__} takes no timesteps=; pass sigmas= instead")
     default_h, default_w = adapter.default_size()
     args.height = default_h if args.height is None else args.height
     args.width = default_w if args.width is None else args.width
@@ -182,8 +196,9 @@ def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cf
     """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``)."""
     lora_scale = (args.cross_attention_kwargs or {}).get("scale")
     batch = PromptBatch(prompts, args.num_images_per_prompt, do_cfg, args.negative_prompt, args.clip_skip, lora_scale,
-                        args.height, args.width, args.pipe_kwargs)  # fmt: skip
-    encoded = adapter.encode(batch, device)
+                        args.height, args.width, args.pipe_kwargs, args.guidance_scale)  # fmt: skip
+    with torch.no_grad():  # as the pipeline encodes (with grad on, some kernels round differently)
+        encoded = adapter.encode(batch, device)
     for key in adapter.consumed_kwargs:
         args.pipe_kwargs.pop(key, None)
     text = encoded.cond["encoder_hidden_states"]
@@ -195,7 +210,7 @@ def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cf
     return encoded
 
 
-def _call_kwargs(args: GenerateArgs, encoded, do_cfg: bool, n_steps: int) -> dict[str, Any]:
+def _call_kwargs(args: GenerateArgs, encoded, do_cfg: bool, n_steps: int, attention_kwargs_name: str) -> dict[str, Any]:
     """What the stock pipeline is called with: the embeddings instead of the prompt, and the caller's arguments."""
     embeds = encoded.to_pipe if do_cfg else {k: v for k, v in encoded.to_pipe.items() if not k.startswith("negative_")}
     user_cb = args.callback_on_step_end
@@ -206,10 +221,12 @@ def _call_kwargs(args: GenerateArgs, encoded, do_cfg: bool, n_steps: int) -> dic
     call_kwargs = dict(
         prompt=None, **embeds, height=args.height, width=args.width, num_inference_steps=n_steps,
         guidance_scale=args.guidance_scale, num_images_per_prompt=1, generator=args.generator, latents=args.latents,
-        output_type=args.output_type, cross_attention_kwargs=args.cross_attention_kwargs,
-        callback_on_step_end=user_cb, callback_on_step_end_tensor_inputs=tensor_inputs, timesteps=args.timesteps,
+        output_type=args.output_type, callback_on_step_end=user_cb, callback_on_step_end_tensor_inputs=tensor_inputs,
         sigmas=args.sigmas, return_dict=True, **args.pipe_kwargs,
     )  # fmt: skip
+    call_kwargs[attention_kwargs_name] = args.cross_attention_kwargs
+    if args.timesteps is not None:
+        call_kwargs["timesteps"] = args.timesteps
     if args.timesteps is not None or args.sigmas is not None:
         del call_kwargs["num_inference_steps"]
     return call_kwargs
@@ -239,7 +256,9 @@ def _observer(attention, controls, ctx: ControlContext, adapter: ModelAdapter):
     positions = ctx.subjects_per_image(subjects)  # raises SubjectError naming a bad subject, before model work
     resolution = ctx.default_resolution
     keep = ctx.keep_mask(adapter.exclude_eot_default).to(ctx.device)
-    observer = AttentionObserver(ctx.cross_layers[resolution], resolution, positions, keep, ctx.cfg_batch)
+    layers = ctx.select(MapKey("cross", resolution))
+    columns = keep.any(0).nonzero().flatten()
+    observer = AttentionObserver(layers, resolution, positions, keep, ctx.cfg_batch, columns=columns)
     nested = all(isinstance(s, (list, tuple)) for s in subjects)
     per_prompt = subjects if nested else [subjects] * len(ctx.prompts_per_input)
     labels = [[str(s) for s in subs] for subs in per_prompt for _ in range(ctx.num_images_per_prompt)]

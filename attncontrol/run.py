@@ -77,13 +77,18 @@ class Run:
     def __post_init__(self) -> None:
         if self.controls:
             # one capture of the union of what the controls need; one guidance pass serves them all
-            needed = {(kind, c.resolution) for c in self.controls for kind in c.kinds}
-            grids = {la.name: self.adapter.grid(la, self.ctx.latent_hw) for la in self.adapter.layers}
-            layers = [la for la in self.adapter.layers if (la.kind, grids[la.name]) in needed]
-            self.store = AttentionStore(layers, {la.name: grids[la.name] for la in layers})
+            keys = {key for c in self.controls for key in c.map_keys()}
+            names = {key: self.ctx.select(key) for key in keys}
+            wanted = {n for layer_names in names.values() for n in layer_names}
+            layers = [la for la in self.adapter.layers if la.name in wanted]
+            grids = {la.name: self.adapter.grid(la, self.ctx.latent_hw) for la in layers}
+            self.store = AttentionStore(
+                layers, grids, columns=union_columns(self.controls), text_len=self.ctx.seq_len,
+                text_normalised=any(key.normalise == "text" for key in keys),
+            )  # fmt: skip
             self.engine = GuidanceEngine(
                 self.adapter, self.store, self.controls, self.cond, self.timesteps, self.attention_kwargs,
-                checkpointing=self.checkpointing,
+                checkpointing=self.checkpointing, layer_names=names,
             )  # fmt: skip
 
     @property
@@ -151,6 +156,17 @@ class Run:
             prompts=self.ctx.prompts_per_input,
             attention=maps,
         )
+
+
+def union_columns(controls) -> torch.Tensor | None:
+    """The token positions any control reads (joint layers compute probabilities for those only); None: all."""
+    union = None
+    for c in controls:
+        mine = c.text_columns()
+        if mine is None:
+            return None
+        union = mine if union is None else union | mine
+    return None if union is None else union.nonzero().flatten()
 
 
 class StepDriver:

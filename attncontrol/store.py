@@ -109,15 +109,18 @@ class AttentionStore:
         # maps and losses in float32 at least (float64 stays float64, for exact comparisons)
         probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
         self._sums[(name, "all")] = probs.view(bh // heads, heads, q, k).sum(1)
+        if self.text_normalised:  # every key of a cross-attention layer is text: nothing to renormalise
+            self._sums[(name, "text")] = self._sums[(name, "all")]
         self._heads[name] = heads
 
     def record_heads(self, name: str, probs: torch.Tensor, mass: torch.Tensor | None = None) -> None:
-        """``probs``: (batch, heads, queries, keys or columns) of a joint layer; ``mass``: (batch, heads, queries),
-        each query's probability on all text keys (for the text-renormalised variant)."""
+        """``probs``: (batch, heads, queries, keys or columns) of a joint layer; ``mass``: for image->text maps,
+        (batch, heads, queries), each query's probability on all text keys (then ``probs`` holds the recorded
+        text columns; without it, ``probs`` are image->image maps)."""
         b, heads, q, _ = probs.shape
         self._check(name, q)
         probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
-        self._sums[(name, "all")] = self._place(probs.sum(1))
+        self._sums[(name, "all")] = self._place(probs.sum(1)) if mass is not None else probs.sum(1)
         if mass is not None and self.text_normalised:
             self._sums[(name, "text")] = self._place((probs / mass.to(probs.dtype)[..., None]).sum(1))
         self._heads[name] = heads

@@ -33,11 +33,14 @@ class TextSegment:
     label: str = "CLIP"
     parallel: tuple[tuple[Any, tuple[str, ...]], ...] = ()
 
-    def table(self, k: int) -> TokenTable:
-        return tokenize(self.tokenizer, self.prompts[k], self.length)
+    def table(self, k: int) -> TokenTable | None:
+        """The token table of input prompt ``k`` (None for a stream without a tokenizer: zeros, no tokens)."""
+        return None if self.tokenizer is None else tokenize(self.tokenizer, self.prompts[k], self.length)
 
     def resolve(self, k: int, subjects: list) -> list[tuple[int, ...]]:
         """Positions of the subjects of input prompt ``k`` in this stream (plus the offset)."""
+        if self.tokenizer is None:
+            return [()] * len(subjects)
         mine = resolve_subjects(self.tokenizer, self.prompts[k], subjects, self.length)
         for tokenizer, prompts in self.parallel:
             theirs = resolve_subjects(tokenizer, prompts[k], subjects, self.length)
@@ -86,7 +89,9 @@ class TextLayout:
         keep = torch.zeros(self.length, dtype=torch.bool)
         for seg in self.segments:
             table = seg.table(k)
-            if exclude_eot:
+            if table is None:  # a stream of zeros: padding
+                keep[seg.offset : seg.offset + seg.length] = not exclude_eot
+            elif exclude_eot:
                 keep[seg.offset + table.first_index : seg.offset + table.last_index + 1] = True
             else:
                 keep[seg.offset + table.prefix : seg.offset + seg.length - 1] = True
@@ -94,7 +99,8 @@ class TextLayout:
 
     def special_positions(self, k: int) -> list[int]:
         """Start/end-token positions of input prompt ``k`` (padding excluded), over all streams."""
-        return [seg.offset + p for seg in self.segments for p in seg.table(k).special_positions]
+        tables = [(seg, seg.table(k)) for seg in self.segments]
+        return [seg.offset + p for seg, table in tables if table is not None for p in table.special_positions]
 
     def format(self, k: int) -> str:
-        return "\n".join(seg.table(k).format() for seg in self.segments)
+        return "\n".join(table.format() for seg in self.segments if (table := seg.table(k)) is not None)

@@ -15,7 +15,7 @@ from attncontrol import AttendExcite, Refocus
 from attncontrol.controls.base import ControlContext, StepInfo
 from attncontrol.guidance import GuidanceEngine
 from attncontrol.losses.refocus import CARWeights, car_loss, sar_loss
-from attncontrol.store import AttentionStore, AttnLayer
+from attncontrol.store import AttentionStore, AttnLayer, MapKey
 
 PROMPT = "a cat and a dog"
 R = 4  # the stand-in's token grid
@@ -56,7 +56,10 @@ def _maps(engine, store, x):
     store.active = True
     engine.adapter.guidance_forward(leaf, None, {})
     store.active = False
-    return leaf, {("cross", (R, R)): store.maps((R, R), "cross"), ("self", (R, R)): store.maps((R, R), "self")}
+    return leaf, {
+        MapKey("cross", (R, R)): store.maps((R, R), "cross"),
+        MapKey("self", (R, R)): store.maps((R, R), "self"),
+    }
 
 
 def official_loop(tokenizer, z0, step):
@@ -68,7 +71,7 @@ def official_loop(tokenizer, z0, step):
         leaf, maps = _maps(engine, store, x)
         subject_maps = refocus.maps.per_image(maps, [0])[0]
         car, min_inside = car_loss(subject_maps, refocus.boxes, step, CARWeights())
-        total = scale * (car + sar_loss(maps[("self", (R, R))][0], refocus.boxes))
+        total = scale * (car + sar_loss(maps[MapKey("self", (R, R))][0], refocus.boxes))
         loss = float(total.detach())
         (grad,) = torch.autograd.grad(total, [leaf])
         x = (leaf - grad).detach()

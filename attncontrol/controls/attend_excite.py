@@ -64,7 +64,8 @@ class PreparedAttendExcite(PreparedControl):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         self.maps = TokenMaps(cfg, ctx, cfg.subjects)
-        self.resolution = self.maps.resolution
+        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
+        self.text_columns = self.maps.columns
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         self.max_refinement_steps = cfg.max_refinement_steps
 

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ResolutionError
+from ..store import MapKey
 from ..text import TextLayout, TextSegment
 
 
@@ -35,6 +37,9 @@ class ControlContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # whether the denoiser's batch is [unconditional; conditional] (classifier-free guidance)
     cfg_batch: bool = True
+    # transformer families: each layer's block index (for ``blocks=``) and the default blocks per kind
+    block_index: dict[str, int] = field(default_factory=dict)
+    default_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def simple(cls, tokenizer, prompts: list[str], latent_hw, grid, num_steps: int = 50, **kwargs) -> ControlContext:
@@ -64,6 +69,28 @@ class ControlContext:
     @property
     def cross_layers(self) -> dict[tuple[int, int], list[str]]:
         return self.grids.get("cross", {})
+
+    def select(self, key: MapKey) -> list[str]:
+        """The layers whose maps ``key`` averages: its kind at its grid, from ``key.blocks`` (None: the family's
+        default blocks; all layers at that grid for families without blocks)."""
+        names = self.grids.get(key.kind, {}).get(tuple(key.grid), [])
+        if not names:
+            have = ", ".join(f"{r}x{c}" for r, c in sorted(self.grids.get(key.kind, {})))
+            raise ResolutionError(
+                f"no {key.kind}-attention layer at {key.grid[0]}x{key.grid[1]}; this model has: {have}"
+            )
+        blocks = key.blocks if key.blocks is not None else self.default_blocks.get(key.kind)
+        if blocks is None:
+            return list(names)
+        if not self.block_index:
+            raise ValueError(
+                f"blocks={list(key.blocks)} applies to transformer families; here choose layers with attn_res"
+            )
+        chosen = [n for n in names if self.block_index.get(n) in set(blocks)]
+        if not chosen:
+            have = sorted({self.block_index[n] for n in names if n in self.block_index})
+            raise ValueError(f"blocks {list(blocks)} have no {key.kind}-attention layer; this model has blocks {have}")
+        return chosen
 
     def _per_image(self, per_input: list) -> list:
         return [x for x in per_input for _ in range(self.num_images_per_prompt)]
@@ -110,7 +137,18 @@ class PreparedControl(Prepared):
 
     resolution: tuple[int, int]
     kinds: tuple[str, ...] = ("cross",)
+    blocks: tuple[int, ...] | None = None
+    normalise: str = "all"
     max_refinement_steps: int = 0
+
+    def text_columns(self) -> torch.Tensor | None:
+        """(tokens,) bool: the token positions this control's maps need (None: all)."""
+        return None
+
+    def map_keys(self) -> list[MapKey]:
+        """The maps this control reads (the engine captures the union of all controls' keys)."""
+        return [MapKey(kind, tuple(self.resolution), self.blocks, self.normalise if kind == "cross" else "all")
+                for kind in self.kinds]  # fmt: skip
 
     def updates_at(self, step: int) -> bool:
         """Whether it takes its (regular) update at this step. Default: every step of its window."""

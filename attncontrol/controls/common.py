@@ -10,6 +10,7 @@ import torch
 from ..errors import ResolutionError
 from ..losses.attend_excite import subject_maps
 from ..ops import token_softmax
+from ..store import MapKey
 from .base import Control, ControlContext
 
 
@@ -42,6 +43,10 @@ class MapOptions(Control):
             ``None`` = the model family's default (True for SD 2.x-style tokenizers, padding with "!"; False
             otherwise, diffusers' behaviour).
         softmax_scale: the maps are multiplied by this before the softmax over tokens (reference: 100).
+        blocks: transformer families (SD3, FLUX): the blocks whose attention is averaged (None: the family's
+            default, see the README); UNet families choose layers by ``attn_res``.
+        normalise: "all": image->text probabilities of the layer's own softmax (for joint layers, over image and
+            text keys); "text": renormalised over the text keys. The same on cross-attention layers.
     """
 
     attn_res: tuple[int, int] | int | None = None
@@ -50,6 +55,8 @@ class MapOptions(Control):
     smooth_attentions: bool = True
     exclude_eot: bool | None = None
     softmax_scale: float = 100.0
+    blocks: tuple[int, ...] | None = None
+    normalise: str = "all"
 
     def validate_map_options(self) -> None:
         """Checks the smoothing/softmax/resolution fields; normalises ``attn_res``."""
@@ -60,6 +67,15 @@ class MapOptions(Control):
         if not self.softmax_scale > 0:
             raise ValueError(f"softmax_scale must be > 0, got {self.softmax_scale}")
         self.attn_res = normalise_attn_res(self.attn_res)
+        if self.blocks is not None:
+            blocks = [self.blocks] if isinstance(self.blocks, int) else list(self.blocks)
+            if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+                raise ValueError(f"blocks must be block indices >= 0, got {self.blocks!r}")
+            self.blocks = tuple(blocks)
+        if self.normalise not in ("all", "text"):
+            raise ValueError(
+                f"normalise must be 'all' (the layer's softmax) or 'text' (over text keys), got {self.normalise!r}"
+            )
 
 
 def validate_step_schedule(cfg) -> None:
@@ -93,12 +109,18 @@ class TokenMaps:
     def __init__(self, cfg, ctx: ControlContext, subjects):
         self.cfg = cfg
         self.resolution = resolve_attn_res(cfg.attn_res, ctx)
+        self.key = MapKey("cross", self.resolution, cfg.blocks, cfg.normalise)
+        ctx.select(self.key)  # fails now, naming the bad blocks, not in the first guidance pass
         self.subjects = ctx.subjects_per_image(subjects)
         exclude = ctx.exclude_eot_default if cfg.exclude_eot is None else cfg.exclude_eot
         self.keep = ctx.keep_mask(exclude).to(ctx.device)
 
+    def columns(self) -> torch.Tensor:
+        """The token positions any image keeps in its softmax (what joint layers must give)."""
+        return self.keep.any(0)
+
     def per_image(self, maps, images: list[int]) -> list[torch.Tensor]:
-        probs = token_softmax(maps[("cross", self.resolution)], self.keep[images], self.cfg.softmax_scale)
+        probs = token_softmax(maps[self.key], self.keep[images], self.cfg.softmax_scale)
         cfg = self.cfg
         return [
             subject_maps(probs[row], self.subjects[b], cfg.kernel_size, cfg.sigma, cfg.smooth_attentions)

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import SubjectError
 from ..losses.refocus import CARWeights, car_loss, sar_loss
+from ..store import MapKey
 from .base import ControlContext, PreparedControl, StepInfo
 from .common import MapOptions, TokenMaps
 
@@ -123,7 +124,9 @@ class PreparedRefocus(PreparedControl):
             self.maps = TokenMaps(cfg, ctx, cfg.subjects)
         except SubjectError as err:
             raise SubjectError(f"Refocus boxes: {err}") from None
-        self.resolution = self.maps.resolution
+        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
+        self.text_columns = self.maps.columns
+        ctx.select(MapKey("self", self.resolution, cfg.blocks))  # the layers SAR reads exist
         self.boxes = list(cfg.boxes.values())
         self._min_inside: dict[int, float] = {}
 
@@ -161,7 +164,7 @@ class PreparedRefocus(PreparedControl):
 
     def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
         weights = CARWeights(tiered=self.cfg.tiered)
-        self_maps = maps[("self", self.resolution)]
+        self_maps = maps[MapKey("self", self.resolution, self.blocks)]
         losses = []
         for row, (b, m) in enumerate(zip(images, self.maps.per_image(maps, images))):
             car, min_inside = car_loss(m, self.boxes, step.index, weights)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ..errors import UnsupportedPipelineError
 from .base import Encoded, ModelAdapter, PromptBatch
+from .flux import FluxAdapter
 from .sd import SDAdapter
+from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
-ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter]
 
 
 def get_adapter(pipe) -> ModelAdapter:
@@ -20,4 +22,14 @@ def get_adapter(pipe) -> ModelAdapter:
     raise UnsupportedPipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {supported}")
 
 
-__all__ = ["ADAPTERS", "Encoded", "ModelAdapter", "PromptBatch", "SDAdapter", "SDXLAdapter", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Encoded",
+    "FluxAdapter",
+    "ModelAdapter",
+    "PromptBatch",
+    "SD3Adapter",
+    "SDAdapter",
+    "SDXLAdapter",
+    "get_adapter",
+]

@@ -12,7 +12,8 @@ Members, and what each answers:
 - ``latent_hw`` / ``default_size`` / ``default_attn_res``: image size -> latent grid; the map level methods use.
 - ``initial_latents`` / ``start_noise_sigma``: how the pipeline draws its initial noise (shape, packing) and the
   scale it applies to it; ``input_scale``: the factor the scheduler applies to latents before the denoiser.
-- ``schedule``: the pipeline's own timestep schedule; ``uses_cfg``: the pipeline's classifier-free-guidance rule.
+- ``schedule``: the pipeline's own timestep schedule; ``uses_cfg`` / ``cfg_batched``: the pipeline's
+  classifier-free-guidance rule and whether it batches the two branches.
 - ``encode`` / ``guidance_forward``: prompt encoding (once per run) and the cond-only guidance forward.
 - ``text_layout``: which key positions of the maps are text, from which tokenizer; ``exclude_eot_default``.
 - ``checkpoint_modules``: which modules gradient checkpointing wraps in a guidance pass.
@@ -46,6 +47,7 @@ class PromptBatch:
     height: int = 512
     width: int = 512
     extra: dict[str, Any] = field(default_factory=dict)  # the family's own prompt arguments (prompt_2, ...)
+    guidance_scale: float | None = None
 
 
 @dataclass
@@ -63,6 +65,10 @@ class ModelAdapter(ABC):
     description: ClassVar[str]
     # pipeline arguments that describe the prompt: the adapter encodes them itself and does not pass them on
     consumed_kwargs: ClassVar[tuple[str, ...]] = ()
+    # the pipeline's name for the attention processors' keyword arguments
+    attention_kwargs_name: ClassVar[str] = "cross_attention_kwargs"
+    # flow-matching schedule (sigmas from 1 to 0): the velocity update rule applies
+    flow_matching: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -166,7 +172,11 @@ class ModelAdapter(ABC):
 
     # ---------------------------------------------------------------- schedule, guidance rule, prompts
 
-    def schedule(self, num_inference_steps, device, timesteps=None, sigmas=None, latent_hw=None):
+    def bind_size(self, latent_hw: tuple[int, int]) -> None:
+        """Called once per run with the latent grid (for families whose guidance forward needs it)."""
+        return None
+
+    def schedule(self, num_inference_steps, device, timesteps=None, sigmas=None, latent_hw=None, extra=None):
         """The pipeline's own schedule: (timesteps, number of steps)."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -176,8 +186,16 @@ class ModelAdapter(ABC):
         return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
 
     @abstractmethod
-    def uses_cfg(self, guidance_scale: float) -> bool:
-        """Whether the pipeline runs classifier-free guidance (a [negative; positive] batch) at this scale."""
+    def uses_cfg(self, guidance_scale: float, negative_prompt=None, extra: dict | None = None) -> bool:
+        """Whether the pipeline runs classifier-free guidance (at this scale, with these arguments)."""
+
+    def cfg_batched(self, do_cfg: bool) -> bool:
+        """Whether its denoiser batch is then [negative; positive] (else one forward per branch, positive first)."""
+        return do_cfg
+
+    def default_blocks(self) -> dict[str, tuple[int, ...]]:
+        """Transformer families: per kind, the blocks the maps average by default (see ``blocks=``)."""
+        return {}
 
     @property
     @abstractmethod

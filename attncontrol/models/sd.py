@@ -57,7 +57,7 @@ class SDAdapter(ModelAdapter):
     def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
         return (n, int(self.pipe.unet.config.in_channels), *latent_hw)
 
-    def uses_cfg(self, guidance_scale: float) -> bool:
+    def uses_cfg(self, guidance_scale: float, negative_prompt=None, extra=None) -> bool:
         # the pipeline's rule: no CFG at scale <= 1, nor for guidance-distilled UNets (LCM's time_cond_proj_dim)
         return guidance_scale > 1.0 and not getattr(self.pipe.unet.config, "time_cond_proj_dim", None)
 

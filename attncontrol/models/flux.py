@@ -1,0 +1,176 @@
+"""FLUX.1 dev and schnell (``FluxPipeline`` with a ``FluxTransformer2DModel``): an MMDiT with 19 double-stream
+blocks (text and image projected separately, one softmax over [text; image]) then 38 single-stream blocks (one
+sequence [text; image]), rotary position embeddings, T5 text only (CLIP gives a pooled vector), latents packed
+2x2 into a sequence, flow matching with a resolution-dependent shift (``mu``), and for dev a guidance embedding
+(``guidance_scale``) instead of classifier-free guidance; true CFG only with ``true_cfg_scale`` > 1 and a negative
+prompt, as a second forward.
+
+Captured maps (at the packed token grid, H/16 x W/16): "cross", the image->text part of each block's joint
+softmax; "self", its image->image part renormalised over the image keys. ``blocks=`` numbers the double-stream
+blocks 0-18 and the single-stream blocks 19-56; the default is the double-stream blocks, as FOCUS uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from ..processors.joint import ROTARY_JOINT
+from ..store import AttnLayer, EarlyExit
+from ..text import TextLayout, TextSegment
+from .base import Encoded, ModelAdapter, PromptBatch
+from .sd3 import _per_prompt
+
+
+class FluxAdapter(ModelAdapter):
+    description = "FluxPipeline (FLUX.1 dev and schnell)"
+    consumed_kwargs = ("prompt_2", "negative_prompt_2")
+    attention_kwargs_name = "joint_attention_kwargs"
+    flow_matching = True
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        return isinstance(pipe, FluxPipeline) and isinstance(pipe.transformer, FluxTransformer2DModel)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.guidance_scale: float | None = None
+        self.text_ids: torch.Tensor | None = None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @cached_property
+    def layers(self) -> list[AttnLayer]:
+        t = self.pipe.transformer
+        blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(t.transformer_blocks)]
+        blocks += [(f"single_transformer_blocks.{j}", b) for j, b in enumerate(t.single_transformer_blocks)]
+        layers = []
+        for i, (label, _) in enumerate(blocks):
+            proc = f"{label}.attn.processor"
+            layers.append(AttnLayer(proc, "cross", label, 1, i, ROTARY_JOINT, proc, i))
+            layers.append(AttnLayer(f"{proc}#self", "self", label, 1, i, ROTARY_JOINT, proc, i))
+        return layers
+
+    def default_blocks(self) -> dict[str, tuple[int, ...]]:
+        double = tuple(range(len(self.pipe.transformer.transformer_blocks)))
+        return {"cross": double, "self": double}
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer_2
+
+    @property
+    def exclude_eot_default(self) -> bool:
+        # FLUX attends to T5's padding; left in, hundreds of "<pad>" positions would dilute every token softmax
+        return True
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * 2  # the 2x2 packing
+
+    def default_size(self) -> tuple[int, int]:
+        size = int(self.pipe.default_sample_size) * self.vae_scale_factor
+        return size, size
+
+    @property
+    def channels(self) -> int:
+        return int(self.pipe.transformer.config.in_channels) // 4
+
+    def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
+        return (n, (latent_hw[0] // 2) * (latent_hw[1] // 2), self.channels * 4)
+
+    def initial_latents(self, n: int, latent_hw, generator, device, dtype) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor((n, self.channels, *latent_hw), generator=generator, device=device, dtype=dtype)
+        return self.pipe._pack_latents(noise, n, self.channels, *latent_hw)
+
+    def uses_cfg(self, guidance_scale: float, negative_prompt=None, extra=None) -> bool:
+        """True CFG (FLUX's guidance is an embedding): ``true_cfg_scale`` > 1 and a negative prompt."""
+        return float((extra or {}).get("true_cfg_scale", 1.0)) > 1.0 and negative_prompt is not None
+
+    def cfg_batched(self, do_cfg: bool) -> bool:
+        return False  # the negative branch is a second forward, after the positive one
+
+    def max_sequence_length(self, extra: dict[str, Any]) -> int:
+        default = inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
+        return int(extra.get("max_sequence_length") or default)
+
+    def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
+        t5_prompts = _per_prompt(pipe_kwargs.get("prompt_2"), prompts, "prompt_2")
+        segment = TextSegment(self.pipe.tokenizer_2, 0, self.max_sequence_length(pipe_kwargs), t5_prompts, "T5")
+        return TextLayout((segment,))
+
+    def schedule(self, num_inference_steps, device, timesteps=None, sigmas=None, latent_hw=None, extra=None):
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config = self.pipe.scheduler.config
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if config.get("use_flow_sigmas", False):
+            sigmas = None
+        seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        mu = calculate_shift(seq, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+
+    def encode(self, batch: PromptBatch, device) -> Encoded:
+        pipe, max_len = self.pipe, self.max_sequence_length(batch.extra)
+        pe, ppe, self.text_ids = pipe.encode_prompt(
+            prompt=batch.prompts, prompt_2=batch.extra.get("prompt_2"), device=device,
+            num_images_per_prompt=batch.num_images_per_prompt, max_sequence_length=max_len,
+            lora_scale=batch.lora_scale,
+        )  # fmt: skip
+        self.guidance_scale = batch.guidance_scale
+        to_pipe = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+        if batch.do_cfg:
+            negative = batch.negative_prompt
+            negative = [negative] * len(batch.prompts) if isinstance(negative, str) else negative
+            npe, nppe, _ = pipe.encode_prompt(
+                prompt=negative, prompt_2=batch.extra.get("negative_prompt_2"), device=device,
+                num_images_per_prompt=batch.num_images_per_prompt, max_sequence_length=max_len,
+                lora_scale=batch.lora_scale,
+            )  # fmt: skip
+            to_pipe.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
+        return Encoded({"encoder_hidden_states": pe, "pooled_projections": ppe}, to_pipe)
+
+    def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
+        transformer = self.pipe.transformer
+        b, seq = model_input.shape[:2]
+        timestep = torch.as_tensor(t, device=model_input.device).expand(b).to(model_input.dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([b], float(self.guidance_scale), device=model_input.device, dtype=torch.float32)
+        grid = self._grid_of(seq)
+        img_ids = self.pipe._prepare_latent_image_ids(b, *grid, model_input.device, model_input.dtype)
+        with contextlib.suppress(EarlyExit):
+            transformer(
+                hidden_states=model_input, timestep=timestep / 1000, guidance=guidance,
+                pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+                txt_ids=self.text_ids, img_ids=img_ids, joint_attention_kwargs=attention_kwargs, return_dict=False,
+            )  # fmt: skip
+
+    def _grid_of(self, seq: int) -> tuple[int, int]:
+        rows, cols = self.token_grid
+        if rows * cols != seq:
+            raise ValueError(f"packed latents have {seq} tokens, the image size gives {rows}x{cols}")
+        return rows, cols
+
+    def bind_size(self, latent_hw: tuple[int, int]) -> None:
+        self.token_grid = (latent_hw[0] // 2, latent_hw[1] // 2)
+
+    def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
+        """The blocks (double- then single-stream) before the one holding ``last_layer``."""
+        t = self.pipe.transformer
+        blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
+        index = next(la.block_index for la in self.layers if la.name == last_layer)
+        return blocks[:index]
