@@ -189,6 +189,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .loading import load_pipeline
+    from .models import get_adapter
     from .pipeline import generate
 
     out = Path(args.out)
@@ -232,7 +233,7 @@ def cmd_generate(args) -> int:
         "guidance_scale": args.guidance_scale,
         "height": result.images[0].height,
         "width": result.images[0].width,
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "dtype": str(get_adapter(pipe).dtype).removeprefix("torch."),
         "controls": [{"method": c.method, **jsonable(dataclasses.asdict(c))} for c in controls],
         "seconds": round(seconds, 3),
     }
@@ -352,33 +353,16 @@ def cmd_ui(args) -> int:
 
 
 def cmd_tokens(args) -> int:
+    from .loading import load_token_streams
     from .tokens import tokenize
 
-    tokenizer = _load_tokenizer(args.model)
-    print(tokenize(tokenizer, args.prompt).format())
+    streams = load_token_streams(args.model)
+    for label, offset, tokenizer in streams:
+        if len(streams) > 1:
+            where = f"map positions {offset} + index" if offset else "map positions = index"
+            print(f"{label} tokens ({where}):")
+        print(tokenize(tokenizer, args.prompt).format())
     return 0
-
-
-def _load_tokenizer(model: str):
-    """The pipeline's (first) tokenizer, from a hub id or a pipeline folder, checked for a real vocabulary."""
-    from transformers import AutoTokenizer
-
-    from .errors import ModelLoadError
-    from .hub import check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
-
-    local = Path(model).expanduser()
-    if not local.exists() and not is_hub_id(model):
-        raise ModelLoadError(f"model folder {model!r} does not exist")
-    if local.exists() and not (local / "tokenizer").is_dir():
-        raise ModelLoadError(f"{model!r} has no tokenizer/ folder: is it a diffusers pipeline folder?")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else model, subfolder="tokenizer",
-                                                  **hub_kwargs(model))  # fmt: skip
-    except (OSError, ValueError) as err:
-        if local.exists():
-            raise ModelLoadError(f"could not load the tokenizer of {model!r}: {err}") from err
-        raise ModelLoadError(unavailable_message(model, "tokenizer", str(err))) from err
-    return check_tokenizer(tokenizer, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,7 +248,7 @@ class Runner:
 
     @property
     def tokenizer(self):
-        return self.pipe.tokenizer
+        return self.adapter.tokenizer
 
     def native_size(self) -> tuple[int, int]:
         return self.adapter.default_size()

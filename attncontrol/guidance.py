@@ -74,6 +74,7 @@ class GuidanceEngine:
         self.layer_names = layer_names  # MapKey -> the layers it averages (None: every captured one at its grid)
         self.active = list(controls)
         self.checkpointing = checkpointing
+        self.deferred: dict[int, torch.Tensor] = {}
 
     def needed_at(self, i: int) -> bool:
         return any(c.updates_at(i) or c.refines_at(i) for c in self.controls)
@@ -115,6 +116,34 @@ class GuidanceEngine:
             return contextlib.nullcontext()
         return checkpointing(self.adapter.checkpoint_modules(self.store.last_layer), self.store)
 
+    @staticmethod
+    def step_size(control, i: int) -> float:
+        """The control's step at step i: its own (latent rule) or the velocity rule's alpha_i."""
+        if control.update_rule == "velocity":
+            return float(control.velocity_sizes[i])
+        return control.step_size(i)
+
+    def _velocity(self, leaf, losses, i: int, n: int) -> None:
+        """Velocity-rule controls: the gradient of sum_c alpha_c,i * L_c at this step's latents, kept to be
+        subtracted from the next step's latents (FOCUS's velocity correction, as a deferred latent step)."""
+        takes = {c.name: [c.update_rule == "velocity" and c.updates_at(i)] * n for c in self.active}
+        if not any(any(v) for v in takes.values()):
+            return
+        objective = self._objective(losses, i, takes)
+        nonzero = objective != 0
+        if not bool(nonzero.any()):
+            return
+        (grad,) = torch.autograd.grad(objective, [leaf], grad_outputs=nonzero.to(objective.dtype), retain_graph=True)
+        finite = torch.isfinite(grad.flatten(1)).all(1)
+        if not bool(finite.all()):
+            warnings.warn(f"non-finite gradient at step {i}: velocity update skipped for some images", stacklevel=3)
+            grad = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
+        self.deferred[i] = grad.detach()
+
+    def take_deferred(self, i: int) -> torch.Tensor | None:
+        """The velocity-rule shift computed at step i (to subtract from the latents after step i), once."""
+        return self.deferred.pop(i, None)
+
     def _objective(self, losses, i: int, takes: dict[str, list[bool]]) -> torch.Tensor:
         """One objective for the controls that take this update: per image, the sum of step_size_c(i) * loss_c over
         the controls whose ``takes[c][row]`` is set, so one backward serves them all."""
@@ -123,7 +152,7 @@ class GuidanceEngine:
             mask = takes[c.name]
             if not any(mask):
                 continue
-            term = c.step_size(i) * losses[c.name]
+            term = self.step_size(c, i) * losses[c.name]
             if not all(mask):
                 term = torch.where(torch.tensor(mask, device=term.device), term, torch.zeros_like(term))
             total = total + term
@@ -172,16 +201,19 @@ class GuidanceEngine:
             final = {name: value.detach().float().clone() for name, value in losses.items()}
             host = _host(final)
             record.initial_loss = _total(final, n)
+            self._velocity(leaf, losses, i, n)
+            latent = {c.name: c.update_rule != "velocity" for c in self.active}
             refining = {
-                c.name: [c.refines_at(i) and c.wants_refinement(i, b, host[c.name][b]) for b in range(n)]
+                c.name: [latent[c.name] and c.refines_at(i) and c.wants_refinement(i, b, host[c.name][b])
+                         for b in range(n)]
                 for c in self.active
-            }
+            }  # fmt: skip
             refine = [b for b in range(n) if any(r[b] for r in refining.values())]
             # One backward on this pass serves both the images that just take their final update and the first
             # refinement iteration of the others (their latents are unchanged, so it is the same pass).
             takes = {
-                c.name: [refining[c.name][b] if b in refine else c.final_update(i, b, False, host[c.name][b])
-                         for b in range(n)]
+                c.name: [latent[c.name] and (refining[c.name][b] if b in refine else
+                                             c.final_update(i, b, False, host[c.name][b])) for b in range(n)]
                 for c in self.active
             }  # fmt: skip
             iterations = [1 if b in refine else 0 for b in range(n)]
@@ -227,7 +259,11 @@ class GuidanceEngine:
                 if any(r[b] for r in refining.values()):
                     rows[b] = len(rows)
                 else:  # this image's refinement ends: each control's final-update rule, on the latest evaluation
-                    finals[b] = {c.name: c.final_update(i, b, started[c.name][b], host[c.name][b]) for c in self.active}
+                    finals[b] = {
+                        c.name: c.update_rule != "velocity"
+                        and c.final_update(i, b, started[c.name][b], host[c.name][b])
+                        for c in self.active
+                    }
             active = list(rows)
             if not active:
                 break

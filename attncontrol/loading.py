@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .hub import check_pipeline_tokenizers, hub_kwargs, is_hub_id, unavailable_message
+from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -77,3 +77,52 @@ def load_pipeline(
         raise ModelLoadError(f"could not load the pipeline folder {model!r}: {text}") from err
     check_pipeline_tokenizers(pipe, model)
     return pipe.to(device)
+
+
+def _model_index(model: str) -> dict:
+    import json
+
+    local = Path(model).expanduser()
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            kind = "a folder" if local.is_dir() else "a file"
+            raise ModelLoadError(f"{model!r} is {kind}, not a diffusers pipeline folder (no model_index.json)")
+        return json.loads(index.read_text(encoding="utf-8"))
+    if not is_hub_id(model):
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(model, "model_index.json", **hub_kwargs(model))).read_text())
+    except Exception as err:  # any hub error (offline, no such repo, no access) gets the one message
+        raise ModelLoadError(unavailable_message(model, "model", str(err))) from err
+
+
+def load_token_streams(model: str) -> list[tuple[str, int, object]]:
+    """The tokenizers a user picks subjects with, without loading the model: ``(label, first map position,
+    tokenizer)`` per text stream of the pipeline's family (SD: CLIP; SD3: CLIP then T5 from position 77; FLUX:
+    T5), each checked for a real vocabulary."""
+    from transformers import AutoTokenizer
+
+    from .models import adapter_class
+
+    index = _model_index(model)
+    family = adapter_class(str(index.get("_class_name", "")))
+    streams = family.token_streams if family is not None else (("tokenizer", "CLIP", 0),)
+    local = Path(model).expanduser()
+    out = []
+    for subfolder, label, offset in streams:
+        if subfolder not in index:
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else model, subfolder=subfolder,
+                                                **hub_kwargs(model))  # fmt: skip
+        except (OSError, ValueError) as err:
+            if local.exists():
+                raise ModelLoadError(f"could not load the {subfolder} of {model!r}: {err}") from err
+            raise ModelLoadError(unavailable_message(model, "tokenizer", str(err))) from err
+        out.append((label, offset, check_tokenizer(tok, model, subfolder.replace("_", " "))))
+    if not out:
+        raise ModelLoadError(f"{model!r} has no tokenizer: is it a text-to-image pipeline?")
+    return out

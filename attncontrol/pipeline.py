@@ -149,6 +149,8 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         cfg_batch=adapter.cfg_batched(do_cfg),
         block_index={la.name: la.block_index for la in adapter.layers if la.block_index is not None},
         default_blocks=adapter.default_blocks(),
+        flow_sigmas=[float(s) for s in pipe.scheduler.sigmas] if adapter.flow_matching else None,
+        timesteps=[float(t) for t in ts],
     )
     prepared_all = [c.prepare(ctx) for c in controls]
     observer, labels = _observer(args.attention, controls, ctx, adapter)

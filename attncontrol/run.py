@@ -119,6 +119,13 @@ class Run:
             return latents, StepRecord(index=step, timestep=float(self.timesteps[step]))
         return self.engine.guide(latents, step)
 
+    def apply_deferred(self, latents: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The latents after step ``step`` minus the velocity-rule shift computed at that step (None: no shift)."""
+        shift = self.engine.take_deferred(step) if self.engine is not None else None
+        if shift is None:
+            return None
+        return (latents.to(shift.dtype) - shift).to(latents.dtype)
+
     def draw_latents(self) -> torch.Tensor:
         """The initial noise: the ``latents`` given, or drawn exactly as the pipeline would draw it."""
         latents = self.call_kwargs["latents"]
@@ -203,6 +210,9 @@ class StepDriver:
         record.seconds = now - self.clock
         self.trace.append(record)
         self.clock = now
+        latents = run.apply_deferred(out.get("latents", kwargs["latents"]), i)
+        if latents is not None:
+            out["latents"] = latents
         if i + 1 < run.num_steps and not getattr(pipe, "_interrupt", False):
             out["latents"] = self.begin(out.get("latents", kwargs["latents"]), i + 1)
         return out

@@ -82,3 +82,35 @@ def ae_reference(pipe):
 
 def processor_snapshot(unet):
     return {name: id(proc) for name, proc in unet.attn_processors.items()}
+
+
+@pytest.fixture(scope="session")
+def mmdit_dirs(tmp_path_factory):
+    """Tiny SD3, SD3.5-style (dual attention) and FLUX pipelines saved to disk (safetensors)."""
+    root = tmp_path_factory.mktemp("tiny-mmdit")
+    return {f: save_tiny_sd_pipeline(root / f, family=f, seed=s) for f, s in (("sd3", 3), ("sd35", 4), ("flux", 5))}
+
+
+def load_mmdit(folder):
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture()
+def sd3(mmdit_dirs):
+    return load_mmdit(mmdit_dirs["sd3"])
+
+
+@pytest.fixture()
+def sd35(mmdit_dirs):
+    return load_mmdit(mmdit_dirs["sd35"])
+
+
+@pytest.fixture()
+def flux(mmdit_dirs):
+    return load_mmdit(mmdit_dirs["flux"])

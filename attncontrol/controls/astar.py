@@ -11,12 +11,12 @@ import torch
 
 from ..losses.astar import binarize, retention_loss, segregation_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
-from .common import MapOptions, TokenMaps, ae_step_sizes, validate_step_schedule
+from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
 
 
 @with_aliases
 @dataclass
-class AStar(MapOptions):
+class AStar(GuidanceOptions):
     """A-STAR: ``L = L_seg + L_ret`` (Eq. 4, unweighted), ``z <- z - alpha_i * grad L``.
 
     Args:
@@ -53,6 +53,7 @@ class AStar(MapOptions):
             raise ValueError(f"mask_threshold must be between 0 and 1, got {self.mask_threshold}")
         validate_step_schedule(self)
         self.validate_map_options()
+        self.validate_update()
 
     def prepare(self, ctx: ControlContext) -> PreparedAStar:
         return PreparedAStar(self, ctx)
@@ -65,6 +66,7 @@ class PreparedAStar(PreparedControl):
         self.maps = TokenMaps(cfg, ctx, cfg.subjects)
         self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
         self.text_columns = self.maps.columns
+        cfg.bind_update(self, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         # per image: masks of the latest step seen, and of the step before it (the "previous step" B_t)
         self._latest: dict[int, tuple[int, torch.Tensor]] = {}

@@ -9,7 +9,7 @@ import torch
 
 from ..losses.attend_excite import attend_excite_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
-from .common import MapOptions, TokenMaps, ae_step_sizes, validate_step_schedule
+from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
 
 
 def _default_thresholds() -> dict[int, float]:
@@ -18,7 +18,7 @@ def _default_thresholds() -> dict[int, float]:
 
 @with_aliases
 @dataclass
-class AttendExcite(MapOptions):
+class AttendExcite(GuidanceOptions):
     """Attend-and-Excite with the parameters and defaults of diffusers' ``StableDiffusionAttendAndExcitePipeline``.
 
     Args:
@@ -54,6 +54,7 @@ class AttendExcite(MapOptions):
         if self.max_refinement_steps < 0:
             raise ValueError(f"max_refinement_steps must be >= 0, got {self.max_refinement_steps}")
         self.validate_map_options()
+        self.validate_update()
 
     def prepare(self, ctx: ControlContext) -> PreparedAttendExcite:
         return PreparedAttendExcite(self, ctx)
@@ -66,6 +67,7 @@ class PreparedAttendExcite(PreparedControl):
         self.maps = TokenMaps(cfg, ctx, cfg.subjects)
         self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
         self.text_columns = self.maps.columns
+        cfg.bind_update(self, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         self.max_refinement_steps = cfg.max_refinement_steps
 

@@ -40,6 +40,9 @@ class ControlContext:
     # transformer families: each layer's block index (for ``blocks=``) and the default blocks per kind
     block_index: dict[str, int] = field(default_factory=dict)
     default_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # flow-matching families: the schedule's sigmas (num_steps + 1, ending at 0) and timesteps
+    flow_sigmas: list[float] | None = None
+    timesteps: list[float] = field(default_factory=list)
 
     @classmethod
     def simple(cls, tokenizer, prompts: list[str], latent_hw, grid, num_steps: int = 50, **kwargs) -> ControlContext:
@@ -140,6 +143,8 @@ class PreparedControl(Prepared):
     blocks: tuple[int, ...] | None = None
     normalise: str = "all"
     max_refinement_steps: int = 0
+    update_rule: str = "latent"  # "velocity": FOCUS's rule, a deferred step of velocity_sizes[i]
+    velocity_sizes: list[float] | None = None
 
     def text_columns(self) -> torch.Tensor | None:
         """(tokens,) bool: the token positions this control's maps need (None: all)."""

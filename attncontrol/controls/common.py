@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ResolutionError
 from ..losses.attend_excite import subject_maps
-from ..ops import token_softmax
+from ..ops import gaussian_smooth, token_softmax
 from ..store import MapKey
 from .base import Control, ControlContext
 
@@ -47,6 +47,9 @@ class MapOptions(Control):
             default, see the README); UNet families choose layers by ``attn_res``.
         normalise: "all": image->text probabilities of the layer's own softmax (for joint layers, over image and
             text keys); "text": renormalised over the text keys. The same on cross-attention layers.
+        recipe: "attend-excite" (the above); "focus": FOCUS's subject maps on SD3/FLUX (the subjects' tokens
+            blurred 3x3 with sigma 1, renormalised over the subjects' tokens at each pixel, a subject's tokens
+            averaged; ``softmax_scale``, ``kernel_size``, ``sigma``, ``exclude_eot`` do not apply).
     """
 
     attn_res: tuple[int, int] | int | None = None
@@ -57,6 +60,7 @@ class MapOptions(Control):
     softmax_scale: float = 100.0
     blocks: tuple[int, ...] | None = None
     normalise: str = "all"
+    recipe: str = "attend-excite"
 
     def validate_map_options(self) -> None:
         """Checks the smoothing/softmax/resolution fields; normalises ``attn_res``."""
@@ -72,10 +76,56 @@ class MapOptions(Control):
             if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
                 raise ValueError(f"blocks must be block indices >= 0, got {self.blocks!r}")
             self.blocks = tuple(blocks)
+        if self.recipe not in ("attend-excite", "focus"):
+            raise ValueError(f"recipe must be 'attend-excite' or 'focus', got {self.recipe!r}")
         if self.normalise not in ("all", "text"):
             raise ValueError(
                 f"normalise must be 'all' (the layer's softmax) or 'text' (over text keys), got {self.normalise!r}"
             )
+
+
+@dataclass(kw_only=True)
+class GuidanceOptions(MapOptions):
+    """How a latent-guidance control moves the latents (on top of the maps it reads).
+
+    Args:
+        update: "latent": the method's own rule, ``z <- z - alpha_i * grad L`` at the current step, with its
+            step sizes, thresholds and refinement (Attend-and-Excite's rule; the default on every family).
+            "velocity" (flow-matching families, SD3 / FLUX): FOCUS's velocity correction
+            ``v <- v + lambda * 2(s+1e-3)/(1-s+1e-3) * s * grad L`` (s = t / 1000), which the Euler step turns
+            into ``x_{i+1} <- x_{i+1} - alpha_i * grad L`` with ``alpha_i = lambda * c_i * (sigma_i - sigma_{i+1})``,
+            applied after the step; one update per step, no refinement.
+        velocity_scale: lambda of the velocity rule (FOCUS's README example: 4; its code's default: 1).
+    """
+
+    update: str = "latent"
+    velocity_scale: float = 4.0
+
+    def validate_update(self) -> None:
+        if self.update not in ("latent", "velocity"):
+            raise ValueError(f"update must be 'latent' or 'velocity', got {self.update!r}")
+        if not self.velocity_scale > 0:
+            raise ValueError(f"velocity_scale must be > 0, got {self.velocity_scale}")
+
+    def bind_update(self, prepared, ctx: ControlContext) -> None:
+        """Give the prepared control its update rule (and the velocity rule's steps)."""
+        prepared.update_rule = self.update
+        if self.update == "velocity":
+            if ctx.flow_sigmas is None:
+                raise ValueError("update='velocity' needs a flow-matching model (SD3, FLUX); use update='latent'")
+            prepared.velocity_sizes = velocity_steps(self.velocity_scale, ctx.timesteps, ctx.flow_sigmas)
+
+
+def velocity_steps(scale: float, timesteps: list[float], sigmas: list[float]) -> list[float]:
+    """alpha_i = lambda * 2(s_i + 1e-3) / (1 - s_i + 1e-3) * s_i * (sigma_i - sigma_{i+1}), s_i = t_i / 1000: the
+    latent step equal to FOCUS's velocity correction at step i under the Euler step ``x += (sigma_{i+1} -
+    sigma_i) v``."""
+    sig = torch.tensor(sigmas, dtype=torch.float32)  # the scheduler's sigmas, differenced as its step does
+    out = []
+    for i, t in enumerate(timesteps):
+        s = float(t) / 1000.0
+        out.append(scale * 2 * (s + 1e-3) / (1 - s + 1e-3) * s * -float(sig[i + 1] - sig[i]))
+    return out
 
 
 def validate_step_schedule(cfg) -> None:
@@ -116,13 +166,35 @@ class TokenMaps:
         self.keep = ctx.keep_mask(exclude).to(ctx.device)
 
     def columns(self) -> torch.Tensor:
-        """The token positions any image keeps in its softmax (what joint layers must give)."""
+        """The token positions the maps need: those any image keeps in its softmax (what joint layers must give);
+        with the FOCUS recipe, the subjects' own tokens."""
+        if self.cfg.recipe == "focus":
+            cols = torch.zeros_like(self.keep[0])
+            cols[[p for subs in self.subjects for pos in subs for p in pos]] = True
+            return cols
         return self.keep.any(0)
 
     def per_image(self, maps, images: list[int]) -> list[torch.Tensor]:
+        """Each image's (subjects, rows, cols) maps from the averaged attention ``maps[self.key]``."""
+        if self.cfg.recipe == "focus":
+            return [focus_subject_maps(maps[self.key][row], self.subjects[b]) for row, b in enumerate(images)]
         probs = token_softmax(maps[self.key], self.keep[images], self.cfg.softmax_scale)
         cfg = self.cfg
         return [
             subject_maps(probs[row], self.subjects[b], cfg.kernel_size, cfg.sigma, cfg.smooth_attentions)
             for row, b in enumerate(images)
         ]
+
+
+def focus_subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]]) -> torch.Tensor:
+    """FOCUS's subject maps (ericbill21/FOCUS, ``Controller``) from one image's averaged attention (rows, cols,
+    tokens): the subjects' token maps blurred (3x3, sigma 1, torchvision's kernel, reflect padding), renormalised
+    at each pixel over all the subjects' tokens, and each subject's tokens averaged: (subjects, rows, cols)."""
+    rows = [p for pos in subjects for p in pos]
+    blurred = gaussian_smooth(maps[..., rows].permute(2, 0, 1), 3, 1.0, formula="gaussian")
+    shares = blurred / blurred.sum(0, keepdim=True)
+    out, start = [], 0
+    for pos in subjects:
+        out.append(shares[start : start + len(pos)].mean(0))
+        start += len(pos)
+    return torch.stack(out)

@@ -13,7 +13,7 @@ from ..errors import SubjectError
 from ..losses.refocus import CARWeights, car_loss, sar_loss
 from ..store import MapKey
 from .base import ControlContext, PreparedControl, StepInfo
-from .common import MapOptions, TokenMaps
+from .common import GuidanceOptions, TokenMaps
 
 # The official SAR_CAR schedule (``update_loss_self_cross``): (steps below, loss scale, max iterations).
 DEFAULT_SCHEDULE: tuple[tuple[int, float, int], ...] = ((2, 4.0, 2), (5, 4.0, 6), (10, 3.0, 3), (20, 3.0, 2))
@@ -58,7 +58,7 @@ def parse_boxes(text: str) -> dict[str, list[tuple[float, float, float, float]]]
 
 
 @dataclass
-class Refocus(MapOptions):
+class Refocus(GuidanceOptions):
     """Attention Refocusing: boxes per subject, ``z <- z - grad(s_i * (CAR + SAR))``.
 
     Args:
@@ -105,6 +105,7 @@ class Refocus(MapOptions):
             if entry[-2] <= 0 or int(entry[-1]) < 1:
                 raise ValueError(f"schedule entries need a loss scale > 0 and >= 1 iteration, got {entry}")
         self.validate_map_options()
+        self.validate_update()
 
     @property
     def subjects(self) -> list:
@@ -126,6 +127,7 @@ class PreparedRefocus(PreparedControl):
             raise SubjectError(f"Refocus boxes: {err}") from None
         self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
         self.text_columns = self.maps.columns
+        cfg.bind_update(self, ctx)
         ctx.select(MapKey("self", self.resolution, cfg.blocks))  # the layers SAR reads exist
         self.boxes = list(cfg.boxes.values())
         self._min_inside: dict[int, float] = {}

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..losses.regulate import gaussian_bumps, regulation_objective
+from ..store import MapKey
 from .base import Control, ControlContext, PreparedEditor, with_aliases
 from .common import normalise_attn_res, resolve_attn_res
 
@@ -77,7 +78,7 @@ class PreparedRegulate(PreparedEditor):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         self.resolution = resolve_attn_res(cfg.attn_res, ctx)
-        self.layers = list(ctx.cross_layers[self.resolution])
+        self.layers = ctx.select(MapKey("cross", self.resolution))
         subjects = ctx.subjects_per_image(cfg.subjects)
         self.targets = [sorted({p for pos in subs for p in pos}) for subs in subjects]
         self.specials = ctx.special_positions()  # start/end-of-text columns, per image
@@ -87,11 +88,13 @@ class PreparedRegulate(PreparedEditor):
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.previous: dict[tuple[str, int], torch.Tensor] = {}
         self.step = 0
+        self._edited = set()
         self.active = False
         self._stats: list[tuple[float, float, float]] = []
 
     def begin_step(self, step: int) -> None:
         self.step = step
+        self._edited: set[str] = set()
         self.active = self.in_window(step)
         self._stats = []
 
@@ -105,29 +108,34 @@ class PreparedRegulate(PreparedEditor):
             "quantile_after": sum(s[2] for s in self._stats) / n,
         }
 
-    def edit(self, layer: str, scores: torch.Tensor, heads: int) -> torch.Tensor:
+    def edit(self, layer: str, scores: torch.Tensor, heads: int, text_offset: int = 0) -> torch.Tensor:
+        """``scores``: (batch * heads, image queries, keys); text position p is key column ``text_offset + p``
+        (joint layers put image keys first in SD3, text first in FLUX)."""
         probs0 = torch.softmax(scores, dim=-1)
         batch = scores.shape[0] // heads
-        if batch != (2 if self.cfg_batch else 1) * self.n_images:
-            return probs0  # not the run's denoising batch (e.g. someone else's forward): leave it alone
+        if batch != (2 if self.cfg_batch else 1) * self.n_images or layer in self._edited:
+            # not the run's denoising batch (someone else's forward), or this layer's second forward of the step
+            # (the unconditional one, where the branches run one after the other): leave it alone
+            return probs0
+        self._edited.add(layer)
         rows, cols = self.resolution
         offset = self.n_images if self.cfg_batch else 0
         edited = scores.clone()
         for image in range(self.n_images):
             sl = slice((offset + image) * heads, (offset + image + 1) * heads)
-            edited[sl] = self._regulate(layer, image, scores[sl], rows, cols)
+            edited[sl] = self._regulate(layer, image, scores[sl], rows, cols, text_offset)
         probs = torch.softmax(edited, dim=-1)
         if self.cfg.restore_special:
             for image in range(self.n_images):
                 sl = slice((offset + image) * heads, (offset + image + 1) * heads)
                 for col in self.specials[image]:
-                    probs[sl, :, col] = probs0[sl, :, col]
+                    probs[sl, :, text_offset + col] = probs0[sl, :, text_offset + col]
         return probs
 
-    def _regulate(self, layer: str, image: int, logits: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    def _regulate(self, layer, image: int, logits: torch.Tensor, rows: int, cols: int, text_offset: int = 0):
         """One image's heads: (heads, pixels, keys) logits -> logits with the optimised bias on its targets."""
         cfg = self.cfg
-        targets = self.targets[image]
+        targets = [text_offset + t for t in self.targets[image]]
         n_rows = logits.shape[0]
         bumps = self.bumps.flatten(1)  # (C, pixels)
         weights = torch.rand(n_rows, bumps.shape[0], len(targets), generator=self.generator).to(logits.device)

@@ -13,6 +13,11 @@ from .sdxl import SDXLAdapter
 ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter]
 
 
+def adapter_class(pipeline_name: str) -> type[ModelAdapter] | None:
+    """The adapter of a pipeline class name (as ``model_index.json`` records it), or None."""
+    return next((a for a in ADAPTERS if pipeline_name in a.pipeline_names), None)
+
+
 def get_adapter(pipe) -> ModelAdapter:
     """The adapter for ``pipe``'s family, or :class:`UnsupportedPipelineError` naming the supported ones."""
     for adapter in ADAPTERS:
@@ -31,5 +36,6 @@ __all__ = [
     "SD3Adapter",
     "SDAdapter",
     "SDXLAdapter",
+    "adapter_class",
     "get_adapter",
 ]

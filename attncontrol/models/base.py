@@ -69,6 +69,10 @@ class ModelAdapter(ABC):
     attention_kwargs_name: ClassVar[str] = "cross_attention_kwargs"
     # flow-matching schedule (sigmas from 1 to 0): the velocity update rule applies
     flow_matching: ClassVar[bool] = False
+    # the pipeline classes (by name, as model_index.json records them) this adapter serves
+    pipeline_names: ClassVar[tuple[str, ...]] = ()
+    # the text streams a user picks subjects in: (tokenizer subfolder, label, first position in the maps)
+    token_streams: ClassVar[tuple[tuple[str, str, int], ...]] = (("tokenizer", "CLIP", 0),)
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -28,6 +28,8 @@ from .sd3 import _per_prompt
 
 class FluxAdapter(ModelAdapter):
     description = "FluxPipeline (FLUX.1 dev and schnell)"
+    pipeline_names = ("FluxPipeline",)
+    token_streams = (("tokenizer_2", "T5", 0),)
     consumed_kwargs = ("prompt_2", "negative_prompt_2")
     attention_kwargs_name = "joint_attention_kwargs"
     flow_matching = True

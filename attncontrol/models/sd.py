@@ -20,6 +20,7 @@ from .unet import checkpoint_layers, unet_layers
 
 class SDAdapter(ModelAdapter):
     description = "StableDiffusionPipeline (SD 1.x and SD 2.x)"
+    pipeline_names = ("StableDiffusionPipeline",)
 
     @staticmethod
     def matches(pipe) -> bool:

@@ -36,6 +36,8 @@ def _per_prompt(value, prompts: list[str], label: str) -> tuple[str, ...]:
 
 class SD3Adapter(ModelAdapter):
     description = "StableDiffusion3Pipeline (SD3, SD3.5 medium and large)"
+    pipeline_names = ("StableDiffusion3Pipeline",)
+    token_streams = (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77))
     consumed_kwargs = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
     attention_kwargs_name = "joint_attention_kwargs"
     flow_matching = True

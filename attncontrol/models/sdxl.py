@@ -15,6 +15,7 @@ from .sd import SDAdapter
 
 class SDXLAdapter(SDAdapter):
     description = "StableDiffusionXLPipeline (SDXL base)"
+    pipeline_names = ("StableDiffusionXLPipeline",)
     consumed_kwargs = ("prompt_2", "negative_prompt_2")
 
     @staticmethod

@@ -66,11 +66,16 @@ class CaptureProcessor:
                 hidden, context, mask = named["hidden_states"], named.get("encoder_hidden_states"), named.get(
                     "attention_mask"
                 )  # fmt: skip
-            if editors:
+            if editors and hasattr(ops, "explicit"):
                 return ops.explicit(
                     attn, hidden, context, mask, named.get("temb"),
                     on_probs=self._observed if observing else None, on_scores=self._editing(editors),
                 )  # fmt: skip
+            if editors:
+                grid = editors[0].resolution
+                observe = self._observed_joint if observing else None
+                return ops.edited(attn, named, grid[0] * grid[1], lambda: self.original(attn, *args, **kwargs),
+                                  self._editing(editors), observe)  # fmt: skip
             if observing:
                 self._observe(attn, ops, named)
         return self.original(attn, *args, **kwargs)
@@ -106,13 +111,20 @@ class CaptureProcessor:
         obs.record_heads(probs, self.name)
 
     def _editing(self, editors):
-        def edit(scores: torch.Tensor, heads: int, batch: int) -> torch.Tensor:
+        def edit(scores: torch.Tensor, heads: int, text_offset: int = 0) -> torch.Tensor:
             probs = None
             for editor in editors:
-                probs = editor.edit(self.name, scores, heads)
+                probs = editor.edit(self.name, scores, heads, text_offset)
             return probs
 
         return edit
+
+    def _observed_joint(self, probs: torch.Tensor) -> None:
+        """``probs``: (batch, heads, image queries, text keys) of an edited joint layer."""
+        obs = self.observer
+        cols = obs.columns
+        self.observer.record_heads(obs.cond_half(probs.detach())[..., cols.to(probs.device)] if cols is not None
+                                   else obs.cond_half(probs.detach()), self.name)  # fmt: skip
 
     def _observed(self, probs: torch.Tensor, heads: int) -> None:
         per_image = probs.view(probs.shape[0] // heads, heads, *probs.shape[1:])

@@ -44,9 +44,9 @@ class ClassicAttention:
         attention_mask,
         temb,
         on_probs: Callable[[torch.Tensor, int], None] | None = None,
-        on_scores: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+        on_scores: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The layer's output through explicit probabilities. ``on_scores(scores, heads, batch)`` may turn the
+        """The layer's output through explicit probabilities. ``on_scores(scores, heads)`` may turn the
         float32 pre-softmax scores into the probabilities to use (attention editing); ``on_probs(probs, heads)``
         then sees the probabilities used (and may stop the forward by raising)."""
         residual = hidden_states
@@ -80,7 +80,7 @@ class ClassicAttention:
                 beta=0 if attention_mask is None else 1,
                 alpha=attn.scale,
             )
-            probs = on_scores(scores, attn.heads, batch_size).to(query.dtype)
+            probs = on_scores(scores, attn.heads).to(query.dtype)
         else:
             probs = attn.get_attention_scores(query, key, attention_mask)
         if on_probs is not None:

@@ -135,6 +135,43 @@ class JointAttention:
             out["self"] = image_probs(q[:, :, img], k[:, :, img], scale)
         return out
 
+    def values(self, attn, args: dict) -> torch.Tensor:
+        """Values of all tokens as (B, H, L, D), in the order of :meth:`query_key`."""
+        hidden, context = args["hidden_states"], args.get("encoder_hidden_states")
+        v = self.heads_view(attn, attn.to_v(hidden))
+        if context is None:
+            return v
+        return torch.cat([v, self.heads_view(attn, attn.add_v_proj(context))], dim=2)
+
+    def edited(self, attn, args: dict, n_image: int, original, edit, observe=None):
+        """The layer's output with the image queries' probabilities rewritten by ``edit(scores, heads,
+        text_offset)`` (explicit scores for the image queries only; text queries keep the layer's own attention).
+        The change ``(P_edit - P) @ V`` is added to the image part of the layer's own output, through the output
+        projection where the layer applies one."""
+        q, k, text_len = self.query_key(attn, args)
+        if text_len == 0 and q.shape[2] != n_image:
+            text_len = q.shape[2] - n_image
+        img, text_start = self.split(q.shape[2], text_len)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        b, heads = q.shape[:2]
+        scores = (q[:, :, img].float() @ k.float().transpose(-1, -2)) * scale
+        probs0 = torch.softmax(scores, dim=-1)
+        probs = edit(scores.flatten(0, 1), heads, text_start).view_as(probs0)
+        if observe is not None:
+            observe(probs[..., text_start : text_start + text_len])
+        delta = ((probs - probs0) @ self.values(attn, args).float()).to(q.dtype)  # (B, H, N, D)
+        delta = delta.transpose(1, 2).reshape(b, n_image, -1)
+        out = original()
+        return self.add_image_delta(attn, out, delta, img)
+
+    def add_image_delta(self, attn, out, delta: torch.Tensor, img: slice):
+        """Add the (unprojected) change of the image tokens' attention output to the layer's own output."""
+        proj = attn.to_out[0]
+        change = proj(delta) - (proj.bias if getattr(proj, "bias", None) is not None else 0)
+        if isinstance(out, tuple):
+            return (out[0] + change, *out[1:])
+        return out + change
+
 
 class RotaryJointAttention(JointAttention):
     """Queries and keys of a FLUX-style joint layer: fused or separate projections, per-head RMS norms, text
@@ -166,6 +203,23 @@ class RotaryJointAttention(JointAttention):
             q = apply_rotary_emb(q, rotary, sequence_dim=1)
             k = apply_rotary_emb(k, rotary, sequence_dim=1)
         return q.transpose(1, 2), k.transpose(1, 2), text_len
+
+    def values(self, attn, args: dict) -> torch.Tensor:
+        hidden, context = args["hidden_states"], args.get("encoder_hidden_states")
+        v = attn.to_qkv(hidden).chunk(3, dim=-1)[2] if getattr(attn, "fused_projections", False) else attn.to_v(hidden)
+        v = v.unflatten(-1, (-1, attn.head_dim))
+        if context is not None and attn.added_kv_proj_dim is not None:
+            cv = (attn.to_added_qkv(context).chunk(3, dim=-1)[2] if getattr(attn, "fused_projections", False)
+                  else attn.add_v_proj(context))  # fmt: skip
+            v = torch.cat([cv.unflatten(-1, (-1, attn.head_dim)), v], dim=1)
+        return v.transpose(1, 2)
+
+    def add_image_delta(self, attn, out, delta: torch.Tensor, img: slice):
+        if isinstance(out, tuple):  # double-stream: (image output after to_out, text output)
+            return super().add_image_delta(attn, out, delta, img)
+        out = out.clone()  # single-stream: the attention output of [text; image], projected later by the block
+        out[:, img] = out[:, img] + delta
+        return out
 
 
 JOINT = JointAttention()
