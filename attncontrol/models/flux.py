@@ -103,8 +103,9 @@ class FluxAdapter(ModelAdapter):
         return False  # the negative branch is a second forward, after the positive one
 
     def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        default = inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
-        return int(extra.get("max_sequence_length") or default)
+        if extra.get("max_sequence_length"):
+            return int(extra["max_sequence_length"])
+        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
 
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         t5_prompts = _per_prompt(pipe_kwargs.get("prompt_2"), prompts, "prompt_2")

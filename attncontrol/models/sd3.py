@@ -94,8 +94,9 @@ class SD3Adapter(ModelAdapter):
         return guidance_scale > 1.0
 
     def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        default = inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
-        return int(extra.get("max_sequence_length") or default)
+        if extra.get("max_sequence_length"):
+            return int(extra["max_sequence_length"])
+        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
 
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         pipe = self.pipe
