@@ -2,25 +2,43 @@
 
 import attncontrol
 out = attncontrol.generate(pipe, "a cat and a dog", controls=[attncontrol.AttendExcite(subjects=["cat", "dog"])])
+
+The public names are imported on first use (PEP 562), so that the command line starts without torch.
 """
 
-from .controls import AStar, AttendExcite, Control, Refocus, Regulate, StepInfo
-from .errors import (
-    AmbiguousSubjectError,
-    AttnControlError,
-    ModelLoadError,
-    ResolutionError,
-    SubjectError,
-    SubjectNotInPromptError,
-    SubjectTruncatedError,
-    UnsupportedPipelineError,
-)
-from .guidance import StepRecord
-from .pipeline import GenerationResult, generate, prepare_run
-from .run import Run
-from .tokens import TokenTable, resolve_subjects, tokenize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "AStar": "controls",
+    "AttendExcite": "controls",
+    "Control": "controls",
+    "Refocus": "controls",
+    "Regulate": "controls",
+    "StepInfo": "controls",
+    "METHODS": "controls",
+    "AmbiguousSubjectError": "errors",
+    "AttnControlError": "errors",
+    "ModelLoadError": "errors",
+    "OptionError": "errors",
+    "ResolutionError": "errors",
+    "SubjectError": "errors",
+    "SubjectNotInPromptError": "errors",
+    "SubjectTruncatedError": "errors",
+    "UnsupportedPipelineError": "errors",
+    "StepRecord": "guidance",
+    "GenerationResult": "pipeline",
+    "generate": "pipeline",
+    "prepare_run": "pipeline",
+    "Run": "run",
+    "TokenTable": "tokens",
+    "resolve_subjects": "tokens",
+    "tokenize": "tokens",
+}
 
 __all__ = [
     "AStar",
@@ -29,7 +47,9 @@ __all__ = [
     "AttnControlError",
     "Control",
     "GenerationResult",
+    "METHODS",
     "ModelLoadError",
+    "OptionError",
     "Refocus",
     "Regulate",
     "ResolutionError",
@@ -45,4 +65,36 @@ __all__ = [
     "prepare_run",
     "resolve_subjects",
     "tokenize",
+    "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attncontrol' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .controls import METHODS, AStar, AttendExcite, Control, Refocus, Regulate, StepInfo
+    from .errors import (
+        AmbiguousSubjectError,
+        AttnControlError,
+        ModelLoadError,
+        OptionError,
+        ResolutionError,
+        SubjectError,
+        SubjectNotInPromptError,
+        SubjectTruncatedError,
+        UnsupportedPipelineError,
+    )
+    from .guidance import StepRecord
+    from .pipeline import GenerationResult, generate, prepare_run
+    from .run import Run
+    from .tokens import TokenTable, resolve_subjects, tokenize

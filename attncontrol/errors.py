@@ -34,3 +34,12 @@ class ResolutionError(AttnControlError, ValueError):
 
 class ModelLoadError(AttnControlError, RuntimeError):
     """A model id or folder could not be loaded (offline, missing, or unsafe weights)."""
+
+
+class OptionError(AttnControlError, ValueError):
+    """A method option, a pipeline argument or a front-end field with a bad value; the message names the value
+    and where it came from (a flag, ``file:line`` and field, or the app's field)."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An option of the wrong type (a string where a number belongs, an unknown keyword)."""

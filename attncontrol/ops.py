@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import torch
-import torch.nn.functional as F
+from ._lazy import F, torch
 
 
 @lru_cache(maxsize=16)
@@ -27,14 +26,14 @@ def _gaussian_kernel_cpu(kernel_size: int, sigma: float, formula: str = "attend-
 
 
 def gaussian_kernel(
-    kernel_size: int = 3, sigma: float = 0.5, device=None, dtype=torch.float32, formula: str = "attend-excite"
+    kernel_size: int = 3, sigma: float = 0.5, device=None, dtype=None, formula: str = "attend-excite"
 ) -> torch.Tensor:
     """The (kernel_size, kernel_size) smoothing kernel of Attend-and-Excite (or a plain Gaussian's)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    return _gaussian_kernel_cpu(int(kernel_size), float(sigma), formula).to(device=device, dtype=dtype)
+    return _gaussian_kernel_cpu(int(kernel_size), float(sigma), formula).to(device=device, dtype=dtype or torch.float32)
 
 
 def gaussian_smooth(

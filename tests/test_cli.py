@@ -86,7 +86,7 @@ def test_offline_default_model_fails_clearly_and_writes_nothing(tmp_path):
     [
         (["--subjects", "cat", "horse"], "'horse' is not in the prompt"),
         (["--subjects", "cat", "--height", "63"], "height must be a positive multiple of 8"),
-        ([], "--subjects is required"),
+        ([], "--subjects are required"),
         (["--subjects", "cat", "--attn-res", "5"], "attn_res 5x5"),
     ],
 )
@@ -212,7 +212,10 @@ def test_each_method_and_a_combination(tiny_dirs, tmp_path, args, methods):
         (["--methods", "refocus"], "refocus needs --boxes"),
         (["--boxes", "cat=0.1,0.1,1.3,0.5"], "1.3"),
         (["--boxes", "cat=0.1,0.1,0.5"], "4 numbers"),
-        (["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"], "not among --methods astar"),
+        (
+            ["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"],
+            "--boxes are for refocus, which is not among the methods astar",
+        ),
         (["--boxes", "horse=0,0,0.5,0.5"], "'horse'"),
     ],
 )

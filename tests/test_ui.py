@@ -1,6 +1,5 @@
 """The Gradio app: pure handlers, the runner, an end-to-end gradio_client run, and a real browser."""
 
-import dataclasses
 import os
 import re
 import shutil
@@ -14,7 +13,7 @@ from PIL import Image
 
 import attncontrol
 from attncontrol.controls import METHODS
-from attncontrol.demo import (
+from attncontrol.ui.logic import (
     DemoError,
     Limits,
     Runner,
@@ -47,16 +46,20 @@ def _request(**kw):
 
 
 def test_method_params_come_from_the_dataclasses():
+    """Every option of every method, from the same field list as the command line's (``method_fields``)."""
+    from attncontrol.controls.options import method_fields
+
     params = method_params()
     assert {p.method for p in params} == set(METHODS)
     for method, cls in METHODS.items():
-        scalar = [f for f in dataclasses.fields(cls) if f.type in ("int", "float", "bool")]
         mine = [p for p in params if p.method == method]
-        assert [p.name for p in mine] == [f.name for f in scalar]
-        assert [p.default for p in mine] == [f.default for f in scalar]
+        assert [p.name for p in mine] == [s.name for s in method_fields(cls)]
+        assert [p.default for p in mine] == [s.default for s in method_fields(cls)]
     ae = {p.name: p for p in params if p.method == "attend-excite"}
-    assert ae["max_refinement_steps"].default == attncontrol.AttendExcite(subjects=["cat"]).max_refinement_steps
+    assert ae["stop"].default == attncontrol.AttendExcite(subjects=["cat"]).max_iter_to_alter == 25
     assert ae["scale_factor"].kind == "float" and ae["smooth_attentions"].kind == "bool"
+    assert ae["thresholds"].kind == "text" and ae["thresholds"].shown() == '{"0": 0.05, "10": 0.5, "20": 0.8}'
+    assert ae["max_refinement_steps"].bounds == (0, 50)
 
 
 def test_token_table_words_and_subjects(tokenizer):
@@ -84,7 +87,15 @@ def test_token_table_words_and_subjects(tokenizer):
         (dict(methods=["refocus"]), "refocus needs boxes"),
         (dict(methods=["refocus"], boxes_text="cat=0.1,0.1,1.5,0.9"), "1.5"),
         (dict(methods=["refocus"], boxes_text="cat=0.1,0.1"), "expected 4 numbers"),
-        (dict(params={("attend-excite", "scale_factor"): -3.0}), "scale_factor must be > 0, got -3.0"),
+        (dict(params={("attend-excite", "scale_factor"): -3.0}), "'attend-excite · scale factor' must be between 0"),
+        (dict(params={("attend-excite", "scale_factor"): 0.0}), "scale_factor must be > 0, got 0.0"),
+        (
+            dict(params={("attend-excite", "max_refinement_steps"): None}),
+            "'attend-excite · max refinement steps' is empty",
+        ),
+        (dict(params={("attend-excite", "max_refinement_steps"): "many"}), "must be an integer, got 'many'"),
+        (dict(params={("attend-excite", "max_refinement_steps"): 10**9}), "between 0 and 50 in this app"),
+        (dict(guidance_scale=float("nan")), "guidance scale must be between"),
     ],
 )
 def test_user_mistakes_are_named(change, message):
@@ -95,8 +106,8 @@ def test_user_mistakes_are_named(change, message):
 
 def test_request_options_and_limits():
     req = _request(methods=["attend-excite", "refocus"], boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1",
-                   params={("attend-excite", "max_iter_to_alter"): 2, ("astar", "mask_threshold"): 0.3})  # fmt: skip
-    assert req.options == {"attend-excite": {"max_iter_to_alter": 2}, "refocus": {}}  # unticked methods ignored
+                   params={("attend-excite", "stop"): 2, ("astar", "mask_threshold"): 0.3})  # fmt: skip
+    assert req.options == {"attend-excite": {"stop": 2}, "refocus": {}}  # unticked methods ignored
     assert req.observed == ["cat", "dog"]
     assert _request(methods=["refocus"], subjects=[], boxes_text="cat=0,0,0.5,1").observed == ["cat"]
     with pytest.raises(DemoError, match="at most 1 boxes"):
@@ -288,7 +299,9 @@ def test_nothing_loads_at_import_and_a_bad_model_fails_clearly(tmp_path, capsys)
 
     from attncontrol.cli import main
 
-    code = "import sys, attncontrol.ui, attncontrol.demo; print('gradio' in sys.modules, 'diffusers' in sys.modules)"
+    code = (
+        "import sys, attncontrol.ui, attncontrol.ui.logic; print('gradio' in sys.modules, 'diffusers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
     assert main(["ui", "--model", str(tmp_path / "missing")]) == 2

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..controls import Refocus, parse_boxes, parse_methods
+from ..controls import METHODS, Refocus, parse_boxes
 from ..errors import AttnControlError
 
 PROMPT_SETS = {
@@ -101,7 +101,9 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
             methods = ",".join(methods)
         methods = [m.strip() for m in str(methods).split(",") if m.strip()] if methods else None
         for m in methods or []:
-            parse_methods(m)
+            for name in (n.strip() for n in m.replace("+", ",").split(",")):
+                if name != "none" and name not in METHODS:
+                    raise ValueError(f"unknown method {name!r}; choose from none, {', '.join(METHODS)}")
         options = raw.get("options") or {}
         if not isinstance(options, dict):
             raise ValueError(f"'options' must map method names to their settings, got {options!r}")
@@ -117,7 +119,11 @@ def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
         raise BatchInputError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     entries = []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is not part of the first prompt
+    except UnicodeDecodeError as err:
+        raise BatchInputError(f"prompt file {path.name!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                              "save it as UTF-8") from None  # fmt: skip
     if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():

@@ -7,7 +7,6 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ..controls import make_controls, parse_methods
 from ..io import jsonable
 from .inputs import BatchInputError, Entry
 
@@ -43,7 +42,37 @@ class Item:
     def controls(self) -> list:
         names = [] if self.method == "none" else self.method.split("+")
         boxes = json.loads(self.boxes) if self.boxes else None
-        return make_controls(names, list(self.subjects or []), boxes, json.loads(self.options))
+        return checked_controls(names, list(self.subjects or []), boxes, json.loads(self.options), self.source)
+
+
+def checked_controls(names: list[str], subjects, boxes, raw_options: dict, source: str) -> list:
+    """Controls through the one validator, every option checked against its field; errors name ``source``."""
+    from ..controls import METHODS
+    from ..controls.options import build_controls, option_value
+
+    options: dict[str, dict] = {}
+    sources: dict[tuple[str, str], str] = {}
+    for method, fields in raw_options.items():
+        if not isinstance(fields, dict):
+            raise BatchInputError(f"{source}: options.{method} must map fields to values, got {fields!r}")
+        for field_name, value in fields.items():
+            where = f"{source}: options"
+            name, checked = option_value(METHODS, method, field_name, value, where, text=True)
+            options.setdefault(method, {})[name] = checked
+            sources[(method, name)] = f"{where}.{method}.{field_name}"
+    return build_controls(METHODS, names, subjects, boxes, options, sources, where=source)
+
+
+def _method_names(text: str, source: str) -> list[str]:
+    from ..controls import METHODS
+
+    names = [m.strip() for m in text.replace("+", ",").split(",") if m.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise BatchInputError(f"{source}: unknown method(s) {unknown or names}; choose from none, {', '.join(METHODS)}")
+    return names
 
 
 def expand(
@@ -59,14 +88,11 @@ def expand(
     items = []
     for e in entries:
         for method_text in e.methods or methods:
-            names = parse_methods(method_text)
+            names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"
             merged = {name: {**(options or {}).get(name, {}), **e.options.get(name, {})} for name in names}
             item_boxes = e.boxes if "refocus" in names else None
-            try:
-                make_controls(names, e.subjects, item_boxes, merged)  # validates before any generation
-            except (ValueError, TypeError) as err:
-                raise BatchInputError(f"{e.source}: {err}") from None
+            checked_controls(names, e.subjects, item_boxes, merged, e.source)  # validates before any generation
             for seed in e.seeds or seeds:
                 items.append(
                     Item(

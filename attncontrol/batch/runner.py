@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..controls import make_controls
 from ..io import append_json_line, atomic_save_png
-from .items import Item
+from .items import Item, checked_controls
 from .state import finished_keys
 
 
@@ -90,7 +89,7 @@ class BatchRun:
         names = [] if first.method == "none" else first.method.split("+")
         subjects = [list(it.subjects or []) for it in group] if names and first.subjects else None
         boxes = json.loads(first.boxes) if first.boxes else None
-        controls = make_controls(names, subjects, boxes, json.loads(first.options))
+        controls = checked_controls(names, subjects, boxes, json.loads(first.options), first.source)
         observe = all(it.observe and _observable(self.pipe, it) for it in group)
         negative = [it.negative_prompt or "" for it in group] if any(it.negative_prompt for it in group) else None
         s = self.settings

@@ -3,7 +3,7 @@
 from .astar import AStar
 from .attend_excite import AttendExcite
 from .base import Control, ControlContext, PreparedControl, PreparedEditor, StepInfo
-from .factory import METHODS, make_controls, parse_methods
+from .factory import METHODS
 from .refocus import Refocus, parse_boxes
 from .regulate import Regulate
 
@@ -18,7 +18,5 @@ __all__ = [
     "Refocus",
     "Regulate",
     "StepInfo",
-    "make_controls",
     "parse_boxes",
-    "parse_methods",
 ]

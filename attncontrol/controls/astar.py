@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
+from .._lazy import torch
 from ..losses.astar import binarize, retention_loss, segregation_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
+from .options import check_fields
 
 
 @with_aliases
@@ -23,13 +23,14 @@ class AStar(GuidanceOptions):
         subjects: as for :class:`AttendExcite` (at least two for segregation to act).
         stop (alias ``max_iter_to_alter``): latents are updated at steps ``start .. stop - 1``; None = every step
             (the paper updates at every step and shows that stopping early loses concepts).
-        segregation_weight, retention_weight: 1 and 1 (Eq. 4 has no weights).
+        segregation_weight, retention_weight: weights of L_seg and L_ret: 1 and 1 (Eq. 4 has no weights).
         mask_threshold: a pixel is in subject m's high-activation region B_m when its attention is at least
             this fraction of the map's maximum. Not stated in the paper; our default 0.5.
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])``. Not
             stated in the paper; A&E's schedule (the paper builds on A&E's setup).
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale: the maps, exactly as
-            :class:`AttendExcite` builds them (the paper's "A_t" are A&E-style 16x16 token maps).
+        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
+            the maps, exactly as :class:`AttendExcite` builds them (the paper's "A_t" are A&E-style 16x16 maps).
+        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
     No refinement: the paper describes none.
     """
 
@@ -44,6 +45,7 @@ class AStar(GuidanceOptions):
     scale_range: tuple[float, float] = (1.0, 0.5)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.validate_subjects()
         self.validate_window()
         for name in ("segregation_weight", "retention_weight"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
+from .._lazy import torch
 from ..losses.attend_excite import attend_excite_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
+from .options import check_fields
 
 
 def _default_thresholds() -> dict[int, float]:
@@ -27,9 +27,11 @@ class AttendExcite(GuidanceOptions):
         stop (alias ``max_iter_to_alter``): latents are updated at steps ``start .. stop - 1`` (default 25).
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, num_steps)[i])``.
         thresholds: ``{step: T}``; at those steps the latents are refined until every subject's max
-            attention reaches ``T`` (loss <= 1 - T), at most ``max_refinement_steps`` times.
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale: the maps
-            (:class:`~attncontrol.controls.common.MapOptions`).
+            attention reaches ``T`` (loss <= 1 - T).
+        max_refinement_steps: at most this many refinement iterations per threshold step (diffusers: 20).
+        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
+            the maps (:class:`~attncontrol.controls.common.MapOptions`).
+        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
     """
 
     method: ClassVar[str] = "attend-excite"
@@ -43,6 +45,7 @@ class AttendExcite(GuidanceOptions):
     stop: int | float | None = field(default=25, kw_only=True)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.validate_subjects()
         self.validate_window()
         validate_step_schedule(self)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
+from .._lazy import torch
 from ..errors import ResolutionError
 from ..store import MapKey
 from ..text import TextLayout, TextSegment
@@ -221,10 +220,14 @@ def step_index(value: int | float, num_steps: int, at_least_one: bool = False) -
 class Control:
     """Base of the user-facing control dataclasses: the method's registry key and when it acts.
 
-    ``start`` / ``stop``: the method acts at steps ``start <= i < stop``; an int is a step index (0-based loop
-    index over the scheduler's timesteps), a float in [0, 1] a fraction of the schedule; ``stop=None`` runs to
-    the last step. The same two fields mean the same thing in every method (published names such as A&E's
-    ``max_iter_to_alter`` are accepted as aliases of ``stop``)."""
+    The same two fields mean the same thing in every method (published names such as A&E's
+    ``max_iter_to_alter`` are accepted as aliases of ``stop``).
+
+    Args:
+        start, stop: the method acts at steps ``start <= i < stop``; an int is a step index (0-based loop index
+            over the scheduler's timesteps), a float in [0, 1] a fraction of the schedule; ``stop=None`` runs to
+            the last step.
+    """
 
     method: ClassVar[str] = "control"
     aliases: ClassVar[dict[str, str]] = {}

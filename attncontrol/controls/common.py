@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
+from .._lazy import np, torch
 from ..errors import ResolutionError
 from ..losses.attend_excite import subject_maps
 from ..ops import gaussian_smooth, token_softmax
@@ -58,7 +56,7 @@ class MapOptions(Control):
     smooth_attentions: bool = True
     exclude_eot: bool | None = None
     softmax_scale: float = 100.0
-    blocks: tuple[int, ...] | None = None
+    blocks: tuple[int, ...] | int | None = None
     normalise: str = "all"
     recipe: str = "attend-excite"
 

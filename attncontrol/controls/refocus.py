@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
+from .._lazy import torch
 from ..errors import SubjectError
 from ..losses.refocus import CARWeights, car_loss, sar_loss
 from ..store import MapKey
 from .base import ControlContext, PreparedControl, StepInfo
 from .common import GuidanceOptions, TokenMaps
+from .options import check_fields
 
 # The official SAR_CAR schedule (``update_loss_self_cross``): (steps below, loss scale, max iterations).
 DEFAULT_SCHEDULE: tuple[tuple[int, float, int], ...] = ((2, 4.0, 2), (5, 4.0, 6), (10, 3.0, 3), (20, 3.0, 2))
@@ -70,14 +70,16 @@ class Refocus(GuidanceOptions):
         schedule: ``((steps below, loss scale, max iterations), ...)``; steps past the last entry use
             ``late`` but are only guided at ``late_steps``. Official: <2: (4, 2), <5: (4, 6), <10: (3, 3),
             <20: (3, 2), else (1, 2).
-        early_steps: steps ``0 .. early_steps - 1`` iterate while the scaled loss > ``loss_threshold`` and the
-            weakest box peak < ``inside_threshold`` (official: 10, 0.1, 0.2).
+        late: (loss scale, max iterations) of the steps past the schedule (official: (1, 2)).
+        early_steps, loss_threshold, inside_threshold: steps ``0 .. early_steps - 1`` iterate while the scaled
+            loss > ``loss_threshold`` and the weakest box peak < ``inside_threshold`` (official: 10, 0.1, 0.2).
         late_steps: later steps guided (while the weakest box peak < ``inside_threshold``); official: every 5th
             step from 10 to 35.
         start, stop: the window of steps inside which the schedule above applies (default: all steps).
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale: the cross-attention maps as
-            for :class:`AttendExcite` (the official code uses A&E's recipe); SAR uses self-attention at the
-            same resolution.
+        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
+        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
+            the cross-attention maps as for :class:`AttendExcite` (the official code uses A&E's recipe); SAR uses
+            self-attention at the same resolution.
     """
 
     method: ClassVar[str] = "refocus"
@@ -94,6 +96,7 @@ class Refocus(GuidanceOptions):
     inside_threshold: float = 0.2
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not isinstance(self.boxes, dict) or not self.boxes:
             raise ValueError(f"Refocus needs boxes as {{subject: (x0, y0, x1, y1)}}, got {self.boxes!r}")
         self.boxes = {subject: _as_box_list(subject, value) for subject, value in self.boxes.items()}

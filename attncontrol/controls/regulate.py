@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
+from .._lazy import torch
 from ..losses.regulate import gaussian_bumps, regulation_objective
 from ..store import MapKey
 from .base import Control, ControlContext, PreparedEditor, with_aliases
 from .common import normalise_attn_res, resolve_attn_res
+from .options import check_fields
 
 
 @with_aliases
@@ -57,6 +57,7 @@ class Regulate(Control):
     stop: int | float | None = field(default=0.5, kw_only=True)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.validate_subjects()
         self.validate_window()
         if self.iterations < 1:

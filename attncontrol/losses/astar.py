@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from .._lazy import torch
 
 
 def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ with the constants of the official code."""
 
 from __future__ import annotations
 
-import torch
+from .._lazy import torch
 
 
 def gaussian_bumps(rows: int, cols: int, device=None) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""``attncontrol ui``: the Gradio app (layout only; the work is in ``demo.py``).
+"""``attncontrol ui``: the Gradio app (layout only; the work is in ``logic.py``).
 
 Nothing runs at import: ``main()`` loads the model once and builds the app with :func:`build_demo`.
 """
 
 from __future__ import annotations
 
-from .controls import METHODS
-from .demo import (
+from ..controls import METHODS
+from .logic import (
     DemoError,
     Limits,
     Runner,
@@ -21,7 +21,7 @@ from .demo import (
 
 def example_prompts(per_group: int = 2) -> list[list[str]]:
     """``[prompt, "subject, subject"]`` from each group of the Attend-and-Excite evaluation set."""
-    from .batch import prompt_set
+    from ..batch import prompt_set
 
     groups = ("ae-animals", "ae-animal-objects", "ae-objects")
     return [[e.prompt, ", ".join(e.subjects)] for g in groups for e in prompt_set(g)[:per_group]]
@@ -37,7 +37,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
 
     def on_prompt(prompt, picked):
         try:
-            from .demo import token_rows
+            from .logic import token_rows
 
             rows = token_rows(runner.tokenizer, prompt)
             words = word_choices(runner.tokenizer, prompt)
@@ -59,7 +59,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
     on_canvas_click.__annotations__["evt"] = gr.SelectData
 
     def on_boxes(text, height, width):
-        from .controls import parse_boxes
+        from ..controls import parse_boxes
 
         try:
             boxes = parse_boxes(text) if text and text.strip() else {}
@@ -132,13 +132,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
                 param_inputs = []
                 for method in METHODS:
                     with gr.Accordion(f"{method} parameters", open=False):
-                        for p in (p for p in params if p.method == method):
-                            if p.kind == "bool":
-                                param_inputs.append(gr.Checkbox(label=p.label, value=p.default))
-                            else:
-                                param_inputs.append(
-                                    gr.Number(label=p.label, value=p.default, precision=0 if p.kind == "int" else None)
-                                )
+                        param_inputs += [_field(gr, p) for p in params if p.method == method]
                 run_btn = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 token_table = gr.Dataframe(
@@ -189,6 +183,18 @@ def build_demo(runner: Runner, limits: Limits | None = None):
             api_name="run",
         )
     return demo
+
+
+def _field(gr, p):
+    """The input of one method option: a checkbox, a bounded number, or a text box read as on the command line."""
+    info = p.spec.help if p.spec is not None else None
+    if p.kind == "bool":
+        return gr.Checkbox(label=p.label, value=p.default, info=info)
+    if p.kind in ("int", "float"):
+        lo, hi = p.bounds
+        return gr.Number(label=f"{p.label} ({lo:g}..{hi:g})", value=p.default, minimum=lo, maximum=hi, info=info,
+                         precision=0 if p.kind == "int" else None)  # fmt: skip
+    return gr.Textbox(label=f"{p.label} ({p.spec.type_text if p.spec else p.kind})", value=p.shown(), info=info)
 
 
 def launch(runner: Runner, host: str = "127.0.0.1", port: int | None = 7860, concurrency: int = 1, **kwargs):

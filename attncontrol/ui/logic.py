@@ -1,21 +1,33 @@
 """What the Gradio app does, without Gradio: request validation, the token table, box drawing, and a
 :class:`Runner` that makes the baseline and the controlled image (same seed) with their attention maps.
 
-``ui.py`` holds only the layout and turns :class:`DemoError` into ``gr.Error``; everything here is plain Python
-and unit-tested. Method parameters come from the controls' dataclasses, so a new method appears in the UI
-with its defaults by being added to ``attncontrol.controls.METHODS``.
+``app.py`` holds only the layout and turns :class:`DemoError` into ``gr.Error``; everything here is plain Python
+and unit-tested. Method parameters come from the controls' dataclasses (:func:`method_params`), so a new method
+appears in the app with its defaults by being added to ``attncontrol.controls.METHODS``; every value a user types
+is checked by the same validator as the command line's and bounded (:data:`APP_RANGES`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .controls import METHODS, make_controls, parse_boxes
-from .errors import AttnControlError
+from ..controls import METHODS, parse_boxes
+from ..controls.options import FieldSpec, build_controls, method_fields, option_value
+from ..errors import AttnControlError
+
+# The app's bounds per option (a public demo must not be made to run for hours): by field name, the same name
+# meaning the same thing in every method; other ints 0..100, other floats -1000..1000.
+APP_RANGES: dict[str, tuple[float, float]] = {
+    "start": (0, 1000), "stop": (0, 1000), "max_refinement_steps": (0, 50), "iterations": (1, 100),
+    "early_steps": (0, 1000), "kernel_size": (1, 9), "seed": (0, 2**31 - 1), "scale_factor": (0, 2000),
+    "softmax_scale": (0.1, 1000), "lr": (0, 1e4), "velocity_scale": (0, 1000),
+}  # fmt: skip
+DEFAULT_RANGES = {"int": (0, 100), "float": (-1000.0, 1000.0)}
 
 
 class DemoError(AttnControlError, ValueError):
@@ -33,44 +45,77 @@ class Limits:
     max_boxes: int = 8
     max_prompt_chars: int = 400
     max_guidance: float = 30.0
+    time_limit: float = 600.0  # seconds per request (baseline + controlled)
 
 
 @dataclass(frozen=True)
 class Param:
-    """One method parameter shown in the UI: a scalar field of the method's dataclass, with its default."""
+    """One method option shown in the app: a field of the method's dataclass, with its default and bounds."""
 
     method: str
     name: str
-    kind: str  # "int", "float" or "bool"
+    kind: str  # "int", "float", "bool", "str" (a plain input) or "text" (typed as on the command line)
     default: Any
+    spec: FieldSpec | None = None
 
     @property
     def label(self) -> str:
         return self.name.replace("_", " ")
 
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        if self.kind not in ("int", "float"):
+            return None
+        return APP_RANGES.get(self.name, DEFAULT_RANGES[self.kind])
 
-_SCALAR = {"int": int, "float": float, "bool": bool}
+    def shown(self) -> Any:
+        """The default as the app shows it (a text field gets the command line's form)."""
+        if self.kind != "text":
+            return self.default
+        from ..cli.commands import _show
+
+        return "" if self.default is None else __import__("json").dumps(_show(self.default))
 
 
 def method_params(methods: dict | None = None) -> list[Param]:
-    """Every scalar (int / float / bool) field with a default, of every method, in declaration order."""
+    """Every option of every method, in declaration order (the same fields as ``attncontrol methods``)."""
     out = []
     for method, cls in (methods or METHODS).items():
-        for f in dataclasses.fields(cls):
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            if kind in _SCALAR and f.default is not dataclasses.MISSING:
-                out.append(Param(method, f.name, kind, f.default))
+        for spec in method_fields(cls):
+            kind = spec.scalar or "text"
+            out.append(Param(method, spec.name, kind, spec.default, spec))
     return out
+
+
+def check_param(param: Param, value) -> Any:
+    """A value the user gave for ``param``, checked against its field and its bounds; a sentence otherwise."""
+    where = f"the field '{param.method} · {param.label}'"
+    if value is None or (isinstance(value, str) and not value.strip() and param.kind != "str"):
+        if param.kind == "text":
+            return param.default
+        raise DemoError(f"{where} is empty; give a value (default: {param.default})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DemoError(f"{where} must be a finite number, got {value}")
+    if param.kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        _, checked = option_value(METHODS, param.method, param.name, value, where, text=True)
+    except AttnControlError as err:
+        raise DemoError(str(err)) from None
+    bounds = param.bounds
+    if bounds and isinstance(checked, (int, float)) and not bounds[0] <= checked <= bounds[1]:
+        raise DemoError(f"{where} must be between {bounds[0]} and {bounds[1]} in this app, got {checked}")
+    return checked
 
 
 def token_rows(tokenizer, prompt: str) -> list[list]:
     """``[index, token, word]`` for the prompt's tokens (start/end of text included), for the token table."""
-    from .tokens import tokenize
+    from ..tokens import tokenize
 
     if not prompt or not prompt.strip():
         return []
     table = tokenize(tokenizer, prompt)
-    return [[r.index, r.token.removesuffix("</w>"), r.word] for r in table.rows() if r.index <= table.eot_index]
+    return [[r.index, r.text, r.word] for r in table.rows() if r.index <= table.eot_index]
 
 
 def word_choices(tokenizer, prompt: str) -> list[str]:
@@ -178,13 +223,17 @@ def build_request(
     if not 0 <= guidance <= limits.max_guidance:
         raise DemoError(f"guidance scale must be between 0 and {limits.max_guidance}, got {guidance}")
     options: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    by_key = {(p.method, p.name): p for p in method_params()}
     for (method, name), value in (params or {}).items():
-        if method in options:
-            options[method][name] = value
+        if method in options and (method, name) in by_key:
+            checked = check_param(by_key[(method, name)], value)
+            if checked != by_key[(method, name)].default:
+                options[method][name] = checked
     request = Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance,
                       ints["height"], ints["width"], options)  # fmt: skip
-    try:
-        make_controls(methods, subjects, boxes, options)  # the dataclasses' own checks (ranges, boxes in [0, 1])
+    try:  # the one validator, as for the command line (ranges, boxes in [0, 1])
+        build_controls(METHODS, methods, subjects, boxes, options, where="", subjects_from="subjects",
+                       boxes_from="boxes")  # fmt: skip
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from None
     return request
@@ -238,7 +287,7 @@ class Runner:
     """Owns the pipeline (loaded once, by the caller) and makes one comparison at a time."""
 
     def __init__(self, pipe, model_name: str = "", limits: Limits = Limits()):
-        from .models import get_adapter
+        from ..models import get_adapter
 
         self.pipe = pipe
         self.model_name = model_name
@@ -262,18 +311,22 @@ class Runner:
         """Baseline then controlled, same seed; ``progress(done, total, what)`` is called after every step."""
         import torch
 
-        from .attention import attention_metrics
-        from .pipeline import generate
+        from ..attention import attention_metrics
+        from ..pipeline import generate
 
         total = 2 * req.steps
-        controls = make_controls(req.methods, req.subjects, req.boxes, req.options)
+        controls = build_controls(METHODS, req.methods, req.subjects, req.boxes, req.options)
         device = self.pipe._execution_device
         gen_device = "cpu" if device.type == "mps" else device
         outputs = {}
         with self._lock:
+            start = time.monotonic()
             for offset, (label, ctl) in enumerate((("baseline", []), ("controlled", controls))):
 
                 def step_done(pipe, i, t, kwargs, offset=offset, label=label):
+                    if time.monotonic() - start > self.limits.time_limit:  # the run stops; the pipeline is restored
+                        raise DemoError(f"this request ran past the app's limit of {self.limits.time_limit:.0f} s; "
+                                        "use fewer steps, a smaller size or fewer refinement steps")  # fmt: skip
                     if progress is not None:
                         progress(offset * req.steps + i + 1, total, label)
                     return kwargs

@@ -1,0 +1,152 @@
+"""``attncontrol generate``, ``tokens`` and ``methods``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import OptionError
+from . import preflight
+from .options import method_names, options_from_args
+
+
+def controls_from_args(args) -> list:
+    """The controls that --methods, --subjects, --boxes, --set and the shortcut flags ask for (no model needed)."""
+    from ..controls import METHODS, parse_boxes
+    from ..controls.options import build_controls
+
+    default = ",".join(n for n, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
+    if args.methods and "none" in [m.strip() for m in args.methods.replace("+", ",").split(",")]:
+        raise OptionError("--methods: use --no-control for the baseline")
+    names = method_names(args.methods or default or "attend-excite")
+    options, sources = options_from_args(args, names)
+    try:
+        boxes = parse_boxes(args.boxes) if args.boxes else None
+    except ValueError as err:
+        raise OptionError(f"--boxes: {err}") from None
+    return build_controls(METHODS, names, args.subjects, boxes, options, sources, subjects_from="--subjects",
+                          boxes_from="--boxes")  # fmt: skip
+
+
+def _check(args):
+    """Everything that can be checked before the model loads; returns (output path, controls, attention)."""
+    out = preflight.check_png(args.out, "--out", args.overwrite)
+    if args.trace:
+        preflight.check_writable_file(Path(args.trace), "--trace")
+    if args.save_attention:
+        preflight.check_writable_dir(args.save_attention, "--save-attention")
+        if not args.subjects and not args.boxes:
+            raise OptionError("--save-attention needs --subjects (the words whose attention to show)")
+    preflight.check_seed(args.seed)
+    controls = [] if args.no_control else controls_from_args(args)
+    preflight.check_device(args.device)
+    preflight.check_steps(args.model, args.steps)
+    preflight.check_size(args.model, args.height, args.width)
+    subjects = args.subjects or ([] if not args.boxes else [s for c in controls for s in getattr(c, "boxes", {})])
+    preflight.check_subjects(args.model, [args.prompt], subjects)
+    attention = (list(args.subjects) if args.subjects else True) if args.save_attention else False
+    return out, controls, attention
+
+
+def _params(args, pipe, result, controls, seconds) -> dict:
+    from .. import __version__
+    from ..io import jsonable
+    from ..metadata import run_metadata
+
+    return {
+        "attncontrol": __version__,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": result.images[0].height,
+        "width": result.images[0].width,
+        "controls": [{"method": c.method, **jsonable(dataclasses.asdict(c))} for c in controls],
+        "seconds": round(seconds, 3),
+        **run_metadata(pipe, args.model),
+    }
+
+
+def cmd_generate(args) -> int:
+    out, controls, attention = _check(args)
+    import torch
+
+    from ..io import atomic_save_png, atomic_write_bytes
+    from ..loading import load_pipeline
+    from ..metadata import strict_json
+    from ..models import get_adapter
+    from ..pipeline import generate
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(desc="sampling", leave=True)
+    device = pipe._execution_device
+    generator = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(args.seed)
+    if args.guidance_scale is None:
+        args.guidance_scale = get_adapter(pipe).default_guidance_scale()
+    start = time.perf_counter()
+    result = generate(
+        pipe, args.prompt, controls, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, attention=attention,
+        checkpointing=args.checkpointing,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    atomic_save_png(result.images[0], out, {"parameters": strict_json(_params(args, pipe, result, controls, seconds))})
+    guided = result.guided_steps
+    if guided:
+        print(f"guided {len(guided)} steps; loss {guided[0].loss[0]:.3f} -> {guided[-1].loss[0]:.3f}", file=sys.stderr)
+    if args.trace:
+        data = strict_json([dataclasses.asdict(r) for r in result.trace]).encode()
+        atomic_write_bytes(Path(args.trace), lambda fh: fh.write(data))
+    if result.attention is not None:
+        written = result.attention.save(args.save_attention)
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.attention.metrics().items())
+        print(f"wrote {len(written)} attention files to {args.save_attention} ({metrics})", file=sys.stderr)
+    print(f"wrote {out} in {seconds:.1f}s")
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from ..loading import load_token_streams
+    from ..tokens import tokenize
+
+    streams = load_token_streams(args.model)
+    for label, offset, tokenizer in streams:
+        if len(streams) > 1:
+            where = f"map positions {offset} + index" if offset else "map positions = index"
+            print(f"{label} tokens ({where}):")
+        print(tokenize(tokenizer, args.prompt).format())
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """Every method, every option: name, type, default, meaning (from the dataclasses)."""
+    from ..controls import METHODS
+    from ..controls.options import method_fields
+
+    names = [args.method] if args.method else list(METHODS)
+    for name in names:
+        if name not in METHODS:
+            raise OptionError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        cls = METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}  ({cls.__name__}: {doc})")
+        for spec in method_fields(cls):
+            alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""
+            print(f"  {spec.name}{alias}: {spec.type_text} = {json.dumps(_show(spec.default))}")
+            print(f"      {spec.help}")
+        print()
+    print('Set any option with --set METHOD.FIELD=VALUE (generate, batch), a batch line\'s "options", or the app.')
+    return 0
+
+
+def _show(value):
+    if isinstance(value, tuple):
+        return [_show(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _show(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,152 @@
+"""``attncontrol batch``, ``eval`` and ``ui``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..errors import OptionError
+from . import preflight
+from .options import method_names, options_from_args
+
+# what a long command has done so far, for the Ctrl-C message
+STATUS: dict[str, int] = {}
+
+
+def progress_note() -> str:
+    if "done" in STATUS:
+        return f" after {STATUS['done']} done ({STATUS.get('failed', 0)} failed); rerun the same command to resume"
+    return ""
+
+
+def _init_distributed(world: int):
+    """torch.distributed for the processes that ``accelerate launch`` / ``torchrun`` started (gloo on CPU)."""
+    if world <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
+def _batch_items(args):
+    from ..batch import Settings, expand, parse_seeds, prompt_set, read_entries
+
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        raise OptionError(f"--seeds: {err}") from None
+    for seed in seeds:
+        preflight.check_seed(seed, "--seeds")
+    entries = prompt_set(args.prompt_set) if args.prompt_set else read_entries(args.prompts, args.auto_subjects)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    combined = [n for m in methods for n in method_names(m, "--methods")]
+    options, _ = options_from_args(args, sorted(set(combined)))
+    settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size,
+                        args.checkpointing)  # fmt: skip
+    items = expand(entries, seeds, methods, options=options, settings=settings.identity())  # every line checked
+    return items, settings
+
+
+def cmd_batch(args) -> int:
+    from ..batch import finished_keys, merge, run
+    from ..loading import load_pipeline
+
+    out = preflight.check_writable_dir(args.out, "--out")
+    items, settings = _batch_items(args)
+    preflight.check_device(args.device)
+    preflight.check_steps(args.model, args.steps)
+    preflight.check_size(args.model, args.height, args.width)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dist = _init_distributed(world)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # temporary files of a run that was killed
+            stale.unlink(missing_ok=True)
+        merge(out)
+    if dist is not None:
+        dist.barrier()
+    done_keys = finished_keys(out)  # read by every process before any process writes
+    if dist is not None:
+        dist.barrier()
+    device = args.device
+    if device is None and world > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    STATUS.update(done=0, failed=0)
+    done, skipped, failed, seconds = run(items, out, pipe, settings, rank, world, done_keys=done_keys, status=STATUS)
+    if dist is not None:
+        import torch
+
+        counts = torch.tensor([done, failed], dtype=torch.int64, device=pipe._execution_device)
+        dist.all_reduce(counts)
+        done, failed = (int(x) for x in counts.tolist())
+        dist.barrier()
+    if rank == 0:
+        merge(out)
+        rate = 60 * done / seconds if seconds > 0 else 0.0
+        print(f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
+              + (f"; see {out / 'failures.jsonl'}" if failed else ""))  # fmt: skip
+    return 1 if failed else 0
+
+
+def cmd_eval(args) -> int:
+    from ..eval import evaluate
+
+    preflight.check_device(args.device)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = evaluate(
+        args.out, args.clip, args.captioner, args.grid, device, args.batch_size, args.allow_pickle, progress=True
+    )
+    print(report.markdown(), end="")
+    print(f"{len(report.rows)} images; wrote {', '.join(str(f) for f in report.files[:3])}"
+          + (f" and {len(report.files) - 3} grids" if len(report.files) > 3 else ""), file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _port_free(host: str, port: int) -> None:
+    import socket
+
+    if not 0 < port < 65536:
+        raise OptionError(f"--port must be between 1 and 65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise OptionError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); choose another"
+            ) from None
+
+
+def cmd_ui(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise OptionError("the UI needs gradio: pip install 'attncontrol[ui]'") from None
+    from ..loading import load_pipeline
+    from ..ui import launch
+    from ..ui.logic import Limits, Runner
+
+    preflight.check_device(args.device)
+    _port_free(args.host, args.port)
+    if Path(args.model).expanduser().exists():
+        from ..loading import check_pipeline_folder
+
+        check_pipeline_folder(args.model)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    limits = Limits(max_steps=args.max_steps, max_side=args.max_side, time_limit=args.time_limit)
+    launch(Runner(pipe, args.model, limits), host=args.host, port=args.port, concurrency=args.concurrency)
+    return 0

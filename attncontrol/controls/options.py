@@ -1,0 +1,265 @@
+"""One source for every method option: the controls' dataclass fields, read by the Python API, the CLI (``--set
+method.field=value``, ``attncontrol methods``), batch files (``options``) and the app (its accordions).
+
+:func:`method_fields` lists a method's fields with their types, defaults and one-line help (from the
+dataclasses' docstrings); :func:`coerce` checks a value against a field's type (strictly for Python values,
+parsing text from the command line and the app); :func:`build_controls` is the one validator that turns method
+names, options, subjects and boxes into controls, every error an :class:`~attncontrol.errors.OptionError` that
+names the bad value and where it came from. A new method's options appear in every front end by being fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AttnControlError, OptionError, OptionTypeError
+
+# fields given otherwise (--subjects, --boxes), not as options
+NOT_OPTIONS = {"subjects", "boxes"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    method: str
+    name: str
+    type: Any
+    type_text: str
+    default: Any
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def scalar(self) -> str | None:
+        """ "int", "float", "bool" or "str" for single-valued fields (what the app shows as a plain input)."""
+        arms = [a for a in _arms(self.type) if a is not type(None)]
+        if len(arms) == 1 and arms[0] in (int, float, bool, str):
+            return arms[0].__name__
+        return None
+
+
+def _arms(tp) -> tuple:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _help_lines(cls) -> dict[str, str]:
+    """``name: text`` entries of the "Args:" sections of ``cls`` and its bases' docstrings."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        doc = klass.__dict__.get("__doc__") or ""
+        if "Args:" not in doc:
+            continue
+        current: list[str] = []
+        for line in doc.split("Args:", 1)[1].splitlines():
+            m = re.match(r"^\s{8}([a-z_][\w, ()]*?):\s+(.*)$", line)
+            if m:
+                names = re.findall(r"[a-z_]\w*", re.sub(r"\(alias[^)]*\)", "", m.group(1)))
+                current = names
+                for n in names:
+                    out[n] = m.group(2).strip()
+            elif line.startswith(" " * 12) and current:
+                for n in current:
+                    out[n] += " " + line.strip()
+            elif line.strip() and not line.startswith(" " * 8):
+                current = []
+    return {n: " ".join(text.split()) for n, text in out.items()}
+
+
+def method_fields(cls) -> list[FieldSpec]:
+    """Every option of a method's dataclass, in declaration order (published aliases listed with their field)."""
+    hints = typing.get_type_hints(cls)
+    help_text = _help_lines(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name in NOT_OPTIONS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        aliases = tuple(a for a, target in getattr(cls, "aliases", {}).items() if target == f.name)
+        specs.append(FieldSpec(cls.method, f.name, hints[f.name], str(f.type), default, help_text.get(f.name, ""),
+                               aliases))  # fmt: skip
+    return specs
+
+
+def _bad(where: str, value, expected: str) -> OptionTypeError:
+    return OptionTypeError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _number(value, tp, where: str, text: bool):
+    if isinstance(value, str) and text:
+        s = value.strip()
+        try:
+            value = int(s) if tp is int and re.fullmatch(r"[+-]?\d+", s) else float(s) if tp is float else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise _bad(where, s, "an integer" if tp is int else "a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
+        raise _bad(where, value, "an integer" if tp is int else "a number")
+    if not math.isfinite(value):
+        raise OptionError(f"{where} must be a finite number, got {value}")
+    return float(value) if tp is float else value
+
+
+def _text_parts(value: str) -> Any:
+    s = value.strip()
+    if s[:1] in "[{(":
+        try:
+            return json.loads(s.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            raise OptionTypeError(f'cannot read {value!r}: expected JSON, e.g. [1, 0.5] or {{"0": 0.5}}') from None
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def coerce(value, tp, where: str, text: bool = False):
+    """``value`` as a value of type ``tp``; ``text=True`` also parses strings (command line, app, JSON files).
+    Raises :class:`OptionTypeError` / :class:`OptionError` naming ``where`` and the value."""
+    arms = _arms(tp)
+    if len(arms) > 1:
+        empty = value is None or (text and isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+        if empty and type(None) in arms:
+            return None
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return coerce(value, arm, where, text)
+            except OptionError:
+                continue
+        names = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in arms)
+        raise _bad(where, value, names) from None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        if text and isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise _bad(where, value, "true or false")
+        return value
+    if tp in (int, float):
+        return _number(value, tp, where, text)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(where, value, "a string")
+        return value
+    if origin is tuple or tp is tuple:
+        if text and isinstance(value, str):
+            value = _text_parts(value)
+        if not isinstance(value, (list, tuple)):
+            raise _bad(where, value, "a sequence")
+        if not args:
+            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{where}[{k}]", text) for k, v in enumerate(value))
+        if len(value) != len(args):
+            raise OptionTypeError(f"{where} must have {len(args)} values, got {value!r}")
+        return tuple(coerce(v, a, f"{where}[{k}]", text) for k, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if text and isinstance(value, str):
+            s = value.strip()
+            value = {} if s in ("", "{}") else (_text_parts(s) if s.startswith("{") else
+                                               dict(p.split(":", 1) for p in _text_parts(s)))  # fmt: skip
+        if not isinstance(value, dict):
+            raise _bad(where, value, "a mapping")
+        if not args:
+            return dict(value)
+        return {coerce(k, args[0], f"{where} key", True): coerce(v, args[1], f"{where}[{k}]", text)
+                for k, v in value.items()}  # fmt: skip
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple, str, int)):
+            raise _bad(where, value, "a list")
+        return value
+    return value
+
+
+def check_fields(obj) -> None:
+    """Type-check (and normalise: lists to tuples, int keys) every field of a control dataclass in place."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        also = [a for a, t in getattr(cls, "aliases", {}).items() if t == f.name]
+        where = f"{cls.__name__}.{f.name}" + (f" ({', '.join(also)})" if also else "")
+        setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], where))
+
+
+def parse_option(text: str) -> tuple[str, str, str]:
+    """``"astar.scale_factor=5"`` -> ("astar", "scale_factor", "5")."""
+    key, sep, value = text.partition("=")
+    method, dot, name = key.strip().partition(".")
+    if not sep or not dot or not method or not name:
+        raise OptionError(f"--set takes METHOD.FIELD=VALUE (e.g. astar.scale_factor=5), got {text!r}")
+    return method.strip(), name.strip(), value
+
+
+def option_value(methods: dict, method: str, name: str, value, where: str, text: bool = True):
+    """A single option checked against its method's field: (canonical field name, value)."""
+    if method not in methods:
+        raise OptionError(f"{where}: unknown method {method!r}; choose from {', '.join(methods)}")
+    cls = methods[method]
+    name = getattr(cls, "aliases", {}).get(name, name)
+    specs = {s.name: s for s in method_fields(cls)}
+    if name not in specs:
+        raise OptionError(f"{where}: {method} has no option {name!r}; its options: {', '.join(specs)} "
+                          f"(`attncontrol methods` lists them)")  # fmt: skip
+    return name, coerce(value, specs[name].type, f"{where}: {method}.{name}", text)
+
+
+def build_controls(
+    methods: dict,
+    names: list[str],
+    subjects: list | None,
+    boxes: dict | None,
+    options: dict[str, dict[str, Any]] | None = None,
+    sources: dict[tuple[str, str], str] | None = None,
+    where: str = "",
+    subjects_from: str = "subjects",
+    boxes_from: str = "boxes",
+) -> list:
+    """The one validator: controls for ``names`` with ``options`` (already checked per field, see
+    :func:`option_value`), ``subjects`` and ``boxes``. ``sources[(method, field)]`` says where an option came from
+    (a flag, a file line, an app field), so a dataclass check failing on it names that source."""
+    prefix = f"{where}: " if where else ""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise OptionError(f"{prefix}each method may be given once, got {', '.join(repeated)} more than once")
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        raise OptionError(f"{prefix}unknown method(s) {unknown}; choose from {', '.join(methods)}")
+    options, sources = options or {}, sources or {}
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise OptionError(f"{prefix}options for {', '.join(stray)}, which is not among the methods {', '.join(names)}")
+    boxed = [n for n in names if "boxes" in {f.name for f in dataclasses.fields(methods[n])}]
+    if boxes and not boxed:
+        raise OptionError(f"{prefix}{boxes_from} are for refocus, which is not among the methods {', '.join(names)}")
+    for n in boxed:
+        if not boxes:
+            raise OptionError(f"{prefix}{n} needs {boxes_from}, e.g. 'cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9'")
+    needing = [n for n in names if n not in boxed]
+    if needing and not subjects:
+        raise OptionError(f"{prefix}{subjects_from} are required for {', '.join(needing)}")
+    controls = []
+    for n in names:
+        kwargs = dict(options.get(n, {}))
+        kwargs.update({"boxes": boxes} if n in boxed else {"subjects": list(subjects)})
+        try:
+            controls.append(methods[n](**kwargs))
+        except AttnControlError:
+            raise
+        except (ValueError, TypeError) as err:
+            source = _source_of(str(err), n, kwargs, sources) or where
+            raise OptionError(f"{source + ': ' if source else ''}{n}: {err}") from None
+    return controls
+
+
+def _source_of(message: str, method: str, kwargs: dict, sources: dict) -> str | None:
+    for name in kwargs:
+        if re.search(rf"\b{re.escape(name)}\b", message) and (method, name) in sources:
+            return sources[(method, name)]
+    return None
