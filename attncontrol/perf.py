@@ -11,8 +11,8 @@ block) for the same time.
 The recompute happens inside the backward, after the guidance forward has switched ``store.active`` off. The
 capture processors would then take the ordinary (SDPA) path and recompute other tensors than the forward
 saved. So the recompute is replayed in the forward's mode: ``store.active`` on, as in the forward, and
-``store.record`` / ``record_heads`` no-ops, so that the store keeps exactly the maps (and graph) of the forward
-and holds no reference to the recomputed tensors. The block that holds the last captured layer (where the forward stops
+the store's ``replaying`` flag set, so that it keeps exactly the maps (and graph) of the forward and holds no
+reference to the recomputed tensors. The block that holds the last captured layer (where the forward stops
 with :class:`~attncontrol.store.EarlyExit`) is never checkpointed.
 """
 
@@ -27,28 +27,14 @@ from torch.utils.checkpoint import checkpoint
 
 @contextmanager
 def _replaying(store) -> Iterator[None]:
-    """The capture processors' forward mode, recording nothing: for the recompute inside the backward."""
-    active, early_exit = store.active, store.early_exit
-    saved = {name: vars(store)[name] for name in _RECORDERS if name in vars(store)}
-    store.active, store.early_exit = True, False
-    for name in _RECORDERS:
-        setattr(store, name, _ignore)
+    """The capture processors' forward mode, keeping nothing: for the recompute inside the backward. The store
+    still runs the same operations as in the forward (the recompute must save the same tensors), but drops them."""
+    active, early_exit, replaying = store.active, store.early_exit, store.replaying
+    store.active, store.early_exit, store.replaying = True, False, True
     try:
         yield
     finally:
-        store.active, store.early_exit = active, early_exit
-        for name in _RECORDERS:
-            if name in saved:
-                setattr(store, name, saved[name])
-            else:
-                delattr(store, name)
-
-
-_RECORDERS = ("record", "record_heads")
-
-
-def _ignore(*args, **kwargs) -> None:
-    return None
+        store.active, store.early_exit, store.replaying = active, early_exit, replaying
 
 
 def _checkpointed_forward(forward, store):

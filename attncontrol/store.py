@@ -86,6 +86,7 @@ class AttentionStore:
         self.text_normalised = text_normalised  # also keep the text-renormalised sums of joint layers
         self.active = False
         self.early_exit = True
+        self.replaying = False  # a checkpoint's recompute: compute as in the forward, keep nothing
         self._sums: dict[tuple[str, str], torch.Tensor] = {}
         self._heads: dict[str, int] = {}
 
@@ -107,9 +108,12 @@ class AttentionStore:
         self._check(name, q)
         # maps and losses in float32 at least (float64 stays float64, for exact comparisons)
         probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
-        self._sums[(name, "all")] = probs.view(bh // heads, heads, q, k).sum(1)
+        summed = probs.view(bh // heads, heads, q, k).sum(1)
+        if self.replaying:
+            return
+        self._sums[(name, "all")] = summed
         if self.text_normalised:  # every key of a cross-attention layer is text: nothing to renormalise
-            self._sums[(name, "text")] = self._sums[(name, "all")]
+            self._sums[(name, "text")] = summed
         self._heads[name] = heads
 
     def record_heads(self, name: str, probs: torch.Tensor, mass: torch.Tensor | None = None) -> None:
@@ -119,9 +123,13 @@ class AttentionStore:
         b, heads, q, _ = probs.shape
         self._check(name, q)
         probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
-        self._sums[(name, "all")] = self._place(probs.sum(1)) if mass is not None else probs.sum(1)
+        sums = {"all": self._place(probs.sum(1)) if mass is not None else probs.sum(1)}
         if mass is not None and self.text_normalised:
-            self._sums[(name, "text")] = self._place((probs / mass.to(probs.dtype)[..., None]).sum(1))
+            sums["text"] = self._place((probs / mass.to(probs.dtype)[..., None]).sum(1))
+        if self.replaying:
+            return
+        for variant, value in sums.items():
+            self._sums[(name, variant)] = value
         self._heads[name] = heads
 
     def _place(self, summed: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def _random_model(arch: str, blocks: int | None):
 
 def _stand_in(arch: str, model):
     """The family adapter over a stand-in pipeline that holds the transformer, the tokenizers and a scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from attncontrol.models import FluxAdapter, SD3Adapter
     from attncontrol.testing import make_clip_tokenizer, make_t5_tokenizer
@@ -62,7 +62,8 @@ def _stand_in(arch: str, model):
     clip, t5 = make_clip_tokenizer(), make_t5_tokenizer()
     pipe = SimpleNamespace(transformer=model, tokenizer=clip, tokenizer_2=clip if arch == "sd35m" else t5,
                            tokenizer_3=t5, text_encoder_3=object(), tokenizer_max_length=77, vae_scale_factor=8,
-                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), default_sample_size=128)  # fmt: skip
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), default_sample_size=128,
+                           _prepare_latent_image_ids=FluxPipeline._prepare_latent_image_ids)  # fmt: skip
     return (SD3Adapter if arch == "sd35m" else FluxAdapter)(pipe)
 
 
@@ -80,7 +81,7 @@ def _inputs(arch: str, size: int, text_len: int):
     return latents, cond
 
 
-def run_ours(arch, model, size, repeats):
+def run_ours(arch, model, size, repeats, checkpointing=False):
     from attncontrol import AttendExcite
     from attncontrol.controls.base import ControlContext
     from attncontrol.guidance import GuidanceEngine
@@ -105,7 +106,8 @@ def run_ours(arch, model, size, repeats):
     store = AttentionStore(layers, {n: key.grid for n in names}, columns=union_columns([control]),
                            text_len=ctx.seq_len)  # fmt: skip
     latents, cond = _inputs(arch, size, ctx.seq_len)
-    engine = GuidanceEngine(adapter, store, [control], cond, torch.full((28,), 500.0), layer_names={key: names})
+    engine = GuidanceEngine(adapter, store, [control], cond, torch.full((28,), 500.0), layer_names={key: names},
+                            checkpointing=checkpointing)  # fmt: skip
     times = []
     with capture_layers(model, adapter.layers, store), torch.enable_grad():
         for _ in range(repeats):
@@ -134,7 +136,9 @@ class ExplicitJoint:
         out = (probs @ v).transpose(1, 2).flatten(2)
         if encoder_hidden_states is None:
             return out if self.text_first else attn.to_out[0](out)
-        text, image = (out[:, :text_len], out[:, text_len:]) if self.text_first else (out[:, -text_len:], out[:, :-text_len])
+        text, image = (
+            (out[:, :text_len], out[:, text_len:]) if self.text_first else (out[:, -text_len:], out[:, :-text_len])
+        )
         image = attn.to_out[0](image)
         text = attn.to_add_out(text) if not getattr(attn, "context_pre_only", False) else text
         return image, text
@@ -180,10 +184,23 @@ def run_explicit(arch, model, size, repeats):
 def child(args) -> None:
     model = _random_model(args.arch, args.blocks)
     base = peak_rss_gb()
-    fn = run_ours if args.variant == "ours" else run_explicit
-    times, gsum, layers = fn(args.arch, model, args.size, args.repeats)
-    print(json.dumps({"variant": args.variant, "times": times, "median_s": sorted(times)[len(times) // 2],
-                      "peak_gb": peak_rss_gb(), "after_load_gb": base, "grad_abs_sum": gsum, "layers": layers}))
+    if args.variant == "explicit":
+        times, gsum, layers = run_explicit(args.arch, model, args.size, args.repeats)
+    else:
+        times, gsum, layers = run_ours(args.arch, model, args.size, args.repeats, args.variant == "ours-ckpt")
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "times": times,
+                "median_s": sorted(times)[len(times) // 2],
+                "peak_gb": peak_rss_gb(),
+                "after_load_gb": base,
+                "grad_abs_sum": gsum,
+                "layers": layers,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -192,14 +209,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--blocks", type=int, default=None, help="sd35m: fewer joint blocks (a quick trial)")
-    parser.add_argument("--variant", choices=["ours", "explicit"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["ours", "ours-ckpt", "explicit"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.size % 16:
         parser.error(f"--size must be a multiple of 16, got {args.size}")
     if args.variant:
         return child(args)
     rows = {}
-    for variant in ("explicit", "ours"):
+    for variant in ("explicit", "ours", "ours-ckpt"):
         cmd = [sys.executable, __file__, "--variant", variant, "--arch", args.arch, "--size", str(args.size),
                "--repeats", str(args.repeats)] + (["--blocks", str(args.blocks)] if args.blocks else [])  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -214,20 +231,26 @@ def main() -> None:
           + f", random weights, {args.size} px, batch 1, fp32, cpu ({machine()})")  # fmt: skip
     print("| approach | s/pass | peak RSS (GB) | a pass adds (GB) |")
     print("|---|---|---|---|")
-    labels = {"explicit": "explicit (N+M)^2 softmax in every captured block (research code)",
-              "ours": "attncontrol (layer's SDPA + fused log-sum-exp, subject columns)"}  # fmt: skip
+    labels = {
+        "explicit": "explicit (N+M)^2 softmax in every captured block (research code)",
+        "ours": "attncontrol (layer's SDPA + fused log-sum-exp, subject columns)",
+        "ours-ckpt": "attncontrol, checkpointing=True (blocks before the last captured one recomputed)",
+    }
     for variant, r in rows.items():
         if r is None:
             print(f"| {labels[variant]} | killed: out of memory | | |")
         else:
             print(f"| {labels[variant]} ({r['layers']} blocks) | {r['median_s']:.1f} | {r['peak_gb']:.2f} | "
                   f"{r['peak_gb'] - r['after_load_gb']:.2f} |")  # fmt: skip
-    e, o = rows["explicit"], rows["ours"]
-    if e and o:
-        ratio = (o["peak_gb"] - o["after_load_gb"]) / max(e["peak_gb"] - e["after_load_gb"], 1e-9)
-        rel = abs(e["grad_abs_sum"] - o["grad_abs_sum"]) / e["grad_abs_sum"]
-        print(f"ours: {e['median_s'] / o['median_s']:.2f}x faster, {ratio:.2f}x the memory a pass adds; "
-              f"|sum|grad|| relative difference {rel:.1e}")
+    e = rows["explicit"]
+    for label, o in (("ours", rows["ours"]), ("ours with checkpointing", rows["ours-ckpt"])):
+        if e and o:
+            ratio = (o["peak_gb"] - o["after_load_gb"]) / max(e["peak_gb"] - e["after_load_gb"], 1e-9)
+            rel = abs(e["grad_abs_sum"] - o["grad_abs_sum"]) / e["grad_abs_sum"]
+            print(
+                f"{label}: {e['median_s'] / o['median_s']:.2f}x faster, {ratio:.2f}x the memory a pass adds; "
+                f"|sum|grad|| relative difference {rel:.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -304,3 +304,16 @@ def test_processors_restored_after_an_error(sd3, flux):
 def test_velocity_rule_is_refused_on_a_non_flow_model(sd1):
     with pytest.raises(ValueError, match="flow-matching"):
         attncontrol.generate(sd1, PROMPT, [AttendExcite(subjects=["cat"], update="velocity")])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_checkpointing_gives_the_same_images(family, request):
+    """Checkpointed guidance passes (joint blocks before the last captured one recomputed in the backward):
+    the same latents as without."""
+    pipe = request.getfixturevalue(family)
+    controls = [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.9}, max_refinement_steps=2),
+                Refocus(boxes=BOXES)]  # fmt: skip
+    plain = _run(pipe, family, controls, steps=2).images
+    ckpt = _run(pipe, family, controls, steps=2, checkpointing=True).images
+    torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-6)
+    assert (plain - _run(pipe, family, [], steps=2).images).abs().max() > 1e-4
