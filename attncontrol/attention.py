@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import OptionError
 from .ops import gaussian_smooth, token_softmax
 
 
@@ -152,7 +153,7 @@ class AttentionMaps:
         over all recorded steps."""
         data = self.raw if raw else self.maps
         if data.shape[0] == 0:
-            raise ValueError("no attention was recorded (was the run interrupted before its first step?)")
+            raise OptionError("no attention was recorded (was the run interrupted before its first step?)")
         s = self._subject(subject, image)
         if step is None:
             return data[:, image, s].mean(0)
@@ -186,7 +187,7 @@ class AttentionMaps:
         """An animated GIF of the subject's heatmap over the steps; written to ``path`` or returned as bytes."""
         frames = [self.heatmap(subject, step, image, raw=raw) for step in self.steps]
         if not frames:
-            raise ValueError("no attention was recorded")
+            raise OptionError("no attention was recorded")
         buf = io.BytesIO()
         frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
         data = buf.getvalue()

@@ -6,6 +6,7 @@ import math
 from functools import lru_cache
 
 from ._lazy import F, torch
+from .errors import OptionError
 
 
 @lru_cache(maxsize=16)
@@ -30,9 +31,9 @@ def gaussian_kernel(
 ) -> torch.Tensor:
     """The (kernel_size, kernel_size) smoothing kernel of Attend-and-Excite (or a plain Gaussian's)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        raise OptionError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+        raise OptionError(f"sigma must be > 0, got {sigma}")
     return _gaussian_kernel_cpu(int(kernel_size), float(sigma), formula).to(device=device, dtype=dtype or torch.float32)
 
 

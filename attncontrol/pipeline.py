@@ -13,6 +13,7 @@ the pipeline's adapter (:mod:`attncontrol.models`).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 
 from .attention import AttentionObserver, subjects_of
 from .controls.base import Control, ControlContext, PreparedEditor
-from .errors import UnsupportedPipelineError
+from .errors import OptionError, OptionTypeError, UnsupportedPipelineError
 from .models import ModelAdapter, PromptBatch, get_adapter
 from .run import GenerationResult, Run
 from .store import MapKey
@@ -34,18 +35,24 @@ def _as_prompts(prompt) -> list[str]:
         return [prompt]
     if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
-    raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+    raise OptionTypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
 
 
 def _check_controls(controls) -> list[Control]:
+    if isinstance(controls, Control):
+        controls = [controls]  # a single control is a list of one
+    if controls is None:
+        controls = []
+    if not isinstance(controls, (list, tuple)):
+        raise OptionTypeError(f"controls must be a control or a list of controls, got {type(controls).__name__}")
     controls = list(controls)
     for c in controls:
         if not isinstance(c, Control):
-            raise TypeError(f"controls must be attncontrol controls (e.g. AttendExcite(...)), got {c!r}")
+            raise OptionTypeError(f"controls must be attncontrol controls (e.g. AttendExcite(...)), got {c!r}")
     kinds = [c.method for c in controls]
     repeated = sorted({k for k in kinds if kinds.count(k) > 1})
     if repeated:
-        raise ValueError(f"each method may appear once in controls; got several {', '.join(repeated)}")
+        raise OptionError(f"each method may appear once in controls; got several {', '.join(repeated)}")
     return controls
 
 
@@ -154,10 +161,17 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     )
     prepared_all = [c.prepare(ctx) for c in controls]
     observer, labels = _observer(args.attention, controls, ctx, adapter)
-    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
     n_images = len(prompts) * args.num_images_per_prompt
     if isinstance(args.generator, list) and len(args.generator) != n_images:
-        raise ValueError(f"got {len(args.generator)} generators for {n_images} images; pass one per image")
+        raise OptionError(f"got {len(args.generator)} generators for {n_images} images; pass one per image")
+    if args.latents is not None:
+        expected = tuple(adapter.latent_shape(n_images, latent_hw))
+        if tuple(args.latents.shape) != expected:
+            raise OptionError(
+                f"latents have shape {tuple(args.latents.shape)}; {args.height}x{args.width} px with {n_images} "
+                f"image(s) needs {expected}"
+            )
+    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
     text_dtype = encoded.cond["encoder_hidden_states"].dtype
     if args.latents is not None:
         args.latents = args.latents.to(device=device, dtype=text_dtype)
@@ -171,24 +185,49 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     )  # fmt: skip
 
 
-def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
-    """Checks that need no model work; fills in the pipeline's defaults (size, guidance scale)."""
+def _check_kwargs(adapter: ModelAdapter, args: GenerateArgs) -> None:
+    """Pipeline arguments the pipeline takes (it swallows unknown ones: a typo would be ignored) and finite numbers."""
     for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "return_dict"):
         if key in args.pipe_kwargs:
-            raise TypeError(f"generate() encodes the prompt itself and returns a GenerationResult; drop {key}=")
-    if not isinstance(args.num_images_per_prompt, int) or args.num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {args.num_images_per_prompt!r}")
-    if not isinstance(args.num_inference_steps, int) or args.num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {args.num_inference_steps!r}")
+            raise OptionTypeError(f"generate() encodes the prompt itself and returns a GenerationResult; drop {key}=")
+    accepted = set(inspect.signature(adapter.pipe.__call__).parameters) - {"kwargs", "self"}
+    unknown = sorted(set(args.pipe_kwargs) - accepted - {"joint_attention_kwargs"})
+    if unknown:
+        ours = sorted(f.name for f in fields(GenerateArgs) if f.name != "pipe_kwargs")
+        raise OptionTypeError(
+            f"generate() got unexpected keyword argument(s) {', '.join(unknown)}; {type(adapter.pipe).__name__} "
+            f"accepts {', '.join(sorted(accepted))}; generate also takes {', '.join(ours)}"
+        )
+    named = {f.name: getattr(args, f.name) for f in fields(GenerateArgs) if f.name != "pipe_kwargs"}
+    for key, value in {**named, **args.pipe_kwargs}.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"{key} must be a finite number, got {value}")
+
+
+def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
+    """Checks that need no model work; fills in the pipeline's defaults (size, guidance scale)."""
+    _check_kwargs(adapter, args)
+    if isinstance(args.num_images_per_prompt, bool) or not isinstance(args.num_images_per_prompt, int) or (
+        args.num_images_per_prompt < 1
+    ):  # fmt: skip
+        raise OptionError(f"num_images_per_prompt must be an int >= 1, got {args.num_images_per_prompt!r}")
+    if isinstance(args.num_inference_steps, bool) or not isinstance(args.num_inference_steps, int) or (
+        args.num_inference_steps < 1
+    ):  # fmt: skip
+        raise OptionError(f"num_inference_steps must be an int >= 1, got {args.num_inference_steps!r}")
+    if args.guidance_scale is not None and (
+        isinstance(args.guidance_scale, bool) or not isinstance(args.guidance_scale, (int, float))
+    ):  # fmt: skip
+        raise OptionTypeError(f"guidance_scale must be a number, got {args.guidance_scale!r}")
     if args.guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL, 7.0 SD3, 3.5 FLUX)
         args.guidance_scale = adapter.default_guidance_scale()
     joint = args.pipe_kwargs.pop("joint_attention_kwargs", None)  # SD3's and FLUX's name for the same thing
     if joint is not None:
         if args.cross_attention_kwargs is not None:
-            raise TypeError("pass cross_attention_kwargs= or joint_attention_kwargs=, not both")
+            raise OptionTypeError("pass cross_attention_kwargs= or joint_attention_kwargs=, not both")
         args.cross_attention_kwargs = joint
     if args.timesteps is not None and "timesteps" not in inspect.signature(adapter.pipe.__call__).parameters:
-        raise TypeError(f"{type(adapter.pipe).__name__} takes no timesteps=; pass sigmas= instead")
+        raise OptionTypeError(f"{type(adapter.pipe).__name__} takes no timesteps=; pass sigmas= instead")
     default_h, default_w = adapter.default_size()
     args.height = default_h if args.height is None else args.height
     args.width = default_w if args.width is None else args.width
@@ -240,13 +279,13 @@ def _wanted_subjects(attention, controls) -> list | None:
     if attention is True:
         subjects = subjects_of(controls)
         if not subjects:
-            raise ValueError(
+            raise OptionError(
                 "attention=True records the controls' subjects, but no control names any; "
                 "name them: attention=['cat', 'dog']"
             )
         return subjects
     if isinstance(attention, str) or not isinstance(attention, Sequence) or not attention:
-        raise TypeError(f"attention must be True/False or a non-empty list of subjects, got {attention!r}")
+        raise OptionTypeError(f"attention must be True/False or a non-empty list of subjects, got {attention!r}")
     return list(attention)
 
 

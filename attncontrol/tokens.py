@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import AmbiguousSubjectError, SubjectError, SubjectNotInPromptError, SubjectTruncatedError
+from .errors import AmbiguousSubjectError, OptionTypeError, SubjectError, SubjectNotInPromptError, SubjectTruncatedError
 
 _OCCURRENCE = re.compile(r"^(?P<text>.*?)#(?P<n>\d+)$")
 
@@ -142,7 +142,7 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> TokenTabl
     """Tokenise ``prompt`` as the pipeline does, but without truncation so cut-off subjects can be detected.
     ``max_length``: the encoder's limit (default: the tokenizer's ``model_max_length``)."""
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        raise OptionTypeError(f"prompt must be a str, got {type(prompt).__name__}")
     ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
     bare = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
     prefix, suffix = _affixes(tokenizer, ids, bare)

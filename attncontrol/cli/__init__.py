@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import AttnControlError
+from ..errors import AttnControlError, SubjectError
 from .parser import build_parser
 
 __all__ = ["build_parser", "main"]
@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except AttnControlError as err:
-        print(f"error: {err}", file=sys.stderr)
+        first, *rest = str(err).splitlines() or [type(err).__name__]
+        hint = " (`attncontrol tokens PROMPT --model ...` shows the token table)"
+        hint = hint if isinstance(err, SubjectError) else ""
+        print(f"error: {first}{hint if rest else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {args.command} stopped{runs.progress_note()}", file=sys.stderr)

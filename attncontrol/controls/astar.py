@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .._lazy import torch
+from ..errors import OptionError
 from ..losses.astar import binarize, retention_loss, segregation_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
@@ -50,9 +51,9 @@ class AStar(GuidanceOptions):
         self.validate_window()
         for name in ("segregation_weight", "retention_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.mask_threshold < 1.0:
-            raise ValueError(f"mask_threshold must be between 0 and 1, got {self.mask_threshold}")
+            raise OptionError(f"mask_threshold must be between 0 and 1, got {self.mask_threshold}")
         validate_step_schedule(self)
         self.validate_map_options()
         self.validate_update()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .._lazy import torch
+from ..errors import OptionError
 from ..losses.attend_excite import attend_excite_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
@@ -51,11 +52,11 @@ class AttendExcite(GuidanceOptions):
         validate_step_schedule(self)
         for step, value in self.thresholds.items():
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"thresholds keys must be step indices >= 0, got {step!r}")
+                raise OptionError(f"thresholds keys must be step indices >= 0, got {step!r}")
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"thresholds values must be between 0 and 1, got {value} at step {step}")
+                raise OptionError(f"thresholds values must be between 0 and 1, got {value} at step {step}")
         if self.max_refinement_steps < 0:
-            raise ValueError(f"max_refinement_steps must be >= 0, got {self.max_refinement_steps}")
+            raise OptionError(f"max_refinement_steps must be >= 0, got {self.max_refinement_steps}")
         self.validate_map_options()
         self.validate_update()
 

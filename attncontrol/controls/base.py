@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .._lazy import torch
-from ..errors import ResolutionError
+from ..errors import OptionError, OptionTypeError, ResolutionError
 from ..store import MapKey
 from ..text import TextLayout, TextSegment
 
@@ -85,13 +85,13 @@ class ControlContext:
         if blocks is None:
             return list(names)
         if not self.block_index:
-            raise ValueError(
+            raise OptionError(
                 f"blocks={list(key.blocks)} applies to transformer families; here choose layers with attn_res"
             )
         chosen = [n for n in names if self.block_index.get(n) in set(blocks)]
         if not chosen:
             have = sorted({self.block_index[n] for n in names if n in self.block_index})
-            raise ValueError(f"blocks {list(blocks)} have no {key.kind}-attention layer; this model has blocks {have}")
+            raise OptionError(f"blocks {list(blocks)} have no {key.kind}-attention layer; this model has blocks {have}")
         return chosen
 
     def _per_image(self, per_input: list) -> list:
@@ -107,7 +107,7 @@ class ControlContext:
         nested = bool(subjects) and all(isinstance(s, (list, tuple)) for s in subjects)
         per_prompt = subjects if nested else [list(subjects)] * n_prompts
         if nested and len(subjects) != n_prompts:
-            raise ValueError(
+            raise OptionError(
                 f"subjects given per prompt must have one list per prompt: got {len(subjects)} lists for "
                 f"{n_prompts} prompts"
             )
@@ -240,7 +240,7 @@ class Control:
         subjects = self.subjects
         self.subjects = [subjects] if isinstance(subjects, (str, int)) else list(subjects)
         if not self.subjects:
-            raise ValueError(f"{type(self).__name__} needs at least one subject, got an empty list")
+            raise OptionError(f"{type(self).__name__} needs at least one subject, got an empty list")
 
     def window(self, num_steps: int) -> tuple[int, int]:
         first = step_index(self.start, num_steps)
@@ -255,17 +255,17 @@ class Control:
             also = [alias for alias, target in self.aliases.items() if target == name]
             label = f"{name} ({', '.join(also)})" if also else name
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(
+                raise OptionError(
                     f"{label} must be a step index (int) or a fraction of the steps (float), got {value!r}"
                 )
             if isinstance(value, float) and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{label} as a fraction of the steps must be between 0 and 1, got {value}")
+                raise OptionError(f"{label} as a fraction of the steps must be between 0 and 1, got {value}")
             if value < 0:
-                raise ValueError(f"{label} must be >= 0, got {value}")
+                raise OptionError(f"{label} must be >= 0, got {value}")
         if self.stop is not None and type(self.stop) is type(self.start) and self.stop <= self.start:
             also = [alias for alias, target in self.aliases.items() if target == "stop"]
             label = f"stop ({', '.join(also)})" if also else "stop"
-            raise ValueError(f"{label} must be after start: the window {self.start}..{self.stop} has no step")
+            raise OptionError(f"{label} must be after start: the window {self.start}..{self.stop} has no step")
 
     def prepare(self, ctx: ControlContext) -> Prepared:
         raise NotImplementedError
@@ -280,7 +280,7 @@ def with_aliases(cls):
         for alias, target in cls.aliases.items():
             if alias in kwargs:
                 if target in kwargs:
-                    raise TypeError(f"{cls.__name__}: pass {target}= or its alias {alias}=, not both")
+                    raise OptionTypeError(f"{cls.__name__}: pass {target}= or its alias {alias}=, not both")
                 kwargs[target] = kwargs.pop(alias)
         init(self, *args, **kwargs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import np, torch
-from ..errors import ResolutionError
+from ..errors import OptionError, ResolutionError
 from ..losses.attend_excite import subject_maps
 from ..ops import gaussian_smooth, token_softmax
 from ..store import MapKey
@@ -21,9 +21,9 @@ def normalise_attn_res(value) -> tuple[int, int] | None:
     try:
         rows, cols = (int(x) for x in value)
     except (TypeError, ValueError):
-        raise ValueError(f"attn_res must be N or (rows, cols) of positive ints, got {value!r}") from None
+        raise OptionError(f"attn_res must be N or (rows, cols) of positive ints, got {value!r}") from None
     if min(rows, cols) < 1:
-        raise ValueError(f"attn_res must be (rows, cols) of positive ints, got {value}")
+        raise OptionError(f"attn_res must be (rows, cols) of positive ints, got {value}")
     return rows, cols
 
 
@@ -63,21 +63,21 @@ class MapOptions(Control):
     def validate_map_options(self) -> None:
         """Checks the smoothing/softmax/resolution fields; normalises ``attn_res``."""
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
+            raise OptionError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
         if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+            raise OptionError(f"sigma must be > 0, got {self.sigma}")
         if not self.softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be > 0, got {self.softmax_scale}")
+            raise OptionError(f"softmax_scale must be > 0, got {self.softmax_scale}")
         self.attn_res = normalise_attn_res(self.attn_res)
         if self.blocks is not None:
             blocks = [self.blocks] if isinstance(self.blocks, int) else list(self.blocks)
             if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
-                raise ValueError(f"blocks must be block indices >= 0, got {self.blocks!r}")
+                raise OptionError(f"blocks must be block indices >= 0, got {self.blocks!r}")
             self.blocks = tuple(blocks)
         if self.recipe not in ("attend-excite", "focus"):
-            raise ValueError(f"recipe must be 'attend-excite' or 'focus', got {self.recipe!r}")
+            raise OptionError(f"recipe must be 'attend-excite' or 'focus', got {self.recipe!r}")
         if self.normalise not in ("all", "text"):
-            raise ValueError(
+            raise OptionError(
                 f"normalise must be 'all' (the layer's softmax) or 'text' (over text keys), got {self.normalise!r}"
             )
 
@@ -101,16 +101,16 @@ class GuidanceOptions(MapOptions):
 
     def validate_update(self) -> None:
         if self.update not in ("latent", "velocity"):
-            raise ValueError(f"update must be 'latent' or 'velocity', got {self.update!r}")
+            raise OptionError(f"update must be 'latent' or 'velocity', got {self.update!r}")
         if not self.velocity_scale > 0:
-            raise ValueError(f"velocity_scale must be > 0, got {self.velocity_scale}")
+            raise OptionError(f"velocity_scale must be > 0, got {self.velocity_scale}")
 
     def bind_update(self, prepared, ctx: ControlContext) -> None:
         """Give the prepared control its update rule (and the velocity rule's steps)."""
         prepared.update_rule = self.update
         if self.update == "velocity":
             if ctx.flow_sigmas is None:
-                raise ValueError("update='velocity' needs a flow-matching model (SD3, FLUX); use update='latent'")
+                raise OptionError("update='velocity' needs a flow-matching model (SD3, FLUX); use update='latent'")
             prepared.velocity_sizes = velocity_steps(self.velocity_scale, ctx.timesteps, ctx.flow_sigmas)
 
 
@@ -128,9 +128,9 @@ def velocity_steps(scale: float, timesteps: list[float], sigmas: list[float]) ->
 
 def validate_step_schedule(cfg) -> None:
     if not cfg.scale_factor > 0:
-        raise ValueError(f"scale_factor must be > 0, got {cfg.scale_factor}")
+        raise OptionError(f"scale_factor must be > 0, got {cfg.scale_factor}")
     if len(cfg.scale_range) != 2 or not all(s > 0 for s in cfg.scale_range):
-        raise ValueError(f"scale_range must be two values > 0, got {cfg.scale_range}")
+        raise OptionError(f"scale_range must be two values > 0, got {cfg.scale_range}")
 
 
 def ae_step_sizes(cfg, num_steps: int) -> np.ndarray:

@@ -59,12 +59,14 @@ def _help_lines(cls) -> dict[str, str]:
             continue
         current: list[str] = []
         for line in doc.split("Args:", 1)[1].splitlines():
-            m = re.match(r"^\s{8}([a-z_][\w, ()]*?):\s+(.*)$", line)
+            m = re.match(r"^\s{8}([a-z_][\w, ()]*?):(?:\s+(.*))?$", line)
             if m:
                 names = re.findall(r"[a-z_]\w*", re.sub(r"\(alias[^)]*\)", "", m.group(1)))
-                current = names
-                for n in names:
-                    out[n] = m.group(2).strip()
+                # a line grouping many fields ("attn_res, kernel_size, ...: the maps as for ...") does not replace
+                # a base class's entry for one of them
+                current = [n for n in names if len(names) <= 2 or n not in out]
+                for n in current:
+                    out[n] = (m.group(2) or "").strip()
             elif line.startswith(" " * 12) and current:
                 for n in current:
                     out[n] += " " + line.strip()
@@ -250,11 +252,12 @@ def build_controls(
         kwargs.update({"boxes": boxes} if n in boxed else {"subjects": list(subjects)})
         try:
             controls.append(methods[n](**kwargs))
-        except AttnControlError:
-            raise
         except (ValueError, TypeError) as err:
+            if isinstance(err, AttnControlError) and not isinstance(err, OptionError):
+                raise  # a subject or resolution error says what it needs to
             source = _source_of(str(err), n, kwargs, sources) or where
-            raise OptionError(f"{source + ': ' if source else ''}{n}: {err}") from None
+            kind = OptionTypeError if isinstance(err, TypeError) else OptionError
+            raise kind(f"{source + ': ' if source else ''}{n}: {err}") from None
     return controls
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .._lazy import torch
-from ..errors import SubjectError
+from ..errors import OptionError, SubjectError
 from ..losses.refocus import CARWeights, car_loss, sar_loss
 from ..store import MapKey
 from .base import ControlContext, PreparedControl, StepInfo
@@ -25,15 +25,15 @@ def _as_box_list(subject, value) -> list[tuple[float, float, float, float]]:
     out = []
     for box in boxes:
         if len(box) != 4:
-            raise ValueError(f"box for {subject!r} must be (x0, y0, x1, y1), got {box!r}")
+            raise OptionError(f"box for {subject!r} must be (x0, y0, x1, y1), got {box!r}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
-            raise ValueError(f"box for {subject!r} must lie inside [0, 1] (normalised x0, y0, x1, y1), got {box!r}")
+            raise OptionError(f"box for {subject!r} must lie inside [0, 1] (normalised x0, y0, x1, y1), got {box!r}")
         if not (x0 < x1 and y0 < y1):
-            raise ValueError(f"box for {subject!r} needs x0 < x1 and y0 < y1, got {box!r}")
+            raise OptionError(f"box for {subject!r} needs x0 < x1 and y0 < y1, got {box!r}")
         out.append((x0, y0, x1, y1))
     if not out:
-        raise ValueError(f"no box given for {subject!r}")
+        raise OptionError(f"no box given for {subject!r}")
     return out
 
 
@@ -44,16 +44,16 @@ def parse_boxes(text: str) -> dict[str, list[tuple[float, float, float, float]]]
     for part in filter(None, (p.strip() for p in text.split(";"))):
         subject, sep, values = part.partition("=")
         if not sep or not subject.strip():
-            raise ValueError(f"a box must look like 'cat=x0,y0,x1,y1', got {part!r}")
+            raise OptionError(f"a box must look like 'cat=x0,y0,x1,y1', got {part!r}")
         try:
             numbers = tuple(float(v) for v in values.replace(" ", ",").split(",") if v)
         except ValueError:
-            raise ValueError(f"box {part!r}: coordinates must be numbers") from None
+            raise OptionError(f"box {part!r}: coordinates must be numbers") from None
         if len(numbers) != 4:
-            raise ValueError(f"box {part!r}: expected 4 numbers x0,y0,x1,y1, got {len(numbers)}")
+            raise OptionError(f"box {part!r}: expected 4 numbers x0,y0,x1,y1, got {len(numbers)}")
         boxes.setdefault(subject.strip(), []).append(numbers)
     if not boxes:
-        raise ValueError(f"no boxes in {text!r}; expected 'cat=x0,y0,x1,y1;dog=...'")
+        raise OptionError(f"no boxes in {text!r}; expected 'cat=x0,y0,x1,y1;dog=...'")
     return boxes
 
 
@@ -98,15 +98,15 @@ class Refocus(GuidanceOptions):
     def __post_init__(self) -> None:
         check_fields(self)
         if not isinstance(self.boxes, dict) or not self.boxes:
-            raise ValueError(f"Refocus needs boxes as {{subject: (x0, y0, x1, y1)}}, got {self.boxes!r}")
+            raise OptionError(f"Refocus needs boxes as {{subject: (x0, y0, x1, y1)}}, got {self.boxes!r}")
         self.boxes = {subject: _as_box_list(subject, value) for subject, value in self.boxes.items()}
         self.validate_window()
         for name in ("cross_weight", "self_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
         for entry in (*self.schedule, (None, *self.late)):
             if entry[-2] <= 0 or int(entry[-1]) < 1:
-                raise ValueError(f"schedule entries need a loss scale > 0 and >= 1 iteration, got {entry}")
+                raise OptionError(f"schedule entries need a loss scale > 0 and >= 1 iteration, got {entry}")
         self.validate_map_options()
         self.validate_update()
 

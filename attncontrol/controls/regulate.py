@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .._lazy import torch
+from ..errors import OptionError
 from ..losses.regulate import gaussian_bumps, regulation_objective
 from ..store import MapKey
 from .base import Control, ControlContext, PreparedEditor, with_aliases
@@ -61,13 +62,13 @@ class Regulate(Control):
         self.validate_subjects()
         self.validate_window()
         if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+            raise OptionError(f"iterations must be >= 1, got {self.iterations}")
         for name in ("lr", "quantile_weight", "mean_weight", "weight_penalty"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("quantile", "quantile_target", "blend", "decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         self.attn_res = normalise_attn_res(self.attn_res)
 
     def prepare(self, ctx: ControlContext) -> PreparedRegulate:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import OptionError
 from ..processors.joint import ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
@@ -165,7 +166,7 @@ class FluxAdapter(ModelAdapter):
     def _grid_of(self, seq: int) -> tuple[int, int]:
         rows, cols = self.token_grid
         if rows * cols != seq:
-            raise ValueError(f"packed latents have {seq} tokens, the image size gives {rows}x{cols}")
+            raise OptionError(f"packed latents have {seq} tokens, the image size gives {rows}x{cols}")
         return rows, cols
 
     def bind_size(self, latent_hw: tuple[int, int]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import OptionError
 from ..processors.joint import JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
@@ -30,7 +31,7 @@ def _per_prompt(value, prompts: list[str], label: str) -> tuple[str, ...]:
         return tuple(prompts)
     values = [value] * len(prompts) if isinstance(value, str) else list(value)
     if len(values) != len(prompts):
-        raise ValueError(f"{label} has {len(values)} prompts for {len(prompts)} prompts")
+        raise OptionError(f"{label} has {len(values)} prompts for {len(prompts)} prompts")
     return tuple(values)
 
 

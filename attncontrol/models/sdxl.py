@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..errors import OptionError
 from ..text import TextLayout, TextSegment
 from .base import Encoded, PromptBatch
 from .sd import SDAdapter
@@ -51,7 +52,7 @@ class SDXLAdapter(SDAdapter):
                 list(prompt_2)
             )  # fmt: skip
             if len(prompts_2) != len(prompts):
-                raise ValueError(f"prompt_2 has {len(prompts_2)} prompts for {len(prompts)} prompts")
+                raise OptionError(f"prompt_2 has {len(prompts_2)} prompts for {len(prompts)} prompts")
             parallel = ((self.pipe.tokenizer_2, tuple(prompts_2)),)
         return TextLayout((TextSegment(tok, 0, int(tok.model_max_length), tuple(prompts), parallel=parallel),))
 

@@ -1,0 +1,236 @@
+"""Front ends from one source: every method option reaches its control from the command line and from a batch
+line; every mistake ends in exit status 2 and one message naming the bad value (no traceback, nothing written)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attncontrol
+from attncontrol import AttendExcite, AttnControlError, OptionError
+from attncontrol.cli import main
+from attncontrol.controls import METHODS
+from attncontrol.controls.options import method_fields
+
+from .conftest import seeded
+
+# A non-default value per field, valid for its method (the generic rule: ints + 1, floats x 0.5 ...).
+SPECIAL = {"kernel_size": 5, "start": 1, "stop": 10, "quantile": 0.8, "quantile_target": 0.7, "blend": 0.5,
+           "decay": 0.9, "mask_threshold": 0.4, "update": "velocity", "normalise": "text", "recipe": "focus",
+           "scale_range": (0.9, 0.4), "thresholds": {0: 0.3, 5: 0.6}, "schedule": ((3, 2.0, 2), (6, 1.0, 3)),
+           "late": (2.0, 3), "late_steps": (12, 14), "attn_res": (8, 8), "blocks": (0, 1), "exclude_eot": True,
+           "inside_threshold": 0.3, "loss_threshold": 0.2}  # fmt: skip
+
+
+def _other(spec):
+    if spec.name in SPECIAL:
+        return SPECIAL[spec.name]
+    if spec.scalar == "bool":
+        return not spec.default
+    if spec.scalar == "int":
+        return spec.default + 1
+    if spec.scalar == "float":
+        return spec.default * 0.5 + 0.3
+    raise AssertionError(f"no test value for {spec.method}.{spec.name}")
+
+
+def _text(value) -> str:
+    """The command line's form of a value."""
+    if isinstance(value, dict):
+        return json.dumps({str(k): v for k, v in value.items()})
+    if isinstance(value, tuple) and any(isinstance(v, tuple) for v in value):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+FIELDS = [(m, s) for m, cls in METHODS.items() for s in method_fields(cls)]
+
+
+@pytest.mark.parametrize("method,spec", FIELDS, ids=[f"{m}.{s.name}" for m, s in FIELDS])
+def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(method, spec, tmp_path):
+    from attncontrol.batch import expand, read_entries
+    from attncontrol.cli.commands import controls_from_args
+    from attncontrol.cli.parser import build_parser
+
+    value = _other(spec)
+    assert value != spec.default
+    extra = ["--boxes", "cat=0,0,0.5,1"] if method == "refocus" else ["--subjects", "cat"]
+    args = build_parser().parse_args(["generate", "a cat", "--methods", method, *extra,
+                                      "--set", f"{method}.{spec.name}={_text(value)}"])  # fmt: skip
+    (control,) = controls_from_args(args)
+    assert getattr(control, spec.name) == value
+
+    line = {"prompt": "a cat", "options": {method: {spec.name: json.loads(json.dumps(value))}}, "methods": [method]}
+    line.update({"boxes": "cat=0,0,0.5,1"} if method == "refocus" else {"subjects": ["cat"]})
+    (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
+    (item,) = expand(read_entries(tmp_path / "p.jsonl"), [0], [method])
+    (from_batch,) = item.controls()
+    assert getattr(from_batch, spec.name) == value
+
+
+# ---------------------------------------------------------------- mistakes: exit 2, one message, nothing written
+
+CLI_CASES = {
+    "scale-factor-with-astar": (["--subjects", "cat", "--methods", "astar", "--scale-factor", "5"],
+                                "--scale-factor is an attend-excite option"),
+    "max-iter-with-astar": (["--subjects", "cat", "--methods", "astar", "--max-iter-to-alter", "3"],
+                            "--max-iter-to-alter is an attend-excite option"),
+    "scale-factor-zero": (["--subjects", "cat", "--scale-factor", "0"], "--scale-factor: attend-excite: scale_factor "
+                                                                         "must be > 0, got 0"),
+    "attn-res-zero": (["--subjects", "cat", "--attn-res", "0"], "--attn-res: attend-excite: attn_res"),
+    "device-cuda": (["--subjects", "cat", "--device", "cuda"], "--device cuda: this machine has no CUDA"),
+    "device-tpu": (["--subjects", "cat", "--device", "tpu"], "--device must be cpu, cuda, cuda:N or mps, got 'tpu'"),
+    "method-twice": (["--subjects", "cat", "--methods", "astar,astar"], "given once, got astar"),
+    "set-unknown-field": (["--subjects", "cat", "--methods", "astar", "--set", "astar.nonsense=1"],
+                          "astar has no option 'nonsense'"),
+    "set-text-for-number": (["--subjects", "cat", "--methods", "astar", "--set", "astar.scale_factor=abc"],
+                            "astar.scale_factor must be a number, got 'abc'"),
+    "set-nan": (["--subjects", "cat", "--methods", "astar", "--set", "astar.scale_factor=nan"],
+                "astar.scale_factor must be a finite number, got nan"),
+    "set-unknown-method": (["--subjects", "cat", "--set", "magic.x=1"], "unknown method 'magic'"),
+    "set-method-not-run": (["--subjects", "cat", "--set", "astar.scale_factor=5"],
+                           "astar is not among the methods attend-excite"),
+    "set-malformed": (["--subjects", "cat", "--set", "scale_factor=5"], "--set takes METHOD.FIELD=VALUE"),
+    "steps-over-scheduler": (["--subjects", "cat", "--steps", "5000"], "1000 training timesteps"),
+    "seed-too-large": (["--subjects", "cat", "--seed", "99999999999999999999999"], "--seed must be between 0 and"),
+    "height": (["--subjects", "cat", "--height", "63"], "--height must be a positive multiple of 8"),
+    "subject-not-in-prompt": (["--subjects", "cat", "horse"], "'horse' is not in the prompt"),
+    "none-method": (["--subjects", "cat", "--methods", "none"], "use --no-control for the baseline"),
+    "boxes-without-refocus": (["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"],
+                              "--boxes are for refocus"),
+}  # fmt: skip
+
+
+def _generate(args, tiny_dirs, tmp_path, capsys):
+    code = main(["generate", "a cat and a dog", "--model", str(tiny_dirs["sd1"]), "--steps", "2", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_generate_mistakes_exit_2_with_one_message(name, tiny_dirs, tmp_path, capsys, monkeypatch):
+    if name == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    args, message = CLI_CASES[name]
+    code, err = _generate(args, tiny_dirs, tmp_path, capsys)
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []  # no image, no temporary file
+
+
+def test_output_paths_are_checked_before_the_model_loads(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import attncontrol.loading
+
+    monkeypatch.setattr(attncontrol.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "exists.png").write_bytes(b"")
+    cases = [
+        (["--out", str(tmp_path / "folder.png")], "is a folder"),
+        (["--out", str(tmp_path / "afile" / "x.png")], "is a file, not a folder"),
+        (["--out", str(tmp_path / "missing" / "x.png")], "does not exist"),
+        (["--out", str(tmp_path / "x.jpg")], "must end in .png"),
+        (["--out", str(tmp_path / "exists.png"), "--no-clobber"], "exists and --no-clobber"),
+        (["--out", str(tmp_path / "y.png"), "--trace", str(tmp_path / "missing" / "t.json")], "--trace"),
+        (["--out", str(tmp_path / "y.png"), "--save-attention", str(tmp_path / "afile")], "is a file, not a folder"),
+    ]
+    for args, message in cases:
+        code, err = _generate(["--subjects", "cat", *args], tiny_dirs, tmp_path, capsys)
+        assert code == 2 and message in err, (args, err)
+
+
+def test_model_paths_that_are_not_pipelines(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
+    for model, message in ((tmp_path / "notes.txt", "is a file, not a diffusers pipeline folder"),
+                           (tmp_path / "weird", "'NoSuchPipeline', which diffusers")):  # fmt: skip
+        code = main(["generate", "a cat", "--subjects", "cat", "--model", str(model), "--out", str(tmp_path / "o.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+
+
+def test_a_real_process_prints_no_traceback(tiny_dirs, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "-m", "attncontrol", "generate", "a cat", "--model", str(tiny_dirs["sd1"]), "--subjects",
+         "cat", "--methods", "astar", "--set", "astar.scale_factor=abc", "--out", str(tmp_path / "x.png")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "'abc'" in res.stderr
+
+
+BATCH_CASES = {
+    "not-utf8": ("p.txt", b"a cat \xff\xfe and a dog | cat\n", "is not UTF-8"),
+    "bad-option-value": ("p.jsonl", json.dumps({"prompt": "a cat", "subjects": ["cat"], "methods": ["astar"],
+                                                "options": {"astar": {"scale_factor": "x"}}}).encode(),
+                         "p.jsonl:1: options: astar.scale_factor must be a number, got 'x'"),
+    "unknown-option": ("p.jsonl", json.dumps({"prompt": "a cat", "subjects": ["cat"], "methods": ["astar"],
+                                              "options": {"astar": {"nope": 1}}}).encode(),
+                       "p.jsonl:1: options: astar has no option 'nope'"),
+    "method-twice": ("p.txt", b"a cat | cat\n", "given once"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BATCH_CASES))
+def test_batch_mistakes_exit_2_and_write_no_manifest(name, tiny_dirs, tmp_path, capsys):
+    filename, data, message = BATCH_CASES[name]
+    (tmp_path / filename).write_bytes(data)
+    extra = ["--methods", "astar+astar"] if name == "method-twice" else []
+    code = main(["batch", str(tmp_path / filename), "--out", str(tmp_path / "out"), "--model", str(tiny_dirs["sd1"]),
+                 "--steps", "2", *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_batch_reads_a_utf8_bom(tmp_path):
+    from attncontrol.batch import read_entries
+
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat and a dog | cat, dog\n".encode())
+    (tmp_path / "p.csv").write_bytes("\ufeffprompt,subjects\na cat and a dog,cat;dog\n".encode())
+    assert read_entries(tmp_path / "p.txt")[0].prompt == "a cat and a dog"
+    assert read_entries(tmp_path / "p.csv")[0].subjects == ["cat", "dog"]
+
+
+# ---------------------------------------------------------------- the Python API is strict
+
+
+def test_generate_is_strict(sd1):
+    kw = dict(num_inference_steps=2, output_type="latent")
+    with pytest.raises(OptionError, match="guidance_scale must be a finite number, got nan"):
+        attncontrol.generate(sd1, "a cat", [AttendExcite(subjects=["cat"])], guidance_scale=float("nan"), **kw)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) num_inference_step;.*accepts"):
+        attncontrol.generate(sd1, "a cat", [], num_inference_step=4)
+    with pytest.raises(OptionError, match=r"latents have shape \(1, 4, 8, 8\); 64x64 px with 1 image\(s\) needs "
+                                          r"\(1, 4, 32, 32\)"):  # fmt: skip
+        attncontrol.generate(sd1, "a cat", [], latents=torch.zeros(1, 4, 8, 8), **kw)
+    with pytest.raises(TypeError, match=r"AttendExcite.stop \(max_iter_to_alter\) must be int or float or None, "
+                                        r"got '3' \(str\)"):  # fmt: skip
+        AttendExcite(subjects=["cat"], max_iter_to_alter="3")
+    one = attncontrol.generate(sd1, "a cat", AttendExcite(subjects=["cat"]), generator=seeded(0), **kw)
+    listed = attncontrol.generate(sd1, "a cat", [AttendExcite(subjects=["cat"])], generator=seeded(0), **kw)
+    assert torch.equal(one.images, listed.images)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AttendExcite(subjects=[]),
+        lambda: AttendExcite(subjects=["cat"], scale_factor=-1),
+        lambda: AttendExcite(subjects=["cat"], thresholds={0: 2.0}),
+        lambda: attncontrol.Refocus(boxes={"cat": (0, 0, 2, 1)}),
+        lambda: attncontrol.Regulate(subjects=["cat"], quantile=1.5),
+        lambda: attncontrol.AStar(subjects=["cat"], mask_threshold=math.inf),
+        lambda: AttendExcite(subjects=["cat"], update="sideways"),
+    ],
+)
+def test_every_validation_error_is_an_attncontrol_error(make):
+    with pytest.raises(AttnControlError):
+        make()
