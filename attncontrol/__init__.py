@@ -16,7 +16,12 @@ __version__ = "0.1.0"
 _WHERE = {
     "AStar": "controls",
     "AttendExcite": "controls",
+    "BoxDiff": "controls",
+    "Conform": "controls",
     "Control": "controls",
+    "DivideBind": "controls",
+    "InitNO": "controls",
+    "SynGen": "controls",
     "Refocus": "controls",
     "Regulate": "controls",
     "StepInfo": "controls",
@@ -45,8 +50,12 @@ __all__ = [
     "AmbiguousSubjectError",
     "AttendExcite",
     "AttnControlError",
+    "BoxDiff",
+    "Conform",
     "Control",
+    "DivideBind",
     "GenerationResult",
+    "InitNO",
     "METHODS",
     "ModelLoadError",
     "OptionError",
@@ -54,6 +63,7 @@ __all__ = [
     "Regulate",
     "ResolutionError",
     "Run",
+    "SynGen",
     "StepInfo",
     "StepRecord",
     "SubjectError",
@@ -82,7 +92,20 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .controls import METHODS, AStar, AttendExcite, Control, Refocus, Regulate, StepInfo
+    from .controls import (
+        METHODS,
+        AStar,
+        AttendExcite,
+        BoxDiff,
+        Conform,
+        Control,
+        DivideBind,
+        InitNO,
+        Refocus,
+        Regulate,
+        StepInfo,
+        SynGen,
+    )
     from .errors import (
         AmbiguousSubjectError,
         AttnControlError,

@@ -92,19 +92,23 @@ class GuidanceEngine:
 
     def _evaluate(self, z: torch.Tensor, images: list[int], i: int):
         """Forward the images' latents, return (leaf, {control: losses (n,)})."""
-        t = self.timesteps[i]
         leaf = z[images].detach().requires_grad_(True)
+        maps = self.forward_maps(leaf, i, images)
+        info = StepInfo(index=i, timestep=self.timestep_values[i], total=len(self.timesteps))
+        return leaf, {c.name: c.loss(maps, images, info) for c in self.active}
+
+    def forward_maps(self, model_input: torch.Tensor, i: int, images: list[int]) -> dict:
+        """The cond-branch forward of ``model_input`` (rows = ``images``) at step ``i``: the maps every control
+        reads, differentiable w.r.t. whatever ``model_input`` was computed from."""
         self.store.reset()
         self.store.active = True
         try:
             cond = {key: value[images] for key, value in self.cond.items()}
             with self._memory_options():
-                self.adapter.guidance_forward(leaf, t, cond, self.cross_attention_kwargs)
+                self.adapter.guidance_forward(model_input, self.timesteps[i], cond, self.cross_attention_kwargs)
         finally:
             self.store.active = False
-        maps = {key: self._maps(key) for key in self.map_keys}
-        info = StepInfo(index=i, timestep=self.timestep_values[i], total=len(self.timesteps))
-        return leaf, {c.name: c.loss(maps, images, info) for c in self.active}
+        return {key: self._maps(key) for key in self.map_keys}
 
     def _maps(self, key) -> torch.Tensor:
         if self.layer_names is None:

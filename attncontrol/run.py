@@ -35,6 +35,7 @@ class GenerationResult:
     nsfw_content_detected: list[bool] | None = None
     prompts: list[str] = field(default_factory=list)
     attention: AttentionMaps | None = None
+    noise_search: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def guided_steps(self) -> list[StepRecord]:
@@ -137,8 +138,13 @@ class Run:
         return latents
 
     def initial_latents(self, driver: StepDriver) -> torch.Tensor:
-        """The initial noise, guided for step 0 in the scheduler's scale."""
+        """The initial noise (chosen by the controls that choose it, e.g. InitNO), guided for step 0 in the
+        scheduler's scale."""
         latents = self.draw_latents()
+        if self.engine is not None:
+            search = NoiseSearch(self)
+            for c in self.controls:
+                latents = c.initial_noise(latents, search)
         sigma0 = self.adapter.start_noise_sigma()
         if self.engine is not None and self.engine.needed_at(0):
             return driver.begin(latents * sigma0, 0) / sigma0
@@ -162,7 +168,34 @@ class Run:
             nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
             prompts=self.ctx.prompts_per_input,
             attention=maps,
+            noise_search={c.name: c.noise_report for c in self.controls if c.noise_report},
         )
+
+
+class NoiseSearch:
+    """What a control that chooses the initial noise may do: forward one image's candidate noise (N(0, I), as
+    drawn) at the first step, reading the maps every control reads, and draw fresh noise from the run's generator
+    (the stream continues as the pipeline's own draw left it)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        adapter = run.adapter
+        self.scale = adapter.start_noise_sigma() * adapter.input_scale(run.timesteps[0])
+
+    def maps(self, noise: torch.Tensor, image: int) -> dict:
+        """The maps of image ``image`` for ``noise`` (1, ...), differentiable w.r.t. ``noise``."""
+        model_input = (noise * self.scale).to(self.run.latent_dtype)
+        with torch.enable_grad():
+            return self.run.engine.forward_maps(model_input, 0, [image])
+
+    def draw(self, image: int) -> torch.Tensor:
+        """Fresh noise (1, ...) for image ``image``, from its generator (or the global RNG without one)."""
+        run = self.run
+        generator = run.call_kwargs.get("generator")
+        if isinstance(generator, list):
+            generator = generator[image]
+        device = run.pipe._execution_device
+        return run.adapter.initial_latents(1, run.ctx.latent_hw, generator, device, run.latent_dtype)
 
 
 def union_columns(controls) -> torch.Tensor | None:

@@ -101,5 +101,36 @@ class TextLayout:
         tables = [(seg, seg.table(k)) for seg in self.segments]
         return [seg.offset + p for seg, table in tables if table is not None for p in table.special_positions]
 
+    def words(self, k: int, positions: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """``positions`` of input prompt ``k`` grouped into words (each stream's word rule; the n-th word of every
+        stream joined)."""
+        per_stream = []
+        for seg in self.segments:
+            table = seg.table(k)
+            mine = [p - seg.offset for p in positions if seg.offset <= p < seg.offset + seg.length]
+            if table is None or not mine:
+                continue
+            rows = table.rows()
+            groups: list[list[int]] = []
+            for p in mine:
+                same_word = groups and rows[groups[-1][-1]].word == rows[p].word and p == groups[-1][-1] + 1
+                if same_word and not _starts_word(table, rows, p):
+                    groups[-1].append(p)
+                else:
+                    groups.append([p])
+            per_stream.append([[seg.offset + p for p in g] for g in groups])
+        if not per_stream:
+            return [tuple(positions)]
+        n = min(len(g) for g in per_stream)
+        return [tuple(p for stream in per_stream for p in stream[i]) for i in range(n)]
+
     def format(self, k: int) -> str:
         return "\n".join(table.format() for seg in self.segments if (table := seg.table(k)) is not None)
+
+
+def _starts_word(table: TokenTable, rows, p: int) -> bool:
+    """Whether token ``p`` starts a new word (the previous token ends one, by the tokenizer's word rule)."""
+    rule = table.rule
+    if rule.at_end:
+        return rows[p - 1].token.endswith(rule.marker)
+    return rows[p].token.startswith(rule.marker)

@@ -1,11 +1,13 @@
 """Cost of each control per image, and of all of them combined, relative to plain SD and to A&E, on the
 full-size SD 1.5 UNet architecture (random weights), every method at its default schedule, one process.
 
-    python benchmarks/methods.py [--size 256] [--steps 50] [--device cpu] [--dtype fp32]
+    python benchmarks/methods.py [--size 256] [--steps 50] [--device cpu] [--dtype fp32] [--only "SynGen,InitNO"]
 
 Guidance passes are counted (UNet forwards with gradients): combined controls share one pass per step (and
 per refinement iteration) instead of one per control. With random weights no subject ever reaches a
-threshold, so refinement (A&E's thresholds, Refocus's iterations) runs to its caps: a worst case.
+threshold, so refinement (A&E's, D&B's, BoxDiff's and InitNO's thresholds, Refocus's iterations) runs to its caps,
+and InitNO's noise search runs all its rounds and its 50-step fallback: a worst case. InitNO's search passes
+count as guidance passes (forward and backward).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--only", default="", help="comma-separated run names to keep (plain SD and A&E always run)")
     args = parser.parse_args()
 
     import attncontrol
@@ -41,6 +44,11 @@ def main() -> None:
         "A-STAR": [attncontrol.AStar(subjects=subjects)],
         "Refocus": [attncontrol.Refocus(boxes=BOXES)],
         "Regulate": [attncontrol.Regulate(subjects=subjects)],
+        "Divide & Bind": [attncontrol.DivideBind(subjects=subjects)],
+        "CONFORM": [attncontrol.Conform(subjects=subjects)],
+        "SynGen": [attncontrol.SynGen(subjects=["black cat", "white dog"])],
+        "BoxDiff": [attncontrol.BoxDiff(boxes=BOXES)],
+        "InitNO": [attncontrol.InitNO(subjects=subjects)],
         "A&E + A-STAR + Refocus + Regulate": [
             attncontrol.AttendExcite(subjects=subjects),
             attncontrol.AStar(subjects=subjects),
@@ -48,6 +56,10 @@ def main() -> None:
             attncontrol.Regulate(subjects=subjects),
         ],
     }
+    if args.only:
+        keep = {"plain SD", "Attend-and-Excite", *(n.strip() for n in args.only.split(","))}
+        runs = {name: controls for name, controls in runs.items() if name in keep}
+    prompts = {"SynGen": "a black cat and a white dog"}
     passes: list[bool] = []
     pipe.unet.conv_in.register_forward_hook(lambda m, i, o: passes.append(torch.is_grad_enabled()))
     gen_dev = args.device if args.device.startswith("cuda") else "cpu"
@@ -57,8 +69,8 @@ def main() -> None:
     for name, controls in runs.items():
         passes.clear()
         with Timer() as t:
-            attncontrol.generate(pipe, "a cat and a dog", controls, generator=torch.Generator(gen_dev).manual_seed(0),
-                                 **common)  # fmt: skip
+            attncontrol.generate(pipe, prompts.get(name, "a cat and a dog"), controls,
+                                 generator=torch.Generator(gen_dev).manual_seed(0), **common)  # fmt: skip
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
         rows[name] = (t.seconds, passes.count(True))
@@ -70,9 +82,11 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, (seconds, n) in rows.items():
         print(f"| {name} | {seconds:.1f} | {n} | {seconds / plain:.2f} | {seconds / ae:.2f} |")
-    single = sum(rows[k][1] for k in ("Attend-and-Excite", "A-STAR", "Refocus"))
-    print(f"combined run: {rows['A&E + A-STAR + Refocus + Regulate'][1]} guidance passes, against {single} for the "
-          "latent-guidance methods run one by one")  # fmt: skip
+    combined = "A&E + A-STAR + Refocus + Regulate"
+    if combined in rows:
+        single = sum(rows[k][1] for k in ("Attend-and-Excite", "A-STAR", "Refocus"))
+        print(f"combined run: {rows[combined][1]} guidance passes, against {single} for the latent-guidance methods "
+              "run one by one")  # fmt: skip
 
 
 if __name__ == "__main__":

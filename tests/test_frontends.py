@@ -14,7 +14,7 @@ import attncontrol
 from attncontrol import AttendExcite, AttnControlError, OptionError
 from attncontrol.cli import main
 from attncontrol.controls import METHODS
-from attncontrol.controls.options import method_fields
+from attncontrol.controls.options import method_fields, takes_boxes
 
 from .conftest import seeded
 
@@ -23,7 +23,8 @@ SPECIAL = {"kernel_size": 5, "start": 1, "stop": 10, "quantile": 0.8, "quantile_
            "decay": 0.9, "mask_threshold": 0.4, "update": "velocity", "normalise": "text", "recipe": "focus",
            "scale_range": (0.9, 0.4), "thresholds": {0: 0.3, 5: 0.6}, "schedule": ((3, 2.0, 2), (6, 1.0, 3)),
            "late": (2.0, 3), "late_steps": (12, 14), "attn_res": (8, 8), "blocks": (0, 1), "exclude_eot": True,
-           "inside_threshold": 0.3, "loss_threshold": 0.2}  # fmt: skip
+           "inside_threshold": 0.3, "loss_threshold": 0.2, "tv": "neighbour", "attribute_levels": "same",
+           "bindings": {"cat": ("furry", "small")}, "refinement_steps": (5, 15)}  # fmt: skip
 
 
 def _other(spec):
@@ -60,14 +61,15 @@ def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(met
 
     value = _other(spec)
     assert value != spec.default
-    extra = ["--boxes", "cat=0,0,0.5,1"] if method == "refocus" else ["--subjects", "cat"]
+    boxed = takes_boxes(METHODS[method])
+    extra = ["--boxes", "cat=0,0,0.5,1"] if boxed else ["--subjects", "cat"]
     args = build_parser().parse_args(["generate", "a cat", "--methods", method, *extra,
                                       "--set", f"{method}.{spec.name}={_text(value)}"])  # fmt: skip
     (control,) = controls_from_args(args)
     assert getattr(control, spec.name) == value
 
     line = {"prompt": "a cat", "options": {method: {spec.name: json.loads(json.dumps(value))}}, "methods": [method]}
-    line.update({"boxes": "cat=0,0,0.5,1"} if method == "refocus" else {"subjects": ["cat"]})
+    line.update({"boxes": "cat=0,0,0.5,1"} if boxed else {"subjects": ["cat"]})
     (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
     (item,) = expand(read_entries(tmp_path / "p.jsonl"), [0], [method])
     (from_batch,) = item.controls()

@@ -84,6 +84,9 @@ def expand(
 ) -> list[Item]:
     """Entries x seeds x methods -> items; fails on the first entry that cannot make its controls. ``settings``
     (model, steps, size, guidance) are part of each item's identity, so a rerun with other settings redoes it."""
+    from ..controls import METHODS
+    from ..controls.options import takes_boxes
+
     settings_json = json.dumps(settings or {}, sort_keys=True)
     items = []
     for e in entries:
@@ -91,7 +94,7 @@ def expand(
             names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"
             merged = {name: {**(options or {}).get(name, {}), **e.options.get(name, {})} for name in names}
-            item_boxes = e.boxes if "refocus" in names else None
+            item_boxes = e.boxes if any(takes_boxes(METHODS[n]) for n in names) else None
             checked_controls(names, e.subjects, item_boxes, merged, e.source)  # validates before any generation
             for seed in e.seeds or seeds:
                 items.append(

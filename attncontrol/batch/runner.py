@@ -114,6 +114,7 @@ class BatchRun:
             "options": json.loads(it.options),
             "settings": {**dataclasses.asdict(self.settings), "batch_size": group_size},
             "losses": _loss_summary(result),
+            "noise_search": {name: found[k] for name, found in result.noise_search.items()} or None,
             "attention": {"subjects": list(it.observe), **metrics} if metrics else None,
             "seconds": round(seconds, 3),
             "source": it.source,

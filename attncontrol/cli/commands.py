@@ -68,6 +68,7 @@ def _params(args, pipe, result, controls, seconds) -> dict:
         "width": result.images[0].width,
         "controls": [{"method": c.method, **jsonable(dataclasses.asdict(c))} for c in controls],
         "seconds": round(seconds, 3),
+        **({"noise_search": result.noise_search} if result.noise_search else {}),
         **run_metadata(pipe, args.model),
     }
 

@@ -113,6 +113,15 @@ class ControlContext:
             )
         return self._per_image([self.text.resolve(k, list(s)) for k, s in enumerate(per_prompt)])
 
+    def subject_words(self, subjects) -> list[list[list[tuple[int, ...]]]]:
+        """Per image, per subject, its words as token positions (``"red car"`` -> [(2,), (3,)]; a word split into
+        pieces is one tuple). On models with several text streams a word's positions in every stream are joined."""
+        out = []
+        for positions in self.subjects_per_image(subjects):
+            k = len(out) // self.num_images_per_prompt
+            out.append([self.text.words(k, pos) for pos in positions])
+        return out
+
     def keep_mask(self, exclude_eot: bool) -> torch.Tensor:
         """(images, seq_len) tokens kept in the softmax over tokens (see :meth:`TextLayout.keep`)."""
         return torch.stack(self._per_image([self.text.keep(k, exclude_eot) for k in range(self.text.n_inputs)]))
@@ -180,6 +189,13 @@ class PreparedControl(Prepared):
         ``loss``: its loss at the evaluation that drove the last update. Default: whenever it updates at this
         step (Attend-and-Excite: its reference recomputes the loss and updates once more after refinement)."""
         return self.updates_at(step)
+
+    noise_report: list[dict] | None = None  # what :meth:`initial_noise` did, per image (for the result)
+
+    def initial_noise(self, noise: torch.Tensor, search) -> torch.Tensor:
+        """Choose the initial noise before step 0 (InitNO); ``search`` is a :class:`~attncontrol.run.NoiseSearch`.
+        Default: keep the noise drawn."""
+        return noise
 
     def step_size(self, step: int) -> float:
         raise NotImplementedError

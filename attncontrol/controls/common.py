@@ -154,12 +154,12 @@ class TokenMaps:
     """Per-image subject maps: cross-attention at ``resolution``, x softmax_scale, softmax over the kept
     tokens, each subject's tokens summed, Gaussian-smoothed (the A&E recipe that the other methods share)."""
 
-    def __init__(self, cfg, ctx: ControlContext, subjects):
+    def __init__(self, cfg, ctx: ControlContext, subjects, positions=None):
         self.cfg = cfg
         self.resolution = resolve_attn_res(cfg.attn_res, ctx)
         self.key = MapKey("cross", self.resolution, cfg.blocks, cfg.normalise)
         ctx.select(self.key)  # fails now, naming the bad blocks, not in the first guidance pass
-        self.subjects = ctx.subjects_per_image(subjects)
+        self.subjects = positions if positions is not None else ctx.subjects_per_image(subjects)
         exclude = ctx.exclude_eot_default if cfg.exclude_eot is None else cfg.exclude_eot
         self.keep = ctx.keep_mask(exclude).to(ctx.device)
 
@@ -196,3 +196,28 @@ def focus_subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]]) -> t
         out.append(shares[start : start + len(pos)].mean(0))
         start += len(pos)
     return torch.stack(out)
+
+
+def binding_groups(ctx: ControlContext, subjects, bindings: dict) -> list[list[tuple[list, tuple]]]:
+    """Per image, the (modifier words, noun word) groups: a phrase subject binds its leading words to its last
+    word (``"red car"``: red -> car); ``bindings={"car": ["red", "shiny"]}`` adds modifiers to a noun (a subject or
+    a word of the prompt). Words are tuples of token positions."""
+    words = ctx.subject_words(subjects)
+    extra = []
+    if bindings:
+        nouns = list(bindings)
+        noun_words = ctx.subject_words(nouns)
+        mod_words = [ctx.subject_words(list(bindings[n])) for n in nouns]
+        for b in range(len(words)):
+            extra.append([(sum(mod_words[j][b], []), noun_words[b][j][-1]) for j in range(len(nouns))])
+    out = []
+    for b, subs in enumerate(words):
+        groups = [(list(w[:-1]), w[-1]) for w in subs]
+        for mods, noun in extra[b] if extra else []:
+            match = next((g for g in groups if g[1] == noun), None)
+            if match is None:
+                groups.append((list(mods), noun))
+            else:
+                match[0].extend(m for m in mods if m not in match[0])
+        out.append(groups)
+    return out

@@ -199,6 +199,11 @@ def parse_option(text: str) -> tuple[str, str, str]:
     return method.strip(), name.strip(), value
 
 
+def takes_boxes(cls) -> bool:
+    """Whether a method is driven by boxes (Refocus, BoxDiff) rather than by subjects."""
+    return "boxes" in {f.name for f in dataclasses.fields(cls)}
+
+
 def option_value(methods: dict, method: str, name: str, value, where: str, text: bool = True):
     """A single option checked against its method's field: (canonical field name, value)."""
     if method not in methods:
@@ -237,9 +242,10 @@ def build_controls(
     stray = sorted(set(options) - set(names))
     if stray:
         raise OptionError(f"{prefix}options for {', '.join(stray)}, which is not among the methods {', '.join(names)}")
-    boxed = [n for n in names if "boxes" in {f.name for f in dataclasses.fields(methods[n])}]
+    boxed = [n for n in names if takes_boxes(methods[n])]
     if boxes and not boxed:
-        raise OptionError(f"{prefix}{boxes_from} are for refocus, which is not among the methods {', '.join(names)}")
+        users = ", ".join(n for n, cls in methods.items() if takes_boxes(cls))
+        raise OptionError(f"{prefix}{boxes_from} are for {users}; none is among the methods {', '.join(names)}")
     for n in boxed:
         if not boxes:
             raise OptionError(f"{prefix}{n} needs {boxes_from}, e.g. 'cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9'")

@@ -2,18 +2,39 @@
 
 from .astar import binarize, retention_loss, segregation_loss, soft_iou
 from .attend_excite import attend_excite_loss, subject_maps, subject_max_attention
+from .boxdiff import boxdiff_loss, boxdiff_terms, grid_box
+from .conform import nt_xent
+from .divide_bind import binding_divergence, divide_bind_loss, jensen_shannon, total_variation
+from .initno import clean_term, cross_response, gaussian_kl, otsu_level, peak_self_maps, self_conflict
 from .refocus import CARWeights, box_mask, car_loss, sar_loss
+from .syngen import symmetric_kl, syngen_group_loss
 
 __all__ = [
     "CARWeights",
     "attend_excite_loss",
     "binarize",
+    "binding_divergence",
     "box_mask",
+    "boxdiff_loss",
+    "boxdiff_terms",
     "car_loss",
+    "clean_term",
+    "cross_response",
+    "divide_bind_loss",
+    "gaussian_kl",
+    "grid_box",
+    "jensen_shannon",
+    "nt_xent",
+    "otsu_level",
+    "peak_self_maps",
     "retention_loss",
     "sar_loss",
     "segregation_loss",
+    "self_conflict",
     "soft_iou",
     "subject_maps",
     "subject_max_attention",
+    "symmetric_kl",
+    "syngen_group_loss",
+    "total_variation",
 ]

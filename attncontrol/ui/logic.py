@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..controls import METHODS, parse_boxes
-from ..controls.options import FieldSpec, build_controls, method_fields, option_value
+from ..controls.options import FieldSpec, build_controls, method_fields, option_value, takes_boxes
 from ..errors import AttnControlError
 
 # The app's bounds per option (a public demo must not be made to run for hours): by field name, the same name
@@ -184,19 +184,21 @@ def build_request(
     if len(subjects) > limits.max_subjects:
         raise DemoError(f"{len(subjects)} subjects; at most {limits.max_subjects}")
     boxes = None
+    boxed = [m for m in methods if takes_boxes(METHODS[m])]
     if boxes_text and boxes_text.strip():
-        if "refocus" not in methods:
-            raise DemoError("boxes are used by refocus: tick it, or clear the boxes")
+        if not boxed:
+            users = " or ".join(m for m, cls in METHODS.items() if takes_boxes(cls))
+            raise DemoError(f"boxes are used by {users}: tick one, or clear the boxes")
         try:
             boxes = parse_boxes(boxes_text)
         except ValueError as err:
             raise DemoError(f"boxes: {err}") from None
         if sum(len(b) for b in boxes.values()) > limits.max_boxes:
             raise DemoError(f"at most {limits.max_boxes} boxes")
-    elif "refocus" in methods:
-        raise DemoError("refocus needs boxes, e.g. 'cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9'")
-    if any(m != "refocus" for m in methods) and not subjects:
-        raise DemoError(f"pick the subjects for {', '.join(m for m in methods if m != 'refocus')} (tick or type them)")
+    elif boxed:
+        raise DemoError(f"{' and '.join(boxed)} needs boxes, e.g. 'cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9'")
+    if any(m not in boxed for m in methods) and not subjects:
+        raise DemoError(f"pick the subjects for {', '.join(m for m in methods if m not in boxed)} (tick or type them)")
     ints = {}
     for label, value, lo, hi in (
         ("steps", steps, 1, limits.max_steps),
