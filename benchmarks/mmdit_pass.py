@@ -132,7 +132,7 @@ class ExplicitJoint:
         v = self.ops.values(attn, args)
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
         img, start = self.ops.split(q.shape[2], text_len or q.shape[2] - self.n_image)
-        self.maps.append(probs[:, :, img, start:].mean(1))
+        self.maps.append(probs[:, :, img, start : start + (text_len or q.shape[2] - self.n_image)].mean(1))
         out = (probs @ v).transpose(1, 2).flatten(2)
         if encoder_hidden_states is None:
             return out if self.text_first else attn.to_out[0](out)
