@@ -71,8 +71,8 @@ def unavailable_message(model: str, what: str = "model", detail: str | None = No
     why = f"the Hugging Face Hub is not reachable ({reason}) and it is not in the local cache" if reason else (
         "it could not be fetched from the Hugging Face Hub (no such model, or no access?)"
     )  # fmt: skip
-    text = (
-        f"could not load the {what} {model!r}: {why}.\n"
+    text = (  # one line: the CLI prints only an error's first line
+        f"could not load the {what} {model!r}: {why}. "
         f"Download it where the Hub is reachable, e.g. `hf download {model} --local-dir ./my-model`, then pass "
         f"the folder: `{flag} ./my-model`" + (" (Python: load_pipeline('./my-model'))." if flag == "--model" else ".")
     )

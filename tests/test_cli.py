@@ -214,7 +214,7 @@ def test_each_method_and_a_combination(tiny_dirs, tmp_path, args, methods):
         (["--boxes", "cat=0.1,0.1,0.5"], "4 numbers"),
         (
             ["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"],
-            "--boxes are for refocus, which is not among the methods astar",
+            "--boxes are for refocus, boxdiff; none is among the methods astar",
         ),
         (["--boxes", "horse=0,0,0.5,0.5"], "'horse'"),
     ],

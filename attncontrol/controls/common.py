@@ -42,7 +42,7 @@ class MapOptions(Control):
             otherwise, diffusers' behaviour).
         softmax_scale: the maps are multiplied by this before the softmax over tokens (reference: 100).
         blocks: transformer families (SD3, FLUX): the blocks whose attention is averaged (None: the family's
-            default, see the README); UNet families choose layers by ``attn_res``.
+            default, see the README); convolutional (SD 1.x/2.x/XL) families choose layers by ``attn_res``.
         normalise: "all": image->text probabilities of the layer's own softmax (for joint layers, over image and
             text keys); "text": renormalised over the text keys. The same on cross-attention layers.
         recipe: "attend-excite" (the above); "focus": FOCUS's subject maps on SD3/FLUX (the subjects' tokens

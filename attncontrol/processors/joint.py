@@ -90,7 +90,7 @@ def image_probs(q_img, k_img, scale: float) -> torch.Tensor:
 class JointAttention:
     """Queries and keys of an MMDiT joint layer: separate image (to_q/to_k) and text (add_q_proj/add_k_proj)
     projections, optional RMS norms on each, image tokens first (SD3 / SD3.5). Also the image-only layers
-    (SD3.5's ``attn2``, no text projections)."""
+    (SD3.5's second, image-only attention of a block: no text projections)."""
 
     text_first = False
 
