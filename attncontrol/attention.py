@@ -209,8 +209,8 @@ class AttentionMaps:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         written = []
-        for s, label in enumerate(self.labels[image]):
-            stem = f"{prefix}{_slug(label)}"
+        for s, stem in enumerate(unique_stems(self.labels[image])):
+            stem = f"{prefix}{stem}"
             atomic_save_png(self.heatmap(s, image=image), out / f"{stem}.png")
             written += [out / f"{stem}.png", self.gif(s, out / f"{stem}.gif", image=image)]
         buf = io.BytesIO()
@@ -259,9 +259,23 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 
 def _slug(text: str) -> str:
+    """A file-name-safe form of a subject: letters and digits; a subject with none (emoji) by its characters'
+    Unicode names (``"🐱"`` -> ``"cat-face"``)."""
     import re
+    import unicodedata
 
-    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "subject"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()
+    if not slug:
+        names = [unicodedata.name(ch, "") for ch in str(text) if not ch.isspace()]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", " ".join(names)).strip("-").lower()
+    return slug or "subject"
+
+
+def unique_stems(labels: Sequence[str]) -> list[str]:
+    """One distinct file stem per subject: its slug, numbered by position where slugs coincide (``"red car"`` and
+    ``"red-car"``, two emoji of one name), so no subject's files overwrite another's."""
+    slugs = [_slug(label) for label in labels]
+    return [f"{slug}-{k + 1}" if slugs.count(slug) > 1 else slug for k, slug in enumerate(slugs)]
 
 
 def subjects_of(controls: Sequence) -> list | None:

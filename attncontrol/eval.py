@@ -57,7 +57,19 @@ def load_records(out: str | Path) -> list[dict]:
     out = Path(out)
     if not (out / "manifest.jsonl").is_file() and not any(out.glob("manifest.part-*.jsonl")):
         raise AttnControlError(f"{str(out)!r} has no manifest.jsonl: is it an `attncontrol batch` output folder?")
-    return list(finished_records(out).values())
+    records = list(finished_records(out).values())
+    for rec in records:
+        missing = [k for k, kind in REQUIRED.items() if not isinstance(rec.get(k), kind)]
+        if missing:
+            raise AttnControlError(
+                f"{out}: the manifest record of {rec.get('file')!r} (key {rec['key']}) lacks "
+                f"{', '.join(missing)}; eval reads records that `attncontrol batch` wrote (was it edited?)"
+            )
+    return records
+
+
+# what every record needs for eval, with its type
+REQUIRED = {"file": str, "prompt": str, "method": str, "seed": int}
 
 
 def _load(cls, path: str, what: str, **kwargs):

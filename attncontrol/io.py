@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,12 +18,37 @@ def jsonable(value):
     return value
 
 
+def finite(value):
+    """``value`` with every non-finite float (NaN, inf) replaced by None, so it can be written as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(fileobj)`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would create it (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -46,8 +72,8 @@ def atomic_save_png(image, path: Path, text: dict[str, str] | None = None) -> No
 def append_json_line(path: Path, record: dict) -> None:
     """Append one JSON line with a single write on an O_APPEND descriptor, then fsync: a crash leaves either the
     whole line or (rarely) a truncated last line, which readers skip."""
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    data = (json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, data)
         os.fsync(fd)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 from . import __version__
+from .io import finite
 
 
 def model_identity(model: str) -> dict:
@@ -55,14 +55,4 @@ def run_metadata(pipe, model: str) -> dict:
 
 def strict_json(value) -> str:
     """JSON with NaN/inf written as null (``json.dumps`` would write the invalid ``NaN``)."""
-    return json.dumps(_finite(value), allow_nan=False)
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json.dumps(finite(value), allow_nan=False)

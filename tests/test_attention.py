@@ -148,6 +148,18 @@ def test_gif_and_save(tmp_path):
     assert saved["labels"] == ["cat"] and torch.equal(saved["maps"], att.maps[:, 0])
 
 
+def test_subjects_whose_names_reduce_alike_get_their_own_files(tmp_path):
+    from attncontrol.attention import unique_stems
+
+    assert unique_stems(["🐱", "🐶"]) == ["cat-face", "dog-face"]
+    assert unique_stems(["red car", "red-car", "cat"]) == ["red-car-1", "red-car-2", "cat"]
+    assert unique_stems(["\u2063", "\u2063"]) == ["invisible-separator-1", "invisible-separator-2"]
+    maps = _maps_with_hot_pixel(1, 1).maps.repeat(1, 1, 2, 1, 1)
+    att = AttentionMaps([["red car", "red-car"]], [0, 1, 2], [999.0, 500.0, 1.0], maps, maps.clone())
+    written = att.save(tmp_path / "att")
+    assert len(written) == len(set(written)) == 5 and all(p.is_file() for p in written)
+
+
 def test_cli_save_attention(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "o.png"
     code = main(["generate", PROMPT, "--model", str(tiny_dirs["sd1"]), "--subjects", "cat", "dog", "--steps", "3",

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import math
+import shutil
 import warnings
 
 import pytest
@@ -117,7 +119,8 @@ def test_clip_and_caption_scores_match_transformers(batch_dir, models):
         assert float(row["caption_similarity"]) == pytest.approx(float(pair.text_embeds[0] @ pair.text_embeds[1]),
                                                                  abs=1e-5)  # fmt: skip
     summary = _csv(batch_dir / "eval" / "summary.csv")
-    assert all(s["clip_full"] and s["caption_similarity"] for s in summary)
+    for s in summary:  # numbers, not "nan" or empty
+        assert math.isfinite(float(s["clip_full"])) and math.isfinite(float(s["caption_similarity"]))
     assert "caption_similarity" in (batch_dir / "eval" / "summary.md").read_text()
 
 
@@ -137,3 +140,15 @@ def test_eval_needs_a_batch_folder(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "no manifest.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_eval_names_a_record_without_its_prompt(batch_dir, tmp_path, capsys):
+    out = tmp_path / "edited"
+    shutil.copytree(batch_dir, out)
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    del first["prompt"]
+    (out / "manifest.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"key {first['key']}" in err[0] and "lacks prompt" in err[0]
