@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from PIL import Image
 
 from attncontrol.batch import BatchInputError, auto_subjects, expand, parse_seeds, prompt_set, read_entries
 from attncontrol.cli import main
+from attncontrol.errors import OptionError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -90,7 +92,7 @@ def test_txt_jsonl_csv(tmp_path):
         ("p.jsonl", '{"prompt": "a cat", "seeds": "a-b"}\n', "p.jsonl:1: seeds must look like"),
         ("p.jsonl", '{"prompt": "a cat", "boxes": "cat=0,0,2,1"}\n', r"p.jsonl:1: box for 'cat' must lie inside"),
         ("p.jsonl", '{"prompt": ""}\n', "p.jsonl:1: a non-empty 'prompt'"),
-        ("p.jsonl", '{"prompt": "a cat", "methods": "magic"}\n', "p.jsonl:1: unknown method(s) ['magic']"),
+        ("p.jsonl", '{"prompt": "a cat", "methods": "magic"}\n', "p.jsonl:1: unknown method 'magic'; choose from none"),
         ("p.csv", "text\nhello\n", "p.csv:1: the header must have a 'prompt' column"),
         ("p.yaml", "prompt: a cat\n", "must be .txt, .jsonl or .csv"),
     ],
@@ -103,7 +105,7 @@ def test_malformed_lines_name_the_line(tmp_path, name, text, message):
 
 def test_missing_subjects_fail_at_expansion_naming_the_line(tmp_path):
     entries = read_entries(_write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear\n"))
-    with pytest.raises(BatchInputError, match="p.txt:2: subjects are required for attend-excite"):
+    with pytest.raises(OptionError, match="p.txt:2: subjects are required for attend-excite"):  # the one validator
         expand(entries, [0], ["attend-excite"])
     assert len(expand(entries, [0, 1], ["none"])) == 4  # the baseline needs no subjects
 
@@ -149,24 +151,112 @@ def test_batched_generation_matches_one_by_one(tiny_dirs, tmp_path):
         assert np.abs(a - b).max() <= 3  # same seeds, batched guidance: the same images up to rounding
 
 
+def _manifest_lines(out) -> int:
+    """Records written so far by any process (parts before the merge, the merged manifest after)."""
+    files = [*out.glob("manifest.part-*.jsonl"), out / "manifest.jsonl"]
+    return sum(len(f.read_text().splitlines()) for f in files if f.exists())
+
+
+# generous on purpose: a loaded CI machine may take minutes to import torch and start the tiny model
+READY_TIMEOUT = 600
+
+
 def test_resume_after_kill_9(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-4",
            "--model", str(tiny_dirs["sd1"]), "--steps", "25"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    part = out / "manifest.part-0.jsonl"
-    while time.time() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 2):
+    deadline = time.time() + READY_TIMEOUT
+    while time.time() < deadline and _manifest_lines(out) < 2 and proc.poll() is None:  # readiness: 2 records
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run, possibly mid-write
     proc.wait()
-    killed_with = len(part.read_text().splitlines())
-    assert 2 <= killed_with < 10  # it really was interrupted
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    from attncontrol.batch import finished_keys
+
+    finished = len(finished_keys(out))  # records whose PNG is in place: what a rerun must skip
+    assert 2 <= finished < 10, finished  # it really was interrupted
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=READY_TIMEOUT)
     assert res.returncode == 0, res.stderr
-    assert f"skipped {killed_with}" in res.stdout or "skipped" in res.stdout
+    assert f"done {10 - finished}, skipped {finished}, failed 0 of 10 items" in res.stdout
     _check_folder(out, 10)
+
+
+def test_two_workers_on_one_folder_make_each_item_once(tiny_dirs, tmp_path):
+    """Two independent batch commands on one folder share the items through per-item claims."""
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-3",
+           "--model", str(tiny_dirs["sd1"]), "--steps", "12"]  # fmt: skip
+    env = {**ENV, "OMP_NUM_THREADS": "1"}  # two workers on two cores: oversubscribed OpenMP threads spin (10x slower)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=READY_TIMEOUT) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    done = []
+    for stdout, _ in outputs:
+        summary = stdout.strip().splitlines()[-1]
+        n_done, n_skipped = (int(x) for x in re.match(r"done (\d+), skipped (\d+), failed 0 of 8", summary).groups())
+        assert n_done + n_skipped == 8
+        done.append(n_done)
+    assert sum(done) == 8  # each item made once, by one of them
+    records = _check_folder(out, 8)
+    assert len({r["key"] for r in records}) == 8
+
+
+def test_batch_size_fills_groups_across_prompts_and_seeds(tmp_path):
+    from attncontrol.batch import group_items
+
+    entries = read_entries(_write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n"))
+    items = expand(entries, [0, 1], ["none", "attend-excite"])
+    groups = group_items(items, 8)
+    assert sorted(len(g) for g in groups) == [4, 4]
+    assert all(len({it.method for it in g}) == 1 for g in groups)
+    assert sorted(len(g) for g in group_items(items, 3)) == [1, 1, 3, 3]
+
+
+def test_repeated_write_errors_stop_the_batch_in_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from attncontrol.batch import runner
+
+    def full_disk(image, path, text=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(runner, "atomic_save_png", full_disk)
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\n")
+    out = tmp_path / "out"
+    code = main(["batch", str(prompts), "--out", str(out), "--seeds", "0-9", "--model", str(tiny_dirs["sd1"]),
+                 "--steps", "2"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: stopped after 3 write errors in a row") and "No space left" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not list(out.glob("*.png")) and _manifest_lines(out) == 0
+    claims = list((out / ".claims").iterdir())
+    assert len(claims) == 3 and all(c.read_bytes() == b"" for c in claims)  # given back: a rerun takes them
+
+
+def test_each_record_is_appended_only_once_its_png_is_in_place(tiny_dirs, tmp_path, monkeypatch):
+    from attncontrol.batch import runner
+
+    seen = []
+    real = runner.append_json_line
+
+    def checked(path, record):
+        if "manifest" in path.name:
+            seen.append((out / record["file"]).is_file())
+        real(path, record)
+
+    monkeypatch.setattr(runner, "append_json_line", checked)
+    prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "--out", str(out), "--seeds", "0-2", "--model", str(tiny_dirs["sd1"]),
+                 "--steps", "2", "--batch-size", "3"]) == 0  # fmt: skip
+    assert seen == [True, True, True]
+    for rec in _check_folder(out, 3):
+        assert rec["settings"]["guidance_scale"] == 7.5  # the pipeline's default, not null
+        assert rec["scheduler"] and rec["versions"]["attncontrol"]
 
 
 def test_two_process_accelerate_launch_covers_every_item_once(tiny_dirs, tmp_path):
@@ -191,3 +281,33 @@ def test_other_settings_are_other_items(tiny_dirs, tmp_path, capsys):
     assert main([*base, "--steps", "3"]) == 0  # not "already done": different steps make a different image
     assert "done 1, skipped 0" in capsys.readouterr().out.splitlines()[-1]
     assert len(_check_folder(out, 2)) == 2
+
+
+# ------------------------------------------------------------------ files
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    from attncontrol.io import atomic_write_bytes
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", lambda fh: fh.write(b"{}"))
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")  # what open() makes under this umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == mode == plain.stat().st_mode & 0o777
+
+
+def test_json_lines_are_strict_json(tmp_path):
+    from attncontrol.io import append_json_line
+
+    append_json_line(tmp_path / "m.jsonl", {"loss": float("nan"), "x": [1.0, float("inf")], "ok": 0.5})
+    line = (tmp_path / "m.jsonl").read_text()
+    assert line == '{"loss": null, "x": [1.0, null], "ok": 0.5}\n'
+
+    def reject(name):
+        raise ValueError(name)
+
+    json.loads(line, parse_constant=reject)  # no NaN / Infinity tokens

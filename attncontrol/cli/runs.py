@@ -53,6 +53,7 @@ def _batch_items(args):
 
 def cmd_batch(args) -> int:
     from ..batch import finished_keys, merge, run
+    from ..batch.state import remove_stale_temporaries
     from ..loading import load_pipeline
 
     out = preflight.check_writable_dir(args.out, "--out")
@@ -64,8 +65,7 @@ def cmd_batch(args) -> int:
     dist = _init_distributed(world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # temporary files of a run that was killed
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(out)  # of a run that was killed (recent ones may be another worker's)
         merge(out)
     if dist is not None:
         dist.barrier()
