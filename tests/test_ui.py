@@ -14,10 +14,12 @@ from PIL import Image
 import attncontrol
 from attncontrol.controls import METHODS
 from attncontrol.ui.logic import (
+    DemoCancelled,
     DemoError,
     Limits,
     Runner,
     build_request,
+    check_param,
     click_box,
     draw_boxes,
     method_params,
@@ -60,6 +62,9 @@ def test_method_params_come_from_the_dataclasses():
     assert ae["scale_factor"].kind == "float" and ae["smooth_attentions"].kind == "bool"
     assert ae["thresholds"].kind == "text" and ae["thresholds"].shown() == '{"0": 0.05, "10": 0.5, "20": 0.8}'
     assert ae["max_refinement_steps"].bounds == (0, 50)
+    # None means "the model family's default": a text field left empty keeps it (an unticked box would send False)
+    assert ae["exclude_eot"].kind == "text" and ae["exclude_eot"].shown() == ""
+    assert check_param(ae["exclude_eot"], "") is None and check_param(ae["exclude_eot"], "true") is True
 
 
 def test_token_table_words_and_subjects(tokenizer):
@@ -164,6 +169,54 @@ def test_runner_compares_with_the_baseline_and_restores(sd1):
     assert processor_snapshot(sd1.unet) == before
     boxed = runner.run(_request(methods=["refocus"], subjects=[], boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1"))
     assert boxed.heatmaps[-1][1] == "controlled · boxes"
+
+
+def test_a_cancelled_run_stops_at_the_step_and_restores(sd1):
+    import threading
+
+    before = processor_snapshot(sd1.unet)
+    cancel, steps = threading.Event(), []
+
+    def progress(done, total, what):
+        steps.append(done)
+        if done == 2:  # the client leaves during the second step of the baseline
+            cancel.set()
+
+    with pytest.raises(DemoCancelled, match="cancelled"):
+        Runner(sd1, "tiny").run(_request(steps=5), progress=progress, cancel=cancel)
+    assert steps == [1, 2]  # stopped at the end of that step: nothing of the controlled run was started
+    assert processor_snapshot(sd1.unet) == before
+
+
+def test_closing_the_handler_cancels_its_run(sd1):
+    """gradio closes a generator handler when its client disconnects; that must reach the running job."""
+    import threading
+
+    from attncontrol.ui.app import build_demo
+
+    runner = Runner(sd1, "tiny")
+    seen = {}
+
+    def blocking_run(req, progress=None, cancel=None):
+        seen["cancel"] = cancel
+        seen["stopped"] = cancel.wait(60)  # a long run that honours the cancel flag
+        raise DemoCancelled("the request was cancelled")
+
+    runner.run = blocking_run
+    demo = build_demo(runner)
+    handler = next(fn for fn in demo.fns.values() if fn.api_name == "run").fn
+    values = [p.default if p.kind in ("bool", "int", "float") else p.shown() for p in method_params()]  # as shown
+    gen = handler("a cat and a dog", [], "cat, dog", ["attend-excite"], "", 0, 3, 7.5, 64, 64, *values,
+                  progress=lambda *a, **k: None)  # fmt: skip
+    assert len(next(gen)) == 5  # still running: a keep-alive update for the five outputs
+    assert not seen["cancel"].is_set()
+    gen.close()  # what gradio does for a client that left
+    assert seen["cancel"].is_set()
+    for _ in range(100):  # the worker thread wakes from its wait at once; allow it up to 5 s to record that
+        if "stopped" in seen:
+            break
+        threading.Event().wait(0.05)
+    assert seen.get("stopped") is True
 
 
 # ------------------------------------------------------------------ served app

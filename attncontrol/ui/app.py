@@ -5,6 +5,9 @@ Nothing runs at import: ``main()`` loads the model once and builds the app with 
 
 from __future__ import annotations
 
+import contextvars
+import threading
+
 from ..controls import METHODS
 from .logic import (
     DemoError,
@@ -86,11 +89,36 @@ def build_demo(runner: Runner, limits: Limits | None = None):
                 chosen,
                 limits,
             )
-            result = runner.run(req, progress=lambda done, total, what: progress((done, total), desc=what))
         except DemoError as err:
             raise gr.Error(str(err)) from None
+        cancel = threading.Event()
+        box: dict = {}
+
+        def work():
+            try:
+                box["result"] = runner.run(req, lambda done, total, what: progress((done, total), desc=what), cancel)
+            except BaseException as err:  # handed to the request's own thread below
+                box["error"] = err
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+        worker.start()
+        try:
+            # a generator: gradio closes it when the client disconnects, which cancels the run (GeneratorExit)
+            while worker.is_alive():
+                worker.join(0.25)
+                if worker.is_alive():
+                    yield tuple(gr.update() for _ in range(5))
+        finally:
+            if worker.is_alive():
+                cancel.set()
+        if "error" in box:
+            err = box["error"]
+            if isinstance(err, DemoError):
+                raise gr.Error(str(err)) from None
+            raise err
+        result = box["result"]
         curves = pd.DataFrame(result.curves, columns=["step", "value", "series"])
-        return result.baseline, result.controlled, result.heatmaps, curves, result.summary
+        yield result.baseline, result.controlled, result.heatmaps, curves, result.summary
 
     with gr.Blocks(title="attncontrol") as demo:
         gr.Markdown(

@@ -34,6 +34,10 @@ class DemoError(AttnControlError, ValueError):
     """A user mistake in the app (shown in the page; the app keeps serving)."""
 
 
+class DemoCancelled(DemoError):
+    """The client went away; the run stopped at the end of a step."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds on what one request may ask for (a public demo must not be made to run for hours)."""
@@ -82,7 +86,9 @@ def method_params(methods: dict | None = None) -> list[Param]:
     out = []
     for method, cls in (methods or METHODS).items():
         for spec in method_fields(cls):
-            kind = spec.scalar or "text"
+            # an optional scalar whose default is None ("the family's default") cannot be a checkbox or a number
+            # box without losing that None (an unticked box sends False): it is a text field, empty = default
+            kind = spec.scalar if spec.scalar and spec.default is not None else "text"
             out.append(Param(method, spec.name, kind, spec.default, spec))
     return out
 
@@ -309,8 +315,9 @@ class Runner:
 
         return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
 
-    def run(self, req: Request, progress=None) -> DemoResult:
-        """Baseline then controlled, same seed; ``progress(done, total, what)`` is called after every step."""
+    def run(self, req: Request, progress=None, cancel: threading.Event | None = None) -> DemoResult:
+        """Baseline then controlled, same seed; ``progress(done, total, what)`` is called after every step. Setting
+        ``cancel`` (the client left) stops the run at the end of the current step, the pipeline restored."""
         import torch
 
         from ..attention import attention_metrics
@@ -326,6 +333,8 @@ class Runner:
             for offset, (label, ctl) in enumerate((("baseline", []), ("controlled", controls))):
 
                 def step_done(pipe, i, t, kwargs, offset=offset, label=label):
+                    if cancel is not None and cancel.is_set():
+                        raise DemoCancelled("the request was cancelled: its page was closed")
                     if time.monotonic() - start > self.limits.time_limit:  # the run stops; the pipeline is restored
                         raise DemoError(f"this request ran past the app's limit of {self.limits.time_limit:.0f} s; "
                                         "use fewer steps, a smaller size or fewer refinement steps")  # fmt: skip
@@ -339,6 +348,8 @@ class Runner:
                         height=req.height, width=req.width, generator=torch.Generator(gen_device).manual_seed(req.seed),
                         attention=req.observed, callback_on_step_end=step_done,
                     )  # fmt: skip
+                except DemoError:
+                    raise  # cancelled or over the time limit: already the user's sentence, and its class matters
                 except (AttnControlError, ValueError, TypeError) as err:
                     raise DemoError(str(err)) from None
         base, ctrl = outputs["baseline"], outputs["controlled"]
