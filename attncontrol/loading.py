@@ -66,9 +66,10 @@ def _load_error(model: str, err: Exception, is_local: bool, allow_pickle: bool) 
     text = str(err)
     lower = text.lower()
     if "safetensor" in type(err).__name__.lower() or any(k in lower for k in _DAMAGED):
-        return ModelLoadError(
-            f"a weights file of {model!r} is damaged (a truncated or interrupted download?): {text}\n"
-            "Download the model again (e.g. `hf download <model id> --local-dir <folder>`)."
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        return ModelLoadError(  # one line: the CLI prints only an error's first line
+            f"a weights file of {model!r} is damaged (a truncated or interrupted download?); download the model "
+            f"again (e.g. `hf download <model id> --local-dir <folder>`). Details: {first}"
         )
     if not allow_pickle and "safetensors" in lower:
         return ModelLoadError(

@@ -236,3 +236,82 @@ def test_generate_is_strict(sd1):
 def test_every_validation_error_is_an_attncontrol_error(make):
     with pytest.raises(AttnControlError):
         make()
+
+
+# ---------------------------------------------------------------- the rest of the mistakes a new user met
+
+
+def test_ui_on_a_busy_port_fails_before_the_model_loads(tiny_dirs, capsys, monkeypatch):
+    import socket
+
+    import attncontrol.loading
+
+    pytest.importorskip("gradio")
+    monkeypatch.setattr(attncontrol.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["ui", "--model", str(tiny_dirs["sd1"]), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err, err
+    assert err.count("\n") == 1
+
+
+def test_a_truncated_safetensors_file_is_called_damaged(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["sd1"], model)
+    (weights,) = (model / "unet").glob("*.safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    code = main(["generate", "a cat", "--subjects", "cat", "--model", str(model), "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is damaged" in err and "download the model again" in err, err
+    assert "--allow-pickle" not in err  # the unsafe flag is not the cure for a damaged file
+    assert "Traceback" not in err and err.endswith("\n") and err.count("error: ") == 1  # stderr also has the
+    assert not (tmp_path / "o.png").exists()  # loading bar; the error is one line
+
+
+def test_ctrl_c_in_a_batch_says_what_was_done_and_how_to_resume(tiny_dirs, tmp_path, capsys, monkeypatch):
+    from attncontrol.batch import runner
+
+    real, calls = runner.BatchRun.generate, []
+
+    def interrupted_on_the_third(self, group):
+        calls.append(len(group))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, group)
+
+    monkeypatch.setattr(runner.BatchRun, "generate", interrupted_on_the_third)
+    (tmp_path / "p.txt").write_text("a cat and a dog | cat, dog\n")
+    out = tmp_path / "out"
+    args = ["batch", str(tmp_path / "p.txt"), "--out", str(out), "--seeds", "0-3", "--model", str(tiny_dirs["sd1"]),
+            "--steps", "2"]  # fmt: skip
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130
+    assert err[-1] == "interrupted: batch stopped after 2 done (0 failed); rerun the same command to resume"
+    assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(runner.BatchRun, "generate", real)
+    assert main(args) == 0  # the rerun makes only the two that are missing
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done 2, skipped 2, failed 0 of 4")
+
+
+def test_batch_no_refinement_reaches_every_item(tmp_path):
+    from attncontrol.batch import expand, read_entries
+    from attncontrol.cli.parser import build_parser
+    from attncontrol.cli.runs import _batch_items
+
+    (tmp_path / "p.txt").write_text("a cat and a dog | cat, dog\na frog and a crown | frog, crown\n")
+    args = build_parser().parse_args(["batch", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"),
+                                      "--seeds", "0-1", "--no-refinement"])  # fmt: skip
+    items, _ = _batch_items(args)
+    assert len(items) == 4
+    for item in items:
+        (control,) = item.controls()
+        assert control.thresholds == {}  # no refinement step at any denoising step
+    (plain,) = expand(read_entries(tmp_path / "p.txt"), [0], ["attend-excite"])[0].controls()
+    assert plain.thresholds  # without the flag the official refinement schedule is used
