@@ -11,6 +11,10 @@ import torch  # noqa: E402
 
 from attncontrol.testing import make_clip_tokenizer, save_tiny_sd_pipeline  # noqa: E402
 
+# A cap on any one child process of a test, not a measure of speed: a CLI run that takes 20 s on a quiet 2-core
+# machine took over 300 s on a loaded one. Tests wait for a readiness condition, never for a fixed time.
+SUBPROCESS_TIMEOUT = 900
+
 
 def _load(folder, **kwargs):
     from diffusers import StableDiffusionPipeline
@@ -78,6 +82,29 @@ def ae_reference(pipe):
         ref = StableDiffusionAttendAndExcitePipeline(**parts)
     ref.set_progress_bar_config(disable=True)
     return ref
+
+
+def diffusers_max_attention(pipe, latents, timestep, prompt: str, indices: list[int], attn_res=(16, 16)) -> list:
+    """Each token's smoothed peak attention as diffusers' Attend-and-Excite pipeline measures it (its own store,
+    processors and ``_aggregate_and_get_max_attention_per_token``) for a conditional forward of ``latents``: an
+    independent measure of what A&E maximises. The pipeline's processors are put back afterwards."""
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (  # noqa: E501
+        AttentionStore,
+    )
+
+    ref = ae_reference(pipe)
+    saved = dict(pipe.unet.attn_processors)
+    ref.attention_store = AttentionStore(attn_res)
+    ref.register_attention_control()
+    try:
+        with torch.no_grad():
+            cond, _ = ref.encode_prompt(prompt, latents.device, 1, False)
+        with torch.enable_grad():  # its processors store maps only while a gradient is being recorded
+            leaf = latents.detach().to(pipe.unet.dtype).requires_grad_(True)
+            pipe.unet(leaf, timestep, encoder_hidden_states=cond)
+            return [float(v) for v in ref._aggregate_and_get_max_attention_per_token(indices)]
+    finally:
+        pipe.unet.set_attn_processor(saved)
 
 
 def processor_snapshot(unet):
