@@ -8,12 +8,19 @@ from PIL import Image
 
 from attncontrol.cli import main
 
+from .conftest import SUBPROCESS_TIMEOUT
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _cli(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "attncontrol", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300
+        [sys.executable, "-m", "attncontrol", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=SUBPROCESS_TIMEOUT,
     )
 
 

@@ -16,7 +16,7 @@ from attncontrol.cli import main
 from attncontrol.controls import METHODS
 from attncontrol.controls.options import method_fields, takes_boxes
 
-from .conftest import seeded
+from .conftest import SUBPROCESS_TIMEOUT, seeded
 
 # A non-default value per field, valid for its method (the generic rule: ints + 1, floats x 0.5 ...).
 SPECIAL = {"kernel_size": 5, "start": 1, "stop": 10, "quantile": 0.8, "quantile_target": 0.7, "blend": 0.5,
@@ -163,7 +163,7 @@ def test_a_real_process_prints_no_traceback(tiny_dirs, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "attncontrol", "generate", "a cat", "--model", str(tiny_dirs["sd1"]), "--subjects",
          "cat", "--methods", "astar", "--set", "astar.scale_factor=abc", "--out", str(tmp_path / "x.png")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr and "'abc'" in res.stderr
 

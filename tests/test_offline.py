@@ -13,10 +13,12 @@ from PIL import Image
 from attncontrol.errors import ModelLoadError
 from attncontrol.hub import check_tokenizer
 
+from .conftest import SUBPROCESS_TIMEOUT
+
 MODEL = "some-org/any-id"
 
 
-def _cli(*args, env_extra=None, timeout=300):
+def _cli(*args, env_extra=None, timeout=SUBPROCESS_TIMEOUT):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update({"PYTHONWARNINGS": "ignore", **(env_extra or {})})
     start = time.perf_counter()
