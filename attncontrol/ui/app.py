@@ -30,6 +30,38 @@ def example_prompts(per_group: int = 2) -> list[list[str]]:
     return [[e.prompt, ", ".join(e.subjects)] for g in groups for e in prompt_set(g)[:per_group]]
 
 
+def _run_cancellable(runner: Runner, req, progress, idle):
+    """``runner.run(req)`` in a worker thread; yields ``idle`` (a no-change update) every 0.25 s while it runs and
+    returns its result. Used as ``result = yield from ...`` inside a Gradio generator handler: Gradio closes that
+    generator when the client disconnects, and the ``GeneratorExit`` sets the run's cancel flag on the way out."""
+    import gradio as gr
+
+    cancel = threading.Event()
+    box: dict = {}
+
+    def work():
+        try:
+            box["result"] = runner.run(req, lambda done, total, what: progress((done, total), desc=what), cancel)
+        except BaseException as err:  # handed to the request's own thread below
+            box["error"] = err
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)
+            if worker.is_alive():
+                yield idle
+    finally:
+        if worker.is_alive():
+            cancel.set()
+    if "error" in box:
+        if isinstance(box["error"], DemoError):
+            raise gr.Error(str(box["error"])) from None
+        raise box["error"]
+    return box["result"]
+
+
 def build_demo(runner: Runner, limits: Limits | None = None):
     import gradio as gr
     import pandas as pd
@@ -91,32 +123,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
             )
         except DemoError as err:
             raise gr.Error(str(err)) from None
-        cancel = threading.Event()
-        box: dict = {}
-
-        def work():
-            try:
-                box["result"] = runner.run(req, lambda done, total, what: progress((done, total), desc=what), cancel)
-            except BaseException as err:  # handed to the request's own thread below
-                box["error"] = err
-
-        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
-        worker.start()
-        try:
-            # a generator: gradio closes it when the client disconnects, which cancels the run (GeneratorExit)
-            while worker.is_alive():
-                worker.join(0.25)
-                if worker.is_alive():
-                    yield tuple(gr.update() for _ in range(5))
-        finally:
-            if worker.is_alive():
-                cancel.set()
-        if "error" in box:
-            err = box["error"]
-            if isinstance(err, DemoError):
-                raise gr.Error(str(err)) from None
-            raise err
-        result = box["result"]
+        result = yield from _run_cancellable(runner, req, progress, tuple(gr.update() for _ in range(5)))
         curves = pd.DataFrame(result.curves, columns=["step", "value", "series"])
         yield result.baseline, result.controlled, result.heatmaps, curves, result.summary
 
