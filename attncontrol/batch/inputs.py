@@ -13,11 +13,24 @@ from typing import Any
 from ..controls import METHODS, Refocus, parse_boxes
 from ..errors import AttnControlError
 
-PROMPT_SETS = {
+AE_SETS = {
     "ae-animals": ("animals",),
     "ae-animal-objects": ("animals_objects",),
     "ae-objects": ("objects",),
     "ae-all": ("animals", "animals_objects", "objects"),
+}
+# GenEval (djghosh13/geneval, MIT): evaluation_metadata.jsonl, 553 prompts in six tasks
+GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# T2I-CompBench (Karine-Huang/T2I-CompBench, MIT): the 2D-spatial test prompts, "a OBJ1 RELATION a OBJ2"
+T2I_SPATIAL = re.compile(
+    r"^(?:a|an|the) (.+?) (on side of|next to|near|on the left of|on the right of|on the bottom of|on the top of) "
+    r"(?:a|an|the) (.+)$"
+)
+PROMPT_SETS = {
+    **AE_SETS,
+    "geneval": GENEVAL_TASKS,
+    **{f"geneval-{task.replace('_', '-')}": (task,) for task in GENEVAL_TASKS},
+    "t2i-compbench-spatial": ("spatial",),
 }
 ENTRY_KEYS = {"prompt", "subjects", "boxes", "seeds", "methods", "options", "negative_prompt"}
 
@@ -155,10 +168,63 @@ def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
 
 
 def prompt_set(name: str) -> list[Entry]:
+    """A built-in prompt set, each prompt with its subjects (see ``attncontrol/data/README.md`` for the sources,
+    licences and the rule that gives the subjects). ``source`` is ``SET:N``, N the line of the set's own file."""
     if name not in PROMPT_SETS:
         raise BatchInputError(f"unknown prompt set {name!r}; choose from {', '.join(PROMPT_SETS)}")
-    data = json.loads(resources.files("attncontrol").joinpath("data/ae_prompts.json").read_text())
+    if name.startswith("geneval"):
+        return [e for e in _geneval() if e.task in PROMPT_SETS[name]]
+    if name == "t2i-compbench-spatial":
+        return _t2i_spatial()
+    data = json.loads(_data("ae_prompts.json"))
     return [
         Entry(p, f"{name}:{i}", auto_subjects(p))
         for i, p in enumerate((p for group in PROMPT_SETS[name] for p in data[group]), 1)
     ]
+
+
+def _data(filename: str) -> str:
+    return resources.files("attncontrol").joinpath(f"data/{filename}").read_text(encoding="utf-8")
+
+
+def geneval_subjects(record: dict) -> list[str]:
+    """GenEval's own objects as subjects: each ``include`` class, made plural by GenEval's rule
+    (``create_prompts.py:make_plural``: +"es" after an "s", else +"s") when its count is above one. A name
+    that occurs more than once in the prompt ("a photo of an orange orange") is its last occurrence."""
+    prompt, out = record["prompt"], []
+    for clause in record["include"]:
+        name = clause["class"]
+        if clause["count"] > 1:
+            name += "es" if name.endswith("s") else "s"
+        hits = len(re.findall(rf"(?<![\w-]){re.escape(name)}(?![\w-])", prompt))
+        if not hits:
+            raise BatchInputError(f"GenEval prompt {prompt!r} does not contain its object {name!r}")
+        out.append(name if hits == 1 else f"{name}#{hits}")
+    return out
+
+
+@dataclass
+class BenchmarkEntry(Entry):
+    task: str = ""
+    metadata: dict = field(default_factory=dict)
+
+
+def _geneval() -> list[BenchmarkEntry]:
+    out = []
+    for n, line in enumerate(_data("geneval_metadata.jsonl").splitlines(), 1):
+        record = json.loads(line)
+        out.append(BenchmarkEntry(record["prompt"], f"geneval:{n}", geneval_subjects(record), task=record["tag"],
+                                  metadata=record))  # fmt: skip
+    return out
+
+
+def _t2i_spatial() -> list[BenchmarkEntry]:
+    out = []
+    for n, prompt in enumerate(_data("t2i_compbench_spatial_val.txt").splitlines(), 1):
+        m = T2I_SPATIAL.match(prompt)
+        if m is None:
+            raise BatchInputError(f"t2i-compbench-spatial:{n}: {prompt!r} does not fit 'a OBJ1 RELATION a OBJ2'")
+        obj1, relation, obj2 = m.groups()
+        out.append(BenchmarkEntry(prompt, f"t2i-compbench-spatial:{n}", [obj1, obj2], task="spatial",
+                                  metadata={"obj1": obj1, "relation": relation, "obj2": obj2}))  # fmt: skip
+    return out
