@@ -253,7 +253,7 @@ def test_app_binds_locally_and_serves_one_request_at_a_time(app):
     assert run.concurrency_limit == "default" and demo._queue.default_concurrency_limit == 1
 
 
-def test_gradio_client_end_to_end(app):
+def test_gradio_client_end_to_end(app, capfd):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
@@ -272,8 +272,10 @@ def test_gradio_client_end_to_end(app):
     assert captions == ["baseline · cat", "baseline · dog", "controlled · cat", "controlled · dog"]
     assert curve["columns"] == ["step", "value", "series"] and len(curve["data"]) == 3 * 3
     assert "weakest subject attention" in summary
+    capfd.readouterr()
     with pytest.raises(AppError, match="'horse' is not in the prompt"):
         call("cat, horse")
+    assert "Traceback" not in capfd.readouterr().err  # a user's mistake is not logged as a crash
     assert call("dog")[4]  # still serving after the mistake
 
 

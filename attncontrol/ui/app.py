@@ -57,7 +57,7 @@ def _run_cancellable(runner: Runner, req, progress, idle):
             cancel.set()
     if "error" in box:
         if isinstance(box["error"], DemoError):
-            raise gr.Error(str(box["error"])) from None
+            raise gr.Error(str(box["error"]), print_exception=False) from None  # a user mistake: no traceback
         raise box["error"]
     return box["result"]
 
@@ -87,7 +87,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
         try:
             pending, text = click_box(pending, evt.index, size, subject, text)
         except DemoError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(str(err), print_exception=False) from None
         return pending, text
 
     # gradio finds the event-data parameter by its annotation: give it the class, not the postponed string
@@ -122,7 +122,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
                 limits,
             )
         except DemoError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(str(err), print_exception=False) from None
         result = yield from _run_cancellable(runner, req, progress, tuple(gr.update() for _ in range(5)))
         curves = pd.DataFrame(result.curves, columns=["step", "value", "series"])
         yield result.baseline, result.controlled, result.heatmaps, curves, result.summary
