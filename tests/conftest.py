@@ -102,7 +102,7 @@ def diffusers_max_attention(pipe, latents, timestep, prompt: str, indices: list[
         with torch.enable_grad():  # its processors store maps only while a gradient is being recorded
             leaf = latents.detach().to(pipe.unet.dtype).requires_grad_(True)
             pipe.unet(leaf, timestep, encoder_hidden_states=cond)
-            return [float(v) for v in ref._aggregate_and_get_max_attention_per_token(indices)]
+            return [float(v.detach()) for v in ref._aggregate_and_get_max_attention_per_token(indices)]
     finally:
         pipe.unet.set_attn_processor(saved)
 
