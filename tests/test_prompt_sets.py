@@ -74,3 +74,15 @@ def test_every_subject_is_found_in_its_prompt(name, tokenizer):
         assert len(positions) == len(e.subjects)
     items = expand(entries, [0], ["attend-excite"])  # a whole set expands for a subject method
     assert len(items) == len(entries)
+
+
+def test_the_sets_are_listed_and_a_run_needs_out(capsys):
+    from attncontrol.cli import main
+
+    assert main(["batch", "--prompt-set", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: int(line.split()[1]) for line in lines[1:-1]}
+    assert rows == {name: len(prompt_set(name)) for name in PROMPT_SETS}
+    assert rows["geneval"] == 553 and rows["t2i-compbench-spatial"] == 300 and rows["ae-all"] == 276
+    assert main(["batch", "--prompt-set", "ae-animals"]) == 2
+    assert "batch needs --out FOLDER" in capsys.readouterr().err

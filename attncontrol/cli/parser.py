@@ -107,7 +107,7 @@ def _batch(sub) -> None:
     src = bat.add_mutually_exclusive_group(required=True)
     src.add_argument("prompts", nargs="?", help=".txt ('PROMPT' or 'PROMPT | cat, dog'), .jsonl or .csv file")
     src.add_argument("--prompt-set", help="a built-in prompt set (`attncontrol batch --prompt-set list` lists them)")
-    bat.add_argument("--out", required=True, help="output folder (PNGs, manifest.jsonl, failures.jsonl)")
+    bat.add_argument("--out", help="output folder (PNGs, manifest.jsonl, failures.jsonl); required to run")
     bat.add_argument("--seeds", default="0", help="e.g. 0-63 or 0,1,5 (default 0)")
     bat.add_argument(
         "--auto-subjects", action="store_true", help="pick subjects: last word of each ' and '/' with ' half"

@@ -51,11 +51,27 @@ def _batch_items(args):
     return items, settings
 
 
+def _list_prompt_sets() -> int:
+    from ..batch import PROMPT_SETS, prompt_set
+
+    print("prompt set               prompts  example (subjects)")
+    for name in PROMPT_SETS:
+        entries = prompt_set(name)
+        example = f"{entries[0].prompt} ({', '.join(map(str, entries[0].subjects or []))})"
+        print(f"{name:<24} {len(entries):>7}  {example}")
+    print("sources, licences and how the subjects are chosen: attncontrol/data/README.md")
+    return 0
+
+
 def cmd_batch(args) -> int:
     from ..batch import finished_keys, merge, run
     from ..batch.state import remove_stale_temporaries
     from ..loading import load_pipeline
 
+    if args.prompt_set == "list":
+        return _list_prompt_sets()
+    if not args.out:
+        raise OptionError("batch needs --out FOLDER (where the PNGs and manifest.jsonl go)")
     out = preflight.check_writable_dir(args.out, "--out")
     items, settings = _batch_items(args)
     preflight.check_device(args.device)
