@@ -66,10 +66,7 @@ class PreparedAStar(PreparedControl):
     def __init__(self, cfg: AStar, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
-        self.maps = TokenMaps(cfg, ctx, cfg.subjects)
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects), cfg, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         # per image: masks of the latest step seen, and of the step before it (the "previous step" B_t)
         self._latest: dict[int, tuple[int, torch.Tensor]] = {}

@@ -68,10 +68,7 @@ class PreparedAttendExcite(PreparedControl):
     def __init__(self, cfg: AttendExcite, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
-        self.maps = TokenMaps(cfg, ctx, cfg.subjects)
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects), cfg, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         self.max_refinement_steps = cfg.max_refinement_steps
 

@@ -158,6 +158,15 @@ class PreparedControl(Prepared):
         """(tokens,) bool: the token positions this control's maps need (None: all)."""
         return None
 
+    def bind_maps(self, maps, cfg, ctx: ControlContext, columns=None) -> None:
+        """Read per-subject ``maps`` (a :class:`~attncontrol.controls.common.TokenMaps`) at their grid with the
+        options' blocks and normalisation, ask for ``columns`` (a callable; default: the maps' own columns),
+        and bind the options' update rule."""
+        self.maps = maps
+        self.resolution, self.blocks, self.normalise = maps.resolution, cfg.blocks, cfg.normalise
+        self.text_columns = maps.columns if columns is None else columns
+        cfg.bind_update(self, ctx)
+
     def map_keys(self) -> list[MapKey]:
         """The maps this control reads (the engine captures the union of all controls' keys)."""
         return [MapKey(kind, tuple(self.resolution), self.blocks, self.normalise if kind == "cross" else "all")

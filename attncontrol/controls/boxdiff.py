@@ -88,12 +88,10 @@ class PreparedBoxDiff(PreparedControl):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         try:
-            self.maps = TokenMaps(cfg, ctx, cfg.subjects)
+            maps = TokenMaps(cfg, ctx, cfg.subjects)
         except SubjectError as err:
             raise SubjectError(f"BoxDiff boxes: {err}") from None
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(maps, cfg, ctx)
         self.boxes = list(cfg.boxes.values())
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         self.max_refinement_steps = cfg.max_refinement_steps

@@ -76,10 +76,7 @@ class PreparedConform(PreparedControl):
         # per image: the tokens (all pieces of every word) and their group labels
         self.tokens = [[p for mods, noun in g for w in (*mods, noun) for p in w] for g in groups]
         self.labels = [[k for k, (mods, noun) in enumerate(g) for w in (*mods, noun) for _ in w] for g in groups]
-        self.maps = TokenMaps(cfg, ctx, cfg.subjects, positions=[[tuple(t)] for t in self.tokens])
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects, positions=[[tuple(t)] for t in self.tokens]), cfg, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
         self.max_refinement_steps = cfg.refinement_iterations
         self._latest: dict[int, tuple[int, torch.Tensor]] = {}

@@ -79,10 +79,7 @@ class PreparedDivideBind(PreparedControl):
         self.bind_window(cfg, ctx.num_steps)
         self.groups = binding_groups(ctx, cfg.subjects, dict(cfg.bindings))
         nouns = [[noun for _, noun in groups] for groups in self.groups]
-        self.maps = TokenMaps(cfg, ctx, cfg.subjects, positions=nouns)
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects, positions=nouns), cfg, ctx)
         finer = [g for g in ctx.cross_resolutions if g[0] > self.resolution[0]]
         grids = finer if cfg.attribute_levels == "finer" and finer else [tuple(self.resolution)]
         self.attribute_keys = [MapKey("cross", g, cfg.blocks, cfg.normalise) for g in grids]

@@ -144,10 +144,7 @@ class PreparedInitNO(PreparedControl):
     def __init__(self, cfg: InitNO, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
-        self.maps = TokenMaps(cfg, ctx, cfg.subjects)
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects), cfg, ctx)
         self.self_key = MapKey("self", self.resolution, cfg.blocks)
         ctx.select(self.self_key)  # the layers S_self reads exist
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)

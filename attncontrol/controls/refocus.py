@@ -125,12 +125,10 @@ class PreparedRefocus(PreparedControl):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         try:
-            self.maps = TokenMaps(cfg, ctx, cfg.subjects)
+            maps = TokenMaps(cfg, ctx, cfg.subjects)
         except SubjectError as err:
             raise SubjectError(f"Refocus boxes: {err}") from None
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = self.maps.columns
-        cfg.bind_update(self, ctx)
+        self.bind_maps(maps, cfg, ctx)
         ctx.select(MapKey("self", self.resolution, cfg.blocks))  # the layers SAR reads exist
         self.boxes = list(cfg.boxes.values())
         self._min_inside: dict[int, float] = {}

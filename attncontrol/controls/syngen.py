@@ -60,18 +60,14 @@ class PreparedSynGen(PreparedControl):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         self.groups = binding_groups(ctx, cfg.subjects, dict(cfg.bindings))
-        self.maps = TokenMaps(cfg, ctx, cfg.subjects, positions=[[noun for _, noun in g] for g in self.groups])
-        self.resolution, self.blocks, self.normalise = self.maps.resolution, cfg.blocks, cfg.normalise
         prompt_tokens = ctx.keep_mask(True)  # every prompt token, without start/end tokens and padding
+        nouns = [[noun for _, noun in g] for g in self.groups]
+        columns = prompt_tokens.any(0)  # its loss reads every prompt token, not only the nouns
+        self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects, positions=nouns), cfg, ctx, columns=lambda: columns)
         self.others = []
         for b, groups in enumerate(self.groups):
             mine = {p for mods, noun in groups for w in (*mods, noun) for p in w}
             self.others.append([p for p in prompt_tokens[b].nonzero().flatten().tolist() if p not in mine])
-        self._columns = prompt_tokens.any(0)
-        cfg.bind_update(self, ctx)
-
-    def text_columns(self) -> torch.Tensor:
-        return self._columns
 
     def step_size(self, step: int) -> float:
         return float(self.cfg.step_size)
