@@ -73,7 +73,7 @@ def test_every_subject_is_found_in_its_prompt(name, tokenizer):
         positions = resolve_subjects(tokenizer, e.prompt, e.subjects)
         assert len(positions) == len(e.subjects)
     items = expand(entries, [0], ["attend-excite"])  # a whole set expands for a subject method
-    assert len(items) == len(entries)
+    assert len(items) == len({e.prompt for e in entries})  # a prompt listed twice is one image
 
 
 def test_the_sets_are_listed_and_a_run_needs_out(capsys):
@@ -86,3 +86,69 @@ def test_the_sets_are_listed_and_a_run_needs_out(capsys):
     assert rows["geneval"] == 553 and rows["t2i-compbench-spatial"] == 300 and rows["ae-all"] == 276
     assert main(["batch", "--prompt-set", "ae-animals"]) == 2
     assert "batch needs --out FOLDER" in capsys.readouterr().err
+
+
+# sha256 of Karine-Huang/T2I-CompBench examples/dataset/*_val.txt, CRLF -> LF, each line stripped, one per line
+# with a final newline; computed from the upstream files when they were copied (color at 1b70949 and at 7710d05)
+T2I_FILES = {
+    "t2i-compbench-color": ("t2i_compbench_color_val.txt", "a green bench and a blue bowl"),
+    "t2i-compbench-color-2023": ("t2i_compbench_color_val_2023.txt", "a green bench and a blue bowl"),
+    "t2i-compbench-shape": ("t2i_compbench_shape_val.txt", "an oblong cucumber and a teardrop plum"),
+    "t2i-compbench-texture": ("t2i_compbench_texture_val.txt", "a plastic toy and a glass bottle"),
+    "t2i-compbench-non-spatial": ("t2i_compbench_non_spatial_val.txt",
+                                  "A person is looking at a rainbow and marveling at its beauty."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(T2I_FILES))
+def test_t2i_compbench_phrase_sets(name):
+    filename, first = T2I_FILES[name]
+    entries = prompt_set(name)
+    assert len(entries) == 300 and entries[0].prompt == first and entries[0].source == f"{name}:1"
+    text = resources.files("attncontrol").joinpath(f"data/{filename}").read_text()
+    assert text.splitlines() == [e.prompt for e in entries]
+    for e in entries:  # the subjects are the phrases' heads, each phrase's text is in the prompt
+        assert len(e.subjects) == len(e.metadata["phrases"]) >= 1
+        assert all(p.lower() in e.prompt.lower() for p in e.metadata["phrases"])
+
+
+def test_t2i_compbench_color_versions_differ_where_upstream_changed_them():
+    now, then = prompt_set("t2i-compbench-color"), prompt_set("t2i-compbench-color-2023")
+    changed = [(a.prompt, b.prompt) for a, b in zip(now, then) if a.prompt != b.prompt]
+    # upstream commit 3310c2f "remove duplicates" edited 5 lines; the 2023 file has 295 distinct prompts
+    assert len(changed) == 5 and len({e.prompt for e in then}) == 295 and len({e.prompt for e in now}) == 300
+    assert ("a yellow taxi and a red tire", "a yellow taxi and a black tire") in changed
+
+
+@pytest.mark.parametrize(
+    "prompt,phrases,subjects",
+    [
+        ("a green bench and a red car", ["a green bench", "a red car"], ["bench", "car"]),
+        ("a blue cup and a green cell phone", ["a blue cup", "a green cell phone"], ["cup", "phone"]),
+        ("rubber sole shoes and fluffy clouds", ["rubber sole shoes", "fluffy clouds"], ["shoes", "clouds"]),
+        ("A person is looking at a rainbow and marveling at its beauty.",
+         ["A person", "a rainbow", "its beauty"], ["person", "rainbow", "beauty"]),
+        ("A cat is lazily lounging in a sunny windowsill.", ["A cat", "a sunny windowsill"], ["cat", "windowsill"]),
+        ("a triangular slice of cheese and a rectangular cheese board",
+         ["a triangular slice", "cheese", "a rectangular cheese board"], ["slice", "cheese#1", "board"]),
+        ("a red cup and a red cup", ["a red cup", "a red cup"], ["cup#1", "cup#2"]),
+        ("A group of people are cheering at a sports game.", ["A group", "people", "a sports game"],
+         ["group", "people", "game"]),
+        ("A scientist is conducting experiments in a high-tech lab.", ["A scientist", "a high-tech lab"],
+         ["scientist", "lab"]),
+    ],
+)  # fmt: skip
+def test_noun_phrase_rule_on_hand_made_prompts(prompt, phrases, subjects):
+    from attncontrol.phrases import noun_phrases
+
+    found = noun_phrases(prompt)
+    assert [p.text for p in found] == phrases and [p.subject for p in found] == subjects
+
+
+def test_a_record_maps_back_to_its_set_entry():
+    from attncontrol.batch.inputs import benchmark_entry
+
+    assert benchmark_entry("geneval:401").metadata["include"][1]["position"] == ["left of", 0]
+    assert benchmark_entry("t2i-compbench-shape:1").metadata["phrases"] == ["an oblong cucumber", "a teardrop plum"]
+    assert benchmark_entry("prompts.txt:3") is None and benchmark_entry(None) is None
+    assert benchmark_entry("ae-animals:1") is None  # A&E's sets carry no benchmark metadata

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,16 @@ PROMPT_SETS = {
     "geneval": GENEVAL_TASKS,
     **{f"geneval-{task.replace('_', '-')}": (task,) for task in GENEVAL_TASKS},
     "t2i-compbench-spatial": ("spatial",),
+    **{f"t2i-compbench-{task.replace('_', '-')}": (task,) for task in ("color", "shape", "texture", "non_spatial")},
+    "t2i-compbench-color-2023": ("color_2023",),
+}
+# the T2I-CompBench sets whose subjects and question phrases come from attncontrol.phrases (no metadata upstream)
+T2I_PHRASE_FILES = {
+    "color": "t2i_compbench_color_val.txt",
+    "color_2023": "t2i_compbench_color_val_2023.txt",
+    "shape": "t2i_compbench_shape_val.txt",
+    "texture": "t2i_compbench_texture_val.txt",
+    "non_spatial": "t2i_compbench_non_spatial_val.txt",
 }
 ENTRY_KEYS = {"prompt", "subjects", "boxes", "seeds", "methods", "options", "negative_prompt"}
 
@@ -176,6 +187,8 @@ def prompt_set(name: str) -> list[Entry]:
         return [e for e in _geneval() if e.task in PROMPT_SETS[name]]
     if name == "t2i-compbench-spatial":
         return _t2i_spatial()
+    if name.startswith("t2i-compbench-"):
+        return _t2i_phrases(name, PROMPT_SETS[name][0])
     data = json.loads(_data("ae_prompts.json"))
     return [
         Entry(p, f"{name}:{i}", auto_subjects(p))
@@ -228,3 +241,30 @@ def _t2i_spatial() -> list[BenchmarkEntry]:
         out.append(BenchmarkEntry(prompt, f"t2i-compbench-spatial:{n}", [obj1, obj2], task="spatial",
                                   metadata={"obj1": obj1, "relation": relation, "obj2": obj2}))  # fmt: skip
     return out
+
+
+def _t2i_phrases(name: str, task: str) -> list[BenchmarkEntry]:
+    """T2I-CompBench's attribute and non-spatial sets: subjects and question phrases by ``attncontrol.phrases``."""
+    from ..phrases import noun_phrases
+
+    out = []
+    for n, prompt in enumerate(_data(T2I_PHRASE_FILES[task]).splitlines(), 1):
+        phrases = noun_phrases(prompt)
+        if not phrases:
+            raise BatchInputError(f"{name}:{n}: no noun phrase found in {prompt!r}")
+        out.append(BenchmarkEntry(prompt, f"{name}:{n}", [p.subject for p in phrases], task=task.removesuffix("_2023"),
+                                  metadata={"phrases": [p.text for p in phrases]}))  # fmt: skip
+    return out
+
+
+def benchmark_entry(source: str | None) -> BenchmarkEntry | None:
+    """The built-in set's entry a batch record came from (its ``source`` is ``SET:N``), or None for other sources."""
+    name, _, line = (source or "").rpartition(":")
+    if name not in PROMPT_SETS or name.startswith("ae-") or not line.isdigit():
+        return None
+    return _set_index(name).get(source)
+
+
+@lru_cache(maxsize=None)
+def _set_index(name: str) -> dict[str, BenchmarkEntry]:
+    return {e.source: e for e in prompt_set(name)}
