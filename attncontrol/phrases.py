@@ -23,17 +23,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DETERMINERS = frozenset(
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+DETERMINERS = _words(
     "a an the its his her their our my your this that these those some two three four five six seven eight nine ten "
-    "several many".split()
+    "several many"
 )
 CONJUNCTIONS = frozenset({"and", "or", "but"})
-PREPOSITIONS = frozenset(
+PREPOSITIONS = _words(
     "of on in at with from to for by near next under over above below beneath behind beside besides between among "
-    "into onto inside outside around across through against along during after before atop without within".split()
+    "into onto inside outside around across through against along during after before atop without within"
 )
-BOUNDARIES = CONJUNCTIONS | PREPOSITIONS | frozenset(
-    "is are was were be been being has have had as while that which who whose where when than like".split()
+BOUNDARIES = (
+    CONJUNCTIONS
+    | PREPOSITIONS
+    | _words("is are was were be been being has have had as while that which who whose where when than like")
 )
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 

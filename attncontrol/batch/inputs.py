@@ -6,7 +6,7 @@ import csv
 import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,6 @@ def benchmark_entry(source: str | None) -> BenchmarkEntry | None:
     return _set_index(name).get(source)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _set_index(name: str) -> dict[str, BenchmarkEntry]:
     return {e.source: e for e in prompt_set(name)}
