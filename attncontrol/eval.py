@@ -11,10 +11,24 @@ Metrics (the Attend-and-Excite paper's protocol, Sec. 5; DESIGN.md section 3):
   of openai/clip-vit-base-patch16, the paper's ViT-B/16);
 - ``caption_similarity``: a captioner's caption of the image (``--captioner PATH``, e.g. BLIP) compared with the
   prompt as CLIP text-text cosine similarity (single sentences, no templates). Needs ``--clip`` too.
+- ``clip_score``: the plain image-prompt cosine (no templates): T2I-CompBench's non-spatial CLIPScore. ``--clip``.
+
+The benchmarks' metrics (``attncontrol.scores``; docs/evaluation.md):
+
+- ``vqa_binding`` (``--vqa PATH``, a BLIP VQA model): T2I-CompBench's BLIP-VQA score, one question per noun phrase;
+- with ``--detector PATH`` (OWLv2 / OWL-ViT): ``objects_found`` (share of the subjects detected), ``box_iou``
+  (Refocus layouts: each box against its subject's detections), ``geneval_correct`` (GenEval's rule, for images of
+  the ``geneval`` sets; colours through ``--clip``) and ``t2i_spatial`` (T2I-CompBench's 2D-spatial score, for the
+  ``t2i-compbench-spatial`` set).
+
+Images made from a built-in set (their ``source`` is ``SET:N``) are also tallied per task in ``benchmarks.md``, in
+the benchmark's own table format. ``--compare none`` adds ``compare.md``/``.csv``: each method's gain over the
+baseline on the same prompts and seeds, with a bootstrap interval and a sign-flip p-value.
 
 Output, in ``OUT_DIR/eval/``: ``per_image.csv``, ``summary.csv`` and ``summary.md`` (one row per method: images
-and the mean +- standard deviation of each metric), and with ``--grid`` one PNG per prompt in ``grids/`` (rows:
-seeds, columns: methods). All files are written atomically; the batch folder itself is only read.
+and the mean +- standard deviation and 95% bootstrap interval of each metric), and with ``--grid`` one PNG per
+prompt in ``grids/`` (rows: seeds, columns: methods). All files are written atomically; the batch folder itself
+is only read.
 """
 
 from __future__ import annotations
@@ -33,7 +47,10 @@ from pathlib import Path
 from .errors import AttnControlError, ModelLoadError
 from .io import atomic_save_png, atomic_write_bytes
 
-METRICS = ("min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity")
+METRICS = (
+    "min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity", "clip_score",
+    "vqa_binding", "objects_found", "box_iou", "geneval_correct", "t2i_spatial",
+)  # fmt: skip
 
 
 def imagenet_templates() -> list[str]:
@@ -72,7 +89,7 @@ def load_records(out: str | Path) -> list[dict]:
 REQUIRED = {"file": str, "prompt": str, "method": str, "seed": int}
 
 
-def _load(cls, path: str, what: str, **kwargs):
+def _load(cls, path: str, what: str, flag: str | None = None, **kwargs):
     """A transformers model or processor from a local folder or a hub id (fails fast offline); a processor's
     tokenizer is checked for a real vocabulary."""
     from .hub import check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
@@ -81,13 +98,13 @@ def _load(cls, path: str, what: str, **kwargs):
     if not local.is_dir() and not is_hub_id(path):
         raise ModelLoadError(
             f"the {what} folder {path!r} does not exist; pass a local folder holding the model in transformers' "
-            "save_pretrained layout (e.g. a downloaded openai/clip-vit-base-patch16)"
+            "save_pretrained layout (docs/evaluation.md names the models to download)"
         )
     try:
         loaded = cls.from_pretrained(str(local) if local.is_dir() else path, **kwargs, **hub_kwargs(path))
     except (OSError, ValueError) as err:
         if not local.is_dir():
-            flag = "--captioner" if what.startswith("captioner") else "--clip"
+            flag = flag or ("--captioner" if what.startswith("captioner") else "--clip")
             raise ModelLoadError(unavailable_message(path, what, str(err), flag)) from err
         hint = "a local folder (save_pretrained layout, safetensors weights)"
         raise ModelLoadError(f"could not load the {what} from {path!r}: {err}\nPass {hint}.") from err
@@ -173,15 +190,26 @@ class Captioner:
 class EvalReport:
     rows: list[dict] = field(default_factory=list)  # one per image
     summary: list[dict] = field(default_factory=list)  # one per method
+    benchmarks: str = ""  # the per-task tables in the benchmarks' formats (Markdown), when any image is from a set
+    comparison: list[dict] = field(default_factory=list)  # with --compare: one per (method, metric)
     files: list[Path] = field(default_factory=list)
 
     def markdown(self) -> str:
-        return summary_markdown(self.summary)
+        text = summary_markdown(self.summary)
+        if self.comparison:
+            text += "\n" + comparison_markdown(self.comparison)
+        return text + ("\n" + self.benchmarks if self.benchmarks else "")
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per method (in order of first appearance): images, and the mean and standard deviation of each metric over
-    the images that have it."""
+def _values(group: list[dict], metric: str) -> list[float]:
+    return [r[metric] for r in group if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+
+
+def summarise(rows: list[dict], reps: int = 2000) -> list[dict]:
+    """Per method (in order of first appearance): images, and the mean, standard deviation and 95% percentile
+    bootstrap interval (``reps`` resamples, seed 0) of each metric over the images that have it."""
+    from .scores.stats import bootstrap_ci, mean_std
+
     methods: dict[str, list[dict]] = {}
     for row in rows:
         methods.setdefault(row["method"], []).append(row)
@@ -189,11 +217,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     for method, group in methods.items():
         entry: dict = {"method": method, "images": len(group)}
         for metric in METRICS:
-            values = [r[metric] for r in group if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+            values = _values(group, metric)
             if values:
-                mean = sum(values) / len(values)
-                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-                entry[metric], entry[f"{metric}_std"] = mean, math.sqrt(var)
+                entry[metric], entry[f"{metric}_std"] = mean_std(values)
+                entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"] = bootstrap_ci(values, reps=reps)
         out.append(entry)
     return out
 
@@ -203,8 +230,46 @@ def summary_markdown(summary: list[dict]) -> str:
     head = "| method | images | " + " | ".join(present) + " |"
     lines = [head, "|---|---|" + "---|" * len(present)]
     for s in summary:
-        cells = [f"{s[m]:.4f} ± {s[f'{m}_std']:.4f}" if m in s else "" for m in present]
+        cells = [
+            f"{s[m]:.4f} ± {s[f'{m}_std']:.4f} [{s[f'{m}_ci_low']:.4f}, {s[f'{m}_ci_high']:.4f}]" if m in s else ""
+            for m in present
+        ]
         lines.append(f"| {s['method']} | {s['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(rows: list[dict], baseline: str = "none", reps: int = 2000) -> list[dict]:
+    """Each method against ``baseline`` on the images both made (same prompt and seed): per metric, the number of
+    pairs, the mean difference (method - baseline), its 95% bootstrap interval and a two-sided sign-flip p-value."""
+    from .scores.stats import paired_comparison
+
+    base = {(r["prompt"], r["seed"]): r for r in rows if r["method"] == baseline}
+    if not base:
+        methods = ", ".join(dict.fromkeys(r["method"] for r in rows))
+        raise AttnControlError(f"--compare {baseline}: no image of method {baseline!r} here (methods: {methods})")
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != baseline):
+        group = [r for r in rows if r["method"] == method and (r["prompt"], r["seed"]) in base]
+        for metric in METRICS:
+            pairs = [(r[metric], base[(r["prompt"], r["seed"])].get(metric)) for r in group]
+            pairs = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
+            if pairs:
+                out.append({"method": method, "baseline": baseline, "metric": metric,
+                            **paired_comparison(pairs, reps=reps)})  # fmt: skip
+    return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def comparison_markdown(comparison: list[dict]) -> str:
+    base = comparison[0]["baseline"]
+    head = f"| method | metric | pairs | gain over {base} | 95% interval | p (sign-flip) |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for c in comparison:
+        lines.append(f"| {c['method']} | {c['metric']} | {c['n']} | {c['delta']:+.4f} | "
+                     f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p']:.4g} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -226,20 +291,52 @@ def evaluate(
     batch_size: int = 16,
     allow_pickle: bool = False,
     progress: bool = True,
+    vqa: str | None = None,
+    detector: str | None = None,
+    rules=None,
+    compare_with: str | None = None,
+    bootstrap: int = 2000,
 ) -> EvalReport:
-    """Score every finished image of the batch folder ``out``; write the tables (and grids) to ``out/eval``."""
+    """Score every finished image of the batch folder ``out``; write the tables (and grids) to ``out/eval``.
+    ``rules`` (a :class:`attncontrol.scores.DetectionRules`) sets the detector thresholds."""
+    from .scores import DetectionRules
+
     out = Path(out)
     if captioner and not clip:
         raise AttnControlError("--captioner compares captions with prompts through CLIP's text encoder: add --clip")
     if batch_size < 1:
         raise AttnControlError(f"--batch-size must be >= 1, got {batch_size}")
+    if bootstrap < 100:
+        raise AttnControlError(f"--bootstrap must be >= 100 resamples, got {bootstrap}")
+    rules = rules or DetectionRules()
+    for name, value in (("--detection-threshold", rules.threshold), ("--counting-threshold", rules.counting_threshold)):
+        if not 0 <= value < 1:
+            raise AttnControlError(f"{name} must be in [0, 1), got {value}")
     records = load_records(out)
     rows = [_row(rec) for rec in records]
+    if compare_with is not None and not any(r["method"] == compare_with for r in rows):
+        compare(rows, compare_with)  # raises, naming the methods there are, before any model loads
+    scorers = {}
     if clip:
-        scorer = ClipScorer(clip, device, allow_pickle)
-        caption = Captioner(captioner, device, allow_pickle) if captioner else None
-        _score_clip(rows, out, scorer, caption, batch_size, progress)
-    report = EvalReport(rows=rows, summary=summarise(rows))
+        scorers["clip"] = ClipScorer(clip, device, allow_pickle)
+    if captioner:
+        scorers["caption"] = Captioner(captioner, device, allow_pickle)
+    if vqa:
+        from .scores.models import VqaScorer
+
+        scorers["vqa"] = VqaScorer(vqa, device, allow_pickle)
+    if detector:
+        from .scores.models import Detector
+
+        scorers["detector"] = Detector(detector, device, allow_pickle)
+    if scorers:
+        _score(rows, records, out, scorers, rules, batch_size, progress)
+    report = EvalReport(rows=rows, summary=summarise(rows, bootstrap))
+    if compare_with is not None:
+        report.comparison = compare(rows, compare_with, bootstrap)
+    from .scores.tables import benchmark_tables
+
+    report.benchmarks = benchmark_tables(rows)
     _write_tables(report, out / "eval")
     if grid:
         report.files += write_grids(out, records, out / "eval" / "grids")
@@ -248,51 +345,79 @@ def evaluate(
 
 def _row(rec: dict) -> dict:
     """The per-image row of a manifest record (the attention metrics that ``batch`` recorded)."""
+    from .batch.inputs import benchmark_entry
+
     att = rec.get("attention") or {}
+    entry = benchmark_entry(rec.get("source"))
     return {
         "file": rec["file"],
         "prompt": rec["prompt"],
         "method": rec["method"],
         "seed": rec["seed"],
-        "subjects": ";".join(att.get("subjects") or rec.get("subjects") or []),
+        "source": rec.get("source"),
+        "task": f"{_benchmark(entry.source)}:{entry.task}" if entry is not None else None,
+        "subjects": ";".join(str(s) for s in att.get("subjects") or rec.get("subjects") or []),
         "min_subject_attention": att.get("min_subject_attention"),
         "subject_overlap": att.get("subject_overlap"),
     }
 
 
-def _score_clip(rows: list[dict], out: Path, scorer, caption, batch_size: int, progress: bool) -> None:
-    """CLIP image-text similarities (full prompt, weakest half) and caption similarity, into ``rows``."""
+def _benchmark(source: str) -> str:
+    return "geneval" if source.startswith("geneval") else "t2i-compbench"
+
+
+def _score(rows: list[dict], records: list[dict], out: Path, scorers: dict, rules, batch_size: int,
+           progress: bool) -> None:  # fmt: skip
+    """Every model score, into ``rows``; images are read once per chunk."""
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from .scores.images import score_image
+
     bar = tqdm(total=len(rows), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        images = [Image.open(out / r["file"]) for r in chunk]
-        feats = scorer.images(images)
-        captions = caption(images) if caption is not None else None
-        for k, r in enumerate(chunk):
-            r["clip_full"] = float(feats[k] @ scorer.text(r["prompt"]))
-            r["clip_min_half"] = min(float(feats[k] @ scorer.text(h)) for h in prompt_halves(r["prompt"]))
-            if captions is not None:
-                r["caption"] = captions[k]
-                sim = scorer.text(captions[k], templates=False) @ scorer.text(r["prompt"], templates=False)
-                r["caption_similarity"] = float(sim)
-        for im in images:
-            im.close()
+        chunk = list(zip(rows[start : start + batch_size], records[start : start + batch_size]))
+        images = [Image.open(out / r["file"]).convert("RGB") for r, _ in chunk]
+        if "clip" in scorers:
+            _score_clip([r for r, _ in chunk], images, scorers["clip"], scorers.get("caption"))
+        for (row, rec), image in zip(chunk, images):
+            score_image(row, rec, image, scorers, rules)
         bar.update(len(chunk))
     bar.close()
 
 
+def _score_clip(rows: list[dict], images: list, scorer, caption) -> None:
+    """CLIP image-text similarities (full prompt, weakest half, plain CLIPScore) and caption similarity."""
+    feats = scorer.images(images)
+    captions = caption(images) if caption is not None else None
+    for k, r in enumerate(rows):
+        r["clip_full"] = float(feats[k] @ scorer.text(r["prompt"]))
+        r["clip_min_half"] = min(float(feats[k] @ scorer.text(h)) for h in prompt_halves(r["prompt"]))
+        r["clip_score"] = float(feats[k] @ scorer.text(r["prompt"], templates=False))
+        if captions is not None:
+            r["caption"] = captions[k]
+            sim = scorer.text(captions[k], templates=False) @ scorer.text(r["prompt"], templates=False)
+            r["caption_similarity"] = float(sim)
+
+
 def _write_tables(report: EvalReport, dest: Path) -> None:
     dest.mkdir(exist_ok=True)
-    columns = ["file", "prompt", "method", "seed", "subjects", *METRICS, "caption"]
-    summary_columns = ["method", "images"] + [c for m in METRICS for c in (m, f"{m}_std")]
-    for name, data in (
+    columns = ["file", "prompt", "method", "seed", "source", "task", "subjects", *METRICS, "caption", "vqa_answers",
+               "geneval_reason"]  # fmt: skip
+    stats = ("", "_std", "_ci_low", "_ci_high")
+    summary_columns = ["method", "images"] + [f"{m}{s}" for m in METRICS for s in stats]
+    files = [
         ("per_image.csv", _csv_bytes(report.rows, columns)),
         ("summary.csv", _csv_bytes(report.summary, summary_columns)),
-        ("summary.md", report.markdown().encode("utf-8")),
-    ):
+        ("summary.md", summary_markdown(report.summary).encode("utf-8")),
+    ]
+    if report.comparison:
+        compare_columns = ["method", "baseline", "metric", "n", "delta", "ci_low", "ci_high", "p"]
+        files.append(("compare.csv", _csv_bytes(report.comparison, compare_columns)))
+        files.append(("compare.md", comparison_markdown(report.comparison).encode("utf-8")))
+    if report.benchmarks:
+        files.append(("benchmarks.md", report.benchmarks.encode("utf-8")))
+    for name, data in files:
         atomic_write_bytes(dest / name, lambda fh, data=data: fh.write(data))
         report.files.append(dest / name)
 

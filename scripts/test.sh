@@ -11,7 +11,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first: this exact version is a CPU wheel on the project's machines (a CUDA build elsewhere).
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,ui]"
+python -m pip install -q -e ".[dev,ui,eval]"
 # The CLIP BPE vocabulary for the offline tokenizer; --no-deps keeps torch as installed above.
 python -m pip install -q --no-deps "open-clip-torch>=2.20"
 # The UI's browser test drives Debian's Chromium (never `playwright install`).

@@ -123,6 +123,45 @@ def _eval(sub) -> None:
     ev.add_argument("out", help="an `attncontrol batch` output folder")
     ev.add_argument("--clip", default=None, metavar="PATH", help="CLIP model folder or hub id (clip-vit-base-patch16)")
     ev.add_argument("--captioner", default=None, metavar="PATH", help="BLIP captioning model (needs --clip)")
+    ev.add_argument(
+        "--vqa",
+        default=None,
+        metavar="PATH",
+        help="BLIP VQA model (blip-vqa-capfilt-large): T2I-CompBench's attribute-binding score",
+    )
+    ev.add_argument(
+        "--detector",
+        default=None,
+        metavar="PATH",
+        help="OWLv2/OWL-ViT detector: objects found, box IoU, GenEval and T2I-CompBench spatial",
+    )
+    ev.add_argument(
+        "--detection-threshold",
+        type=float,
+        default=0.3,
+        metavar="S",
+        help="detector score an object needs (default 0.3, GenEval's)",
+    )
+    ev.add_argument(
+        "--counting-threshold",
+        type=float,
+        default=0.9,
+        metavar="S",
+        help="the score GenEval's counting task needs (default 0.9, GenEval's)",
+    )
+    ev.add_argument(
+        "--compare",
+        default=None,
+        metavar="METHOD",
+        help="each method's gain over METHOD (e.g. none) on the same prompts and seeds, with a paired test",
+    )
+    ev.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        default=2000,
+        metavar="N",
+        help="bootstrap resamples for the 95%% intervals (default 2000)",
+    )
     ev.add_argument("--grid", action="store_true", help="also write one image grid per prompt (methods side by side)")
     ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ev.add_argument("--batch-size", type=_positive_int, default=16)

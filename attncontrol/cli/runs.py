@@ -122,9 +122,13 @@ def cmd_eval(args) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from ..scores import DetectionRules
+
+    rules = DetectionRules(threshold=args.detection_threshold, counting_threshold=args.counting_threshold)
     report = evaluate(
-        args.out, args.clip, args.captioner, args.grid, device, args.batch_size, args.allow_pickle, progress=True
-    )
+        args.out, args.clip, args.captioner, args.grid, device, args.batch_size, args.allow_pickle, progress=True,
+        vqa=args.vqa, detector=args.detector, rules=rules, compare_with=args.compare, bootstrap=args.bootstrap,
+    )  # fmt: skip
     print(report.markdown(), end="")
     print(f"{len(report.rows)} images; wrote {', '.join(str(f) for f in report.files[:3])}"
           + (f" and {len(report.files) - 3} grids" if len(report.files) > 3 else ""), file=sys.stderr)  # fmt: skip

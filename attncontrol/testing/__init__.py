@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .eval_models import save_tiny_blip, save_tiny_clip
+from .eval_models import save_tiny_blip, save_tiny_blip_vqa, save_tiny_clip, save_tiny_owlv2
 from .mmdit import FLUX_WIDTH_CONFIG, SD35_MEDIUM_CONFIG, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 from .sd import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, make_scheduler, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 from .vocab import (
@@ -66,7 +66,9 @@ __all__ = [
     "make_tiny_sd_pipeline",
     "make_tiny_sdxl_pipeline",
     "save_tiny_blip",
+    "save_tiny_blip_vqa",
     "save_tiny_clip",
+    "save_tiny_owlv2",
     "save_tiny_pipeline",
     "save_tiny_sd_pipeline",
     "write_clip_tokenizer_files",

@@ -74,11 +74,88 @@ def save_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
         pad_token_id=0, sep_token_id=3, eos_token_id=3, bos_token_id=5,
     )  # fmt: skip
     vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        initializer_range=0.02,  # BLIP's vision default (1e-10) would make every image look the same
+    )  # fmt: skip
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
     model.eval().save_pretrained(folder, safe_serialization=True)
     images = BlipImageProcessor(size={"height": 32, "width": 32})
     BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def _bert_tokenizer(folder: Path, words: list[str]):
+    """A WordPiece tokenizer over ``words`` (with BERT's special tokens and BLIP's ``[DEC]``), saved in ``folder``."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = specials + sorted(set(words) - set(specials))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]"), len(vocab)
+
+
+def vqa_words() -> list[str]:
+    """Every word of the built-in T2I-CompBench attribute sets, with "yes"/"no" and the caption words."""
+    import re
+    from importlib import resources
+
+    words = set(_CAPTION_WORDS) | {"yes", "no", "?"}
+    for name in ("color", "shape", "texture"):
+        text = resources.files("attncontrol").joinpath(f"data/t2i_compbench_{name}_val.txt").read_text()
+        words |= set(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()))
+    return sorted(words)
+
+
+def save_tiny_blip_vqa(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random BLIP VQA model (``BlipForQuestionAnswering`` + ``BlipProcessor``) for ``attncontrol eval --vqa``;
+    its vocabulary covers the T2I-CompBench attribute prompts."""
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+    folder = Path(folder)
+    tokenizer, size = _bert_tokenizer(folder, vqa_words())
+    text = dict(
+        vocab_size=size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, encoder_hidden_size=32, pad_token_id=0, sep_token_id=3, eos_token_id=3,
+        bos_token_id=5,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        initializer_range=0.02,  # BLIP's vision default (1e-10) would make every image look the same
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():  # random weights give P(yes) ~ P(no): spread the two answers
+        model.text_decoder.cls.predictions.decoder.weight[tokenizer.convert_tokens_to_ids(["yes", "no"])] *= 40
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    images = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_owlv2(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random OWLv2 detector (``Owlv2ForObjectDetection`` + ``Owlv2Processor``, 32 px input, 16 box queries)
+    for ``attncontrol eval --detector``."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
+
+    try:
+        from transformers import Owlv2ImageProcessor as Images
+    except ImportError:  # pragma: no cover - depends on whether torchvision is installed
+        from transformers import Owlv2ImageProcessorPil as Images
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    text = _tiny_text_config().to_dict()
+    text.pop("projection_dim", None)
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    with torch.no_grad():  # boxes at each patch's prior box, a little moved (random weights throw them off the image)
+        model.box_head.dense2.weight *= 0.0025
+        model.box_head.dense2.bias.zero_()
+    model.save_pretrained(folder, safe_serialization=True)
+    images = Images(size={"height": 32, "width": 32})
+    Owlv2Processor(image_processor=images, tokenizer=make_clip_tokenizer()).save_pretrained(folder)
     return folder

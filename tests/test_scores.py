@@ -1,0 +1,243 @@
+"""Benchmark scores (#15): the rules on hand-made boxes with answers worked out by hand, the statistics against
+brute force, and the VQA / detector scores against independent computations through the models' own forward."""
+
+import csv
+import itertools
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from attncontrol.cli import main
+from attncontrol.scores import (
+    DetectionRules,
+    bootstrap_ci,
+    box_iou,
+    geneval_correct,
+    geneval_relations,
+    nms,
+    paired_comparison,
+    sign_flip_p,
+    subject_box_iou,
+    t2i_spatial_position,
+    t2i_spatial_score,
+)
+from attncontrol.scores.models import binding_score, vqa_question
+from attncontrol.testing import save_tiny_blip_vqa, save_tiny_clip, save_tiny_owlv2
+
+# ---------------------------------------------------------------- rules, by hand
+
+
+def test_box_iou_and_nms():
+    assert box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)  # overlap 1, union 4 + 4 - 1
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    dets = [(0.5, (0, 0, 10, 10)), (0.9, (0, 0, 10, 11)), (0.7, (20, 20, 30, 30))]
+    assert nms(dets, 0.5) == [(0.9, (0, 0, 10, 11)), (0.7, (20, 20, 30, 30))]  # IoU 100/110 > 0.5: dropped
+
+
+@pytest.mark.parametrize(
+    "box_a,box_b,expected",
+    [
+        # centres 30 apart in x; shrunk by 0.1 * (10 + 10) = 2 -> -28 / 30 = -0.93 < -0.5
+        ((0, 0, 10, 10), (30, 0, 40, 10), {"left of"}),
+        ((30, 0, 40, 10), (0, 0, 10, 10), {"right of"}),
+        # 5 apart: shrunk to 3, 3 / 5 = 0.6 > 0.5
+        ((0, 0, 10, 10), (5, 0, 15, 10), {"left of"}),
+        # 1 apart: the shrink (2) swallows it: no relation
+        ((0, 0, 10, 10), (1, 0, 11, 10), set()),
+        # diagonal (-10, -10), each shrunk by 0.4 -> -9.6 / 14.14 = -0.68 on both axes
+        ((0, 0, 2, 2), (10, 10, 12, 12), {"left of", "above"}),
+        ((0, 40, 10, 50), (0, 0, 10, 10), {"below"}),
+    ],
+)
+def test_geneval_relations(box_a, box_b, expected):
+    assert geneval_relations(box_a, box_b) == expected
+
+
+def test_t2i_spatial_position_and_score():
+    left, right = (0, 0, 10, 10), (30, 0, 40, 10)
+    assert t2i_spatial_position("on the left of", left, right) == 1.0  # dx = 30 > 0, no overlap
+    assert t2i_spatial_position("on the right of", left, right) == 0.0
+    # overlapping: dx = 5; IoU = 50 / 150 = 1/3 >= 0.1 -> 0.1 / (1/3)
+    assert t2i_spatial_position("on the left of", (0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(0.3)
+    assert t2i_spatial_position("on the top of", (0, 0, 10, 10), (0, 30, 10, 40)) == 1.0  # dy = 30 > 0
+    assert t2i_spatial_position("near", (0, 0, 10, 10), (300, 300, 310, 310)) == pytest.approx(0.5)  # 150 / 300
+    assert t2i_spatial_position("next to", (0, 0, 10, 10), (100, 300, 110, 310)) == 1.0  # |dx| = 100 < 150
+    # 0.25 * 0.8 + 0.25 * 0.6 + 1 / 2
+    assert t2i_spatial_score("on the left of", (0.8, left), (0.6, right)) == pytest.approx(0.85)
+    assert t2i_spatial_score("on the left of", (0.8, left), None) == 0.0  # 0.2 < 0.5
+    assert t2i_spatial_score("on the right of", (0.8, left), (0.6, right)) == 0.0  # 0.35 < 0.5
+    # scale: the 150-pixel threshold is in the resized image; 300 apart at scale 0.25 is 75 -> 1
+    assert t2i_spatial_score("near", (1.0, (0, 0, 1, 1)), (1.0, (300, 300, 301, 301)), scale=0.25) == 1.0
+
+
+COUNTING = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]}
+POSITION = {"tag": "position", "include": [{"class": "couch", "count": 1},
+                                           {"class": "bird", "count": 1, "position": ["left of", 0]}]}  # fmt: skip
+COLOURS = {"tag": "color_attr", "include": [{"class": "wine glass", "count": 1, "color": "purple"},
+                                            {"class": "apple", "count": 1, "color": "black"}]}  # fmt: skip
+
+
+def test_geneval_rule_on_hand_made_detections():
+    box = (0, 0, 10, 10)
+    assert geneval_correct(COUNTING, {"clock": [(0.95, box), (0.92, box), (0.5, box)]})[0] is True
+    ok, reason = geneval_correct(COUNTING, {"clock": [(0.95, box), (0.93, box), (0.91, box)]})
+    assert ok is False and "clock<3, found 3" in reason  # three above 0.9: the exclude clause fires
+    assert geneval_correct(COUNTING, {"clock": [(0.95, box), (0.8, box)]})[0] is False  # one above 0.9
+    couch, bird_left, bird_right = (50, 0, 90, 40), (0, 0, 20, 20), (95, 0, 115, 20)
+    assert geneval_correct(POSITION, {"couch": [(0.5, couch)], "bird": [(0.4, bird_left)]})[0] is True
+    ok, reason = geneval_correct(POSITION, {"couch": [(0.5, couch)], "bird": [(0.4, bird_right)]})
+    assert ok is False and "bird left of" in reason
+    ok, reason = geneval_correct(POSITION, {"couch": [(0.2, couch)], "bird": [(0.4, bird_left)]})  # 0.2 < 0.3
+    assert ok is False and "no target" in reason
+    dets = {"wine glass": [(0.5, box)], "apple": [(0.6, box)]}
+    colours = {"wine glass": "purple", "apple": "black"}
+    assert geneval_correct(COLOURS, dets, colour_of=lambda b, cls: colours[cls])[0] is True
+    assert geneval_correct(COLOURS, dets, colour_of=lambda b, cls: "purple")[0] is False
+    assert geneval_correct(COLOURS, dets)[0] is None  # a colour needs CLIP
+    strict = DetectionRules(threshold=0.55)
+    assert geneval_correct(COLOURS, dets, strict, colour_of=lambda b, cls: colours[cls])[0] is False
+
+
+def test_subject_box_iou():
+    dets = {"cat": [(0.9, (0, 0, 50, 50))], "dog": [(0.9, (25, 25, 75, 75))]}
+    iou = subject_box_iou({"cat": [[0, 0, 0.5, 0.5]], "dog": [[0, 0, 0.5, 0.5]], "bird": [[0, 0, 1, 1]]}, dets, 100, 100)
+    # dog: overlap 25 x 25 = 625, union 2500 + 2500 - 625 = 4375
+    assert iou == {"cat": pytest.approx(1.0), "dog": pytest.approx(625 / 4375), "bird": 0.0}
+
+
+# ---------------------------------------------------------------- statistics, against brute force
+
+
+def test_sign_flip_p_is_the_exact_permutation_share():
+    diffs = [0.3, -0.1, 0.25, 0.4, 0.05, -0.2, 0.15, 0.3]
+    observed = abs(sum(diffs) / len(diffs))
+    flips = [abs(sum(s * d for s, d in zip(signs, diffs)) / len(diffs)) for signs in
+             itertools.product((1, -1), repeat=len(diffs))]  # fmt: skip
+    assert sign_flip_p(diffs) == pytest.approx(sum(f >= observed - 1e-12 for f in flips) / len(flips))
+    assert sign_flip_p([0.0] * 5) == 1.0
+    assert sign_flip_p([1.0] * 6) == pytest.approx(2 / 64)  # only all-plus and all-minus reach the mean
+    # n > 16 draws assignments; with 20 equal differences only 2 of 2^20 reach it: p ~ 1 / 20001
+    assert sign_flip_p([1.0] * 20) < 1e-3
+
+
+def test_bootstrap_interval_of_a_mean():
+    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    lo, hi = bootstrap_ci([0.0, 1.0] * 50, reps=4000)
+    # the mean's standard error is 0.5 / sqrt(100) = 0.05: a 95% interval is about 0.5 +- 0.098
+    assert 0.38 < lo < 0.44 and 0.56 < hi < 0.62
+    cmp = paired_comparison([(1.0, 0.0), (0.5, 0.25), (0.75, 0.5)])
+    assert cmp["n"] == 3 and cmp["delta"] == pytest.approx((1.0 + 0.25 + 0.25) / 3)
+    assert cmp["p"] == pytest.approx(2 / 8) and cmp["ci_low"] <= cmp["delta"] <= cmp["ci_high"]
+
+
+# ---------------------------------------------------------------- models, against their own forward
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scoremodels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"vqa": save_tiny_blip_vqa(root / "vqa"), "det": save_tiny_owlv2(root / "owl"),
+                "clip": save_tiny_clip(root / "clip")}  # fmt: skip
+
+
+COLOURS_RGB = [(200, 30, 30), (30, 30, 200), (30, 160, 60), (128, 128, 128), (240, 220, 40), (20, 20, 20)]
+
+
+def _image(k: int) -> Image.Image:
+    """A 64 px square: a colour with a lighter square whose place depends on k."""
+    im = Image.new("RGB", (64, 64), COLOURS_RGB[k % len(COLOURS_RGB)])
+    x = 8 * (k % 5)
+    im.paste((250, 250, 250), (x, 40 - x, x + 20, 60 - x))
+    return im
+
+
+def test_question_cleanup_and_product():
+    assert vqa_question("A green bench.") == "a green bench?"
+    assert vqa_question('the "big" (red) car') == "the big red car?"
+    assert binding_score([0.81234, 0.5]) == pytest.approx(0.4062)  # 0.8123 * 0.5 = 0.40615 -> 0.4062 (4 places)
+    assert binding_score([]) == 1.0
+
+
+def _vqa_reference(folder, image, phrases):
+    """P(yes) / (P(yes) + P(no)) of the first answer token as transformers' own generate() scores it, one question
+    at a time (no padding), then T2I-CompBench's product."""
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    model, proc = BlipForQuestionAnswering.from_pretrained(folder).eval(), BlipProcessor.from_pretrained(folder)
+    yes, no = proc.tokenizer.convert_tokens_to_ids(["yes", "no"])
+    probs = []
+    for phrase in phrases:
+        inputs = proc(images=image, text=phrase.lower() + "?", return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
+                             do_sample=False)  # fmt: skip
+        p = out.scores[0][0].float().softmax(-1)
+        probs.append(float(p[yes] / (p[yes] + p[no])))
+    product = 1.0
+    for p in probs:
+        product *= round(p, 4)
+    return round(product, 4), probs
+
+
+def test_vqa_score_equals_blip_generate(eval_models):
+    from attncontrol.scores.models import VqaScorer
+
+    scorer = VqaScorer(str(eval_models["vqa"]))
+    scores = []
+    for k, phrases in enumerate([["a green bench", "a red car"], ["an oblong cucumber", "a teardrop plum", "cheese"]]):
+        got, probs = scorer.score(_image(k), phrases)
+        want, want_probs = _vqa_reference(eval_models["vqa"], _image(k), phrases)
+        assert probs == pytest.approx(want_probs, abs=1e-5) and got == pytest.approx(want, abs=1e-4)
+        scores.append(probs)
+    assert scores[0][0] != scores[1][0]  # the image and the question matter
+
+
+def _owl_reference(folder, image, names, threshold):
+    """Detections from Owlv2ForObjectDetection's raw outputs, decoded here: per box query the best name by logit,
+    its sigmoid score, the (cx, cy, w, h) box scaled to the padded square side and clipped to the image."""
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    model, proc = Owlv2ForObjectDetection.from_pretrained(folder).eval(), Owlv2Processor.from_pretrained(folder)
+    inputs = proc(text=[[f"a photo of a {n}" for n in names]], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    side = max(image.size)
+    found = {n: [] for n in names}
+    for logits, (cx, cy, w, h) in zip(out.logits[0], out.pred_boxes[0].tolist()):
+        best = int(torch.argmax(logits))
+        score = float(torch.sigmoid(logits[best]))
+        if score > threshold:
+            box = [(cx - w / 2) * side, (cy - h / 2) * side, (cx + w / 2) * side, (cy + h / 2) * side]
+            box = [min(max(v, 0.0), lim) for v, lim in zip(box, (image.width, image.height) * 2)]
+            found[names[best]].append((score, box))
+    return {n: sorted(d, key=lambda x: -x[0]) for n, d in found.items()}
+
+
+def test_detector_equals_owlv2_forward(eval_models):
+    from attncontrol.scores.models import Detector
+
+    det = Detector(str(eval_models["det"]))
+    total = 0
+    for k in range(4):
+        got = det.detect(_image(k), ["cat", "dog", "clock"], 0.3)
+        want = _owl_reference(eval_models["det"], _image(k), ["cat", "dog", "clock"], 0.3)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert [s for s, _ in got[name]] == pytest.approx([s for s, _ in want[name]], abs=1e-6)
+            for (_, a), (_, b) in zip(got[name], want[name]):
+                assert a == pytest.approx(b, abs=1e-3)
+            total += len(want[name])
+    assert total > 0
+
+
+def test_detector_refuses_another_model(eval_models, capsys):
+    from attncontrol.errors import ModelLoadError
+    from attncontrol.scores.models import Detector
+
+    with pytest.raises(ModelLoadError, match="'clip' model; --detector takes an OWLv2 or OWL-ViT"):
+        Detector(str(eval_models["clip"]))
