@@ -251,7 +251,7 @@ def compare(rows: list[dict], baseline: str = "none", reps: int = 2000) -> list[
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != baseline):
         group = [r for r in rows if r["method"] == method and (r["prompt"], r["seed"]) in base]
         for metric in METRICS:
-            pairs = [(r[metric], base[(r["prompt"], r["seed"])].get(metric)) for r in group]
+            pairs = [(r.get(metric), base[(r["prompt"], r["seed"])].get(metric)) for r in group]
             pairs = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
             if pairs:
                 out.append({"method": method, "baseline": baseline, "metric": metric,

@@ -104,7 +104,8 @@ def test_geneval_rule_on_hand_made_detections():
 
 def test_subject_box_iou():
     dets = {"cat": [(0.9, (0, 0, 50, 50))], "dog": [(0.9, (25, 25, 75, 75))]}
-    iou = subject_box_iou({"cat": [[0, 0, 0.5, 0.5]], "dog": [[0, 0, 0.5, 0.5]], "bird": [[0, 0, 1, 1]]}, dets, 100, 100)
+    layout = {"cat": [[0, 0, 0.5, 0.5]], "dog": [[0, 0, 0.5, 0.5]], "bird": [[0, 0, 1, 1]]}
+    iou = subject_box_iou(layout, dets, 100, 100)
     # dog: overlap 25 x 25 = 625, union 2500 + 2500 - 625 = 4375
     assert iou == {"cat": pytest.approx(1.0), "dog": pytest.approx(625 / 4375), "bird": 0.0}
 
@@ -241,3 +242,149 @@ def test_detector_refuses_another_model(eval_models, capsys):
 
     with pytest.raises(ModelLoadError, match="'clip' model; --detector takes an OWLv2 or OWL-ViT"):
         Detector(str(eval_models["clip"]))
+
+
+# ---------------------------------------------------------------- eval end to end on a hand-made batch folder
+
+SOURCES = [  # (source, prompt, subjects, boxes)
+    ("geneval:401", "a photo of a bird left of a couch", ["couch", "bird"], None),
+    ("geneval:180", "a photo of two clocks", ["clocks"], None),
+    ("geneval:454", "a photo of a purple wine glass and a black apple", ["wine glass", "apple"], None),
+    ("t2i-compbench-color:1", "a green bench and a blue bowl", ["bench", "bowl"], None),
+    ("t2i-compbench-spatial:1", "a giraffe next to a lamp", ["giraffe", "lamp"], None),
+    ("t2i-compbench-non-spatial:1", "A person is looking at a rainbow and marveling at its beauty.",
+     ["person", "rainbow", "beauty"], None),
+    ("mine.txt:1", "a cat and a dog", ["cat", "dog"], {"cat": [[0.0, 0.0, 0.5, 0.5]], "dog": [[0.5, 0.5, 1.0, 1.0]]}),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """A batch folder as `attncontrol batch` leaves it (PNGs and manifest records), with hand-made images."""
+    out = tmp_path_factory.mktemp("benchbatch")
+    lines, k = [], 0
+    for method in ("none", "attend-excite"):
+        for seed in (0, 1):
+            for source, prompt, subjects, boxes in SOURCES:
+                name = f"{k:04d}.png"
+                _image(k).save(out / name)
+                lines.append(json.dumps({"key": f"k{k}", "file": name, "prompt": prompt, "method": method,
+                                         "seed": seed, "source": source, "boxes": boxes,
+                                         "subjects": subjects if method != "none" else None,
+                                         "attention": {"subjects": subjects, "min_subject_attention": 0.1 * k,
+                                                       "subject_overlap": 0.5}}))  # fmt: skip
+                k += 1
+    (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _num(text):
+    return float(text) if text not in ("", None) else None
+
+
+def test_eval_benchmark_scores_end_to_end(bench_dir, eval_models, capsys):
+    from attncontrol.batch.inputs import benchmark_entry
+    from attncontrol.eval import ClipScorer
+    from attncontrol.scores.images import GENEVAL_COLOUR_TEMPLATES, GENEVAL_COLOURS
+
+    args = ["eval", str(bench_dir), "--vqa", str(eval_models["vqa"]), "--detector", str(eval_models["det"]),
+            "--clip", str(eval_models["clip"]), "--compare", "none", "--bootstrap", "500"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = _csv(bench_dir / "eval" / "per_image.csv")
+    assert len(rows) == 2 * 2 * len(SOURCES)
+    clip = ClipScorer(str(eval_models["clip"]))
+    checked = {"vqa": 0, "geneval": 0, "spatial": 0, "box": 0}
+    for r in rows:
+        k = int(r["file"][:4])
+        image = _image(k)
+        entry = benchmark_entry(r["source"])
+        if r["source"].startswith("t2i-compbench-color"):
+            want, _ = _vqa_reference(eval_models["vqa"], image, entry.metadata["phrases"])
+            assert _num(r["vqa_binding"]) == pytest.approx(want, abs=1e-4)
+            checked["vqa"] += 1
+        dets = _owl_reference(eval_models["det"], image, _queries(r, entry), 0.3)
+        dets = {n: nms(d, 0.5) for n, d in dets.items()}
+        above = {n: [d for d in v if d[0] > 0.3] for n, v in dets.items()}
+        if r["source"].startswith("geneval"):
+
+            def colour_of(box, cls, image=image):
+                feats = clip.images([image.crop(tuple(int(round(v)) for v in box))])[0]
+                sims = []
+                for c in GENEVAL_COLOURS:
+                    e = clip._texts([t.format(c=c, cls=cls) for t in GENEVAL_COLOUR_TEMPLATES]).mean(0)
+                    sims.append(float(torch.nn.functional.normalize(e, dim=-1) @ feats))
+                return GENEVAL_COLOURS[sims.index(max(sims))]
+
+            ok, _ = geneval_correct(entry.metadata, dets, DetectionRules(), colour_of)
+            assert _num(r["geneval_correct"]) == float(ok)
+            checked["geneval"] += 1
+        if r["source"].startswith("t2i-compbench-spatial"):
+            top = [above[n][0] if above[n] else None for n in ("giraffe", "lamp")]
+            assert _num(r["t2i_spatial"]) == pytest.approx(t2i_spatial_score("next to", *top, scale=479 / 64))
+            checked["spatial"] += 1
+        if r["source"] == "mine.txt:1":
+            want = subject_box_iou(SOURCES[-1][3], above, 64, 64)
+            assert _num(r["box_iou"]) == pytest.approx(sum(want.values()) / 2, abs=1e-6)
+            assert _num(r["objects_found"]) == sum(1 for n in ("cat", "dog") if above[n]) / 2
+            checked["box"] += 1
+        # T2I-CompBench's non-spatial CLIPScore: the plain cosine of normalised embeddings
+        assert _num(r["clip_score"]) == pytest.approx(float(clip.images([image])[0] @ clip.text(r["prompt"], False)),
+                                                      abs=1e-5)  # fmt: skip
+    assert checked == {"vqa": 4, "geneval": 12, "spatial": 4, "box": 4}
+    # the per-task tables are the means of the rows, in the benchmarks' layouts
+    bench = (bench_dir / "eval" / "benchmarks.md").read_text()
+    for method in ("none", "attend-excite"):
+        mine = [r for r in rows if r["method"] == method]
+        color = [_num(r["vqa_binding"]) for r in mine if r["task"] == "t2i-compbench:color"]
+        spatial = [_num(r["t2i_spatial"]) for r in mine if r["task"] == "t2i-compbench:spatial"]
+        nonsp = [_num(r["clip_score"]) for r in mine if r["task"] == "t2i-compbench:non_spatial"]
+        row = f"| {method} | {sum(color) / 2:.4f} | {sum(spatial) / 2:.4f} | {sum(nonsp) / 2:.4f} |"
+        assert row in bench
+        tasks = ["geneval:counting", "geneval:position", "geneval:color_attr"]  # GenEval's column order
+        cells = [sum(_num(r["geneval_correct"]) for r in mine if r["task"] == t) / 2 for t in tasks]
+        assert f"| {method} |  | " + " | ".join(f"{c:.2f}" for c in cells) + " |" in bench
+    assert "| method | color | spatial | non-spatial |" in bench and "### GenEval" in printed
+    # --compare none: the gain is the mean paired difference over (prompt, seed)
+    comp = {(c["method"], c["metric"]): c for c in _csv(bench_dir / "eval" / "compare.csv")}
+    base = {(r["prompt"], r["seed"]): r for r in rows if r["method"] == "none"}
+    ae = [r for r in rows if r["method"] == "attend-excite"]
+    diffs = [_num(r["clip_score"]) - _num(base[(r["prompt"], r["seed"])]["clip_score"]) for r in ae]
+    c = comp[("attend-excite", "clip_score")]
+    assert int(c["n"]) == len(diffs) == 14 and _num(c["delta"]) == pytest.approx(sum(diffs) / 14, abs=1e-9)
+    assert _num(c["p"]) == pytest.approx(sign_flip_p(diffs)) and _num(c["ci_low"]) <= _num(c["delta"])
+    att = comp[("attend-excite", "min_subject_attention")]  # the hand-made metric grows by 0.1 * 14 per pair
+    assert _num(att["delta"]) == pytest.approx(1.4) and _num(att["p"]) < 1e-3
+    summary = _csv(bench_dir / "eval" / "summary.csv")
+    for s in summary:
+        values = [_num(r["vqa_binding"]) for r in rows if r["method"] == s["method"] and r["vqa_binding"]]
+        assert _num(s["vqa_binding"]) == pytest.approx(sum(values) / len(values))
+        assert _num(s["vqa_binding_ci_low"]) <= _num(s["vqa_binding"]) <= _num(s["vqa_binding_ci_high"])
+        assert not math.isnan(_num(s["vqa_binding_std"]))
+
+
+def _queries(row, entry):
+    if entry is not None and "include" in entry.metadata:
+        return [c["class"] for c in entry.metadata["include"] + entry.metadata.get("exclude", [])]
+    if entry is not None and "relation" in entry.metadata:
+        return [entry.metadata["obj1"], entry.metadata["obj2"]]
+    return [s for s in row["subjects"].split(";") if s]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--compare", "dalle"], "--compare dalle: no image of method 'dalle' here (methods: none, attend-excite)"),
+        (["--detection-threshold", "1.5"], "--detection-threshold must be in [0, 1), got 1.5"),
+        (["--bootstrap", "10"], "--bootstrap must be >= 100 resamples, got 10"),
+        (["--vqa", "/nowhere/vqa"], "the VQA model folder '/nowhere/vqa' does not exist"),
+    ],
+)
+def test_eval_benchmark_errors(bench_dir, extra, message, capsys):
+    assert main(["eval", str(bench_dir), *extra]) == 2
+    assert message in capsys.readouterr().err
