@@ -130,8 +130,10 @@ def cmd_eval(args) -> int:
         vqa=args.vqa, detector=args.detector, rules=rules, compare_with=args.compare, bootstrap=args.bootstrap,
     )  # fmt: skip
     print(report.markdown(), end="")
-    print(f"{len(report.rows)} images; wrote {', '.join(str(f) for f in report.files[:3])}"
-          + (f" and {len(report.files) - 3} grids" if len(report.files) > 3 else ""), file=sys.stderr)  # fmt: skip
+    tables = [f for f in report.files if f.parent.name != "grids"]
+    grids = len(report.files) - len(tables)
+    print(f"{len(report.rows)} images; wrote {', '.join(str(f) for f in tables)}"
+          + (f" and {grids} grids" if grids else ""), file=sys.stderr)  # fmt: skip
     return 0
 
 
