@@ -18,8 +18,8 @@ The benchmarks' metrics (``attncontrol.scores``; docs/evaluation.md):
 - ``vqa_binding`` (``--vqa PATH``, a BLIP VQA model): T2I-CompBench's BLIP-VQA score, one question per noun phrase;
 - with ``--detector PATH`` (OWLv2 / OWL-ViT): ``objects_found`` (share of the subjects detected), ``box_iou``
   (Refocus layouts: each box against its subject's detections), ``geneval_correct`` (GenEval's rule, for images of
-  the ``geneval`` sets; colours through ``--clip``) and ``t2i_spatial`` (T2I-CompBench's 2D-spatial score, for the
-  ``t2i-compbench-spatial`` set).
+  the ``geneval`` sets; colours through ``--clip``), ``t2i_spatial`` (T2I-CompBench's 2D-spatial score, for the
+  ``t2i-compbench-spatial`` set) and ``hrs_spatial`` (HRS-Bench's spatial accuracy, for its CSV).
 
 Images made from a built-in set (their ``source`` is ``SET:N``) are also tallied per task in ``benchmarks.md``, in
 the benchmark's own table format. ``--compare none`` adds ``compare.md``/``.csv``: each method's gain over the
@@ -49,7 +49,7 @@ from .io import atomic_save_png, atomic_write_bytes
 
 METRICS = (
     "min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity", "clip_score",
-    "vqa_binding", "objects_found", "box_iou", "geneval_correct", "t2i_spatial",
+    "vqa_binding", "objects_found", "box_iou", "geneval_correct", "t2i_spatial", "hrs_spatial",
 )  # fmt: skip
 
 
@@ -345,25 +345,22 @@ def evaluate(
 
 def _row(rec: dict) -> dict:
     """The per-image row of a manifest record (the attention metrics that ``batch`` recorded)."""
-    from .batch.inputs import benchmark_entry
+    from .batch.inputs import record_entry
 
     att = rec.get("attention") or {}
-    entry = benchmark_entry(rec.get("source"))
+    entry = record_entry(rec)
     return {
+        "_entry": entry,
         "file": rec["file"],
         "prompt": rec["prompt"],
         "method": rec["method"],
         "seed": rec["seed"],
         "source": rec.get("source"),
-        "task": f"{_benchmark(entry.source)}:{entry.task}" if entry is not None else None,
+        "task": f"{entry.benchmark}:{entry.task}" if entry is not None else None,
         "subjects": ";".join(str(s) for s in att.get("subjects") or rec.get("subjects") or []),
         "min_subject_attention": att.get("min_subject_attention"),
         "subject_overlap": att.get("subject_overlap"),
     }
-
-
-def _benchmark(source: str) -> str:
-    return "geneval" if source.startswith("geneval") else "t2i-compbench"
 
 
 def _score(rows: list[dict], records: list[dict], out: Path, scorers: dict, rules, batch_size: int,

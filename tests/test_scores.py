@@ -388,3 +388,152 @@ def _queries(row, entry):
 def test_eval_benchmark_errors(bench_dir, extra, message, capsys):
     assert main(["eval", str(bench_dir), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+class FixedDetector:
+    """A stand-in detector that returns given boxes: the wiring of eval's detector scores on known answers."""
+
+    def __init__(self, boxes):
+        self.boxes, self.asked = boxes, []
+
+    def detect(self, image, names, threshold):
+        self.asked.append(list(names))
+        return {n: [d for d in self.boxes.get(n, []) if d[0] > threshold] for n in names}
+
+
+def test_detector_scores_wiring_on_known_boxes():
+    from attncontrol.scores.images import score_image
+
+    image = Image.new("RGB", (100, 100))
+    # GenEval line 401 "a photo of a bird left of a couch": bird left of couch, plus a duplicate couch box (NMS)
+    det = FixedDetector({"couch": [(0.8, (50, 0, 90, 40)), (0.7, (51, 0, 90, 40))], "bird": [(0.5, (0, 0, 20, 20))]})
+    row = {"prompt": "a photo of a bird left of a couch", "source": "geneval:401", "subjects": "couch;bird"}
+    score_image(row, {}, image, {"detector": det}, DetectionRules())
+    assert det.asked == [["couch", "bird"]] and row["geneval_correct"] == 1.0 and row["objects_found"] == 1.0
+    det.boxes["bird"] = [(0.5, (95, 0, 100, 20))]  # now right of the couch
+    score_image(row, {}, image, {"detector": det}, DetectionRules())
+    assert row["geneval_correct"] == 0.0 and "bird left of" in row["geneval_reason"]
+    # GenEval counting "a photo of two clocks": two above 0.9 and a third at 0.5 pass; NMS keeps apart boxes
+    det = FixedDetector({"clock": [(0.95, (0, 0, 10, 10)), (0.92, (50, 50, 60, 60)), (0.5, (80, 80, 90, 90))]})
+    row = {"prompt": "a photo of two clocks", "source": "geneval:180", "subjects": "clocks"}
+    score_image(row, {}, image, {"detector": det}, DetectionRules())
+    assert row["geneval_correct"] == 1.0
+    # T2I-CompBench spatial line 1 "a giraffe next to a lamp": 0.25 * (0.6 + 0.8) + 1 / 2 (centres 10 px apart)
+    det = FixedDetector({"giraffe": [(0.6, (0, 0, 20, 20))], "lamp": [(0.8, (10, 0, 30, 20))]})
+    row = {"prompt": "a giraffe next to a lamp", "source": "t2i-compbench-spatial:1", "subjects": ""}
+    score_image(row, {}, image, {"detector": det}, DetectionRules())
+    assert row["t2i_spatial"] == pytest.approx(0.85)
+    # a user's layout: the cat's box is found exactly, the dog's not at all (its detection is under 0.3)
+    det = FixedDetector({"cat": [(0.9, (0, 0, 50, 50))], "dog": [(0.2, (50, 50, 100, 100))]})
+    row = {"prompt": "a cat and a dog", "source": "mine.txt:1", "subjects": "cat;dog#1"}
+    record = {"boxes": {"cat": [[0, 0, 0.5, 0.5]], "dog": [[0.5, 0.5, 1, 1]]}}
+    score_image(row, record, image, {"detector": det}, DetectionRules())
+    assert row["box_iou"] == pytest.approx(0.5) and row["objects_found"] == 0.5 and det.asked == [["cat", "dog"]]
+
+
+# ---------------------------------------------------------------- HRS-Bench and DrawBench CSVs
+
+L, R, TOP, BOTTOM = (0, 40, 10, 50), (40, 40, 50, 50), (20, 0, 30, 10), (20, 80, 30, 90)
+MID = (20, 40, 30, 50)
+
+
+@pytest.mark.parametrize(
+    "objects,rel1,rel2,boxes,expected",
+    [
+        (["dog", "cat"], "on the left of", "", {"dog": L, "cat": R}, True),  # xmin 0 < 40
+        (["dog", "cat"], "on the right of", "", {"dog": L, "cat": R}, False),  # xmax 10 > 50 fails
+        (["dog", "cat"], "above", "", {"dog": TOP, "cat": BOTTOM}, True),  # ymin 0 < 80
+        (["dog", "cat"], "under", "", {"dog": TOP, "cat": BOTTOM}, False),  # ymax 10 > 90 or ymin 0 > 80: no
+        (["dog", "cat"], "on", "", {"dog": TOP, "cat": MID}, True),  # "on" is HRS's above
+        (["dog", "cat"], "on the left of", "", {"dog": L}, False),  # the cat is not found
+        # the dog is right of L and left of R
+        (["dog", "cat", "car"], "in the middle of", "", {"dog": MID, "cat": L, "car": R}, True),
+        (["dog", "cat", "car"], "between", "", {"dog": L, "cat": MID, "car": R}, False),
+        (["dog", "cat", "car"], "on the left of", "above", {"dog": L, "cat": R, "car": BOTTOM}, True),
+        (["dog", "cat", "car"], "on the left of", "below", {"dog": L, "cat": R, "car": BOTTOM}, False),
+        # hard: both of the first two between the others
+        (["dog", "cat", "car", "horse"], "among", "", {"dog": MID, "cat": (22, 42, 28, 48), "car": L, "horse": R},
+         True),
+        # hard with two relations (our reading): dog and cat left of the car and above the horse
+        (["dog", "cat", "car", "horse"], "on the left of", "above",
+         {"dog": (0, 0, 5, 5), "cat": (5, 0, 10, 5), "car": R, "horse": BOTTOM}, True),
+        (["dog", "cat", "car", "horse"], "on the left of", "above",
+         {"dog": (0, 0, 5, 5), "cat": (45, 0, 60, 5), "car": R, "horse": BOTTOM}, False),
+        (["dog", "cat"], "inside", "", {"dog": L, "cat": R}, None),  # not a relation HRS-Bench names
+    ],
+)  # fmt: skip
+def test_hrs_rule_on_hand_made_boxes(objects, rel1, rel2, boxes, expected):
+    from attncontrol.scores import hrs_spatial_correct
+
+    dets = {n: [(0.9, b)] for n, b in boxes.items()}
+    assert hrs_spatial_correct(objects, rel1, rel2, dets) is expected
+
+
+def test_hrs_takes_the_last_detection_of_a_class():
+    from attncontrol.scores import hrs_spatial_correct
+
+    # best first: the dog's best box is right of the cat, its last (weaker) one left of it; HRS uses the last
+    dets = {"dog": [(0.9, R), (0.6, L)], "cat": [(0.9, MID)]}
+    assert hrs_spatial_correct(["dog", "cat"], "on the left of", "", dets) is True
+
+
+HRS_CSV = """meta_prompt,obj1,obj2,obj3,obj4,rel1,rel2,synthetic_prompt
+a dog on the left of a cat.,dog,cat,,,on the left of,,
+a car in the middle of banana and airplane.,car,banana,airplane,,in the middle of,,
+a person and horse on a chair and under a airplane.,person,horse,chair,airplane,on,under,
+"""
+DRAWBENCH_CSV = """Prompts,Category
+A red colored car.,Colors
+A black apple and a green backpack.,Colors
+"""
+
+
+def test_hrs_and_drawbench_csv(tmp_path):
+    from attncontrol.batch import read_entries
+
+    (tmp_path / "hrs.csv").write_text(HRS_CSV)
+    easy, medium, hard = read_entries(tmp_path / "hrs.csv")
+    assert (easy.prompt, easy.subjects, easy.task, easy.source) == ("a dog on the left of a cat.", ["dog", "cat"],
+                                                                    "easy", "hrs.csv:2")  # fmt: skip
+    assert medium.task == "medium" and medium.metadata["rel1"] == "in the middle of"
+    assert hard.subjects == ["person", "horse", "chair", "airplane"] and hard.metadata["rel2"] == "under"
+    assert hard.benchmark_record() == {"benchmark": "hrs", "task": "hard", "metadata": {
+        "objects": ["person", "horse", "chair", "airplane"], "rel1": "on", "rel2": "under"}}  # fmt: skip
+    (tmp_path / "db.csv").write_text(DRAWBENCH_CSV)
+    car, apple = read_entries(tmp_path / "db.csv")
+    assert (car.subjects, car.task, car.benchmark) == (["car"], "Colors", "drawbench")
+    assert apple.subjects == ["apple", "backpack"]
+    (tmp_path / "bad.csv").write_text("meta_prompt,obj1,obj2\na dog.,dog,\n")
+    from attncontrol.batch import BatchInputError
+
+    with pytest.raises(BatchInputError, match=r"bad.csv:2: an HRS-Bench row needs a meta_prompt and 2 to 4 objects"):
+        read_entries(tmp_path / "bad.csv")
+
+
+def test_hrs_batch_records_its_benchmark_and_eval_scores_it(tiny_dirs, eval_models, tmp_path, capsys):
+    """A real tiny batch on HRS-Bench rows: the manifest keeps each row's benchmark entry; eval's hrs_spatial equals
+    HRS's rule on the detector's raw outputs decoded by hand; the HRS table is the rows' mean in percent."""
+    from attncontrol.scores import hrs_spatial_correct
+
+    (tmp_path / "hrs.csv").write_text(HRS_CSV)
+    out = tmp_path / "out"
+    args = ["batch", str(tmp_path / "hrs.csv"), "--out", str(out), "--seeds", "0-1", "--methods", "none",
+            "--model", str(tiny_dirs["sd1"]), "--steps", "2"]  # fmt: skip
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and {r["benchmark"]["task"] for r in records} == {"easy", "medium", "hard"}
+    assert main(["eval", str(out), "--detector", str(eval_models["det"]), "--detection-threshold", "0.45"]) == 0
+    capsys.readouterr()
+    rows = {r["file"]: r for r in _csv(out / "eval" / "per_image.csv")}
+    by_level: dict = {}
+    for rec in records:
+        meta = rec["benchmark"]["metadata"]
+        with Image.open(out / rec["file"]) as im:
+            dets = _owl_reference(eval_models["det"], im.convert("RGB"), meta["objects"], 0.45)
+        dets = {n: nms(d, 0.5) for n, d in dets.items()}
+        want = hrs_spatial_correct(meta["objects"], meta["rel1"], meta["rel2"], dets)
+        assert _num(rows[rec["file"]]["hrs_spatial"]) == float(want)
+        by_level.setdefault(rec["benchmark"]["task"], []).append(float(want))
+    means = [100 * sum(v) / len(v) for v in (by_level["easy"], by_level["medium"], by_level["hard"])]
+    line = "| none | " + " | ".join(f"{m:.2f}" for m in means) + f" | {sum(means) / 3:.2f} |"
+    assert line in (out / "eval" / "benchmarks.md").read_text()

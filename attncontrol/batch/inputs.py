@@ -161,6 +161,10 @@ def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
             entries.append(_entry(raw, f"{path.name}:{n}", auto))
     elif suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames and "meta_prompt" in reader.fieldnames and "obj1" in reader.fieldnames:
+            return _hrs_entries(reader, path.name)
+        if reader.fieldnames and {"Prompts", "Category"} <= set(reader.fieldnames):
+            return _drawbench_entries(reader, path.name)
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             raise BatchInputError(f"{path.name}:1: the header must have a 'prompt' column, got {reader.fieldnames}")
         for n, row in enumerate(reader, 2):
@@ -218,8 +222,18 @@ def geneval_subjects(record: dict) -> list[str]:
 
 @dataclass
 class BenchmarkEntry(Entry):
+    """An entry from a benchmark (a built-in set, or a benchmark's own CSV): ``eval`` scores it by its rules."""
+
     task: str = ""
     metadata: dict = field(default_factory=dict)
+    benchmark: str = ""  # "geneval", "t2i-compbench", "hrs", "drawbench"; by default from the source
+
+    def __post_init__(self):
+        if not self.benchmark:
+            self.benchmark = "geneval" if self.source.startswith("geneval") else "t2i-compbench"
+
+    def benchmark_record(self) -> dict:
+        return {"benchmark": self.benchmark, "task": self.task, "metadata": self.metadata}
 
 
 def _geneval() -> list[BenchmarkEntry]:
@@ -257,6 +271,17 @@ def _t2i_phrases(name: str, task: str) -> list[BenchmarkEntry]:
     return out
 
 
+def record_entry(record: dict) -> BenchmarkEntry | None:
+    """The benchmark entry of a manifest record: the copy ``batch`` recorded (``benchmark``), else the built-in
+    set's entry its ``source`` names (records written before the copy was kept), else None."""
+    bench = record.get("benchmark")
+    if isinstance(bench, dict) and isinstance(bench.get("metadata"), dict):
+        return BenchmarkEntry(record.get("prompt", ""), str(record.get("source") or ""), None,
+                              task=str(bench.get("task", "")), metadata=bench["metadata"],
+                              benchmark=str(bench.get("benchmark", "")))  # fmt: skip
+    return benchmark_entry(record.get("source"))
+
+
 def benchmark_entry(source: str | None) -> BenchmarkEntry | None:
     """The built-in set's entry a batch record came from (its ``source`` is ``SET:N``), or None for other sources."""
     name, _, line = (source or "").rpartition(":")
@@ -268,3 +293,46 @@ def benchmark_entry(source: str | None) -> BenchmarkEntry | None:
 @cache
 def _set_index(name: str) -> dict[str, BenchmarkEntry]:
     return {e.source: e for e in prompt_set(name)}
+
+
+HRS_LEVELS = {2: "easy", 3: "medium", 4: "hard"}  # HRS-Bench's spatial levels, by the number of objects
+
+
+def _hrs_entries(reader: csv.DictReader, name: str) -> list[Entry]:
+    """HRS-Bench's spatial CSV (``meta_prompt,obj1..obj4,rel1,rel2,...``): the prompt is ``meta_prompt``, the
+    subjects are its objects (each occurs once in its prompt), the level follows from their number."""
+    entries: list[Entry] = []
+    for n, row in enumerate(reader, 2):
+        source = f"{name}:{n}"
+        prompt = (row.get("meta_prompt") or "").strip()
+        objects = [row[k].strip() for k in ("obj1", "obj2", "obj3", "obj4") if (row.get(k) or "").strip()]
+        if not prompt or len(objects) not in HRS_LEVELS:
+            raise BatchInputError(f"{source}: an HRS-Bench row needs a meta_prompt and 2 to 4 objects, got "
+                                  f"{prompt!r} with {objects}")  # fmt: skip
+        meta = {"objects": objects, "rel1": (row.get("rel1") or "").strip(), "rel2": (row.get("rel2") or "").strip()}
+        entries.append(BenchmarkEntry(prompt, source, objects, task=HRS_LEVELS[len(objects)], metadata=meta,
+                                      benchmark="hrs"))  # fmt: skip
+    if not entries:
+        raise BatchInputError(f"{name}: no prompts")
+    return entries
+
+
+def _drawbench_entries(reader: csv.DictReader, name: str) -> list[Entry]:
+    """DrawBench's sheet exported as CSV (``Prompts,Category``). The data names no subjects: they come from the
+    noun-phrase rule of ``attncontrol.phrases`` (as for T2I-CompBench's free-form sets); the category is kept."""
+    from ..phrases import noun_phrases
+
+    entries: list[Entry] = []
+    for n, row in enumerate(reader, 2):
+        prompt = (row.get("Prompts") or "").strip()
+        if not prompt:
+            raise BatchInputError(f"{name}:{n}: an empty prompt")
+        phrases = noun_phrases(prompt)
+        meta = {"phrases": [p.text for p in phrases]}
+        subjects = [p.subject for p in phrases] or None
+        category = (row.get("Category") or "").strip()
+        entries.append(BenchmarkEntry(prompt, f"{name}:{n}", subjects, task=category, metadata=meta,
+                                      benchmark="drawbench"))  # fmt: skip
+    if not entries:
+        raise BatchInputError(f"{name}: no prompts")
+    return entries

@@ -26,6 +26,9 @@ class Item:
     settings: str = "{}"  # canonical JSON of the run settings that change the image (model, steps, size, ...)
     # the subjects whose attention is measured (also for the baseline); not part of the identity
     observe: tuple | None = field(default=None, compare=False)
+    # canonical JSON of the benchmark entry the prompt came from ({"benchmark", "task", "metadata"}), recorded in
+    # the manifest for `eval`; not part of the identity
+    benchmark: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -90,6 +93,7 @@ def expand(
     settings_json = json.dumps(settings or {}, sort_keys=True)
     items = []
     for e in entries:
+        benchmark = json.dumps(e.benchmark_record(), sort_keys=True) if hasattr(e, "benchmark_record") else None
         for method_text in e.methods or methods:
             names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"
@@ -109,6 +113,7 @@ def expand(
                         source=e.source,
                         settings=settings_json,
                         observe=tuple(e.subjects) if e.subjects else (tuple(e.boxes) if e.boxes else None),
+                        benchmark=benchmark,
                     )
                 )
     unique: dict[str, Item] = {}

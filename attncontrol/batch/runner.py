@@ -149,6 +149,7 @@ class BatchRun:
             "attention": {"subjects": list(it.observe), **metrics} if metrics else None,
             "seconds": round(seconds, 3),
             "source": it.source,
+            "benchmark": json.loads(it.benchmark) if it.benchmark else None,
             "rank": self.rank,
             "attncontrol": __version__,
             **self.metadata,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .rules import DetectionRules, geneval_correct, subject_box_iou, t2i_spatial_score
+from .rules import DetectionRules, geneval_correct, hrs_spatial_correct, subject_box_iou, t2i_spatial_score
 
 # GenEval's colour classifier (``evaluate_images.py:color_classification``): three templates per colour
 GENEVAL_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -35,7 +35,7 @@ def question_phrases(row: dict, entry) -> list[str]:
 def score_image(row: dict, record: dict, image, scorers: dict, rules: DetectionRules) -> None:
     from ..batch.inputs import benchmark_entry
 
-    entry = benchmark_entry(row.get("source"))
+    entry = row["_entry"] if "_entry" in row else benchmark_entry(row.get("source"))
     if "vqa" in scorers:
         phrases = question_phrases(row, entry)
         if phrases:
@@ -49,10 +49,13 @@ def _detections(row: dict, record: dict, image, entry, scorers: dict, rules: Det
     meta = entry.metadata if entry is not None else {}
     geneval = entry is not None and "include" in meta
     spatial = entry is not None and "relation" in meta
+    hrs = entry is not None and entry.benchmark == "hrs"
     if geneval:
         names = [c["class"] for c in meta["include"] + meta.get("exclude", [])]
     elif spatial:
         names = [meta["obj1"], meta["obj2"]]
+    elif hrs:
+        names = list(meta["objects"])
     else:
         names = subject_names(row)
     boxes = record.get("boxes") or {}
@@ -73,6 +76,9 @@ def _detections(row: dict, record: dict, image, entry, scorers: dict, rules: Det
         correct, reason = geneval_correct(meta, found, rules, colour_of)
         row["geneval_correct"] = None if correct is None else float(correct)
         row["geneval_reason"] = reason
+    if hrs:
+        correct = hrs_spatial_correct(meta["objects"], meta.get("rel1", ""), meta.get("rel2", ""), above)
+        row["hrs_spatial"] = None if correct is None else float(correct)
     if spatial:
         top = {n: (above[n][0] if above[n] else None) for n in names}
         scale = T2I_SHORT_SIDE / min(image.size)

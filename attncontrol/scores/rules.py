@@ -4,6 +4,7 @@
   :func:`geneval_correct` (``evaluate``: include clauses with counts, colours and positions, exclude clauses).
 - T2I-CompBench 2D spatial (``UniDet_eval/2D_spatial_eval.py``): :func:`t2i_spatial_position`
   (``determine_position``) and :func:`t2i_spatial_score` (the per-image score).
+- HRS-Bench spatial (``codes/eval_metrics/compositions/calc_spatial_relation_acc.py``): :func:`hrs_spatial_correct`.
 - Attention Refocusing's layouts: :func:`subject_box_iou`, the IoU of each given box with the subject's best
   detection.
 """
@@ -182,3 +183,62 @@ def subject_box_iou(boxes: dict[str, list[Box]], detections: dict[str, list[Dete
             values.append(max((box_iou(pixel, box) for _, box in dets), default=0.0))
         out[str(subject)] = sum(values) / len(values)
     return out
+
+
+# HRS-Bench's box predicates (object 1 relative to object 2; no margin, no centres)
+def _right(a: Box, b: Box) -> bool:
+    return a[2] > b[2]
+
+
+def _left(a: Box, b: Box) -> bool:
+    return a[0] < b[0]
+
+
+def _above(a: Box, b: Box) -> bool:
+    return a[1] < b[1] or a[3] < b[3]
+
+
+def _below(a: Box, b: Box) -> bool:
+    return a[3] > b[3] or a[1] > b[1]
+
+
+def _between(a: Box, b: Box, c: Box) -> bool:
+    return ((_right(a, b) and _left(a, c)) or (_left(a, b) and _right(a, c))
+            or (_below(a, b) and _above(a, c)) or (_above(a, b) and _below(a, c)))  # fmt: skip
+
+
+HRS_RELATIONS = {
+    "on the left of": _left, "left of": _left, "on the right of": _right, "right of": _right,
+    "on": _above, "above": _above, "over": _above, "below": _below, "beneath": _below, "under": _below,
+}  # fmt: skip
+HRS_BETWEEN = ("among", "in the middle of", "between")
+
+
+def hrs_spatial_correct(objects: list[str], rel1: str, rel2: str,
+                        detections: dict[str, list[Detection]]) -> bool | None:  # fmt: skip
+    """HRS-Bench's spatial check of one image: every object must be detected (when a class is detected more than
+    once, its last detection counts, as in ``_sort_pred_obj``; detections are best first here); then
+    easy (2 objects) ``rel1(o1, o2)``; medium (3) ``rel1(o1, o2) and rel2(o1, o3)``, or ``between(o1, o2, o3)``
+    for a single between/among/in-the-middle-of; hard (4) ``between(o1, o3, o4) and between(o2, o3, o4)``, or with
+    two relations ``rel1(o, o3) and rel2(o, o4)`` for o in (o1, o2) -- our reading of the official code, which
+    indexes a fifth object there and raises. None when a relation is not one HRS-Bench names."""
+    found = [detections.get(o) for o in objects]
+    if not all(found):
+        return False
+    b = [dets[-1][1] for dets in found]
+    if rel1 in HRS_BETWEEN:
+        if len(b) == 3:
+            return _between(b[0], b[1], b[2])
+        if len(b) == 4:
+            return _between(b[0], b[2], b[3]) and _between(b[1], b[2], b[3])
+        return None
+    r1, r2 = HRS_RELATIONS.get(rel1), HRS_RELATIONS.get(rel2) if rel2 else None
+    if r1 is None or (rel2 and r2 is None):
+        return None
+    if len(b) == 2:
+        return r1(b[0], b[1])
+    if len(b) == 3:
+        return r1(b[0], b[1]) and (r2(b[0], b[2]) if r2 else True)
+    if r2 is None:
+        return None
+    return all(r1(o, b[2]) and r2(o, b[3]) for o in b[:2])
