@@ -100,6 +100,27 @@ T2I_FILES = {
 }  # fmt: skip
 
 
+# lines 150 and 300 of the upstream files (Karine-Huang/T2I-CompBench @ 1b70949, examples/dataset/*_val.txt),
+# read with `git show` when the sets were copied
+T2I_LINES = {
+    "t2i-compbench-color": ("a black dove and a white feather",
+                            "a black bathroom with a black and white shower curtain"),
+    "t2i-compbench-shape": ("a tall lighthouse and a short bench",
+                            "The big house and the small cabin provided different types of accommodations."),
+    "t2i-compbench-texture": ("a plastic bag and a wooden table",
+                              "The metallic pen and fluffy notebook jot down ideas on the wooden desk."),
+    "t2i-compbench-non-spatial": ("A dog is jumping over a hurdle and competing in an agility course.",
+                                  "A child is playing with a toy construction set and building a tower."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(T2I_LINES))
+def test_t2i_compbench_lines_as_upstream(name):
+    entries = prompt_set(name)
+    assert (entries[149].prompt, entries[299].prompt) == T2I_LINES[name]
+    assert entries[299].source == f"{name}:300"
+
+
 @pytest.mark.parametrize("name", list(T2I_FILES))
 def test_t2i_compbench_phrase_sets(name):
     filename, first = T2I_FILES[name]
