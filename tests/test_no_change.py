@@ -2,8 +2,9 @@
 prompt list, a non-square size, checkpointing and the attention observer) on the tiny models give bit-identical
 latents, per-step losses and attention maps to the hashes recorded before the model-seam refactor (#11).
 
-The hashes were recorded with torch 2.13.0+cpu on the project's 2-core x86_64 machine (CI's). Floating-point
-results of the same code can differ on another torch build or CPU, so the test runs only there; regenerate
+The hashes were recorded with torch 2.13.0+cpu on the project's 2-core x86_64 machine (CI's), with 2 intra-op
+threads. Floating-point results of the same code can differ on another torch build, CPU or thread count (a
+reduction split over 1 thread sums in another order), so the test pins 2 threads and runs only there; regenerate
 with ``python -m tests.test_no_change`` after a change that is meant to change results, and say why.
 """
 
@@ -94,7 +95,12 @@ def _reference_machine() -> bool:
 @pytest.mark.skipif(not _reference_machine(), reason="hashes recorded with torch 2.13.0+cpu on x86_64")
 @pytest.mark.parametrize("name", list(CASES))
 def test_results_are_bit_identical(sd1, sd2, sdxl, name):
-    assert run_case({"sd1": sd1, "sd2": sd2, "sdxl": sdxl}, name) == EXPECTED[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as recorded, whatever OMP_NUM_THREADS this run was given
+    try:
+        assert run_case({"sd1": sd1, "sd2": sd2, "sdxl": sdxl}, name) == EXPECTED[name]
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":  # print the hashes (regenerate deliberately, never to make a failing test pass)
@@ -105,6 +111,7 @@ if __name__ == "__main__":  # print the hashes (regenerate deliberately, never t
     from .conftest import _load
 
     warnings.simplefilter("ignore")
+    torch.set_num_threads(2)  # the thread count the hashes are recorded with
     from diffusers import StableDiffusionXLPipeline
 
     from attncontrol.testing import save_tiny_sd_pipeline
