@@ -102,10 +102,21 @@ def _colour_classifier(image, clip):
         if crop.width < 1 or crop.height < 1:
             return ""
         feats = clip.images([crop])[0]
+        return GENEVAL_COLOURS[int(torch.argmax(colour_classes(clip, cls) @ feats))]
+
+    return colour_of
+
+
+def colour_classes(clip, cls: str):
+    """The ten colour embeddings for objects of class ``cls`` (each the normalised mean of three templates), once
+    per CLIP model and class."""
+    import torch
+
+    cache = clip.__dict__.setdefault("_colour_classes", {})
+    if cls not in cache:
         classes = []
         for c in GENEVAL_COLOURS:
             embeds = clip._texts([t.format(c=c, cls=cls) for t in GENEVAL_COLOUR_TEMPLATES])
             classes.append(torch.nn.functional.normalize(embeds.mean(0), dim=-1))
-        return GENEVAL_COLOURS[int(torch.argmax(torch.stack(classes) @ feats))]
-
-    return colour_of
+        cache[cls] = torch.stack(classes)
+    return cache[cls]
