@@ -54,11 +54,12 @@ def _batch_items(args):
 def _list_prompt_sets() -> int:
     from ..batch import PROMPT_SETS, prompt_set
 
-    print("prompt set               prompts  example (subjects)")
+    width = max(len(name) for name in PROMPT_SETS)
+    print(f"{'prompt set':<{width}} prompts  example (subjects)")
     for name in PROMPT_SETS:
         entries = prompt_set(name)
         example = f"{entries[0].prompt} ({', '.join(map(str, entries[0].subjects or []))})"
-        print(f"{name:<24} {len(entries):>7}  {example}")
+        print(f"{name:<{width}} {len(entries):>7}  {example}")
     print("sources, licences and how the subjects are chosen: attncontrol/data/README.md")
     return 0
 
