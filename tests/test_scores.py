@@ -537,3 +537,28 @@ def test_hrs_batch_records_its_benchmark_and_eval_scores_it(tiny_dirs, eval_mode
     means = [100 * sum(v) / len(v) for v in (by_level["easy"], by_level["medium"], by_level["hard"])]
     line = "| none | " + " | ".join(f"{m:.2f}" for m in means) + f" | {sum(means) / 3:.2f} |"
     assert line in (out / "eval" / "benchmarks.md").read_text()
+
+
+def test_export_to_the_benchmarks_layouts(bench_dir, tmp_path, capsys):
+    from importlib import resources
+
+    dest = tmp_path / "export"
+    assert main(["export", str(bench_dir), "--to", str(dest)]) == 0
+    assert "wrote 12 GenEval and 12 T2I-CompBench images" in capsys.readouterr().out
+    records = [json.loads(line) for line in (bench_dir / "manifest.jsonl").read_text().splitlines()]
+    upstream = resources.files("attncontrol").joinpath("data/geneval_metadata.jsonl").read_text().splitlines()
+    for method in ("none", "attend-excite"):
+        folder = dest / method / "geneval" / "00400"  # line 401 of GenEval's metadata file
+        assert (folder / "metadata.jsonl").read_text() == upstream[400] + "\n"
+        mine = sorted((r for r in records if r["method"] == method and r["source"] == "geneval:401"),
+                      key=lambda r: r["seed"])  # fmt: skip
+        for k, rec in enumerate(mine):
+            assert (folder / "samples" / f"{k:05d}.png").read_bytes() == (bench_dir / rec["file"]).read_bytes()
+        color = dest / method / "t2i-compbench" / "color" / "samples"
+        names = sorted(p.name for p in color.iterdir())
+        assert names == [f"a green bench and a blue bowl_00000{k}.png" for k in (0, 1)]
+    assert not list(dest.rglob("*.tmp")) and sum(1 for _ in dest.rglob("*.png")) == 24  # mine.txt is no benchmark
+    assert main(["export", str(bench_dir), "--to", str(bench_dir / "x")]) == 2
+    assert "is inside the batch folder" in capsys.readouterr().err
+    assert main(["export", str(bench_dir), "--to", str(dest), "--methods", "astar"]) == 2
+    assert "no image of method(s) ['astar']" in capsys.readouterr().err

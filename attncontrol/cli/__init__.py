@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import commands, runs
 
     handlers = {"generate": commands.cmd_generate, "tokens": commands.cmd_tokens, "methods": commands.cmd_methods,
-                "batch": runs.cmd_batch, "eval": runs.cmd_eval, "ui": runs.cmd_ui}  # fmt: skip
+                "batch": runs.cmd_batch, "eval": runs.cmd_eval, "export": runs.cmd_export,
+                "ui": runs.cmd_ui}  # fmt: skip
     try:
         return handlers[args.command](args)
     except AttnControlError as err:

@@ -168,6 +168,13 @@ def _eval(sub) -> None:
     ev.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
 
 
+def _export(sub) -> None:
+    ex = sub.add_parser("export", help="a batch folder's benchmark images in GenEval's / T2I-CompBench's own layouts")
+    ex.add_argument("out", help="an `attncontrol batch` output folder")
+    ex.add_argument("--to", required=True, metavar="DIR", help="where to write DIR/METHOD/geneval|t2i-compbench/...")
+    ex.add_argument("--methods", default=None, help="only these methods (comma-separated; default: all)")
+
+
 def _ui(sub) -> None:
     ui = sub.add_parser("ui", help="the Gradio app: pick subjects, draw boxes, compare with the baseline, see the maps")
     add_model_args(ui)
@@ -186,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate(sub)
     _batch(sub)
     _eval(sub)
+    _export(sub)
     _ui(sub)
     tok = sub.add_parser("tokens", help="print the token table of a prompt (indices to pass as --subjects)")
     tok.add_argument("prompt")

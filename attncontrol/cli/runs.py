@@ -153,6 +153,18 @@ def _port_free(host: str, port: int) -> None:
             ) from None
 
 
+def cmd_export(args) -> int:
+    from ..scores.export import export
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    counts = export(args.out, args.to, methods)
+    if not any(counts.values()):
+        print(f"no image in {args.out} comes from GenEval or T2I-CompBench; nothing written", file=sys.stderr)
+        return 1
+    print(f"wrote {counts['geneval']} GenEval and {counts['t2i-compbench']} T2I-CompBench images under {args.to}")
+    return 0
+
+
 def cmd_ui(args) -> int:
     try:
         import gradio  # noqa: F401
