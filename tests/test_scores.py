@@ -429,6 +429,12 @@ def test_detector_scores_wiring_on_known_boxes():
     record = {"boxes": {"cat": [[0, 0, 0.5, 0.5]], "dog": [[0.5, 0.5, 1, 1]]}}
     score_image(row, record, image, {"detector": det}, DetectionRules())
     assert row["box_iou"] == pytest.approx(0.5) and row["objects_found"] == 0.5 and det.asked == [["cat", "dog"]]
+    # a box keyed by an occurrence ("cat#2" in "a cat and a cat") is the cat's detections
+    row = {"prompt": "a cat and a cat", "source": "mine.txt:2", "subjects": "cat#1;cat#2"}
+    record = {"boxes": {"cat#1": [[0, 0, 0.5, 0.5]], "cat#2": [[0.5, 0.5, 1, 1]]}}
+    det.asked.clear()
+    score_image(row, record, image, {"detector": det}, DetectionRules())
+    assert det.asked == [["cat"]] and row["box_iou"] == pytest.approx(0.5)  # the one cat box fits #1 exactly
 
 
 # ---------------------------------------------------------------- HRS-Bench and DrawBench CSVs

@@ -59,7 +59,8 @@ def _detections(row: dict, record: dict, image, entry, scorers: dict, rules: Det
     else:
         names = subject_names(row)
     boxes = record.get("boxes") or {}
-    queries = list(dict.fromkeys(names + [str(k) for k in boxes]))
+    box_names = {str(k): re.sub(r"#\d+$", "", str(k)) for k in boxes}  # "cat#2" is queried as "cat"
+    queries = list(dict.fromkeys(names + list(box_names.values())))
     if not queries:
         return
     floor = min(rules.threshold, rules.counting_threshold)
@@ -69,7 +70,7 @@ def _detections(row: dict, record: dict, image, entry, scorers: dict, rules: Det
     if names:
         row["objects_found"] = sum(1 for n in dict.fromkeys(names) if above[n]) / len(dict.fromkeys(names))
     if boxes:
-        per_subject = subject_box_iou(boxes, above, *image.size)
+        per_subject = subject_box_iou(boxes, {k: above[n] for k, n in box_names.items()}, *image.size)
         row["box_iou"] = sum(per_subject.values()) / len(per_subject)
     if geneval:
         colour_of = _colour_classifier(image, scorers["clip"]) if "clip" in scorers else None
