@@ -133,7 +133,7 @@ def _eval(sub) -> None:
         "--detector",
         default=None,
         metavar="PATH",
-        help="OWLv2/OWL-ViT detector: objects found, box IoU, GenEval and T2I-CompBench spatial",
+        help="OWLv2/OWL-ViT detector: objects found, box IoU, GenEval, T2I-CompBench and HRS-Bench spatial",
     )
     ev.add_argument(
         "--detection-threshold",
