@@ -46,42 +46,47 @@ def task_scores(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def _table(title: str, head: list[str], rows: list[list[str]]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _present(table: dict, columns) -> list[str]:
+    return [c for c in columns if any(c in t for t in table.values())]
+
+
+def _cell(t: dict, c: str, fmt: str, scale: float = 1.0) -> str:
+    return format(scale * t[c], fmt) if c in t else ""
+
+
 def benchmark_tables(rows: list[dict]) -> str:
     scores = task_scores(rows)
     parts = []
     if "t2i-compbench" in scores:
         table = scores["t2i-compbench"]
-        cols = [c for c in T2I_COLUMNS if any(c in t for t in table.values())]
-        lines = ["### T2I-CompBench", "", "| method | " + " | ".join(c.replace("_", "-") for c in cols) + " |",
-                 "|---|" + "---|" * len(cols)]  # fmt: skip
-        for method, t in table.items():
-            lines.append(f"| {method} | " + " | ".join(f"{t[c]:.4f}" if c in t else "" for c in cols) + " |")
-        parts.append("\n".join(lines) + "\n")
+        cols = _present(table, T2I_COLUMNS)
+        body = [[m] + [_cell(t, c, ".4f") for c in cols] for m, t in table.items()]
+        parts.append(_table("T2I-CompBench", ["method"] + [c.replace("_", "-") for c in cols], body))
     if "geneval" in scores:
         table = scores["geneval"]
-        cols = [c for c in GENEVAL_COLUMNS if any(c in t for t in table.values())]
-        lines = ["### GenEval", "", "| method | overall | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
-                 "|---|---|" + "---|" * len(cols)]  # fmt: skip
+        cols = _present(table, GENEVAL_COLUMNS)
+        body = []
         for method, t in table.items():
             overall = f"{sum(t[c] for c in GENEVAL_COLUMNS) / 6:.2f}" if all(c in t for c in GENEVAL_COLUMNS) else ""
-            cells = " | ".join(f"{t[c]:.2f}" if c in t else "" for c in cols)
-            lines.append(f"| {method} | {overall} | {cells} |")
-        parts.append("\n".join(lines) + "\n")
+            body.append([method, overall] + [_cell(t, c, ".2f") for c in cols])
+        parts.append(_table("GenEval", ["method", "overall"] + [c.replace("_", " ") for c in cols], body))
     if "hrs" in scores:
         table = scores["hrs"]
-        cols = [c for c in HRS_COLUMNS if any(c in t for t in table.values())]
-        lines = ["### HRS-Bench spatial (accuracy, %)", "", "| method | " + " | ".join(cols) + " | average |",
-                 "|---|" + "---|" * (len(cols) + 1)]  # fmt: skip
+        cols = _present(table, HRS_COLUMNS)
+        body = []
         for method, t in table.items():
             levels = [t[c] for c in cols if c in t]
-            cells = " | ".join(f"{100 * t[c]:.2f}" if c in t else "" for c in cols)
-            lines.append(f"| {method} | {cells} | {100 * sum(levels) / len(levels):.2f} |")
-        parts.append("\n".join(lines) + "\n")
+            body.append([method] + [_cell(t, c, ".2f", 100) for c in cols] + [f"{100 * sum(levels) / len(levels):.2f}"])
+        parts.append(_table("HRS-Bench spatial (accuracy, %)", ["method", *cols, "average"], body))
     if "drawbench" in scores:
         table = scores["drawbench"]
         cols = list(dict.fromkeys(c for t in table.values() for c in t))
-        lines = ["### DrawBench (CLIPScore)", "", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for method, t in table.items():
-            lines.append(f"| {method} | " + " | ".join(f"{t[c]:.4f}" if c in t else "" for c in cols) + " |")
-        parts.append("\n".join(lines) + "\n")
+        body = [[m] + [_cell(t, c, ".4f") for c in cols] for m, t in table.items()]
+        parts.append(_table("DrawBench (CLIPScore)", ["method", *cols], body))
     return "\n".join(parts)

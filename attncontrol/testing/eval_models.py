@@ -52,33 +52,34 @@ _CAPTION_WORDS = [
 ]
 
 
+def _tiny_blip_config(vocab_size: int):
+    """A 2-layer, 32-wide BLIP (text and vision) over a WordPiece vocabulary of ``vocab_size`` ([DEC] at id 5)."""
+    from transformers import BlipConfig
+
+    text = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, encoder_hidden_size=32, pad_token_id=0, sep_token_id=3, eos_token_id=3,
+        bos_token_id=5,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        initializer_range=0.02,  # BLIP's vision default (1e-10) would make every image look the same
+    )  # fmt: skip
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
 def save_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
     """A tiny random BLIP captioner (``BlipForConditionalGeneration`` + ``BlipProcessor`` with a small WordPiece
     vocabulary) for ``attncontrol eval --captioner``."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
+    from transformers import BertTokenizer, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     (folder / "vocab.txt").write_text("\n".join(specials + _CAPTION_WORDS) + "\n", encoding="utf-8")
     tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
-    text = dict(
-        vocab_size=len(specials) + len(_CAPTION_WORDS), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32,
-        pad_token_id=0, sep_token_id=3, eos_token_id=3, bos_token_id=5,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
-        initializer_range=0.02,  # BLIP's vision default (1e-10) would make every image look the same
-    )  # fmt: skip
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model = BlipForConditionalGeneration(_tiny_blip_config(len(specials) + len(_CAPTION_WORDS)))
     model.eval().save_pretrained(folder, safe_serialization=True)
     images = BlipImageProcessor(size={"height": 32, "width": 32})
     BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
@@ -111,21 +112,12 @@ def vqa_words() -> list[str]:
 def save_tiny_blip_vqa(folder: str | Path, seed: int = 0) -> Path:
     """A tiny random BLIP VQA model (``BlipForQuestionAnswering`` + ``BlipProcessor``) for ``attncontrol eval --vqa``;
     its vocabulary covers the T2I-CompBench attribute prompts."""
-    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+    from transformers import BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
 
     folder = Path(folder)
     tokenizer, size = _bert_tokenizer(folder, vqa_words())
-    text = dict(
-        vocab_size=size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, encoder_hidden_size=32, pad_token_id=0, sep_token_id=3, eos_token_id=3,
-        bos_token_id=5,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
-        initializer_range=0.02,  # BLIP's vision default (1e-10) would make every image look the same
-    )  # fmt: skip
     torch.manual_seed(seed)
-    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model = BlipForQuestionAnswering(_tiny_blip_config(size))
     with torch.no_grad():  # random weights give P(yes) ~ P(no): spread the two answers
         model.text_decoder.cls.predictions.decoder.weight[tokenizer.convert_tokens_to_ids(["yes", "no"])] *= 40
     model.eval().save_pretrained(folder, safe_serialization=True)
