@@ -268,6 +268,121 @@ def test_initno_self_score_reads_the_peaks_self_attention(tokenizer):
         assert control.scores(maps, [0])[0].self_.item() == pytest.approx(expected, abs=1e-5)
 
 
+# The official rules, transcribed from xiefan-guo/initno, initno/pipelines/pipeline_sd_initno.py:
+# fn_augmented_compute_losss runs at every evaluation (the step's, each refinement iteration's, the one after the
+# loop) and updates the cache: alpha = 0.9; maps.clone() when it is None, else cache * alpha + maps * (1 - alpha).
+def _official_cache(cache, maps, alpha=0.9):
+    return maps.detach().clone() if cache is None else cache * alpha + maps.detach().clone() * (1 - alpha)
+
+
+def _official_enters(cross, self_):  # __call__: (i == 10 or i == 20) and (cross_attn_loss > 0.2 or self_attn_loss > 0.3
+    return cross > 0.2 or self_ > 0.3
+
+
+def _official_continues(cross, self_, threshold=0.8):  # _perform_iterative_refinement_step(..., threshold=0.8)
+    target_loss = max(0, 1.0 - threshold)
+    target_self_loss = 0.3
+    return cross > target_loss or self_ > target_self_loss
+
+
+def _official_evaluations(ours, iterations):
+    """The maps of the official code's evaluations at a refinement step, from ours: the step's evaluation, then
+    (when it refines) iteration 1's of the same latents, the same maps, then ours after it."""
+    return ours[:1] + ours[:1] + ours[1:] if iterations else ours
+
+
+@pytest.mark.parametrize("mode", ["official", "once"])
+def test_initno_alignment_cache_takes_a_refining_steps_maps_twice(tokenizer, mode):
+    """Official: at step 10 the step's evaluation and refinement iteration 1's (same latents, same maps M0) each
+    update the cache, so iteration 1 descends S_align against 0.81 C + 0.19 M0; the engine reuses the first
+    evaluation as iteration 1, so the control applies the update twice there. Later evaluations update it once.
+    ``alignment_cache="once"``: 0.9 C + 0.1 M0. A step that does not refine updates it once in both."""
+    selfmaps = torch.eye(16).reshape(1, 4, 4, 16)
+
+    def maps(peaks):
+        return {MapKey("cross", (4, 4)): _raw_maps(4, 4, 77, peaks), MapKey("self", (4, 4)): selfmaps}
+
+    m9, m10, m10b = maps({2: (0, 0), 5: (3, 3)}), maps({2: (1, 1), 5: (3, 2)}), maps({2: (2, 1), 5: (3, 3)})
+    step9, step10 = StepInfo(index=9, timestep=550.0, total=30), StepInfo(index=10, timestep=500.0, total=30)
+    control = InitNO(subjects=["cat", "dog"], alignment_cache=mode).prepare(_ctx(tokenizer, "a cat and a dog"))
+    control.loss(m9, [0], step9)
+    c = control._average[0].clone()
+    m0, m1 = (control.maps.per_image(m, [0])[0] for m in (m10, m10b))
+    s0 = control.scores(m10, [0])[0]
+    assert _official_enters(s0.cross.item(), s0.self_.item())  # smoothed peaks ~0.6: this step refines
+    loss = control.loss(m10, [0], step10).item()
+    official = c
+    for m in _official_evaluations([m0], iterations=1):
+        official = _official_cache(official, m)
+    assert torch.allclose(official, 0.81 * c + 0.19 * m0, atol=1e-7)
+    expected = official if mode == "official" else _official_cache(c, m0)
+    assert torch.equal(control._average[0], expected)
+    align = (m0 - expected).abs().flatten(1).mean(1).sum().item()
+    assert loss == pytest.approx((s0.cross + s0.self_ + 0.1 * s0.clean).item() + 0.1 * align, abs=1e-6)
+    control.loss(m10b, [0], step10)  # iteration 2's evaluation, of the moved latents: one update
+    assert torch.equal(control._average[0], _official_cache(expected, m1))
+    # unsmoothed peaks ~1 and disjoint self-attention: S_cross ~0, S_self 0, no refinement, one update
+    sharp = InitNO(subjects=["cat", "dog"], alignment_cache=mode, smooth_attentions=False)
+    sharp = sharp.prepare(_ctx(tokenizer, "a cat and a dog"))
+    sharp.loss(m9, [0], step9)
+    c = sharp._average[0].clone()
+    s0 = sharp.scores(m10, [0])[0]
+    assert not _official_enters(s0.cross.item(), s0.self_.item())
+    sharp.loss(m10, [0], step10)
+    assert torch.equal(sharp._average[0], _official_cache(c, sharp.maps.per_image(m10, [0])[0]))
+
+
+@pytest.mark.parametrize("cross", [0.2, 0.19999999999999998, 0.19999999999999996, 0.20000000000000004, 0.25, 0.1])
+def test_initno_refinement_tests_are_the_official_comparisons(tokenizer, monkeypatch, cross):
+    """The official step enters refinement when ``cross > 0.2`` and its loop goes on while ``cross > 1.0 - 0.8``
+    (0.19999999999999996): a cross score of 0.2 or 0.19999999999999998 does not start refinement, but keeps it
+    going; 0.19999999999999996 does neither."""
+    from attncontrol.controls.initno import Scores
+
+    assert 1.0 - 0.8 == 0.19999999999999996
+    control = InitNO(subjects=["cat", "dog"]).prepare(_ctx(tokenizer, "a cat and a dog"))
+    zero = torch.zeros((), dtype=torch.float64)
+    score = Scores(cross=torch.tensor(cross, dtype=torch.float64), self_=zero, clean=zero, maps=torch.zeros(2, 4, 4))
+    monkeypatch.setattr(control, "scores", lambda maps, images: [score])
+    step = StepInfo(index=10, timestep=500.0, total=30)
+    control.loss({}, [0], step)  # the step's evaluation
+    assert control.wants_refinement(10, 0, cross) == _official_enters(cross, 0.0)
+    control.loss({}, [0], step)  # a refinement iteration's evaluation
+    assert control.wants_refinement(10, 0, cross) == _official_continues(cross, 0.0)
+    assert not control.wants_refinement(11, 0, cross)  # not a refinement step
+
+
+def test_initno_engine_refinement_updates_the_cache_per_official_evaluation(sd1):
+    """Through the engine on the tiny model (S_cross > 0.5: it refines): at refinement step 1 with 2 iterations the
+    official code evaluates 4 times (the step, iteration 1 of the same latents, iteration 2, after the loop) where
+    the engine evaluates 3 times; the cache after the step is the official one of those 4 evaluations' maps. The
+    claim that iteration 1's evaluation gives the step's maps again: two forwards of the same latents are equal."""
+    control = InitNO(subjects=["cat", "dog"], optimise=False, refinement_steps=(1,), max_refinement_steps=2)
+    run = attncontrol.prepare_run(sd1, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0)
+    prepared = run.controls[0]
+    seen, loss = [], prepared.loss
+
+    def recording(maps, images, step):
+        seen.append((step.index, prepared.maps.per_image(maps, images)[0].detach().clone()))
+        return loss(maps, images, step)
+
+    prepared.loss = recording
+    z = torch.randn(1, 4, 32, 32, generator=seeded(5))
+    with run.installed():
+        z, _ = run.guide(z, 0)
+        scale = run.adapter.input_scale(run.timesteps[1])
+        again = [prepared.maps.per_image(run.engine.forward_maps(z * scale, 1, [0]), [0])[0] for _ in range(2)]
+        assert torch.equal(again[0].detach(), again[1].detach())
+        z, record = run.guide(z, 1)
+    assert record.refinement_iterations == [2]
+    at1 = [m for i, m in seen if i == 1]
+    assert len(at1) == 3
+    official = None
+    for m in [m for i, m in seen if i == 0] + _official_evaluations(at1, iterations=2):
+        official = _official_cache(official, m)
+    assert torch.equal(prepared._average[0], official)
+
+
 class _Scripted:
     """A stand-in for the optimisation: each call returns the next scripted (score, success) for the noise given."""
 
@@ -342,6 +457,7 @@ def test_phrases_and_bindings_group_modifiers_with_their_noun(tokenizer):
         (lambda: InitNO(subjects=["cat"], rounds=0), "rounds must be >= 1, got 0"),
         (lambda: InitNO(subjects=["cat"], align_decay=1.0), r"align_decay must be in \[0, 1\), got 1.0"),
         (lambda: InitNO(subjects=["cat"], optimise=False, guide=False), "does nothing"),
+        (lambda: InitNO(subjects=["cat"], alignment_cache="twice"), "alignment_cache must be 'official' or 'once'"),
     ],
 )
 def test_bad_options_name_the_value(make, match):

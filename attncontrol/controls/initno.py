@@ -40,7 +40,11 @@ class InitNO(GuidanceOptions):
         lr, adam_eps: Adam's learning rate and eps (official: 1e-2, 1e-3).
         kl_bound: after each step, Adam steps on the KL alone while KL > bound (official: 1e-3).
         cross_target, self_target: success when ``S_cross < cross_target`` and ``S_self < self_target``; also the
-            sampling refinement's targets (official: 0.2, 0.3).
+            sampling refinement's targets (official: 0.2, 0.3). As in the official code, a refinement step starts
+            refining when ``S_cross > cross_target`` or ``S_self > self_target`` (its ``> 0.2``), and the refinement,
+            given the peak target ``1 - cross_target`` (its ``threshold=0.8``), continues while ``S_cross >
+            max(0, 1 - (1 - cross_target))`` (its ``1.0 - threshold``: 0.19999999999999996) or ``S_self >
+            self_target``.
         self_gate: during the optimisation S_self counts only once ``S_cross <= self_gate`` (official: 0.5).
         clean_weight: weight of the clean term (a second blob of a subject's map) in the optimisation (official: 1).
         guide: after the optimisation, sample with the A&E-style guidance below (official script: on).
@@ -50,6 +54,12 @@ class InitNO(GuidanceOptions):
         sampling_clean_weight, align_weight, align_decay: the refinement's score
             ``S_cross + S_self + 0.1 S_clean + 0.1 S_align``, S_align the L1 distance of each subject's map to an
             exponential average (decay 0.9) of its earlier maps (official values).
+        alignment_cache: when that average is updated. ``"official"`` (default): once per evaluation the official
+            code makes; at a refinement step that refines, the official code evaluates the step's latents twice
+            before the first refinement update (the step's evaluation, then refinement iteration 1's), while the
+            engine reuses the first evaluation for iteration 1, so the average takes that evaluation's maps twice
+            (the second evaluation of the same latents gives the same maps): ``0.81 avg + 0.19 C`` instead of
+            ``0.9 avg + 0.1 C``. ``"once"``: once per evaluation the engine makes (one update there).
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])`` (20, (1, 0.5)).
         attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
             the maps (:class:`~attncontrol.controls.common.MapOptions`); self-attention at the same resolution.
@@ -79,6 +89,7 @@ class InitNO(GuidanceOptions):
     align_decay: float = 0.9
     scale_factor: float = 20.0
     scale_range: tuple[float, float] = (1.0, 0.5)
+    alignment_cache: str = "official"
     stop: int | float | None = field(default=25, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -97,6 +108,8 @@ class InitNO(GuidanceOptions):
                 raise OptionError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.align_decay < 1.0:
             raise OptionError(f"align_decay must be in [0, 1), got {self.align_decay}")
+        if self.alignment_cache not in ("official", "once"):
+            raise OptionError(f"alignment_cache must be 'official' or 'once', got {self.alignment_cache!r}")
         if not (self.optimise or self.guide):
             raise OptionError("InitNO with optimise=False and guide=False does nothing; enable one of them")
         self.validate_map_options()
@@ -151,6 +164,7 @@ class PreparedInitNO(PreparedControl):
         self.max_refinement_steps = cfg.max_refinement_steps
         self._latest: dict[int, tuple[float, float]] = {}
         self._average: dict[int, torch.Tensor] = {}
+        self._evaluations: dict[int, tuple[int, int]] = {}  # per image: (step, evaluations of it at that step)
         self.noise_report = []
 
     # -- scores -------------------------------------------------------------------------------------------------
@@ -239,23 +253,49 @@ class PreparedInitNO(PreparedControl):
         return self.cfg.cross_target if step in self.cfg.refinement_steps and self.updates_at(step) else None
 
     def wants_refinement(self, step: int, image: int, loss: float) -> bool:
+        """On the step's first evaluation the official entry test (``S_cross > 0.2``), after it the official loop's
+        test (``S_cross > 1 - 0.8``); the engine asks after iteration 1 on that same first evaluation, whose scores
+        passed the entry test and so pass the loop's (0.2 > 1 - 0.8): the same decisions as the official code."""
         if self.refine_target(step) is None:
             return False
         cross, self_ = self._latest.get(image, (1.0, 1.0))
-        return cross > self.cfg.cross_target or self_ > self.cfg.self_target
+        return self._refines(cross, self_, self._evaluations.get(image) == (step, 1))
+
+    def _starts_refining(self, step: int, cross: float, self_: float) -> bool:
+        """With ``alignment_cache="official"``: the engine will refine this image at this step (its first test)."""
+        return (
+            self.cfg.alignment_cache == "official"
+            and self.update_rule != "velocity"
+            and self.refine_target(step) is not None
+            and self._refines(cross, self_, True)
+        )
+
+    def _refines(self, cross: float, self_: float, first: bool) -> bool:
+        cfg = self.cfg
+        target = cfg.cross_target if first else max(0.0, 1.0 - (1.0 - cfg.cross_target))
+        return cross > target or self_ > cfg.self_target
 
     def step_size(self, step: int) -> float:
         return float(self.step_sizes[step])
 
     def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
-        """``S_cross``; at the refinement steps the joint score with the clean and alignment terms."""
+        """``S_cross``; at the refinement steps the joint score with the clean and alignment terms. Each call is one
+        evaluation: it updates the alignment average (twice at the first evaluation of a step that starts
+        refining, with ``alignment_cache="official"``)."""
         cfg = self.cfg
         losses = []
         for b, s in zip(images, self.scores(maps, images)):
-            self._latest[b] = (float(s.cross.detach()), float(s.self_.detach()))
+            cross, self_ = float(s.cross.detach()), float(s.self_.detach())
+            self._latest[b] = (cross, self_)
+            seen, count = self._evaluations.get(b, (None, 0))
+            count = count + 1 if seen == step.index else 1
+            self._evaluations[b] = (step.index, count)
+            # the official refinement's iteration 1 evaluates the step's latents again: a second update, same maps
+            updates = 2 if count == 1 and self._starts_refining(step.index, cross, self_) else 1
             current = s.maps.detach()
-            previous = self._average.get(b)
-            average = current if previous is None else cfg.align_decay * previous + (1 - cfg.align_decay) * current
+            average = self._average.get(b)
+            for _ in range(updates):  # the official rule: cache * alpha + maps * (1 - alpha), the first maps as is
+                average = current if average is None else cfg.align_decay * average + (1 - cfg.align_decay) * current
             self._average[b] = average
             if step.index in cfg.refinement_steps:
                 align = (s.maps - average).abs().flatten(1).mean(1).sum()
