@@ -40,6 +40,13 @@ class TextSegment:
         """Positions of the subjects of input prompt ``k`` in this stream (plus the offset)."""
         if self.tokenizer is None:
             return [()] * len(subjects)
+        fixed = {j: s for j, s in enumerate(subjects) if isinstance(s, _Positions)}
+        if fixed:  # positions mapped from another stream's index: resolve the rest, keep these as they are
+            rest = self.resolve(k, [s for s in subjects if not isinstance(s, _Positions)]) if len(fixed) < len(
+                subjects) else []  # fmt: skip
+            rest_iter = iter(rest)
+            return [tuple(self.offset + p for p in fixed[j]) if j in fixed else next(rest_iter)
+                    for j in range(len(subjects))]  # fmt: skip
         mine = resolve_subjects(self.tokenizer, self.prompts[k], subjects, self.length)
         for tokenizer, prompts in self.parallel:
             theirs = resolve_subjects(tokenizer, prompts[k], subjects, self.length)
@@ -69,16 +76,44 @@ class TextLayout:
         return sum(s.length for s in self.segments)
 
     def resolve(self, k: int, subjects: list) -> list[tuple[int, ...]]:
-        """Each subject's positions in every stream (SD3: its CLIP positions and its T5 positions)."""
+        """Each subject's positions in every stream (SD3: its CLIP positions and its T5 positions).
+
+        A token index is an index into the first stream's table (the first table ``attncontrol tokens`` shows;
+        SD3: CLIP, where 0 is the start token); in every other stream it stands for the same word (the same
+        occurrence of it), since the streams number their tokens differently (T5 has no start token)."""
+        indexed = [s for s in subjects if isinstance(s, int) and not isinstance(s, bool)]
+        streams = [seg for seg in self.segments if seg.tokenizer is not None]
         per_stream = []
         for seg in self.segments:
+            mine = subjects
+            if indexed and len(streams) > 1 and seg is not streams[0]:
+                mine = [self._same_word(k, streams[0], seg, s) if s in indexed else s for s in subjects]
             try:
-                per_stream.append(seg.resolve(k, subjects))
+                per_stream.append(seg.resolve(k, mine))
             except SubjectError as err:
                 if len(self.segments) == 1:
                     raise
                 raise type(err)(f"in the {seg.label} tokens: {err}") from None
         return [tuple(p for stream in per_stream for p in stream[j]) for j in range(len(subjects))]
+
+    @staticmethod
+    def _same_word(k: int, first: TextSegment, other: TextSegment, index: int) -> tuple[int, ...] | str:
+        """Token ``index`` of ``first``'s table as positions of the same word (same occurrence) in ``other``'s
+        table, returned as a phrase subject those streams resolve (or the index itself when it is invalid, so the
+        first stream's check reports it)."""
+        table = first.table(k)
+        if not table.first_index <= index <= table.last_index:
+            return index
+        word, ordinal = _word_at(table, index)
+        theirs = other.table(k)
+        hits = [pos for text, pos in _word_groups(theirs) if text == word]
+        if len(hits) < ordinal:
+            raise SubjectError(
+                f"token index {index} is the word {word!r} in the {first.label} tokens, which the {other.label} "
+                f"tokens do not have (as occurrence {ordinal}); name the word instead\n{table.format()}\n"
+                f"{theirs.format()}"
+            )
+        return _Positions(hits[ordinal - 1])
 
     def keep(self, k: int, exclude_eot: bool) -> torch.Tensor:
         """(length,) positions kept in a token softmax for input prompt ``k``.
@@ -126,6 +161,32 @@ class TextLayout:
 
     def format(self, k: int) -> str:
         return "\n".join(table.format() for seg in self.segments if (table := seg.table(k)) is not None)
+
+
+class _Positions(tuple):
+    """Token positions already resolved in a stream (how a first-stream index reaches the other streams)."""
+
+
+def _word_groups(table: TokenTable) -> list[tuple[str, tuple[int, ...]]]:
+    """The prompt's words in ``table``, in order: (lower-cased text, positions)."""
+    groups: list[tuple[str, list[int]]] = []
+    rows = table.rows()
+    for p in range(table.first_index, table.last_index + 1):
+        if groups and groups[-1][1][-1] == p - 1 and not _starts_word(table, rows, p):
+            groups[-1][1].append(p)
+        else:
+            groups.append((rows[p].word.lower(), [p]))
+    return [(text, tuple(pos)) for text, pos in groups]
+
+
+def _word_at(table: TokenTable, index: int) -> tuple[str, int]:
+    """The word token ``index`` belongs to, and which occurrence of that word it is (1-based)."""
+    seen: dict[str, int] = {}
+    for text, pos in _word_groups(table):
+        seen[text] = seen.get(text, 0) + 1
+        if index in pos:
+            return text, seen[text]
+    raise SubjectError(f"token index {index} is not a prompt token of {table.prompt!r}\n{table.format()}")
 
 
 def _starts_word(table: TokenTable, rows, p: int) -> bool:

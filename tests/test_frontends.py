@@ -76,6 +76,28 @@ def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(met
     assert getattr(from_batch, spec.name) == value
 
 
+@pytest.mark.parametrize("spelling", ["attend-excite.scale_factor", "attend_excite.scale_factor",
+                                      "attend-excite.scale-factor", "Attend_Excite.scale-factor"])
+def test_method_and_field_names_take_dash_or_underscore(spelling, tmp_path, capsys):
+    """`-` and `_` alike in method and field names: --set, --methods, batch lines and `attncontrol methods`."""
+    from attncontrol.batch import expand, read_entries
+    from attncontrol.cli.commands import controls_from_args
+    from attncontrol.cli.parser import build_parser
+
+    method = spelling.split(".")[0]
+    args = build_parser().parse_args(["generate", "a cat", "--subjects", "cat", "--methods", method,
+                                      "--set", f"{spelling}=5"])  # fmt: skip
+    (control,) = controls_from_args(args)
+    assert isinstance(control, AttendExcite) and control.scale_factor == 5
+    field = spelling.split(".")[1]
+    line = {"prompt": "a cat", "subjects": ["cat"], "methods": [method], "options": {method: {field: 5}}}
+    (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
+    (item,) = expand(read_entries(tmp_path / "p.jsonl"), [0], ["none"])
+    assert item.method == "attend-excite" and item.controls()[0].scale_factor == 5
+    assert main(["methods", method]) == 0
+    assert capsys.readouterr().out.startswith("attend-excite  (AttendExcite: ")
+
+
 # ---------------------------------------------------------------- mistakes: exit 2, one message, nothing written
 
 CLI_CASES = {
@@ -104,6 +126,8 @@ CLI_CASES = {
     "height": (["--subjects", "cat", "--height", "63"], "--height must be a positive multiple of 8"),
     "subject-not-in-prompt": (["--subjects", "cat", "horse"], "'horse' is not in the prompt"),
     "none-method": (["--subjects", "cat", "--methods", "none"], "use --no-control for the baseline"),
+    "methods-comma": (["--subjects", "cat", "--methods", ","], "--methods: no method named in ','"),
+    "none-with-astar": (["--subjects", "cat", "--methods", "none+astar"], "use --no-control for the baseline"),
     "boxes-without-refocus": (["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"],
                               "--boxes are for refocus"),
 }  # fmt: skip

@@ -198,6 +198,25 @@ def test_sd3_subjects_are_resolved_in_clip_and_t5(sd3):
     assert dog[0] == 5 and all(p >= 77 for p in dog[1:])
 
 
+def test_an_sd3_token_index_is_a_clip_index_and_the_same_word_in_t5(sd3):
+    """An index names a token of the first table (CLIP: 0 is its start token); in T5, which has no start token and
+    so numbers every word one lower, it must mean the same word, not the same number (issue #30 item 6)."""
+    prompt = "a red car and a blue bench"
+    kw = {k: v for k, v in KW["sd3"].items()}
+    clip = sd3.tokenizer.convert_ids_to_tokens(sd3.tokenizer(prompt).input_ids)
+    t5 = sd3.tokenizer_3.convert_ids_to_tokens(sd3.tokenizer_3(prompt).input_ids)
+    assert clip[3] == "car</w>" and clip[7] == "bench</w>" and t5[3] == "\u2581and"  # the same number, other words
+    want = [(3, 77 + t5.index("\u2581car")), (7, 77 + t5.index("\u2581bench"))]
+    by_index = attncontrol.prepare_run(sd3, prompt, [AttendExcite(subjects=[3, 7])], **kw)
+    by_word = attncontrol.prepare_run(sd3, prompt, [AttendExcite(subjects=["car", "bench"])], **kw)
+    assert by_index.controls[0].maps.subjects[0] == want == by_word.controls[0].maps.subjects[0]
+    # a repeated word keeps its occurrence: index 5 is the second "a"
+    second_a = attncontrol.prepare_run(sd3, prompt, [AttendExcite(subjects=[5, 7])], **kw)
+    assert second_a.controls[0].maps.subjects[0][0] == (5, 77 + [i for i, t in enumerate(t5) if t == "\u2581a"][1])
+    with pytest.raises(SubjectError, match="token index 9 is not a prompt token"):
+        attncontrol.prepare_run(sd3, prompt, [AttendExcite(subjects=[3, 9])], **kw)
+
+
 def test_flux_subjects_use_the_t5_word_rule(flux):
     run = attncontrol.prepare_run(flux, "a cat resting on grass", [AttendExcite(subjects=["resting", "cat"])],
                                   **KW["flux"])  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attncontrol
-from attncontrol.testing import make_scheduler
+from attncontrol.testing import make_scheduler, make_tiny_sd_pipeline
 
 from .conftest import ae_reference, seeded
 
@@ -148,4 +148,63 @@ def test_float32_sd2_family_with_sdpa_elsewhere(sd2):
         plain=True,
     )
     assert (ref - plain).abs().max() > 1e-2
+    assert (ours.images - ref).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- paths the first oracle cases did not cover
+# A tiny SD1 pipeline of another seed than the fixtures', an 8-token prompt, the reference's default thresholds
+# and caps at 50 steps (refinement runs its full 20 iterations at steps 0, 10 and 20 on these random weights),
+# PNDM (51 timesteps for 50 steps), custom thresholds with 2 images per prompt, and no refinement at 40 steps.
+# The reference gets the token indices read from the tokenizer here, not from our resolution.
+
+BIRD_CAR = "a red bird and a blue car"
+
+
+def _bird_car_indices(pipe) -> list[int]:
+    tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(BIRD_CAR).input_ids)
+    return [tokens.index("bird</w>"), tokens.index("car</w>")]
+
+
+def _unseen_case(dtype, scheduler, steps, num_images=1, **ae):
+    pipe = make_tiny_sd_pipeline("sd1", seed=11, sample_size=32).to(dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(scheduler)
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, output_type="latent", height=64, width=64,
+              num_images_per_prompt=num_images)  # fmt: skip
+    ref = ae_reference(pipe)(BIRD_CAR, token_indices=_bird_car_indices(pipe), generator=seeded(5), attn_res=(16, 16),
+                             **ae, **kw).images  # fmt: skip
+    control = attncontrol.AttendExcite(subjects=["bird", "car"], attn_res=16, **ae)
+    ours = attncontrol.generate(pipe, BIRD_CAR, [control], generator=seeded(5), **kw)
+    return pipe, ours, ref, kw
+
+
+def test_the_bird_car_indices_are_bird_and_car_not_blue():
+    """The prompt has 8 tokens: "blue" sits at 6, "car" at 7. A check that gives the reference [3, 6] measures A&E
+    on "bird" and "blue" against ours on "bird" and "car" (a 1e-2 difference, in float64 too)."""
+    from attncontrol.testing import make_clip_tokenizer
+
+    tokens = make_clip_tokenizer().convert_ids_to_tokens(make_clip_tokenizer()(BIRD_CAR).input_ids)
+    assert tokens[3] == "bird</w>" and tokens[6] == "blue</w>" and tokens[7] == "car</w>"
+
+
+def test_float64_pndm_50_steps_default_thresholds_full_refinement():
+    _, ours, ref, _ = _unseen_case(torch.float64, "pndm", 50)
+    assert len(ours.trace) == 51  # PNDM's 51 timesteps: the step sizes are spread over all of them, as diffusers'
+    assert [ours.trace[i].refinement_iterations for i in (0, 10, 20)] == [[20], [20], [20]]
+    assert (ours.images - ref).abs().max() < 1e-9
+
+
+def test_float64_ddim_custom_thresholds_two_images_per_prompt():
+    _, ours, ref, _ = _unseen_case(torch.float64, "ddim", 30, num_images=2, thresholds={0: 0.05, 6: 0.5},
+                                   max_iter_to_alter=12, scale_factor=15)  # fmt: skip
+    assert ours.images.shape[0] == 2
+    assert ours.trace[6].refinement_iterations == [20, 20]
+    assert (ours.images - ref).abs().max() < 1e-9
+
+
+def test_float32_ddim_no_refinement_40_steps():
+    pipe, ours, ref, kw = _unseen_case(torch.float32, "ddim", 40, thresholds={})
+    plain = pipe(BIRD_CAR, generator=seeded(5), **kw).images
+    assert (ref - plain).abs().max() > 1e-2
+    assert all(not any(r.refinement_iterations or [0]) for r in ours.trace)
     assert (ours.images - ref).abs().max() < 1e-4

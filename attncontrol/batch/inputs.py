@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..controls import METHODS, Refocus, parse_boxes
+from ..controls.options import field_key, method_key, parse_methods
 from ..errors import AttnControlError
 
 AE_SETS = {
@@ -124,13 +125,16 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
         if isinstance(methods, list):
             methods = ",".join(methods)
         methods = [m.strip() for m in str(methods).split(",") if m.strip()] if methods else None
-        for m in methods or []:
-            for name in (n.strip() for n in m.replace("+", ",").split(",")):
-                if name != "none" and name not in METHODS:
-                    raise ValueError(f"unknown method {name!r}; choose from none, {', '.join(METHODS)}")
+        # each comma-separated entry is one run ("a+b" combines); check each, and each run once
+        runs = ["+".join(parse_methods(m, METHODS, "methods", ValueError)) or "none" for m in methods or []]
+        repeated = sorted({r for r in runs if runs.count(r) > 1})
+        if repeated:
+            raise ValueError(f"methods: each run may be given once, got {', '.join(repeated)} more than once")
         options = raw.get("options") or {}
         if not isinstance(options, dict):
             raise ValueError(f"'options' must map method names to their settings, got {options!r}")
+        options = {method_key(k): ({field_key(f): v for f, v in fields.items()} if isinstance(fields, dict) else fields)
+                   for k, fields in options.items()}  # fmt: skip
     except (ValueError, TypeError) as err:
         raise BatchInputError(f"{source}: {err}") from None
     return Entry(prompt.strip(), source, subjects, boxes, seeds, methods, options, raw.get("negative_prompt"))

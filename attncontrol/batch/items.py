@@ -68,14 +68,9 @@ def checked_controls(names: list[str], subjects, boxes, raw_options: dict, sourc
 
 def _method_names(text: str, source: str) -> list[str]:
     from ..controls import METHODS
+    from ..controls.options import parse_methods
 
-    names = [m.strip() for m in text.replace("+", ",").split(",") if m.strip()]
-    if names == ["none"]:
-        return []
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise BatchInputError(f"{source}: unknown method(s) {unknown or names}; choose from none, {', '.join(METHODS)}")
-    return names
+    return parse_methods(text, METHODS, source, BatchInputError)
 
 
 def expand(
@@ -94,6 +89,11 @@ def expand(
     items = []
     for e in entries:
         benchmark = json.dumps(e.benchmark_record(), sort_keys=True) if hasattr(e, "benchmark_record") else None
+        run = {n for text in e.methods or methods for n in _method_names(text, e.source)}
+        stray = sorted(set(e.options) - run)
+        if stray:
+            raise BatchInputError(f"{e.source}: options for {', '.join(stray)}, which is not among the methods "
+                                  f"{', '.join(sorted(run)) or 'none'}")  # fmt: skip
         for method_text in e.methods or methods:
             names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"

@@ -28,6 +28,28 @@ def main(argv: list[str] | None = None) -> int:
         hint = hint if isinstance(err, SubjectError) else ""
         print(f"error: {first}{hint if rest else ''}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader closed the pipe (`attncontrol methods | head -1`): not a failure; no traceback at exit either
+        _silence_stdout()
+        return 0
+    except OSError as err:  # a full disk, a read-only folder, ...: one line naming the file
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: {args.command} ran out of memory (smaller --height/--width, fewer images or seeds?)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted: {args.command} stopped{runs.progress_note()}", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -121,20 +121,23 @@ def cmd_tokens(args) -> int:
             where = f"map positions {offset} + index" if offset else "map positions = index"
             print(f"{label} tokens ({where}):")
         print(tokenize(tokenizer, args.prompt).format())
+    if len(streams) > 1:
+        print(f"A subject given as an index is an index into the {streams[0][0]} table; in the other tables it means "
+              "the same word.")
     return 0
 
 
 def cmd_methods(args) -> int:
     """Every method, every option: name, type, default, meaning (from the dataclasses)."""
     from ..controls import METHODS
-    from ..controls.options import method_fields
+    from ..controls.options import method_fields, method_key
 
-    names = [args.method] if args.method else list(METHODS)
+    names = [method_key(args.method)] if args.method else list(METHODS)
     for name in names:
         if name not in METHODS:
-            raise OptionError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            raise OptionError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
         cls = METHODS[name]
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the whole first paragraph
         print(f"{name}  ({cls.__name__}: {doc})")
         for spec in method_fields(cls):
             alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""

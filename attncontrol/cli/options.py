@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..controls.options import option_value, parse_option
+from ..controls.options import option_value, parse_methods, parse_option
 from ..errors import OptionError
 from .parser import AE_SHORTCUTS
 
@@ -12,16 +12,7 @@ def method_names(text: str | None, flag: str = "--methods") -> list[str]:
     """``"attend-excite,refocus"`` (or ``+``) -> names, each known and given once; ``"none"`` -> []."""
     from ..controls import METHODS
 
-    names = [m.strip() for m in (text or "").replace("+", ",").split(",") if m.strip()]
-    if names == ["none"]:
-        return []
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise OptionError(f"{flag}: unknown method(s) {unknown or names}; choose from none, {', '.join(METHODS)}")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise OptionError(f"{flag}: each method may be given once, got {', '.join(repeated)} more than once")
-    return names
+    return parse_methods(text, METHODS, flag)
 
 
 def options_from_args(args, names: list[str]) -> tuple[dict, dict]:

@@ -190,13 +190,46 @@ def check_fields(obj) -> None:
         setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], where))
 
 
+def method_key(name: str) -> str:
+    """A method's registry key from a name as a user types it: case, ``-`` and ``_`` alike
+    (``attend_excite``, ``Attend-Excite`` -> ``attend-excite``)."""
+    return str(name).strip().lower().replace("_", "-")
+
+
+def field_key(name: str) -> str:
+    """A field's name from a name as a user types it: ``-`` and ``_`` alike (``scale-factor`` -> ``scale_factor``)."""
+    return str(name).strip().replace("-", "_")
+
+
+def parse_methods(text, methods, where: str = "--methods", error=OptionError) -> list[str]:
+    """``"attend-excite,refocus"`` (``+`` joins too; ``_`` for ``-``) -> registry keys, each known and given once;
+    ``"none"`` alone -> []. Raises ``error`` naming ``where`` and the bad text."""
+    raw = str(text or "")
+    parts = [p.strip() for p in raw.replace("+", ",").split(",")]
+    names = [method_key(p) for p in parts if p]
+    choose = f"choose from none, {', '.join(methods)}"
+    if not names:
+        raise error(f"{where}: no method named in {raw!r}; {choose}")
+    if "none" in names:
+        if names == ["none"]:
+            return []
+        raise error(f"{where}: 'none' (no control) cannot be combined with other methods, got {raw!r}")
+    unknown = [p for p, n in zip([p for p in parts if p], names) if n not in methods]
+    if unknown:
+        raise error(f"{where}: unknown method(s) {', '.join(repr(u) for u in unknown)}; {choose}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise error(f"{where}: each method may be given once, got {', '.join(repeated)} more than once")
+    return names
+
+
 def parse_option(text: str) -> tuple[str, str, str]:
-    """``"astar.scale_factor=5"`` -> ("astar", "scale_factor", "5")."""
+    """``"astar.scale_factor=5"`` -> ("astar", "scale_factor", "5"); ``-`` and ``_`` alike in both names."""
     key, sep, value = text.partition("=")
     method, dot, name = key.strip().partition(".")
     if not sep or not dot or not method or not name:
         raise OptionError(f"--set takes METHOD.FIELD=VALUE (e.g. astar.scale_factor=5), got {text!r}")
-    return method.strip(), name.strip(), value
+    return method_key(method), field_key(name), value
 
 
 def takes_boxes(cls) -> bool:
@@ -205,7 +238,9 @@ def takes_boxes(cls) -> bool:
 
 
 def option_value(methods: dict, method: str, name: str, value, where: str, text: bool = True):
-    """A single option checked against its method's field: (canonical field name, value)."""
+    """A single option checked against its method's field: (canonical field name, value). Method and field names
+    may use ``-`` or ``_``."""
+    method, name = method_key(method), field_key(name)
     if method not in methods:
         raise OptionError(f"{where}: unknown method {method!r}; choose from {', '.join(methods)}")
     cls = methods[method]
