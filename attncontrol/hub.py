@@ -61,8 +61,18 @@ def is_hub_id(model: str) -> bool:
 
 
 def hub_kwargs(model: str) -> dict:
-    """``{"local_files_only": True}`` for a hub id while the Hub is unreachable (use the cache, fail fast)."""
-    return {"local_files_only": True} if is_hub_id(model) and offline_reason() else {}
+    """``{"local_files_only": True}`` for a hub id while the Hub is unreachable (use the cache, fail fast). Once
+    the probe has found the Hub unreachable, huggingface_hub is told it is offline too, so none of its own requests
+    (e.g. the user-agent registry it fetches before a download) tries the network again in this process."""
+    if not (is_hub_id(model) and offline_reason()):
+        return {}
+    try:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        pass
+    return {"local_files_only": True}
 
 
 def unavailable_message(model: str, what: str = "model", detail: str | None = None, flag: str = "--model") -> str:

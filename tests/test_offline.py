@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -18,14 +17,36 @@ from .conftest import SUBPROCESS_TIMEOUT
 MODEL = "some-org/any-id"
 
 
-def _cli(*args, env_extra=None, timeout=SUBPROCESS_TIMEOUT):
+# A socket guard for the child: every connection attempt it makes is written to a file, so "fails fast" is shown
+# by what did not happen (no retries, no second connection), not by a time a busy machine can exceed.
+_GUARD = """
+import os, socket
+_log = os.environ["ATTNCONTROL_TEST_SOCKET_LOG"]
+_connect = socket.socket.connect
+def connect(self, address):
+    with open(_log, "a") as fh:
+        fh.write(repr(address) + "\\n")
+    return _connect(self, address)
+socket.socket.connect = connect
+"""
+
+
+def _cli(*args, env_extra=None, timeout=SUBPROCESS_TIMEOUT, guard_dir=None):
+    """Run the CLI in a child; with ``guard_dir``, also return the connection attempts it made."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update({"PYTHONWARNINGS": "ignore", **(env_extra or {})})
-    start = time.perf_counter()
+    log = None
+    if guard_dir is not None:
+        guard_dir.mkdir(exist_ok=True)
+        (guard_dir / "sitecustomize.py").write_text(_GUARD)
+        log = guard_dir / "connections.log"
+        log.write_text("")
+        env["ATTNCONTROL_TEST_SOCKET_LOG"] = str(log)
+        env["PYTHONPATH"] = os.pathsep.join([str(guard_dir), *filter(None, [env.get("PYTHONPATH")])])
     res = subprocess.run(
         [sys.executable, "-m", "attncontrol", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
-    return res, time.perf_counter() - start
+    return res, (log.read_text().splitlines() if log is not None else None)
 
 
 def _batch_folder(tmp_path):
@@ -61,14 +82,15 @@ def test_each_command_fails_fast_with_the_offline_message(tmp_path, command, how
     if command == "ui":
         pytest.importorskip("gradio")
     env = {"HF_HUB_OFFLINE": "1"} if how == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"}
-    res, seconds = _cli(*COMMANDS[command](tmp_path), env_extra=env)
+    res, connections = _cli(*COMMANDS[command](tmp_path), env_extra=env, guard_dir=tmp_path / "guard")
     assert res.returncode == 2, res.stderr
     assert MODEL in res.stderr
     assert ("--clip ./my-model" if command == "eval" else "--model ./my-model") in res.stderr
     assert "not reachable" in res.stderr and "Traceback" not in res.stderr
     assert "<|endoftext|>" not in res.stdout and "index" not in res.stdout  # no token table
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "batch" / "eval").exists()
-    assert seconds < 60, f"took {seconds:.0f}s: retries instead of failing fast"
+    # offline: no connection at all; an unreachable Hub: the one probe of the README, no retries
+    assert len(connections) == (0 if how == "HF_HUB_OFFLINE" else 1), connections
 
 
 def test_an_empty_vocabulary_is_rejected_and_a_real_one_kept(tokenizer, tmp_path):
