@@ -43,3 +43,8 @@ class OptionError(AttnControlError, ValueError):
 
 class OptionTypeError(OptionError, TypeError):
     """An option of the wrong type (a string where a number belongs, an unknown keyword)."""
+
+
+class NonFiniteError(AttnControlError, ArithmeticError):
+    """The latents became NaN or infinite (a step size far too large, a broken model in half precision): the run
+    stops there instead of returning a black image as a success."""

@@ -166,6 +166,8 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         raise OptionError(f"got {len(args.generator)} generators for {n_images} images; pass one per image")
     if args.latents is not None:
         expected = tuple(adapter.latent_shape(n_images, latent_hw))
+        if torch.is_tensor(args.latents) and not bool(torch.isfinite(args.latents).all()):
+            raise OptionError("latents hold NaN or infinite values; pass finite initial noise")
         if tuple(args.latents.shape) != expected:
             raise OptionError(
                 f"latents have shape {tuple(args.latents.shape)}; {args.height}x{args.width} px with {n_images} "

@@ -19,6 +19,7 @@ import torch
 
 from .attention import AttentionMaps, AttentionObserver
 from .controls.base import ControlContext, PreparedControl, PreparedEditor
+from .errors import NonFiniteError
 from .guidance import GuidanceEngine, StepRecord
 from .models import ModelAdapter
 from .processors import capture_layers
@@ -223,6 +224,8 @@ class StepDriver:
 
     def begin(self, latents: torch.Tensor, step: int) -> torch.Tensor:
         latents, self.pending = self.run.guide(latents, step)
+        if self.pending is not None and self.pending.loss is not None:
+            _check_finite(latents, f"after the guidance of step {step} (loss {self.pending.loss})")
         if self.run.observer is not None:
             self.run.observer.begin_step()  # records the ordinary forward of this step (not the guidance passes)
         return latents
@@ -243,9 +246,19 @@ class StepDriver:
         record.seconds = now - self.clock
         self.trace.append(record)
         self.clock = now
+        _check_finite(out.get("latents", kwargs["latents"]), f"after step {i}")
         latents = run.apply_deferred(out.get("latents", kwargs["latents"]), i)
         if latents is not None:
             out["latents"] = latents
         if i + 1 < run.num_steps and not getattr(pipe, "_interrupt", False):
             out["latents"] = self.begin(out.get("latents", kwargs["latents"]), i + 1)
         return out
+
+
+def _check_finite(latents: torch.Tensor, where: str) -> None:
+    """Stop the run (one device sync) when the latents hold a NaN or an infinity."""
+    if torch.is_tensor(latents) and not bool(torch.isfinite(latents).all()):
+        raise NonFiniteError(
+            f"the latents are not finite {where}: the image would be black or noise; lower the step size "
+            "(e.g. scale_factor) or run the model in float32"
+        )

@@ -335,3 +335,48 @@ def test_sd2_family_defaults_to_prompt_tokens_only(sd2):
     # with 5 kept tokens instead of 75, each subject gets a far larger share: the loss is much lower
     assert default.trace[0].loss[0] < diffusers_rule.trace[0].loss[0] - 0.1
     assert (default.images - diffusers_rule.images).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_negative_prompt_works_on_sd1_and_sd2_with_and_without_controls(family, request):
+    """A str negative prompt beside our list of prompts: SD's encode_prompt refuses mixed types (issue #31)."""
+    pipe = request.getfixturevalue(family)
+    kw = dict(num_inference_steps=2, output_type="latent")
+    stock = pipe("a cat and a dog", negative_prompt="blurry", generator=seeded(0), **kw).images
+    plain = attncontrol.generate(pipe, "a cat and a dog", [], negative_prompt="blurry", generator=seeded(0), **kw)
+    assert torch.equal(plain.images, stock)
+    without = pipe("a cat and a dog", generator=seeded(0), **kw).images
+    assert not torch.equal(stock, without)  # the negative prompt is used
+    ae = attncontrol.AttendExcite(subjects=["cat", "dog"], thresholds={})
+    guided = attncontrol.generate(pipe, "a cat and a dog", [ae], negative_prompt="blurry", generator=seeded(0), **kw)
+    assert guided.images.shape == stock.shape and torch.isfinite(guided.images).all()
+
+
+def test_attend_excite_does_nothing_before_its_window_not_even_refinement(sd1):
+    """start=10 on a 2-step run: A&E must not act, though step 0 is a threshold step (issue #31)."""
+    kw = dict(num_inference_steps=2, output_type="latent")
+    plain = attncontrol.generate(sd1, "a cat and a dog", [], generator=seeded(0), **kw).images
+    late = attncontrol.AttendExcite(subjects=["cat", "dog"], start=10, stop=20)
+    out = attncontrol.generate(sd1, "a cat and a dog", [late], generator=seeded(0), **kw)
+    assert torch.equal(out.images, plain)
+    assert all(not r.refinement_iterations or not any(r.refinement_iterations) for r in out.trace)
+    inside = attncontrol.AttendExcite(subjects=["cat", "dog"], start=0, stop=1, thresholds={0: 0.99})
+    acted = attncontrol.generate(sd1, "a cat and a dog", [inside], generator=seeded(0), **kw)
+    assert acted.trace[0].refinement_iterations[0] > 0 and not torch.equal(acted.images, plain)
+
+
+def test_a_run_whose_latents_turn_nan_fails_and_restores_the_pipeline(sd1):
+    """scale_factor=1e30 sends the latents to inf/NaN: an error naming the step, not a black image (issue #31)."""
+    from attncontrol import NonFiniteError, OptionError
+
+    before = processor_snapshot(sd1.unet)
+    grads = [p.requires_grad for p in sd1.unet.parameters()]
+    huge = attncontrol.AttendExcite(subjects=["cat", "dog"], scale_factor=1e30, thresholds={})
+    with pytest.raises(NonFiniteError, match="not finite after"):
+        attncontrol.generate(sd1, "a cat and a dog", [huge], num_inference_steps=3, generator=seeded(0),
+                             output_type="latent")  # fmt: skip
+    assert processor_snapshot(sd1.unet) == before
+    assert [p.requires_grad for p in sd1.unet.parameters()] == grads
+    nan = torch.full((1, 4, 32, 32), float("nan"))
+    with pytest.raises(OptionError, match="latents hold NaN"):
+        attncontrol.generate(sd1, "a cat and a dog", [], num_inference_steps=2, latents=nan, output_type="latent")

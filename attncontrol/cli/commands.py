@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import OptionError
 from . import preflight
 from .options import method_names, options_from_args
+from .parser import AE_SHORTCUTS
 
 
 def controls_from_args(args) -> list:
@@ -34,6 +35,20 @@ def controls_from_args(args) -> list:
 def _check(args):
     """Everything that can be checked before the model loads; returns (output path, controls, attention)."""
     out = preflight.check_png(args.out, "--out", args.overwrite)
+    paths = {"--out": out.resolve()}
+    for flag, value in (("--trace", args.trace), ("--save-attention", args.save_attention)):
+        if value:
+            here = Path(value).expanduser().resolve()
+            same = [f for f, p in paths.items() if p == here]
+            if same:
+                raise OptionError(f"{flag} {value} is the same path as {same[0]}: one would overwrite the other")
+            paths[flag] = here
+    if args.no_control:
+        shortcuts = [(f"--{a.replace('_', '-')}", getattr(args, a) is not None) for a in AE_SHORTCUTS]
+        flags = [("--methods", args.methods), ("--set", args.set), *shortcuts, ("--no-refinement", args.no_refinement)]
+        given = [flag for flag, on in flags if on]
+        if given:
+            raise OptionError(f"--no-control runs the plain pipeline; drop {', '.join(given)}")
     if args.trace:
         preflight.check_writable_file(Path(args.trace), "--trace")
     if args.save_attention:

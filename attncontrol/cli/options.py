@@ -26,6 +26,9 @@ def options_from_args(args, names: list[str]) -> tuple[dict, dict]:
         name, checked = option_value(METHODS, method, field, value, flag, text)
         if method not in names:
             raise OptionError(f"{flag}: {method} is not among the methods {', '.join(names) or 'none'}")
+        if (method, name) in sources:  # a shortcut and --set, an alias and its field, or the same --set twice
+            already = sources[(method, name)]
+            raise OptionError(f"{flag} sets {method}.{name}, which {already} already sets; give it once")
         options.setdefault(method, {})[name] = checked
         sources[(method, name)] = flag
 

@@ -73,6 +73,10 @@ class PreparedAttendExcite(PreparedControl):
         self.max_refinement_steps = cfg.max_refinement_steps
 
     def refine_target(self, step: int) -> float | None:
+        # no refinement before the window opens; at threshold steps from ``stop`` on it still refines (with no final
+        # update), as diffusers' pipeline does past ``max_iter_to_alter``
+        if step < self.first:
+            return None
         t = self.cfg.thresholds.get(step)
         return None if t is None else max(0.0, 1.0 - t)
 

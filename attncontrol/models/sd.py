@@ -67,8 +67,11 @@ class SDAdapter(ModelAdapter):
         return TextLayout((TextSegment(tok, 0, int(tok.model_max_length), tuple(prompts)),))
 
     def encode(self, batch: PromptBatch, device) -> Encoded:
+        negative = batch.negative_prompt
+        if isinstance(negative, str):  # the prompts are a list here; SD's encode_prompt wants the same type
+            negative = [negative] * len(batch.prompts)
         cond, uncond = self.pipe.encode_prompt(
-            batch.prompts, device, batch.num_images_per_prompt, batch.do_cfg, batch.negative_prompt,
+            batch.prompts, device, batch.num_images_per_prompt, batch.do_cfg, negative,
             lora_scale=batch.lora_scale, clip_skip=batch.clip_skip,
         )  # fmt: skip
         return Encoded({"encoder_hidden_states": cond}, {"prompt_embeds": cond, "negative_prompt_embeds": uncond})
