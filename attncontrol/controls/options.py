@@ -216,7 +216,7 @@ def parse_methods(text, methods, where: str = "--methods", error=OptionError) ->
         raise error(f"{where}: 'none' (no control) cannot be combined with other methods, got {raw!r}")
     unknown = [p for p, n in zip([p for p in parts if p], names) if n not in methods]
     if unknown:
-        raise error(f"{where}: unknown method(s) {', '.join(repr(u) for u in unknown)}; {choose}")
+        raise error(f"{where}: unknown method(s) {unknown}; {choose}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise error(f"{where}: each method may be given once, got {', '.join(repeated)} more than once")
