@@ -92,7 +92,7 @@ def test_txt_jsonl_csv(tmp_path):
         ("p.jsonl", '{"prompt": "a cat", "seeds": "a-b"}\n', "p.jsonl:1: seeds must look like"),
         ("p.jsonl", '{"prompt": "a cat", "boxes": "cat=0,0,2,1"}\n', r"p.jsonl:1: box for 'cat' must lie inside"),
         ("p.jsonl", '{"prompt": ""}\n', "p.jsonl:1: a non-empty 'prompt'"),
-        ("p.jsonl", '{"prompt": "a cat", "methods": "magic"}\n', "p.jsonl:1: unknown method 'magic'; choose from none"),
+        ("p.jsonl", '{"prompt": "a cat", "methods": "magic"}\n', "unknown method(s) ['magic']; choose from none"),
         ("p.csv", "text\nhello\n", "p.csv:1: the header must have a 'prompt' column"),
         ("p.yaml", "prompt: a cat\n", "must be .txt, .jsonl or .csv"),
     ],

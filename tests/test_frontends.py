@@ -24,7 +24,7 @@ SPECIAL = {"kernel_size": 5, "start": 1, "stop": 10, "quantile": 0.8, "quantile_
            "scale_range": (0.9, 0.4), "thresholds": {0: 0.3, 5: 0.6}, "schedule": ((3, 2.0, 2), (6, 1.0, 3)),
            "late": (2.0, 3), "late_steps": (12, 14), "attn_res": (8, 8), "blocks": (0, 1), "exclude_eot": True,
            "inside_threshold": 0.3, "loss_threshold": 0.2, "tv": "neighbour", "attribute_levels": "same",
-           "bindings": {"cat": ("furry", "small")}, "refinement_steps": (5, 15)}  # fmt: skip
+           "bindings": {"cat": ("furry", "small")}, "refinement_steps": (5, 15), "alignment_cache": "once"}  # fmt: skip
 
 
 def _other(spec):
