@@ -437,7 +437,8 @@ def test_phrases_and_bindings_group_modifiers_with_their_noun(tokenizer):
     prepared = SynGen(subjects=["red car", "bird"], bindings={"car": ["shiny"], "bird": ["blue"]}).prepare(ctx)
     # token positions: a 1, shiny 2, red 3, car 4, and 5, a 6, blue 7, bird 8
     assert prepared.groups == [[([(3,), (2,)], (4,)), ([(7,)], (8,))]]
-    assert prepared.others == [[1, 5, 6]]
+    # each group is pushed away from every prompt token outside it, the other group's words included
+    assert prepared.others == [[[1, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]]]
     conform = Conform(subjects=["red car", "blue bird"]).prepare(ctx)
     assert conform.tokens == [[3, 4, 7, 8]] and conform.labels == [[0, 0, 1, 1]]
     with pytest.raises(SubjectError, match="horse"):

@@ -20,7 +20,8 @@ from .options import check_fields
 @dataclass
 class SynGen(GuidanceOptions):
     """SynGen: ``L = sum_groups sum_m [d(m, n) - 1/2 (mean_u d(m, u) + mean_u d(n, u))]``, d the symmetric KL of
-    spatially normalised maps, u every other prompt token; ``z <- z - step_size * grad L``.
+    spatially normalised maps, u every prompt token outside the group (the other groups' words included; no
+    start/end token, no padding); ``z <- z - step_size * grad L``.
 
     Args:
         subjects: phrases whose leading words modify their last word (``"red car"``: red -> car); a single word is
@@ -64,10 +65,17 @@ class PreparedSynGen(PreparedControl):
         nouns = [[noun for _, noun in g] for g in self.groups]
         columns = prompt_tokens.any(0)  # its loss reads every prompt token, not only the nouns
         self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects, positions=nouns), cfg, ctx, columns=lambda: columns)
+        # Per image, per group: the tokens that group is pushed away from -- every prompt token outside the group,
+        # the other groups' modifiers and nouns included (official: compute_loss.py:_get_outside_indices over
+        # get_attention_map_index_to_wordpiece's positions 1 .. len(ids) - 2, i.e. no start/end token, no padding).
         self.others = []
         for b, groups in enumerate(self.groups):
-            mine = {p for mods, noun in groups for w in (*mods, noun) for p in w}
-            self.others.append([p for p in prompt_tokens[b].nonzero().flatten().tolist() if p not in mine])
+            tokens = prompt_tokens[b].nonzero().flatten().tolist()
+            outside = []
+            for mods, noun in groups:
+                mine = {p for w in (*mods, noun) for p in w}
+                outside.append([p for p in tokens if p not in mine])
+            self.others.append(outside)
 
     def step_size(self, step: int) -> float:
         return float(self.cfg.step_size)
@@ -81,9 +89,9 @@ class PreparedSynGen(PreparedControl):
             def word(w, a=a):
                 return [a[..., p] for p in w]
 
-            others = [a[..., p] for p in self.others[b]]
             total = a.new_zeros(())
-            for mods, noun in self.groups[b]:
+            for (mods, noun), outside in zip(self.groups[b], self.others[b]):
+                others = [a[..., p] for p in outside]
                 total = total + syngen_group_loss([word(w) for w in mods], word(noun), others)
             losses.append(total)
         return torch.stack(losses)
