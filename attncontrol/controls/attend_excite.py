@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from .._lazy import torch
 from ..errors import OptionError
+from ..limits import check_count
 from ..losses.attend_excite import attend_excite_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
@@ -29,7 +30,8 @@ class AttendExcite(GuidanceOptions):
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, num_steps)[i])``.
         thresholds: ``{step: T}``; at those steps the latents are refined until every subject's max
             attention reaches ``T`` (loss <= 1 - T).
-        max_refinement_steps: at most this many refinement iterations per threshold step (diffusers: 20).
+        max_refinement_steps: at most this many refinement iterations per threshold step (diffusers: 20; at most
+            1000).
         attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
             the maps (:class:`~attncontrol.controls.common.MapOptions`).
         update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
@@ -55,8 +57,7 @@ class AttendExcite(GuidanceOptions):
                 raise OptionError(f"thresholds keys must be step indices >= 0, got {step!r}")
             if not 0.0 <= value <= 1.0:
                 raise OptionError(f"thresholds values must be between 0 and 1, got {value} at step {step}")
-        if self.max_refinement_steps < 0:
-            raise OptionError(f"max_refinement_steps must be >= 0, got {self.max_refinement_steps}")
+        check_count(self.max_refinement_steps, "max_refinement_steps")
         self.validate_map_options()
         self.validate_update()
 

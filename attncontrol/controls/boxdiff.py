@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from .._lazy import torch
 from ..errors import OptionError, SubjectError
+from ..limits import check_count
 from ..losses.boxdiff import boxdiff_loss
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
@@ -35,7 +36,7 @@ class BoxDiff(GuidanceOptions):
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])`` (20, (1, 0.5)).
         thresholds: ``{step: T}``: refine while some subject's inner top-P mean < T (official: {0: 0.05, 10: 0.5,
             20: 0.8}); ``{}`` = the official ``refine=False``.
-        max_refinement_steps: refinement cap per step (official: 20).
+        max_refinement_steps: refinement cap per step (official: 20; at most 1000).
         attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
             the maps (:class:`~attncontrol.controls.common.MapOptions`).
         update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
@@ -70,8 +71,7 @@ class BoxDiff(GuidanceOptions):
             raise OptionError(f"top must be a fraction in (0, 1], got {self.top}")
         if self.corner_window < 0:
             raise OptionError(f"corner_window must be >= 0 grid cells, got {self.corner_window}")
-        if self.max_refinement_steps < 0:
-            raise OptionError(f"max_refinement_steps must be >= 0, got {self.max_refinement_steps}")
+        check_count(self.max_refinement_steps, "max_refinement_steps")
         self.validate_map_options()
         self.validate_update()
 

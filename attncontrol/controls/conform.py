@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from .._lazy import torch
 from ..errors import OptionError
+from ..limits import check_count
 from ..losses.conform import nt_xent
 from ..ops import gaussian_smooth, token_softmax
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
@@ -29,7 +30,7 @@ class Conform(GuidanceOptions):
             default True; the official notebook, whose settings we follow, False: raw averaged attention).
         previous_maps: each token's map of the previous step joins its group as a constant positive (official).
         refinement_steps, refinement_iterations: at these steps, exactly this many extra updates (official: 0, 10,
-            20; 20 iterations, no threshold).
+            20; 20 iterations, no threshold; at most 1000 iterations).
         stop (alias ``max_iter_to_alter``): updates at steps ``start .. stop - 1`` (official notebook 30; the
             pipeline's default 25).
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])`` (20, (1, 0.5)).
@@ -59,8 +60,7 @@ class Conform(GuidanceOptions):
         validate_step_schedule(self)
         if not self.temperature > 0:
             raise OptionError(f"temperature must be > 0, got {self.temperature}")
-        if self.refinement_iterations < 0:
-            raise OptionError(f"refinement_iterations must be >= 0, got {self.refinement_iterations}")
+        check_count(self.refinement_iterations, "refinement_iterations")
         self.validate_map_options()
         self.validate_update()
 

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from .._lazy import F, torch
 from ..errors import OptionError
+from ..limits import check_count
 from ..losses.divide_bind import divide_bind_loss
 from ..ops import gaussian_smooth, token_softmax
 from ..store import MapKey
@@ -32,7 +33,8 @@ class DivideBind(GuidanceOptions):
         stop (alias ``max_iter_to_alter``): latents are updated at steps ``start .. stop - 1`` (official: 25).
         scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])`` (20, (1, 0.5)).
         thresholds: ``{step: T}``: refine while the smallest subject TV < T (official: {0: 0.05, 10: 0.2, 20: 0.3}).
-        max_refinement_steps, first_refinement_steps: refinement caps after step 0 and at step 0 (official: 20, 50).
+        max_refinement_steps, first_refinement_steps: refinement caps after step 0 and at step 0 (official: 20, 50;
+            at most 1000).
         tv: "official" (as coded: the vertical term compares the last row with every row) or "neighbour".
         attribute_levels: "finer": attribute maps from the cross-attention levels finer than the subject maps
             (64x64 and 32x32 at 512 px), nearest-resized to the subject grid, as the official code; "same".
@@ -64,8 +66,8 @@ class DivideBind(GuidanceOptions):
             raise OptionError(f"tv must be 'official' or 'neighbour', got {self.tv!r}")
         if self.attribute_levels not in ("finer", "same"):
             raise OptionError(f"attribute_levels must be 'finer' or 'same', got {self.attribute_levels!r}")
-        if min(self.max_refinement_steps, self.first_refinement_steps) < 0:
-            raise OptionError("refinement caps must be >= 0")
+        for name in ("max_refinement_steps", "first_refinement_steps"):
+            check_count(getattr(self, name), name)
         self.validate_map_options()
         self.validate_update()
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from .._lazy import torch
 from ..errors import OptionError
+from ..limits import check_count
 from ..losses.initno import clean_term, cross_response, gaussian_kl, peak_self_maps, self_conflict
 from ..store import MapKey
 from .base import ControlContext, PreparedControl, StepInfo, with_aliases
@@ -34,9 +35,9 @@ class InitNO(GuidanceOptions):
         subjects: as for :class:`AttendExcite`.
         optimise: run the noise optimisation (official: always).
         rounds, round_steps: up to ``rounds`` noises (the seed's, then fresh draws from the same generator), each
-            optimised for ``round_steps`` Adam steps, until one succeeds (official: 5, 10).
+            optimised for ``round_steps`` Adam steps, until one succeeds (official: 5, 10; each at most 1000).
         final_steps: when the best-scored round failed, the optimisation re-run from that round's noise for this
-            many steps (official: 50).
+            many steps (official: 50; at most 1000).
         lr, adam_eps: Adam's learning rate and eps (official: 1e-2, 1e-3).
         kl_bound: after each step, Adam steps on the KL alone while KL > bound (official: 1e-3).
         cross_target, self_target: success when ``S_cross < cross_target`` and ``S_self < self_target``; also the
@@ -50,7 +51,7 @@ class InitNO(GuidanceOptions):
         guide: after the optimisation, sample with the A&E-style guidance below (official script: on).
         stop (alias ``max_iter_to_alter``): guided steps ``start .. stop - 1`` (official: 25).
         refinement_steps, max_refinement_steps: refinement at these steps while ``S_cross > cross_target`` or
-            ``S_self > self_target``, at most this many iterations (official: (10, 20), 20).
+            ``S_self > self_target``, at most this many iterations (official: (10, 20), 20; at most 1000).
         sampling_clean_weight, align_weight, align_decay: the refinement's score
             ``S_cross + S_self + 0.1 S_clean + 0.1 S_align``, S_align the L1 distance of each subject's map to an
             exponential average (decay 0.9) of its earlier maps (official values).
@@ -98,11 +99,9 @@ class InitNO(GuidanceOptions):
         self.validate_window()
         validate_step_schedule(self)
         for name in ("rounds", "round_steps"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_count(getattr(self, name), name, low=1)
         for name in ("final_steps", "max_refinement_steps"):
-            if getattr(self, name) < 0:
-                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_count(getattr(self, name), name)
         for name in ("lr", "adam_eps", "kl_bound"):
             if not getattr(self, name) > 0:
                 raise OptionError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -105,8 +105,13 @@ def _number(value, tp, where: str, text: bool):
             raise _bad(where, s, "an integer" if tp is int else "a number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
         raise _bad(where, value, "an integer" if tp is int else "a number")
-    if not math.isfinite(value):
-        raise OptionError(f"{where} must be a finite number, got {value}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        finite = False
+    if not finite:
+        shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+        raise OptionError(f"{where} must be a finite number, got {shown}")
     return float(value) if tp is float else value
 
 
@@ -165,8 +170,12 @@ def coerce(value, tp, where: str, text: bool = False):
     if origin is dict or tp is dict:
         if text and isinstance(value, str):
             s = value.strip()
+            parts = [] if s in ("", "{}") or s.startswith("{") else _text_parts(s)
+            if not isinstance(parts, list) or any(not isinstance(p, str) or ":" not in p for p in parts):
+                raise OptionTypeError(f"{where} must be KEY:VALUE pairs (e.g. 0:0.05,10:0.5) or a JSON object, "
+                                      f"got {value!r}")  # fmt: skip
             value = {} if s in ("", "{}") else (_text_parts(s) if s.startswith("{") else
-                                               dict(p.split(":", 1) for p in _text_parts(s)))  # fmt: skip
+                                               dict(p.split(":", 1) for p in parts))  # fmt: skip
         if not isinstance(value, dict):
             raise _bad(where, value, "a mapping")
         if not args:

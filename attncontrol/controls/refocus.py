@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from .._lazy import torch
 from ..errors import OptionError, SubjectError
+from ..limits import MAX_ITERATIONS
 from ..losses.refocus import CARWeights, car_loss, sar_loss
 from ..store import MapKey
 from .base import ControlContext, PreparedControl, StepInfo
@@ -20,12 +21,20 @@ DEFAULT_SCHEDULE: tuple[tuple[int, float, int], ...] = ((2, 4.0, 2), (5, 4.0, 6)
 DEFAULT_LATE = (1.0, 2)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _as_box_list(subject, value) -> list[tuple[float, float, float, float]]:
-    boxes = [value] if len(value) == 4 and all(isinstance(v, (int, float)) for v in value) else list(value)
+    """One box ``(x0, y0, x1, y1)`` or a list of them, each four numbers; an OptionError naming the box otherwise."""
+    if not isinstance(value, (list, tuple)):
+        raise OptionError(f"box for {subject!r} must be (x0, y0, x1, y1) or a list of such boxes, got {value!r}")
+    boxes = [value] if any(_is_number(v) for v in value) else list(value)
     out = []
     for box in boxes:
-        if len(box) != 4:
-            raise OptionError(f"box for {subject!r} must be (x0, y0, x1, y1), got {box!r}")
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
+            shown = value if box is value else box
+            raise OptionError(f"box for {subject!r} must be four numbers (x0, y0, x1, y1), got {shown!r}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
             raise OptionError(f"box for {subject!r} must lie inside [0, 1] (normalised x0, y0, x1, y1), got {box!r}")
@@ -69,7 +78,7 @@ class Refocus(GuidanceOptions):
         tiered: the official code's tiered CAR weights (default); False = the paper's plain form.
         schedule: ``((steps below, loss scale, max iterations), ...)``; steps past the last entry use
             ``late`` but are only guided at ``late_steps``. Official: <2: (4, 2), <5: (4, 6), <10: (3, 3),
-            <20: (3, 2), else (1, 2).
+            <20: (3, 2), else (1, 2). Iterations: 1 to 1000.
         late: (loss scale, max iterations) of the steps past the schedule (official: (1, 2)).
         early_steps, loss_threshold, inside_threshold: steps ``0 .. early_steps - 1`` iterate while the scaled
             loss > ``loss_threshold`` and the weakest box peak < ``inside_threshold`` (official: 10, 0.1, 0.2).
@@ -88,7 +97,7 @@ class Refocus(GuidanceOptions):
     cross_weight: float = 1.0
     self_weight: float = 1.0
     tiered: bool = True
-    schedule: tuple = DEFAULT_SCHEDULE
+    schedule: tuple[tuple[int, float, int], ...] = DEFAULT_SCHEDULE
     late: tuple[float, int] = DEFAULT_LATE
     early_steps: int = 10
     late_steps: tuple[int, ...] = (10, 15, 20, 25, 30, 35)
@@ -104,9 +113,11 @@ class Refocus(GuidanceOptions):
         for name in ("cross_weight", "self_weight"):
             if getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for entry in (*self.schedule, (None, *self.late)):
-            if entry[-2] <= 0 or int(entry[-1]) < 1:
-                raise OptionError(f"schedule entries need a loss scale > 0 and >= 1 iteration, got {entry}")
+        for name, entry in (*(("schedule", e) for e in self.schedule), ("late", self.late)):
+            below, (scale, iterations) = entry[:-2], entry[-2:]
+            if any(b < 0 for b in below) or scale <= 0 or not 1 <= iterations <= MAX_ITERATIONS:
+                raise OptionError(f"{name} entries need steps >= 0, a loss scale > 0 and 1 to {MAX_ITERATIONS} "
+                                  f"iterations, got {entry}")  # fmt: skip
         self.validate_map_options()
         self.validate_update()
 

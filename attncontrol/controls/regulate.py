@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from .._lazy import torch
 from ..errors import OptionError
+from ..limits import check_count
 from ..losses.regulate import gaussian_bumps, regulation_objective
 from ..store import MapKey
 from .base import Control, ControlContext, PreparedEditor, with_aliases
@@ -27,7 +28,8 @@ class Regulate(Control):
         stop (alias ``end``): edit at steps ``start .. stop - 1``; a float is a fraction of the steps (official:
             the first 25 of 50 -> 0.5).
         iterations, lr: in-layer gradient steps on the bump weights, ``w <- w - N * lr * grad`` with N the
-            rows averaged over (official: 20, 100, plain gradient descent), the best-loss bias kept.
+            rows averaged over (official: 20, 100, plain gradient descent; at most 1000 iterations), the best-loss
+            bias kept.
         quantile, quantile_target, quantile_weight, mean_weight, weight_penalty: the objective
             ``1 * mean((q_0.9 - 0.9)^2) + 80 * mean((mean - min(1, 0.2K)/K)^2) + 0.09 * mean(w^2)``.
         blend, decay: applied bias ``decay**step * ((1 - blend) * best + blend * previous step's best)``
@@ -61,8 +63,7 @@ class Regulate(Control):
         check_fields(self)
         self.validate_subjects()
         self.validate_window()
-        if self.iterations < 1:
-            raise OptionError(f"iterations must be >= 1, got {self.iterations}")
+        check_count(self.iterations, "iterations", low=1)
         for name in ("lr", "quantile_weight", "mean_weight", "weight_penalty"):
             if getattr(self, name) < 0:
                 raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
