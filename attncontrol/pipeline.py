@@ -23,19 +23,25 @@ import torch
 from .attention import AttentionObserver, subjects_of
 from .controls.base import Control, ControlContext, PreparedEditor
 from .errors import OptionError, OptionTypeError, UnsupportedPipelineError
+from .limits import check_image_size
 from .models import ModelAdapter, PromptBatch, get_adapter
 from .run import GenerationResult, Run
 from .store import MapKey
+from .tokens import check_text
 
 __all__ = ["GenerationResult", "Run", "generate", "prepare_run"]
 
 
 def _as_prompts(prompt) -> list[str]:
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise OptionTypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        prompts = [prompt]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise OptionTypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+    for text in prompts:
+        check_text(text, "prompt")
+    return prompts
 
 
 def _check_controls(controls) -> list[Control]:
@@ -233,6 +239,35 @@ def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
     default_h, default_w = adapter.default_size()
     args.height = default_h if args.height is None else args.height
     args.width = default_w if args.width is None else args.width
+    check_image_size(args.height, args.width)
+    _check_objects(adapter, args)
+
+
+def _check_objects(adapter: ModelAdapter, args: GenerateArgs) -> None:
+    """The arguments the pipeline would only trip over mid-run (a generator that is an int, numpy latents, a
+    callback that is not callable, more steps than the scheduler has, SDXL's size conditioning that is not a pair
+    of ints), refused before any model work with the value named."""
+    generators = args.generator if isinstance(args.generator, list) else [args.generator]
+    if args.generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        bad = next(g for g in generators if not isinstance(g, torch.Generator))
+        raise OptionTypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list "
+                              f"of them, got {bad!r} ({type(bad).__name__})")  # fmt: skip
+    if args.latents is not None and not torch.is_tensor(args.latents):
+        raise OptionTypeError(f"latents must be a torch.Tensor, got {type(args.latents).__name__} (e.g. "
+                              "torch.from_numpy(array))")  # fmt: skip
+    if args.callback_on_step_end is not None and not callable(args.callback_on_step_end):
+        raise OptionTypeError(f"callback_on_step_end must be callable (pipe, step, timestep, kwargs) -> dict, got "
+                              f"{args.callback_on_step_end!r}")  # fmt: skip
+    for text in [args.negative_prompt] if isinstance(args.negative_prompt, str) else args.negative_prompt or []:
+        if isinstance(text, str):
+            check_text(text, "negative_prompt")
+    limit = getattr(adapter.pipe.scheduler.config, "num_train_timesteps", None)
+    if (not adapter.flow_matching and args.timesteps is None and args.sigmas is None and isinstance(limit, int)
+            and args.num_inference_steps > limit):  # fmt: skip
+        raise OptionError(f"num_inference_steps {args.num_inference_steps} is more than the "
+                          f"{type(adapter.pipe.scheduler).__name__}'s {limit} training timesteps; use at most "
+                          f"{limit}")  # fmt: skip
+    adapter.check_pipe_kwargs(args.pipe_kwargs)
 
 
 def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cfg: bool, device, seq_len: int):

@@ -14,9 +14,31 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import AmbiguousSubjectError, OptionTypeError, SubjectError, SubjectNotInPromptError, SubjectTruncatedError
+from .errors import (
+    AmbiguousSubjectError,
+    OptionError,
+    OptionTypeError,
+    SubjectError,
+    SubjectNotInPromptError,
+    SubjectTruncatedError,
+)
 
 _OCCURRENCE = re.compile(r"^(?P<text>.*?)#(?P<n>\d+)$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, where: str = "prompt") -> str:
+    """``text`` if it is valid Unicode. A lone surrogate is not: the command line turns bytes that are not UTF-8
+    into them (``surrogateescape``), and a JSON escape such as ``"\\ud800"`` makes one; no tokenizer takes it."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return text
+    code = ord(m.group())
+    what = f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF else (
+        f"a lone surrogate \\u{code:04x}"
+    )  # fmt: skip
+    raise OptionError(f"{where} is not valid text: {what}, at character {m.start()} of {text!r}; save or type it as "
+                      "UTF-8")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,7 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> TokenTabl
     ``max_length``: the encoder's limit (default: the tokenizer's ``model_max_length``)."""
     if not isinstance(prompt, str):
         raise OptionTypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    check_text(prompt, "the prompt")
     ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
     bare = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
     prefix, suffix = _affixes(tokenizer, ids, bare)
@@ -172,7 +195,7 @@ def resolve_subject(tokenizer, table: TokenTable, subject: str | int) -> tuple[i
         raise SubjectError(f"a subject must be a word, a phrase or a token index, got {subject!r}")
     if isinstance(subject, int):
         return _index_subject(table, subject)
-    text = subject.strip()
+    text = check_text(subject, "the subject").strip()
     occurrence = None
     m = _OCCURRENCE.match(text)
     if m:

@@ -71,7 +71,8 @@ class ModelAdapter(ABC):
     flow_matching: ClassVar[bool] = False
     # the pipeline classes (by name, as model_index.json records them) this adapter serves
     pipeline_names: ClassVar[tuple[str, ...]] = ()
-    # the text streams a user picks subjects in: (tokenizer subfolder, label, first position in the maps)
+    # the text streams a user picks subjects in: (tokenizer subfolder, label, first position in the maps), as
+    # attncontrol.loading.TOKEN_STREAMS has them for the pipeline class
     token_streams: ClassVar[tuple[tuple[str, str, int], ...]] = (("tokenizer", "CLIP", 0),)
 
     def __init__(self, pipe):
@@ -185,6 +186,10 @@ class ModelAdapter(ABC):
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
         return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+
+    def check_pipe_kwargs(self, pipe_kwargs: dict[str, Any]) -> None:
+        """The family's own pipeline arguments, checked before any model work (default: nothing to check)."""
+        return None
 
     def default_guidance_scale(self) -> float:
         return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)

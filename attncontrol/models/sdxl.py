@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import OptionError
+from ..errors import OptionError, OptionTypeError
 from ..text import TextLayout, TextSegment
 from .base import Encoded, PromptBatch
 from .sd import SDAdapter
@@ -38,6 +38,22 @@ class SDXLAdapter(SDAdapter):
     def exclude_eot_default(self) -> bool:
         # The first tokenizer pads with EOT, as in SD 1.x: keep diffusers' rule (EOT/padding stay in the softmax).
         return False
+
+    # SDXL's size conditioning: (height, width) pairs, or (top, left) for the crops
+    SIZE_KWARGS = ("original_size", "target_size", "crops_coords_top_left", "negative_original_size",
+                   "negative_target_size", "negative_crops_coords_top_left")  # fmt: skip
+
+    def check_pipe_kwargs(self, pipe_kwargs: dict[str, Any]) -> None:
+        for name in self.SIZE_KWARGS:
+            value = pipe_kwargs.get(name)
+            if value is None:
+                continue
+            low = 0 if "crops" in name else 1
+            if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value
+            ):  # fmt: skip
+                what = "(top, left) ints >= 0" if low == 0 else "(height, width) ints >= 1"
+                raise OptionTypeError(f"{name} must be a pair {what}, got {value!r}")
 
     def default_size(self) -> tuple[int, int]:
         size = int(self.pipe.default_sample_size) * self.vae_scale_factor
