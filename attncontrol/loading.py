@@ -28,6 +28,28 @@ def resolve_dtype(dtype: str | None, device: str):
     return getattr(torch, name)
 
 
+def check_device(device, where: str = "device") -> str | None:
+    """``None`` (the default: cuda if available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (a str or a
+    ``torch.device``), and present on this machine; an :class:`OptionError` naming ``where`` otherwise."""
+    if device is None:
+        return None
+    if type(device).__name__ == "device" and type(device).__module__ == "torch":
+        device = str(device)
+    if not isinstance(device, str):
+        raise OptionError(f"{where} must be cpu, cuda, cuda:N or mps, got {device!r}")
+    name, _, index = device.partition(":")
+    if name not in ("cpu", "cuda", "mps") or (index and (name != "cuda" or not index.isdigit())):
+        raise OptionError(f"{where} must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"{where} {device}: this machine has no CUDA device (or this torch has no CUDA support)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise OptionError(f"{where} {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"{where} mps: MPS is not available on this machine")
+    return device
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -38,9 +60,7 @@ def load_pipeline(
 
     Only ``.safetensors`` weights are read unless ``allow_pickle=True`` (pickled ``.bin`` files can run code).
     """
-    from diffusers import DiffusionPipeline
-
-    device = device or default_device()
+    device = check_device(device) or default_device()
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     local = Path(model).expanduser()
     is_local = local.exists()
@@ -48,6 +68,8 @@ def load_pipeline(
         check_pipeline_folder(model)
     elif not is_hub_id(model):
         raise ModelLoadError(f"model folder {model!r} does not exist")
+    from diffusers import DiffusionPipeline
+
     kwargs = {"torch_dtype": torch_dtype, "use_safetensors": None if allow_pickle else True, **hub_kwargs(model)}
     try:
         with warnings.catch_warnings():
@@ -79,11 +101,26 @@ def _load_error(model: str, err: Exception, is_local: bool, allow_pickle: bool) 
         )
     if not is_local:
         return ModelLoadError(unavailable_message(model, "model", text))
+    if isinstance(err, KeyError) or not text:  # a bare key or nothing: say what it was
+        text = f"{type(err).__name__} {text}".strip()
     return ModelLoadError(f"could not load the pipeline folder {model!r}: {text}")
 
 
-def check_pipeline_folder(model: str) -> dict:
-    """A local pipeline folder's ``model_index.json``, checked: it exists, and diffusers knows its class."""
+# The text streams a user picks subjects in, per pipeline class: (subfolder, label, first map position). The
+# family adapters (attncontrol.models) use the same table; it lives here so that subjects are checked before torch
+# and diffusers are imported.
+TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "StableDiffusionPipeline": (("tokenizer", "CLIP", 0),),
+    "StableDiffusionXLPipeline": (("tokenizer", "CLIP", 0),),
+    "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
+    "FluxPipeline": (("tokenizer_2", "T5", 0),),
+}
+
+
+def check_pipeline_folder(model: str, check_class: bool = True) -> dict:
+    """A local pipeline folder's ``model_index.json``, checked: it exists, every component it lists has its
+    folder, and diffusers knows its class (``check_class``; a class of :data:`TOKEN_STREAMS` needs no diffusers
+    import to be known)."""
     import json
 
     local = Path(model).expanduser()
@@ -100,7 +137,21 @@ def check_pipeline_folder(model: str) -> dict:
         config = json.loads(index.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{index} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{index} is not a diffusers model index (a JSON object)")
+    for component, value in config.items():
+        if component.startswith("_") or not isinstance(value, list) or value[:1] == [None] or None in value:
+            continue  # a config entry, or a component the pipeline runs without (e.g. no safety checker)
+        folder = local / component
+        if not folder.is_dir() or not any(folder.iterdir()):
+            what = "is empty" if folder.is_dir() else "is missing"
+            raise ModelLoadError(f"{model!r} is incomplete: its model_index.json lists the component "
+                                 f"{component!r} ({'.'.join(map(str, value))}), but the folder "
+                                 f"{str(folder)!r} {what}; download the model again or copy that folder "
+                                 "in")  # fmt: skip
     name = str(config.get("_class_name", ""))
+    if not check_class and name in TOKEN_STREAMS:
+        return config
     import diffusers
 
     if not hasattr(diffusers, name):
@@ -109,12 +160,15 @@ def check_pipeline_folder(model: str) -> dict:
     return config
 
 
-def _model_index(model: str) -> dict:
+def model_index(model: str) -> dict:
+    """The model's ``model_index.json`` without importing torch or diffusers (for a supported family): from a
+    local folder (checked as by :func:`check_pipeline_folder`), or from the Hub or its cache, where an unreachable
+    Hub gives the one offline message at once."""
     import json
 
     local = Path(model).expanduser()
     if local.exists():
-        return check_pipeline_folder(model)
+        return check_pipeline_folder(model, check_class=False)
     if not is_hub_id(model):
         raise ModelLoadError(f"model folder {model!r} does not exist")
     from huggingface_hub import hf_hub_download
@@ -129,26 +183,48 @@ def load_token_streams(model: str) -> list[tuple[str, int, object]]:
     """The tokenizers a user picks subjects with, without loading the model: ``(label, first map position,
     tokenizer)`` per text stream of the pipeline's family (SD: CLIP; SD3: CLIP then T5 from position 77; FLUX:
     T5), each checked for a real vocabulary."""
-    from transformers import AutoTokenizer
-
-    from .models import adapter_class
-
-    index = _model_index(model)
-    family = adapter_class(str(index.get("_class_name", "")))
-    streams = family.token_streams if family is not None else (("tokenizer", "CLIP", 0),)
+    index = model_index(model)
+    streams = TOKEN_STREAMS.get(str(index.get("_class_name", "")), (("tokenizer", "CLIP", 0),))
     local = Path(model).expanduser()
     out = []
     for subfolder, label, offset in streams:
         if subfolder not in index:
             continue
         try:
-            tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else model, subfolder=subfolder,
-                                                **hub_kwargs(model))  # fmt: skip
-        except (OSError, ValueError) as err:
-            if local.exists():
-                raise ModelLoadError(f"could not load the {subfolder} of {model!r}: {err}") from err
-            raise ModelLoadError(unavailable_message(model, "tokenizer", str(err))) from err
+            tok = _tokenizer_class(model, subfolder).from_pretrained(
+                str(local) if local.exists() else model, subfolder=subfolder, **hub_kwargs(model)
+            )
+        except Exception as err:  # OSError, ValueError, a KeyError for a tokenizer.json without a section, ...
+            if not local.exists():
+                raise ModelLoadError(unavailable_message(model, "tokenizer", str(err))) from err
+            what = f"its {err.args[0]!r} entry is missing" if isinstance(err, KeyError) and err.args else str(err)
+            raise ModelLoadError(f"could not load the {subfolder} of {model!r}: {what} ({type(err).__name__}); is "
+                                 f"{str(local / subfolder)!r} complete?") from err  # fmt: skip
         out.append((label, offset, check_tokenizer(tok, model, subfolder.replace("_", " "))))
     if not out:
         raise ModelLoadError(f"{model!r} has no tokenizer: is it a text-to-image pipeline?")
     return out
+
+
+def _tokenizer_class(model: str, subfolder: str):
+    """The tokenizer class the model's ``tokenizer_config.json`` names (e.g. ``CLIPTokenizer``): loading it directly
+    does not import torch, which ``AutoTokenizer`` does. Without that name, AutoTokenizer."""
+    import json
+
+    import transformers
+
+    try:
+        config = Path(model).expanduser() / subfolder / "tokenizer_config.json"
+        if is_hub_id(model):
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(model, "tokenizer_config.json", subfolder=subfolder, **hub_kwargs(model)))
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except Exception:  # no such file, offline, not JSON: AutoTokenizer decides (and reports)
+        name = None
+    if isinstance(name, str) and name.isidentifier():
+        try:
+            return getattr(transformers, name)
+        except (AttributeError, ImportError):
+            pass
+    return transformers.AutoTokenizer

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import OptionError
+from ..tokens import check_text
 from . import preflight
 from .options import method_names, options_from_args
 from .parser import AE_SHORTCUTS
@@ -34,6 +35,9 @@ def controls_from_args(args) -> list:
 
 def _check(args):
     """Everything that can be checked before the model loads; returns (output path, controls, attention)."""
+    check_text(args.prompt, "the prompt")
+    if args.negative_prompt is not None:
+        check_text(args.negative_prompt, "--negative-prompt")
     out = preflight.check_png(args.out, "--out", args.overwrite)
     paths = {"--out": out.resolve()}
     for flag, value in (("--trace", args.trace), ("--save-attention", args.save_attention)):
@@ -61,6 +65,7 @@ def _check(args):
     preflight.check_steps(args.model, args.steps)
     preflight.check_size(args.model, args.height, args.width)
     subjects = args.subjects or ([] if not args.boxes else [s for c in controls for s in getattr(c, "boxes", {})])
+    preflight.check_model(args.model)
     preflight.check_subjects(args.model, [args.prompt], subjects)
     attention = (list(args.subjects) if args.subjects else True) if args.save_attention else False
     return out, controls, attention
@@ -92,7 +97,7 @@ def cmd_generate(args) -> int:
     out, controls, attention = _check(args)
     import torch
 
-    from ..io import atomic_save_png, atomic_write_bytes
+    from ..io import StagedOutputs, png_writer
     from ..loading import load_pipeline
     from ..metadata import strict_json
     from ..models import get_adapter
@@ -111,15 +116,19 @@ def cmd_generate(args) -> int:
         checkpointing=args.checkpointing,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    atomic_save_png(result.images[0], out, {"parameters": strict_json(_params(args, pipe, result, controls, seconds))})
+    parameters = strict_json(_params(args, pipe, result, controls, seconds))
+    # every output goes to a temporary first and all are renamed together: a write that fails (a full disk) leaves
+    # none of them, not an image without its trace
+    with StagedOutputs() as staged:
+        staged.file(out, png_writer(result.images[0], {"parameters": parameters}))
+        if args.trace:
+            data = strict_json([dataclasses.asdict(r) for r in result.trace]).encode()
+            staged.file(Path(args.trace), lambda fh: fh.write(data))
+        written = staged.folder(args.save_attention, result.attention.save) if result.attention is not None else []
     guided = result.guided_steps
     if guided:
         print(f"guided {len(guided)} steps; loss {guided[0].loss[0]:.3f} -> {guided[-1].loss[0]:.3f}", file=sys.stderr)
-    if args.trace:
-        data = strict_json([dataclasses.asdict(r) for r in result.trace]).encode()
-        atomic_write_bytes(Path(args.trace), lambda fh: fh.write(data))
     if result.attention is not None:
-        written = result.attention.save(args.save_attention)
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.attention.metrics().items())
         print(f"wrote {len(written)} attention files to {args.save_attention} ({metrics})", file=sys.stderr)
     print(f"wrote {out} in {seconds:.1f}s")
@@ -130,6 +139,7 @@ def cmd_tokens(args) -> int:
     from ..loading import load_token_streams
     from ..tokens import tokenize
 
+    check_text(args.prompt, "the prompt")
     streams = load_token_streams(args.model)
     for label, offset, tokenizer in streams:
         if len(streams) > 1:

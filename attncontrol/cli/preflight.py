@@ -1,6 +1,7 @@
-"""Checks made before any model is loaded or any image sampled: output paths, the device, the seed, the number
-of steps against the scheduler, subjects against the tokenizers, sizes against the configs. A mistake found
-here costs a second, not a finished image."""
+"""Checks made before any model is loaded or any image sampled: output paths, the device, the seed, the model
+folder or hub id, the number of steps against the scheduler, subjects against the tokenizers, sizes against the
+configs and :mod:`attncontrol.limits`. None of them imports diffusers, and only the subject check imports
+transformers (a tokenizer): a mistake found here costs seconds, not a model load and a finished image."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import AttnControlError, ModelLoadError, OptionError
-
-SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+from ..errors import AttnControlError, OptionError
+from ..limits import SEED_RANGE, check_image_size
 
 
 def check_png(path: str, flag: str = "--out", overwrite: bool = True) -> Path:
@@ -55,6 +55,8 @@ def check_writable_dir(path: str, flag: str) -> Path:
 
 def check_seed(seed: int, flag: str = "--seed") -> int:
     lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OptionError(f"{flag} must be an integer between {lo} and {hi}, got {seed!r}")
     if not lo <= seed <= hi:
         raise OptionError(f"{flag} must be between {lo} and {hi} (a torch generator's range), got {seed}")
     return seed
@@ -62,21 +64,17 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
 
 def check_device(device: str | None, flag: str = "--device") -> str | None:
     """``None`` (the default: cuda if available), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and present here."""
-    if device is None:
-        return None
-    name, _, index = device.partition(":")
-    if name not in ("cpu", "cuda", "mps") or (index and (name != "cuda" or not index.isdigit())):
-        raise OptionError(f"{flag} must be cpu, cuda, cuda:N or mps, got {device!r}")
-    import torch
+    from ..loading import check_device as checked
 
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"{flag} {device}: this machine has no CUDA device (or this torch has no CUDA support)")
-        if index and int(index) >= torch.cuda.device_count():
-            raise OptionError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA devices")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise OptionError(f"{flag} mps: MPS is not available on this machine")
-    return device
+    return checked(device, flag)
+
+
+def check_model(model: str, flag: str = "--model") -> dict:
+    """The model's index, read without torch or diffusers: a local folder with every component it lists, or a hub
+    id that can be had (the offline message at once, before the heavy imports)."""
+    from ..loading import model_index
+
+    return model_index(model)
 
 
 def _local_json(model: str, *parts: str) -> dict | None:
@@ -108,6 +106,7 @@ def check_size(model: str, height: int | None, width: int | None) -> None:
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None and (value <= 0 or value % step):
             raise OptionError(f"{flag} must be a positive multiple of {step} for this model, got {value}")
+    check_image_size(height, width, ("--height", "--width"))
 
 
 def check_subjects(model: str, prompts: list[str], subjects) -> None:
@@ -117,10 +116,7 @@ def check_subjects(model: str, prompts: list[str], subjects) -> None:
 
     if not subjects:
         return
-    try:
-        streams = load_token_streams(model)
-    except ModelLoadError:
-        return  # the model load reports it
+    streams = load_token_streams(model)  # a model that cannot be had is reported here, before the heavy imports
     for prompt in prompts:
         for _, _, tokenizer in streams:
             limit = None if tokenizer.model_max_length > 10_000 else int(tokenizer.model_max_length)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
+from ..loading import TOKEN_STREAMS
 from ..processors.joint import ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
@@ -30,7 +31,7 @@ from .sd3 import _per_prompt
 class FluxAdapter(ModelAdapter):
     description = "FluxPipeline (FLUX.1 dev and schnell)"
     pipeline_names = ("FluxPipeline",)
-    token_streams = (("tokenizer_2", "T5", 0),)
+    token_streams = TOKEN_STREAMS["FluxPipeline"]
     consumed_kwargs = ("prompt_2", "negative_prompt_2")
     attention_kwargs_name = "joint_attention_kwargs"
     flow_matching = True

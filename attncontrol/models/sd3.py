@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
+from ..loading import TOKEN_STREAMS
 from ..processors.joint import JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
@@ -38,7 +39,7 @@ def _per_prompt(value, prompts: list[str], label: str) -> tuple[str, ...]:
 class SD3Adapter(ModelAdapter):
     description = "StableDiffusion3Pipeline (SD3, SD3.5 medium and large)"
     pipeline_names = ("StableDiffusion3Pipeline",)
-    token_streams = (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77))
+    token_streams = TOKEN_STREAMS["StableDiffusion3Pipeline"]
     consumed_kwargs = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
     attention_kwargs_name = "joint_attention_kwargs"
     flow_matching = True
