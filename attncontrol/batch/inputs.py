@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 from ..controls import METHODS, Refocus, parse_boxes
 from ..controls.options import field_key, method_key, parse_methods
 from ..errors import AttnControlError
+from ..limits import MAX_SEEDS, SEED_RANGE
 
 AE_SETS = {
     "ae-animals": ("animals",),
@@ -64,13 +66,23 @@ class Entry:
 
 
 def parse_seeds(text) -> list[int]:
-    """``"0-63"``, ``"0,1,5"``, ``"0-3,10"`` or a list -> seeds."""
-    if isinstance(text, int):
-        return [text]
+    """``"0-63"``, ``"0,1,5"``, ``"0-3,10"`` or a list of ints -> seeds, each in a torch generator's range and at
+    most :data:`~attncontrol.limits.MAX_SEEDS` of them (a range is counted before it is expanded)."""
+    lo, hi = SEED_RANGE
     if isinstance(text, list):
-        return [int(s) for s in text]
+        for s in text:
+            if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
+                raise ValueError(f"seeds must be integers between {lo} and {hi}, got {s!r}")
+        if len(text) > MAX_SEEDS:
+            raise ValueError(f"{len(text)} seeds; at most {MAX_SEEDS} per batch")
+        return list(text)
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str):
+        raise ValueError(f"seeds must look like '0-63', '0,1,5' or a list of integers, got {text!r}")
     seeds: list[int] = []
-    for part in str(text).split(","):
+    count = 0
+    for part in text.split(","):
         part = part.strip()
         if not part:
             continue
@@ -79,11 +91,17 @@ def parse_seeds(text) -> list[int]:
             a, b = int(m[1]), int(m[2])
             if b < a:
                 raise ValueError(f"seed range {part!r} runs backwards")
-            seeds.extend(range(a, b + 1))
         elif part.isdigit():
-            seeds.append(int(part))
+            a = b = int(part)
         else:
-            raise ValueError(f"seeds must look like '0-63' or '0,1,5', got {part!r}")
+            raise ValueError(f"seeds must look like '0-63' or '0,1,5' (integers >= 0), got {part!r}")
+        if b > hi:
+            raise ValueError(f"seed {b} in {part!r} is out of range: seeds are between {lo} and {hi}")
+        count += b - a + 1
+        if count > MAX_SEEDS:
+            more = "" if part == text.strip() else " or more"
+            raise ValueError(f"{text!r} asks for {count}{more} seeds; one batch takes at most {MAX_SEEDS}")
+        seeds.extend(range(a, b + 1))
     if not seeds:
         raise ValueError(f"no seeds in {text!r}")
     return seeds
@@ -120,7 +138,7 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
             boxes = parse_boxes(boxes)
         if boxes:
             boxes = Refocus(boxes=boxes).boxes  # validated and normalised to lists of boxes
-        seeds = parse_seeds(raw["seeds"]) if raw.get("seeds") not in (None, "") else None
+        seeds = parse_seeds(raw["seeds"]) if raw.get("seeds") not in (None, "", []) else None
         methods = raw.get("methods")
         if isinstance(methods, list):
             methods = ",".join(methods)
@@ -143,6 +161,8 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
 def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
     """Parse a prompt file; any malformed line raises :class:`BatchInputError` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise BatchInputError(f"prompt file {str(path)!r} is a folder; give a .txt, .jsonl or .csv file")
     if not path.is_file():
         raise BatchInputError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -164,6 +184,7 @@ def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
                 raise BatchInputError(f"{path.name}:{n}: each line must be a JSON object")
             entries.append(_entry(raw, f"{path.name}:{n}", auto))
     elif suffix == ".csv":
+        _check_csv_quotes(text, path.name)
         reader = csv.DictReader(text.splitlines())
         if reader.fieldnames and "meta_prompt" in reader.fieldnames and "obj1" in reader.fieldnames:
             return _hrs_entries(reader, path.name)
@@ -184,6 +205,18 @@ def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
     if not entries:
         raise BatchInputError(f"{path.name}: no prompts")
     return entries
+
+
+def _check_csv_quotes(text: str, name: str) -> None:
+    """A quote that is never closed would make the rest of the file one prompt: refuse it, naming its line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise BatchInputError(f"{name}:{start}: {err} (a quote opened on this line is never closed?); close it, "
+                              'or double a quote inside a quoted field ("")') from None  # fmt: skip
 
 
 def prompt_set(name: str) -> list[Entry]:

@@ -8,12 +8,11 @@ it ends, so a killed worker never leaves an item or a part locked."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
 
-from ..io import atomic_write_bytes, read_json_lines
+from ..io import atomic_write_bytes, json_bytes, read_json_lines
 
 CLAIMS = ".claims"
 DONE = b"done"
@@ -94,7 +93,7 @@ def merge(out: Path) -> int:
 
 
 def _rewrite(path: Path, records) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode("utf-8")
+    data = b"".join(json_bytes(r) + b"\n" for r in records)
     atomic_write_bytes(path, lambda fh: fh.write(data))
 
 

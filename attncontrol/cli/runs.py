@@ -36,13 +36,18 @@ def _batch_items(args):
     from ..batch import Settings, expand, parse_seeds, prompt_set, read_entries
 
     try:
-        seeds = parse_seeds(args.seeds)
+        seeds = parse_seeds(args.seeds)  # in range, and at most MAX_SEEDS (counted before a range is expanded)
     except ValueError as err:
         raise OptionError(f"--seeds: {err}") from None
-    for seed in seeds:
-        preflight.check_seed(seed, "--seeds")
     entries = prompt_set(args.prompt_set) if args.prompt_set else read_entries(args.prompts, args.auto_subjects)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        method_names(args.methods, "--methods")  # names none: the shared parser's message
+    runs = ["+".join(method_names(m, "--methods")) or "none" for m in methods]  # each run checked
+    repeated = sorted({r for r in runs if runs.count(r) > 1})
+    if repeated:
+        raise OptionError(f"--methods {args.methods}: each run may be given once, got {', '.join(repeated)} more than "
+                          "once")  # fmt: skip
     combined = [n for m in methods for n in method_names(m, "--methods")]
     options, _ = options_from_args(args, sorted(set(combined)))
     settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size,
@@ -65,7 +70,7 @@ def _list_prompt_sets() -> int:
 
 
 def cmd_batch(args) -> int:
-    from ..batch import finished_keys, merge, run
+    from ..batch import finished_keys, run
     from ..batch.state import remove_stale_temporaries
     from ..loading import load_pipeline
 
@@ -76,6 +81,7 @@ def cmd_batch(args) -> int:
     out = preflight.check_writable_dir(args.out, "--out")
     items, settings = _batch_items(args)
     preflight.check_device(args.device)
+    preflight.check_model(args.model)
     preflight.check_steps(args.model, args.steps)
     preflight.check_size(args.model, args.height, args.width)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,7 +89,7 @@ def cmd_batch(args) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # of a run that was killed (recent ones may be another worker's)
-        merge(out)
+        _merge(out)
     if dist is not None:
         dist.barrier()
     done_keys = finished_keys(out)  # read by every process before any process writes
@@ -107,11 +113,26 @@ def cmd_batch(args) -> int:
         done, failed = (int(x) for x in counts.tolist())
         dist.barrier()
     if rank == 0:
-        merge(out)
+        _merge(out)
         rate = 60 * done / seconds if seconds > 0 else 0.0
         print(f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
               + (f"; see {out / 'failures.jsonl'}" if failed else ""))  # fmt: skip
     return 1 if failed else 0
+
+
+def _merge(out: Path) -> None:
+    """Fold the per-process parts into manifest.jsonl and failures.jsonl; a write that fails (a full disk) keeps
+    the parts, which the next run folds in."""
+    from ..batch import merge
+    from ..batch.runner import BatchWriteError
+
+    try:
+        merge(out)
+    except OSError as err:
+        raise BatchWriteError(
+            f"cannot update {out / 'manifest.jsonl'}: {err.strerror or err}; the images and the per-process "
+            "manifest parts are kept: free space (or fix the folder) and rerun the same command to merge them"
+        ) from None
 
 
 def cmd_eval(args) -> int:
@@ -157,7 +178,13 @@ def cmd_export(args) -> int:
     from ..scores.export import export
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    counts = export(args.out, args.to, methods)
+    preflight.check_writable_dir(args.to, "--to")
+    try:
+        counts = export(args.out, args.to, methods)
+    except OSError as err:  # a file where a folder goes, a read-only place, a full disk, a batch image gone
+        name = str(getattr(err, "filename", None) or "")
+        verb = "read" if name and Path(name).resolve().is_relative_to(Path(args.out).resolve()) else "write"
+        raise OptionError(f"--to {args.to!r}: cannot {verb} {name or 'there'}: {err.strerror or err}") from None
     if not any(counts.values()):
         print(f"no image in {args.out} comes from GenEval or T2I-CompBench; nothing written", file=sys.stderr)
         return 1
