@@ -13,12 +13,13 @@ from .logic import (
     DemoError,
     Limits,
     Runner,
+    boxes_canvas,
     build_request,
-    click_box,
+    canvas_click,
     draw_boxes,
     method_params,
     parse_subjects,
-    word_choices,
+    prompt_update,
 )
 
 
@@ -70,38 +71,32 @@ def build_demo(runner: Runner, limits: Limits | None = None):
     params = method_params()
     height0, width0 = runner.native_size()
 
+    # Every handler takes its inputs as sent (preprocess=False): Gradio's own checks of a value (a choice not
+    # offered, a number out of a slider's range, a string for a number) would log a traceback for what only an API
+    # client can send. The logic functions check every input instead, and a mistake is a gr.Error without one.
     def on_prompt(prompt, picked):
-        try:
-            from .logic import token_rows
-
-            rows = token_rows(runner.tokenizer, prompt)
-            words = word_choices(runner.tokenizer, prompt)
-        except (ValueError, TypeError):
-            rows, words = [], []
-        kept = [w for w in (picked or []) if w in words]
+        rows, words, kept = prompt_update(runner.tokenizer, prompt, picked)
         table = pd.DataFrame(rows, columns=["index", "token", "word"])
         return table, gr.update(choices=words, value=kept), gr.update(choices=words)
 
-    def on_canvas_click(pending, subject, text, height, width, evt: gr.SelectData):
-        size = (int(width or width0), int(height or height0))
-        try:
-            pending, text = click_box(pending, evt.index, size, subject, text)
+    class Click(gr.EventData):
+        """A select event's data, read leniently (gr.SelectData fails inside Gradio on data without an index)."""
+
+        def __init__(self, target, data):
+            super().__init__(target, data)
+            self.index = data.get("index") if isinstance(data, dict) else None
+
+    def on_canvas_click(pending, subject, text, height, width, evt=None):
+        try:  # evt is None when the call came without event data (the API): canvas_click says what it needs
+            return canvas_click(pending, evt, subject, text, height, width, (height0, width0), limits)
         except DemoError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        return pending, text
 
     # gradio finds the event-data parameter by its annotation: give it the class, not the postponed string
-    on_canvas_click.__annotations__["evt"] = gr.SelectData
+    on_canvas_click.__annotations__["evt"] = Click
 
     def on_boxes(text, height, width):
-        from ..controls import parse_boxes
-
-        try:
-            boxes = parse_boxes(text) if text and text.strip() else {}
-        except ValueError:
-            boxes = {}
-        size = (int(width or width0), int(height or height0))
-        return draw_boxes(boxes, size)
+        return boxes_canvas(text, height, width, (height0, width0), limits)
 
     track = gr.Progress()  # gradio finds it as the handler's default and reports through it
 
@@ -110,7 +105,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
         try:
             req = build_request(
                 prompt,
-                parse_subjects(picked, typed),
+                parse_subjects(picked, typed),  # inside the try: an API client may send anything
                 methods,
                 boxes,
                 seed,
@@ -150,7 +145,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
                     elem_id="boxes",
                 )
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+                    seed = gr.Number(label="Seed", value=0, minimum=0)  # no precision: 1.5 is refused, not rounded
                     steps = gr.Slider(
                         1, limits.max_steps, value=min(50, limits.max_steps), step=1, label="Steps", elem_id="steps"
                     )
@@ -206,16 +201,19 @@ def build_demo(runner: Runner, limits: Limits | None = None):
         summary = gr.Markdown(elem_id="summary")
         gr.Examples(examples=example_prompts(), inputs=[prompt, typed], label="Examples (Attend-and-Excite set)")
 
-        prompt.change(on_prompt, [prompt, subjects], [token_table, subjects, box_subject], queue=False)
-        box_preview.select(on_canvas_click, [pending, box_subject, boxes, height, width], [pending, boxes], queue=False)
+        raw = dict(preprocess=False)  # see above: the logic functions check every input
+        prompt.change(on_prompt, [prompt, subjects], [token_table, subjects, box_subject], queue=False, **raw)
+        box_preview.select(on_canvas_click, [pending, box_subject, boxes, height, width], [pending, boxes],
+                           queue=False, **raw)  # fmt: skip
         clear_boxes.click(lambda: (None, ""), None, [pending, boxes], queue=False)
         for trigger in (boxes.change, height.change, width.change):
-            trigger(on_boxes, [boxes, height, width], box_preview, queue=False)
+            trigger(on_boxes, [boxes, height, width], box_preview, queue=False, **raw)
         run_btn.click(
             run,
             [prompt, subjects, typed, methods, boxes, seed, steps, guidance, height, width, *param_inputs],
             [baseline, controlled, heatmaps, curve, summary],
             api_name="run",
+            **raw,
         )
     return demo
 
@@ -227,8 +225,9 @@ def _field(gr, p):
         return gr.Checkbox(label=p.label, value=p.default, info=info)
     if p.kind in ("int", "float"):
         lo, hi = p.bounds
+        # no precision=0 for ints: Gradio would round 3.4 to 3; the logic refuses it instead
         return gr.Number(label=f"{p.label} ({lo:g}..{hi:g})", value=p.default, minimum=lo, maximum=hi, info=info,
-                         precision=0 if p.kind == "int" else None)  # fmt: skip
+                         step=1 if p.kind == "int" else None)  # fmt: skip
     return gr.Textbox(label=f"{p.label} ({p.spec.type_text if p.spec else p.kind})", value=p.shown(), info=info)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from ..controls import METHODS, parse_boxes
 from ..controls.options import FieldSpec, build_controls, method_fields, option_value, takes_boxes
 from ..errors import AttnControlError
+from ..tokens import check_text
 
 # The app's bounds per option (a public demo must not be made to run for hours): by field name, the same name
 # meaning the same thing in every method; other ints 0..100, other floats -1000..1000.
@@ -40,7 +41,9 @@ class DemoCancelled(DemoError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one request may ask for (a public demo must not be made to run for hours)."""
+    """Bounds on what one request may ask for (a public demo must not be made to run for hours). ``time_limit`` is
+    checked before each of the two runs and at the end of every sampling step: a request stops at most one step
+    (that step's guidance and refinement included) after its limit."""
 
     max_steps: int = 100
     min_side: int = 64
@@ -102,11 +105,15 @@ def check_param(param: Param, value) -> Any:
         raise DemoError(f"{where} is empty; give a value (default: {param.default})")
     if isinstance(value, float) and not math.isfinite(value):
         raise DemoError(f"{where} must be a finite number, got {value}")
-    if param.kind == "int" and isinstance(value, float) and value.is_integer():
+    if param.kind == "int" and isinstance(value, float):
+        if not value.is_integer():  # 3.4 is not rounded to 3: the user meant something else
+            raise DemoError(f"{where} must be a whole number, got {value}")
         value = int(value)
+    if param.kind in ("text", "str") and isinstance(value, str):
+        _text(value, where)
     try:
         _, checked = option_value(METHODS, param.method, param.name, value, where, text=True)
-    except AttnControlError as err:
+    except (AttnControlError, ValueError, TypeError, ArithmeticError) as err:  # a value only the API can send
         raise DemoError(str(err)) from None
     bounds = param.bounds
     if bounds and isinstance(checked, (int, float)) and not bounds[0] <= checked <= bounds[1]:
@@ -114,11 +121,33 @@ def check_param(param: Param, value) -> Any:
     return checked
 
 
+def _text(value, where: str) -> str:
+    """A text input as the app's fields send it (the API can send anything): a str of valid text, or DemoError."""
+    if not isinstance(value, str):
+        raise DemoError(f"{where} must be text, got {value!r}")
+    try:
+        return check_text(value, where)
+    except AttnControlError as err:
+        raise DemoError(str(err)) from None
+
+
+def _whole(label: str, value, lo: int, hi: int) -> int:
+    """A whole number as a number field sends it (3 or 3.0), within ``lo..hi``; 3.4, "3", True are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not (math.isfinite(value) and value.is_integer())
+    ):  # fmt: skip
+        raise DemoError(f"{label} must be a whole number, got {value!r}")
+    number = int(value)
+    if not lo <= number <= hi:
+        raise DemoError(f"{label} must be between {lo} and {hi}, got {number}")
+    return number
+
+
 def token_rows(tokenizer, prompt: str) -> list[list]:
     """``[index, token, word]`` for the prompt's tokens (start/end of text included), for the token table."""
     from ..tokens import tokenize
 
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         return []
     table = tokenize(tokenizer, prompt)
     return [[r.index, r.text, r.word] for r in table.rows() if r.index <= table.eot_index]
@@ -133,8 +162,25 @@ def word_choices(tokenizer, prompt: str) -> list[str]:
     return list(seen)
 
 
+def prompt_update(tokenizer, prompt, picked) -> tuple[list[list], list[str], list[str]]:
+    """What a prompt change shows: the token table, the words to tick, and the ticked words still in the prompt.
+    Any input (the API can send anything) gives a table, empty where the prompt cannot be read."""
+    try:
+        rows, words = token_rows(tokenizer, prompt), word_choices(tokenizer, prompt)
+    except (ValueError, TypeError):  # not valid text, a prompt the tokenizer cannot place
+        rows, words = [], []
+    kept = [w for w in picked if w in words] if isinstance(picked, list) else []
+    return rows, words, kept
+
+
 def parse_subjects(picked, typed: str | None) -> list:
     """Ticked words plus typed ones (``"red car, cat#2, 5"``; digits are token indices), without repeats."""
+    if picked is not None and (not isinstance(picked, list) or not all(isinstance(p, str) for p in picked)):
+        raise DemoError(f"the ticked subjects must be a list of words, got {picked!r}")
+    if typed is not None:
+        _text(typed, "the typed subjects")
+    for word in picked or []:
+        _text(word, "a ticked subject")
     subjects: list = []
     for s in list(picked or []) + [t.strip() for t in re.split(r"[,;]", typed or "") if t.strip()]:
         value = int(s) if isinstance(s, str) and s.isdigit() else s
@@ -175,12 +221,22 @@ def build_request(
     params: dict[tuple[str, str], Any] | None = None,
     limits: Limits = Limits(),
 ) -> Request:
-    """Validate everything a user typed; raise :class:`DemoError` naming the bad value."""
-    prompt = (prompt or "").strip()
+    """Validate everything a user typed (and whatever a client of the API sends: every field is checked for its
+    type too); raise :class:`DemoError` naming the bad value."""
+    prompt = _text(prompt if prompt is not None else "", "the prompt").strip()
     if not prompt:
         raise DemoError("type a prompt")
     if len(prompt) > limits.max_prompt_chars:
         raise DemoError(f"the prompt has {len(prompt)} characters; at most {limits.max_prompt_chars}")
+    if not isinstance(subjects, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool)
+                                                 for s in subjects):  # fmt: skip
+        raise DemoError(f"subjects must be a list of words or token indices, got {subjects!r}")
+    if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
+        raise DemoError(f"methods must be a list of method names ({', '.join(METHODS)}), got {methods!r}")
+    if boxes_text is not None:
+        _text(boxes_text, "boxes")
+    if params is not None and not isinstance(params, dict):
+        raise DemoError(f"the method parameters must be a mapping, got {params!r}")
     methods = list(methods or [])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -212,27 +268,21 @@ def build_request(
         ("width", width, limits.min_side, limits.max_side),
         ("seed", seed, 0, 2**32 - 1),
     ):
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise DemoError(f"{label} must be a whole number, got {value!r}") from None
-        if number != value and not (isinstance(value, float) and value.is_integer()):
-            raise DemoError(f"{label} must be a whole number, got {value!r}")
-        if not lo <= number <= hi:
-            raise DemoError(f"{label} must be between {lo} and {hi}, got {number}")
-        ints[label] = number
+        ints[label] = _whole(label, value, lo, hi)
     for label in ("height", "width"):
         if ints[label] % 8:
             raise DemoError(f"{label} must be a multiple of 8, got {ints[label]}")
-    try:
-        guidance = float(guidance_scale)
-    except (TypeError, ValueError):
-        raise DemoError(f"guidance scale must be a number, got {guidance_scale!r}") from None
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise DemoError(f"guidance scale must be a number, got {guidance_scale!r}")
+    guidance = float(guidance_scale)
     if not 0 <= guidance <= limits.max_guidance:
         raise DemoError(f"guidance scale must be between 0 and {limits.max_guidance}, got {guidance}")
     options: dict[str, dict[str, Any]] = {m: {} for m in methods}
     by_key = {(p.method, p.name): p for p in method_params()}
-    for (method, name), value in (params or {}).items():
+    for key, value in (params or {}).items():
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise DemoError(f"a method parameter must be keyed by (method, field), got {key!r}")
+        method, name = key
         if method in options and (method, name) in by_key:
             checked = check_param(by_key[(method, name)], value)
             if checked != by_key[(method, name)].default:
@@ -245,6 +295,47 @@ def build_request(
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from None
     return request
+
+
+def canvas_size(height, width, default: tuple[int, int], limits: Limits = Limits()) -> tuple[int, int]:
+    """(width, height) of the box canvas: the size fields when they hold a size the app allows, else the model's
+    native size (a canvas is never made from a size the API sent unchecked)."""
+    sides = []
+    for value, fallback in ((width, default[1]), (height, default[0])):
+        try:
+            sides.append(_whole("size", value, limits.min_side, limits.max_side))
+        except DemoError:
+            sides.append(int(fallback))
+    return sides[0], sides[1]
+
+
+def boxes_canvas(text, height, width, default: tuple[int, int], limits: Limits = Limits()):
+    """The canvas with the boxes of ``text`` drawn (a blank canvas while the text is not valid boxes)."""
+    try:
+        boxes = parse_boxes(text) if isinstance(text, str) and text.strip() and check_text(text) else {}
+    except (ValueError, TypeError):
+        boxes = {}
+    return draw_boxes(boxes, canvas_size(height, width, default, limits))
+
+
+def canvas_click(pending, event, subject, boxes_text, height, width, default: tuple[int, int],
+                 limits: Limits = Limits()):  # fmt: skip
+    """A click on the box canvas (``event``: Gradio's select data, None when the call came without one, e.g.
+    through the API): :func:`click_box` at the clicked point. Returns ``(pending, boxes_text)``."""
+    point = getattr(event, "index", None)
+    if not isinstance(point, (list, tuple)) or len(point) != 2 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point
+    ):  # fmt: skip
+        raise DemoError("click two opposite corners of the box on the canvas (no point came with this click)")
+    if pending is not None and not (
+        isinstance(pending, (list, tuple)) and len(pending) == 2 and all(isinstance(v, float) for v in pending)
+    ):  # fmt: skip
+        pending = None
+    if subject is not None and not isinstance(subject, str):
+        raise DemoError(f"the subject a box is for must be a word, got {subject!r}")
+    if boxes_text is not None:
+        _text(boxes_text, "boxes")
+    return click_box(pending, tuple(point), canvas_size(height, width, default, limits), subject, boxes_text)
 
 
 def draw_boxes(boxes: dict | None, size: tuple[int, int], base=None):
@@ -302,6 +393,7 @@ class Runner:
         self.limits = limits
         self.adapter = get_adapter(pipe)  # fails now, not on the first click, for an unsupported pipeline
         self._lock = threading.Lock()  # runs swap the UNet's processors: one at a time on one pipeline
+        self.clock = time.monotonic  # what the time limit is measured with
 
     @property
     def tokenizer(self):
@@ -329,15 +421,21 @@ class Runner:
         gen_device = "cpu" if device.type == "mps" else device
         outputs = {}
         with self._lock:
-            start = time.monotonic()
+            start = self.clock()
+
+            def check_time(where: str) -> None:
+                # the run stops here (the pipeline is restored): before a run, or at the end of a step
+                if self.clock() - start > self.limits.time_limit:
+                    raise DemoError(f"this request ran past the app's limit of {self.limits.time_limit:g} s ({where});"
+                                    " use fewer steps, a smaller size or fewer refinement steps")  # fmt: skip
+
             for offset, (label, ctl) in enumerate((("baseline", []), ("controlled", controls))):
+                check_time(f"before the {label} image")
 
                 def step_done(pipe, i, t, kwargs, offset=offset, label=label):
                     if cancel is not None and cancel.is_set():
                         raise DemoCancelled("the request was cancelled: its page was closed")
-                    if time.monotonic() - start > self.limits.time_limit:  # the run stops; the pipeline is restored
-                        raise DemoError(f"this request ran past the app's limit of {self.limits.time_limit:.0f} s; "
-                                        "use fewer steps, a smaller size or fewer refinement steps")  # fmt: skip
+                    check_time(f"at step {i + 1} of the {label} image")
                     if progress is not None:
                         progress(offset * req.steps + i + 1, total, label)
                     return kwargs
