@@ -231,9 +231,10 @@ def summary_markdown(summary: list[dict]) -> str:
     lines = [head, "|---|---|" + "---|" * len(present)]
     for s in summary:
         cells = [
-            f"{s[m]:.4f} ± {s[f'{m}_std']:.4f} [{s[f'{m}_ci_low']:.4f}, {s[f'{m}_ci_high']:.4f}]" if m in s else ""
+            f"{_num(s[m])} ± {_num(s[f'{m}_std'])} [{_num(s[f'{m}_ci_low'])}, {_num(s[f'{m}_ci_high'])}]"
+            if m in s else ""
             for m in present
-        ]
+        ]  # fmt: skip
         lines.append(f"| {s['method']} | {s['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -263,13 +264,19 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _num(value: float, spec: str = ".4f") -> str:
+    """``value`` formatted, never as a negative zero (a difference of -1e-9 is 0.0000, not -0.0000)."""
+    text = format(value, spec)
+    return format(0.0, spec) if float(text) == 0 else text
+
+
 def comparison_markdown(comparison: list[dict]) -> str:
     base = comparison[0]["baseline"]
     head = f"| method | metric | pairs | gain over {base} | 95% interval | p (sign-flip) |"
     lines = [head, "|---|---|---|---|---|---|"]
     for c in comparison:
-        lines.append(f"| {c['method']} | {c['metric']} | {c['n']} | {c['delta']:+.4f} | "
-                     f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | {c['p']:.4g} |")  # fmt: skip
+        lines.append(f"| {c['method']} | {c['metric']} | {c['n']} | {_num(c['delta'], '+.4f')} | "
+                     f"[{_num(c['ci_low'], '+.4f')}, {_num(c['ci_high'], '+.4f')}] | {c['p']:.4g} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
