@@ -34,5 +34,7 @@ def check_image_size(height, width, where: tuple[str, str] = ("height", "width")
 
 def check_count(value, name: str, low: int = 0, high: int = MAX_ITERATIONS) -> None:
     """A count option (iterations, rounds) between ``low`` and ``high``."""
-    if not low <= value <= high:
+    if value < low:
+        raise OptionError(f"{name} must be >= {low}, got {value}")
+    if value > high:
         raise OptionError(f"{name} must be between {low} and {high}, got {value}")
