@@ -226,8 +226,7 @@ def _field(gr, p):
     if p.kind in ("int", "float"):
         lo, hi = p.bounds
         # no precision=0 for ints: Gradio would round 3.4 to 3; the logic refuses it instead
-        return gr.Number(label=f"{p.label} ({lo:g}..{hi:g})", value=p.default, minimum=lo, maximum=hi, info=info,
-                         step=1 if p.kind == "int" else None)  # fmt: skip
+        return gr.Number(label=f"{p.label} ({lo:g}..{hi:g})", value=p.default, minimum=lo, maximum=hi, info=info)
     return gr.Textbox(label=f"{p.label} ({p.spec.type_text if p.spec else p.kind})", value=p.shown(), info=info)
 
 
