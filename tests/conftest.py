@@ -37,25 +37,56 @@ def tiny_dirs(tmp_path_factory):
     }
 
 
-@pytest.fixture()
-def sd1(tiny_dirs):
-    return _load(tiny_dirs["sd1"])
+def fresh_copy(pipe):
+    """A new pipeline over deep copies of ``pipe``'s modules and a new scheduler of the same config; the tokenizers
+    are shared (read-only). What a test does to its copy (dtype, scheduler, hooks, processors) cannot reach another
+    test, and no test pays for a load from disk: each family is loaded with ``from_pretrained`` once per session."""
+    import copy
+    import inspect
 
-
-@pytest.fixture()
-def sd2(tiny_dirs):
-    return _load(tiny_dirs["sd2"])
-
-
-@pytest.fixture()
-def sdxl(tiny_dirs):
-    from diffusers import StableDiffusionXLPipeline
-
+    parts = {}
+    for name, value in pipe.components.items():
+        if isinstance(value, torch.nn.Module):
+            parts[name] = copy.deepcopy(value)
+        elif hasattr(value, "set_timesteps"):
+            parts[name] = type(value).from_config(value.config)
+        else:
+            parts[name] = value
+    params = inspect.signature(type(pipe).__init__).parameters
+    parts.update({k: v for k, v in pipe.config.items() if k in params and k not in parts})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"], use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        clone = type(pipe)(**parts)
+    clone.register_to_config(_name_or_path=pipe.config.get("_name_or_path"))
+    clone.set_progress_bar_config(disable=True)
+    return clone
+
+
+@pytest.fixture(scope="session")
+def _loaded(tiny_dirs):
+    """Each tiny family loaded from its folder once (the real loading code); tests get fresh copies."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipes = {"sd1": _load(tiny_dirs["sd1"]), "sd2": _load(tiny_dirs["sd2"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipes["sdxl"] = StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"], use_safetensors=True)
+    return pipes
+
+
+@pytest.fixture()
+def sd1(_loaded):
+    return fresh_copy(_loaded["sd1"])
+
+
+@pytest.fixture()
+def sd2(_loaded):
+    return fresh_copy(_loaded["sd2"])
+
+
+@pytest.fixture()
+def sdxl(_loaded):
+    return fresh_copy(_loaded["sdxl"])
 
 
 @pytest.fixture(scope="session")
@@ -128,16 +159,21 @@ def load_mmdit(folder):
     return pipe
 
 
-@pytest.fixture()
-def sd3(mmdit_dirs):
-    return load_mmdit(mmdit_dirs["sd3"])
+@pytest.fixture(scope="session")
+def _loaded_mmdit(mmdit_dirs):
+    return {family: load_mmdit(folder) for family, folder in mmdit_dirs.items()}
 
 
 @pytest.fixture()
-def sd35(mmdit_dirs):
-    return load_mmdit(mmdit_dirs["sd35"])
+def sd3(_loaded_mmdit):
+    return fresh_copy(_loaded_mmdit["sd3"])
 
 
 @pytest.fixture()
-def flux(mmdit_dirs):
-    return load_mmdit(mmdit_dirs["flux"])
+def sd35(_loaded_mmdit):
+    return fresh_copy(_loaded_mmdit["sd35"])
+
+
+@pytest.fixture()
+def flux(_loaded_mmdit):
+    return fresh_copy(_loaded_mmdit["flux"])
