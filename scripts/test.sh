@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests need into ./.venv (created if missing) and run them offline.
-# Usage: bash scripts/test.sh [pytest args...]
+# Usage: bash scripts/test.sh [--quick] [pytest args...]
+#   --quick  the developer loop: leaves out the tests marked slow (oracles in float64, child processes, the
+#            browser); CI runs everything. Extra arguments go to pytest (e.g. -k oracle, -n 0 for one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,4 +23,12 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
 fi
 ruff check attncontrol tests benchmarks examples scripts
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-python -m pytest "$@"
+# One pytest worker per core, each torch process on one thread: on 2 cores two single-threaded workers finish the
+# suite sooner than one process on 2 threads (tiny models leave little to split inside an op), and more threads
+# than cores make OpenMP spin (a tiny generate ran 10x slower).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--quick" ]; then ARGS+=(-m "not slow"); else ARGS+=("$arg"); fi
+done
+python -m pytest -n auto --dist worksteal "${ARGS[@]}"

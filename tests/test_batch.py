@@ -165,7 +165,7 @@ def test_resume_after_kill_9(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-4",
-           "--model", str(tiny_dirs["sd1"]), "--steps", "25"]  # fmt: skip
+           "--model", str(tiny_dirs["sd1"]), "--steps", "6"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + READY_TIMEOUT
     while time.time() < deadline and _manifest_lines(out) < 2 and proc.poll() is None:  # readiness: 2 records
@@ -187,7 +187,7 @@ def test_two_workers_on_one_folder_make_each_item_once(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-3",
-           "--model", str(tiny_dirs["sd1"]), "--steps", "12"]  # fmt: skip
+           "--model", str(tiny_dirs["sd1"]), "--steps", "4"]  # fmt: skip
     env = {**ENV, "OMP_NUM_THREADS": "1"}  # two workers on two cores: oversubscribed OpenMP threads spin (10x slower)
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip

@@ -630,9 +630,10 @@ def test_each_method_runs_on_joint_attention(family, request):
         BoxDiff(boxes={"cat": (0, 0, 0.5, 1), "dog": (0.5, 0, 1, 1)}, max_refinement_steps=1),
         InitNO(subjects=["cat", "dog"], rounds=1, round_steps=2, final_steps=0, max_refinement_steps=1),
     ]
+    size = dict(height=128, width=128)  # an 8x8 grid of image tokens (FLUX's own default is 1024 px, 64x64)
     for control in controls:
         out = attncontrol.generate(pipe, PROMPT, [control], num_inference_steps=3, generator=seeded(0),
-                                   output_type="latent")  # fmt: skip
+                                   output_type="latent", **size)  # fmt: skip
         assert [r.index for r in out.guided_steps] == [0, 1, 2], control.method
         assert all(math.isfinite(r.loss[0]) for r in out.guided_steps)
     assert out.noise_search["initno"][0]["rounds"] == 1
