@@ -23,6 +23,7 @@ def _run(pipe, controls=(), steps=4, **kw):
                                 generator=seeded(0), **kw)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_observing_changes_nothing(sd1):
     plain = _run(sd1, output_type="latent").images
     seen = _run(sd1, output_type="latent", attention=["cat", "dog"])

@@ -113,6 +113,7 @@ def test_missing_subjects_fail_at_expansion_naming_the_line(tmp_path):
 # ------------------------------------------------------------------ runs
 
 
+@pytest.mark.slow
 def test_batch_run_failures_and_rerun(tiny_dirs, tmp_path, capsys):
     prompts = _write(tmp_path, "p.jsonl", "\n".join(json.dumps(x) for x in [
         {"prompt": "a cat and a dog", "subjects": ["cat", "dog"]},
@@ -135,6 +136,7 @@ def test_batch_run_failures_and_rerun(tiny_dirs, tmp_path, capsys):
     _check_folder(out, 6)
 
 
+@pytest.mark.slow
 def test_batched_generation_matches_one_by_one(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na frog with a crown | frog, crown\n")
     outs = {}
@@ -161,6 +163,7 @@ def _manifest_lines(out) -> int:
 READY_TIMEOUT = 600
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
@@ -182,6 +185,7 @@ def test_resume_after_kill_9(tiny_dirs, tmp_path):
     _check_folder(out, 10)
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_folder_make_each_item_once(tiny_dirs, tmp_path):
     """Two independent batch commands on one folder share the items through per-item claims."""
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
@@ -215,6 +219,7 @@ def test_batch_size_fills_groups_across_prompts_and_seeds(tmp_path):
     assert sorted(len(g) for g in group_items(items, 3)) == [1, 1, 3, 3]
 
 
+@pytest.mark.slow
 def test_repeated_write_errors_stop_the_batch_in_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
     import errno
 
@@ -237,6 +242,7 @@ def test_repeated_write_errors_stop_the_batch_in_one_line(tiny_dirs, tmp_path, c
     assert len(claims) == 3 and all(c.read_bytes() == b"" for c in claims)  # given back: a rerun takes them
 
 
+@pytest.mark.slow
 def test_each_record_is_appended_only_once_its_png_is_in_place(tiny_dirs, tmp_path, monkeypatch):
     from attncontrol.batch import runner
 
@@ -259,6 +265,7 @@ def test_each_record_is_appended_only_once_its_png_is_in_place(tiny_dirs, tmp_pa
         assert rec["scheduler"] and rec["versions"]["attncontrol"]
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_covers_every_item_once(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
@@ -273,6 +280,7 @@ def test_two_process_accelerate_launch_covers_every_item_once(tiny_dirs, tmp_pat
     assert res.stdout.count("done 12, skipped 0, failed 0 of 12 items") == 1  # one summary, from the main process
 
 
+@pytest.mark.slow
 def test_other_settings_are_other_items(tiny_dirs, tmp_path, capsys):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\n")
     out = tmp_path / "out"

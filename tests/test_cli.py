@@ -24,6 +24,7 @@ def _cli(*args, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_generate_writes_a_png_with_its_parameters(tiny_dirs, tmp_path):
     out = tmp_path / "cat_dog.png"
     res = _cli(
@@ -103,6 +104,7 @@ def test_missing_folder_and_non_png_output(tmp_path, capsys):
     assert "must end in .png" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pickled_weights_refused_unless_allowed(tmp_path, capsys):
     from attncontrol.testing import make_tiny_sd_pipeline
 
@@ -128,6 +130,7 @@ def test_failure_mid_run_leaves_no_partial_file(tiny_dirs, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_generate_on_an_sdxl_folder(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "xl.png"
     code = main(
@@ -172,6 +175,7 @@ def test_generate_on_an_sdxl_folder(tiny_dirs, tmp_path, capsys):
     ],
     ids=["astar", "refocus", "regulate", "all-four"],
 )
+@pytest.mark.slow
 def test_each_method_and_a_combination(tiny_dirs, tmp_path, args, methods):
     out, trace = tmp_path / "m.png", tmp_path / "t.json"
     assert (

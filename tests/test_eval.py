@@ -62,6 +62,7 @@ def test_summary_statistics_by_hand():
     assert a["min_subject_attention"] == 0.5 and a["clip_full_std"] == 0.0
 
 
+@pytest.mark.slow
 def test_attention_only_eval_and_grid(batch_dir, capsys):
     assert main(["eval", str(batch_dir), "--grid"]) == 0
     table = capsys.readouterr().out

@@ -90,6 +90,7 @@ def _reference(pipe, noise: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dual", [False, True], ids=["sd3", "sd35"])
+@pytest.mark.slow
 def test_attend_and_excite_on_sd3_equals_the_focus_reference(dual, request):
     pipe = request.getfixturevalue("sd35" if dual else "sd3").to(torch.float64)
     noise = torch.randn(1, 16, 16, 16, generator=seeded(7), dtype=torch.float64)

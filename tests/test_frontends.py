@@ -308,6 +308,7 @@ def test_a_truncated_safetensors_file_is_called_damaged(tiny_dirs, tmp_path, cap
     assert not (tmp_path / "o.png").exists()  # loading bar; the error is one line
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_batch_says_what_was_done_and_how_to_resume(tiny_dirs, tmp_path, capsys, monkeypatch):
     from attncontrol.batch import runner
 

@@ -35,6 +35,7 @@ def test_returns_what_the_pipeline_returns_and_a_trace(sd1):
     np.testing.assert_allclose(arr[0], np.asarray(out.images[0]) / 255.0, atol=1 / 255 + 1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_and_control_changes_it(sd1):
     a = _run(sd1, [AttendExcite(**AE)], output_type="latent").images
     b = _run(sd1, [AttendExcite(**AE)], output_type="latent").images
@@ -86,6 +87,7 @@ def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
     assert record.initial_loss[0] == pytest.approx(1 - before, abs=1e-5)  # and the engine saw the same peak
 
 
+@pytest.mark.slow
 def test_batched_images_each_get_their_own_refinement(sd1):
     """Four images whose weakest subject starts at different strengths (threshold 0.0164 sits between them on
     the tiny model): each refines until its own loss passes, so the counts differ, and each image's count and
@@ -212,6 +214,7 @@ class _Recorder(AttendExcite):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.slow
 def test_half_precision_runs_with_float32_maps(sd1, dtype):
     sd1.to(dtype)
     control = _Recorder(**AE)

@@ -247,6 +247,7 @@ CONTROLS = {
 
 @pytest.mark.parametrize("name", list(CONTROLS))
 @pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+@pytest.mark.slow
 def test_each_control_lowers_its_loss(family, name, request):
     pipe = request.getfixturevalue(family)
     control = CONTROLS[name]()
@@ -320,6 +321,7 @@ def test_processors_restored_after_an_error(sd3, flux):
         assert [p.requires_grad for p in pipe.transformer.parameters()] == grads
 
 
+@pytest.mark.slow
 def test_velocity_rule_is_refused_on_a_non_flow_model(sd1):
     with pytest.raises(ValueError, match="flow-matching"):
         attncontrol.generate(sd1, PROMPT, [AttendExcite(subjects=["cat"], update="velocity")])

@@ -526,6 +526,7 @@ def test_divide_bind_attribute_maps_come_from_the_finer_levels(tokenizer):
     assert prepared.groups == [[([(2,)], (3,))]]
 
 
+@pytest.mark.slow
 def test_each_method_runs_end_to_end_and_restores_the_processors(sd1):
     before = processor_snapshot(sd1.unet)
     controls = [

@@ -131,6 +131,7 @@ def test_an_incomplete_model_folder_is_named_before_the_model_loads(name, comman
 
 
 @pytest.mark.parametrize("failing", [".x.png.", ".t.json.", ".att."])
+@pytest.mark.slow
 def test_a_full_disk_on_any_output_leaves_none(failing, tiny_dirs, tmp_path, capsys, monkeypatch):
     """--out, --trace and --save-attention are written to temporaries and renamed together: the image is not left
     behind without its trace (or maps), and the message names the output that failed."""

@@ -132,6 +132,7 @@ def _golden() -> dict:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_results_equal_the_record(sd1, sd2, sdxl, name):
     pipe = {"sd1": sd1, "sd2": sd2, "sdxl": sdxl}[CASES[name][0]]
     guided = _run(pipe, name)

@@ -78,6 +78,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable endpoint"])
 @pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.slow
 def test_each_command_fails_fast_with_the_offline_message(tmp_path, command, how):
     if command == "ui":
         pytest.importorskip("gradio")

@@ -70,6 +70,7 @@ def _both(pipe, prompt, indices, subjects, steps=20, plain=False, ref_kwargs=Non
     "scheduler,subjects,thresholds",
     [("ddim", ["cat", "dog"], {}), ("pndm", [2, 5], REFINE_20), ("ddim", [2, "dog"], REFINE_20)],
 )
+@pytest.mark.slow
 def test_float32_equals_diffusers(sd1, scheduler, subjects, thresholds):
     sd1.scheduler = make_scheduler(scheduler)
     ours, ref, plain = _both(
@@ -82,6 +83,7 @@ def test_float32_equals_diffusers(sd1, scheduler, subjects, thresholds):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm"])
+@pytest.mark.slow
 def test_float64_equals_diffusers_to_rounding(scheduler):
     pipe = narrow(scheduler=scheduler)
     ours, ref, plain = _both(pipe, "a cat and a dog", [2, 5], ["cat", "dog"], thresholds=REFINE_20,
@@ -91,6 +93,7 @@ def test_float64_equals_diffusers_to_rounding(scheduler):
     assert sum(ours.trace[i].refinement_iterations[0] for i in REFINE_20) > 0  # refinement was exercised
 
 
+@pytest.mark.slow
 def test_float64_sd2_family_other_prompt_and_settings():
     sd2 = narrow("sd2", seed=1)
     # upcast_attention computes attention scores in float32 even in a float64 model, which would put float32
@@ -115,6 +118,7 @@ def test_float64_sd2_family_other_prompt_and_settings():
     assert (ours.images - ref).abs().max() < 1e-9
 
 
+@pytest.mark.slow
 def test_float64_prompt_list_and_several_images_per_prompt():
     """Guidance is batched over 4 images; each still gets its own refinement decision, as in the per-image loop."""
     prompts = ["a cat and a dog", "a frog with a crown"]
@@ -135,6 +139,7 @@ def test_float64_prompt_list_and_several_images_per_prompt():
     assert len(ours.trace[0].loss) == 4
 
 
+@pytest.mark.slow
 def test_float64_non_default_schedule():
     ours, ref, plain = _both(
         narrow(),
@@ -152,6 +157,7 @@ def test_float64_non_default_schedule():
     assert ours.trace[0].refinement_iterations == [20]  # 0.95 is out of reach: the reference's cap of 20
 
 
+@pytest.mark.slow
 def test_float32_sd2_family_with_sdpa_elsewhere(sd2):
     ours, ref, plain = _both(
         sd2,
@@ -206,6 +212,7 @@ def test_the_bird_car_indices_are_bird_and_car_not_blue():
     assert tokens[3] == "bird</w>" and tokens[6] == "blue</w>" and tokens[7] == "car</w>"
 
 
+@pytest.mark.slow
 def test_float64_pndm_50_steps_default_thresholds_full_refinement():
     pipe, ours, ref, kw = _unseen_case(torch.float64, "pndm", 50)
     assert (ref - pipe(BIRD_CAR, generator=seeded(5), **kw).images).abs().max() > 1e-2
@@ -214,6 +221,7 @@ def test_float64_pndm_50_steps_default_thresholds_full_refinement():
     assert (ours.images - ref).abs().max() < 1e-9
 
 
+@pytest.mark.slow
 def test_float64_ddim_custom_thresholds_two_images_per_prompt():
     pipe, ours, ref, kw = _unseen_case(torch.float64, "ddim", 30, num_images=2, thresholds={0: 0.05, 6: 0.5},
                                        max_iter_to_alter=12, scale_factor=15)  # fmt: skip
@@ -223,6 +231,7 @@ def test_float64_ddim_custom_thresholds_two_images_per_prompt():
     assert (ours.images - ref).abs().max() < 1e-9
 
 
+@pytest.mark.slow
 def test_float32_ddim_no_refinement_40_steps():
     pipe, ours, ref, kw = _unseen_case(torch.float32, "ddim", 40, thresholds={})
     plain = pipe(BIRD_CAR, generator=seeded(5), **kw).images

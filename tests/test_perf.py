@@ -93,6 +93,7 @@ def test_nothing_left_patched_after_a_checkpointed_step(sd1):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.slow
 def test_generate_with_checkpointing_equals_without(family, request, monkeypatch):
     """Whole runs with refinement, several images and three latent controls: same latents and trace."""
     pipe = request.getfixturevalue(family)
@@ -128,6 +129,7 @@ def test_generate_with_checkpointing_equals_without(family, request, monkeypatch
         assert a.loss == pytest.approx(b.loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_public_option_and_cli_flag(sd1, tiny_dirs, tmp_path):
     from attncontrol.cli import main
 

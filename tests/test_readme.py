@@ -3,9 +3,12 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(tiny_dirs, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
@@ -24,6 +27,7 @@ def test_readme_python_example_runs(tiny_dirs, tmp_path, monkeypatch):
     assert namespace["out"].guided_steps  # the example really guided
 
 
+@pytest.mark.slow
 def test_readme_sdxl_example_runs(tiny_dirs, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     code = next(b for b in blocks if "StableDiffusionXLPipeline" in b)
@@ -48,6 +52,7 @@ def test_readme_methods_example_runs(sd1):
     assert set(namespace["out"].trace[0].losses) == {"attend-excite", "refocus"}
 
 
+@pytest.mark.slow
 def test_readme_attention_example_runs(sd1, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     code = next(b for b in blocks if "attention=True" in b)

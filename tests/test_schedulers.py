@@ -119,6 +119,7 @@ def _stop_after_first(pipe, i, t, kwargs):
     ],
     ids=["attend-excite", "astar", "refocus"],
 )
+@pytest.mark.slow
 def test_sdxl_euler_moves_the_image_as_much_as_ddim(sdxl, control):
     """On the tiny SDXL pipeline, each control's effect on the image with the stock Euler scheduler is of the
     same order as with DDIM (before the fix it was 1/(sigma^2+1) of it at the first steps: ~1e-2 to 1e-4)."""

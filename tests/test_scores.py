@@ -219,6 +219,7 @@ def _owl_reference(folder, image, names, threshold):
     return {n: sorted(d, key=lambda x: -x[0]) for n, d in found.items()}
 
 
+@pytest.mark.slow
 def test_detector_equals_owlv2_forward(eval_models):
     from attncontrol.scores.models import Detector
 
@@ -287,6 +288,7 @@ def _num(text):
     return float(text) if text not in ("", None) else None
 
 
+@pytest.mark.slow
 def test_eval_benchmark_scores_end_to_end(bench_dir, eval_models, capsys):
     from attncontrol.batch.inputs import benchmark_entry
     from attncontrol.eval import ClipScorer
@@ -516,6 +518,7 @@ def test_hrs_and_drawbench_csv(tmp_path):
         read_entries(tmp_path / "bad.csv")
 
 
+@pytest.mark.slow
 def test_hrs_batch_records_its_benchmark_and_eval_scores_it(tiny_dirs, eval_models, tmp_path, capsys):
     """A real tiny batch on HRS-Bench rows: the manifest keeps each row's benchmark entry; eval's hrs_spatial equals
     HRS's rule on the detector's raw outputs decoded by hand; the HRS table is the rows' mean in percent."""

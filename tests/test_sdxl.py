@@ -141,6 +141,7 @@ ALL_CONTROLS = {
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 @pytest.mark.parametrize("method", sorted(ALL_CONTROLS))
+@pytest.mark.slow
 def test_every_control_runs_on_sd2_and_sdxl(request, family, method):
     pipe = request.getfixturevalue(family)
     before = processor_snapshot(pipe.unet)

@@ -146,6 +146,7 @@ def test_click_box_two_corners_make_a_box():
 # ------------------------------------------------------------------ runner
 
 
+@pytest.mark.slow
 def test_runner_compares_with_the_baseline_and_restores(sd1):
     before = processor_snapshot(sd1.unet)
     runner = Runner(sd1, "tiny")
@@ -253,6 +254,7 @@ def test_app_binds_locally_and_serves_one_request_at_a_time(app):
     assert run.concurrency_limit == "default" and demo._queue.default_concurrency_limit == 1
 
 
+@pytest.mark.slow
 def test_gradio_client_end_to_end(app, capfd):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
@@ -293,6 +295,7 @@ def _chromium_context(playwright, data_dir):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_browser_pick_subjects_run_and_see_maps(app):
     """Debian's Chromium through Playwright: type a prompt, tick subjects, run, see both images and the heatmaps;
     then a mistake shows an error in the page and the app keeps serving. Saves screenshots."""
