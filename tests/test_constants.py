@@ -44,6 +44,9 @@ def test_inside_threshold_0_2_in_the_loss():
     boxes = [[LEFT]]
     assert car_loss(_one_peak(0.22), boxes, step=20)[0].item() == 0.0
     assert car_loss(_one_peak(0.18), boxes, step=20)[0].item() == pytest.approx(0.82, abs=1e-12)
+    # the tier's edge to within 0.001 (a threshold of 0.21 or 0.19 fails here)
+    assert car_loss(_one_peak(0.201), boxes, step=20)[0].item() == 0.0
+    assert car_loss(_one_peak(0.199), boxes, step=20)[0].item() == pytest.approx(0.801, abs=1e-12)
     # and the strong tier below 0.1: 6 * (1 - 0.05) = 5.7
     assert car_loss(_one_peak(0.05), boxes, step=20)[0].item() == pytest.approx(5.7, abs=1e-12)
     assert CARWeights().late_step == 15
@@ -102,6 +105,9 @@ def test_refocus_refinement_decision_at_step_15_uses_inside_threshold_0_2(tokeni
     weak = _refocus_loss(prepared, 0.18, "halves", 15)
     assert weak == pytest.approx(0.82, abs=1e-12)
     assert prepared.wants_refinement(15, 0, weak)  # 0.18 < 0.2: go on
+    # the edge to within 0.001: a threshold of 0.21 or 0.19 fails here
+    assert not prepared.wants_refinement(15, 0, _refocus_loss(prepared, 0.201, "halves", 15))
+    assert prepared.wants_refinement(15, 0, _refocus_loss(prepared, 0.199, "halves", 15))
 
 
 def test_refocus_loss_is_car_plus_exactly_sar(tokenizer):
