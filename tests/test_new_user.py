@@ -433,6 +433,34 @@ def test_the_time_limit_is_checked_before_the_controlled_run(pipe):
 # ---------------------------------------------------------------- eval and the cost of a mistake
 
 
+def test_methods_prints_whole_summaries_with_the_class_named_once(capsys):
+    from attncontrol.controls import METHODS
+
+    assert main(["methods"]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")][:-1]
+    assert [h.split()[0] for h in heads] == list(METHODS)
+    for head, cls in zip(heads, METHODS.values()):
+        assert head.endswith(".)"), head  # the whole first paragraph, not cut mid-sentence
+        assert head.lower().count(f"{cls.__name__.lower()}:") <= 1, head  # "SynGen: SynGen:" once was printed
+
+
+def test_a_closed_pipe_and_a_memory_error_are_no_traceback(capsys, monkeypatch):
+    """`attncontrol methods | head -1`: the reader closes the pipe, which is not a failure; running out of memory is
+    one line (both printed tracebacks before)."""
+    import attncontrol.cli.commands as commands
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def no_memory(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(commands, "cmd_methods", closed)
+    assert main(["methods"]) == 0
+    monkeypatch.setattr(commands, "cmd_methods", no_memory)
+    _one_error(*_cli(["methods"], capsys), "methods ran out of memory")
+
+
 def test_the_compare_table_prints_no_negative_zero():
     from attncontrol.eval import comparison_markdown
 

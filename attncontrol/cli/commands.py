@@ -163,7 +163,9 @@ def cmd_methods(args) -> int:
             raise OptionError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
         cls = METHODS[name]
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the whole first paragraph
-        print(f"{name}  ({cls.__name__}: {doc})")
+        # the class name once: "SynGen: ...", not "SynGen: SynGen: ..."
+        label = doc if doc.lower().startswith(cls.__name__.lower()) else f"{cls.__name__}: {doc}"
+        print(f"{name}  ({label})")
         for spec in method_fields(cls):
             alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""
             print(f"  {spec.name}{alias}: {spec.type_text} = {json.dumps(_show(spec.default))}")
