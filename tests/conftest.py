@@ -26,6 +26,19 @@ def _load(folder, **kwargs):
     return pipe
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Each test starts from the same global random state, whichever worker runs it and whatever ran before
+    (pytest-xdist spreads tests over workers in no fixed order): noise drawn without a generator is reproducible."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Tiny SD1- and SD2-family pipelines saved to disk (safetensors), so tests use the real loading code."""

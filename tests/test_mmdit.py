@@ -240,8 +240,8 @@ def test_a_missing_subject_names_it_and_shows_each_table(sd3):
 CONTROLS = {
     "attend-excite": lambda: AttendExcite(subjects=["cat", "dog"], thresholds={}, scale_factor=200),
     "astar": lambda: AStar(subjects=["cat", "dog"], scale_factor=200),
-    "refocus": lambda: Refocus(boxes=BOXES, schedule=((10, 400.0, 1),)),
-    "attend-excite-velocity": lambda: AttendExcite(subjects=["cat", "dog"], update="velocity", velocity_scale=50),
+    "refocus": lambda: Refocus(boxes=BOXES, schedule=((10, 100.0, 1),)),
+    "attend-excite-velocity": lambda: AttendExcite(subjects=["cat", "dog"], update="velocity", velocity_scale=20),
 }
 
 
@@ -251,8 +251,9 @@ CONTROLS = {
 def test_each_control_lowers_its_loss(family, name, request):
     pipe = request.getfixturevalue(family)
     control = CONTROLS[name]()
-    run = attncontrol.prepare_run(pipe, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0, **KW[family])
-    z = run.draw_latents()
+    run = attncontrol.prepare_run(pipe, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0,
+                                  generator=seeded(0), **KW[family])  # fmt: skip
+    z = run.draw_latents()  # the step sizes lower the loss from each of the noises of seeds 0-7, not only this one
     with run.installed():
         before = run.engine.evaluate(z, 1).losses[control.method]
         z2, record = run.guide(z, 1)
