@@ -65,8 +65,10 @@ def _check(args):
     preflight.check_steps(args.model, args.steps)
     preflight.check_size(args.model, args.height, args.width)
     subjects = args.subjects or ([] if not args.boxes else [s for c in controls for s in getattr(c, "boxes", {})])
-    preflight.check_model(args.model)
-    preflight.check_subjects(args.model, [args.prompt], subjects)
+    if subjects:
+        preflight.check_subjects(args.model, [args.prompt], subjects)  # reads the model index, then its tokenizers
+    else:
+        preflight.check_model(args.model)  # the index alone: an offline hub id or a broken folder, before the imports
     attention = (list(args.subjects) if args.subjects else True) if args.save_attention else False
     return out, controls, attention
 
