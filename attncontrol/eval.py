@@ -50,7 +50,10 @@ from .io import atomic_save_png, atomic_write_bytes
 METRICS = (
     "min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity", "clip_score",
     "vqa_binding", "objects_found", "box_iou", "geneval_correct", "t2i_spatial", "hrs_spatial",
+    "shapes_present", "shapes_bound", "shapes_spatial", "shapes_count", "shapes_box_iou",
 )  # fmt: skip
+SHAPES_METRICS = {"present": "shapes_present", "bound": "shapes_bound", "spatial": "shapes_spatial",
+                  "count_correct": "shapes_count", "box_iou": "shapes_box_iou"}  # fmt: skip
 
 
 def imagenet_templates() -> list[str]:
@@ -338,6 +341,7 @@ def evaluate(
         scorers["detector"] = Detector(detector, device, allow_pickle)
     if scorers:
         _score(rows, records, out, scorers, rules, batch_size, progress)
+    _score_shapes(rows, out, progress)
     report = EvalReport(rows=rows, summary=summarise(rows, bootstrap))
     if compare_with is not None:
         report.comparison = compare(rows, compare_with, bootstrap)
@@ -388,6 +392,28 @@ def _score(rows: list[dict], records: list[dict], out: Path, scorers: dict, rule
             score_image(row, rec, image, scorers, rules)
         bar.update(len(chunk))
     bar.close()
+
+
+def _score_shapes(rows: list[dict], out: Path, progress: bool) -> None:
+    """The shapes world's scores (no model weights) for every image of a ``shapes`` prompt set. The layout's IoU is
+    measured for every image of a prompt with a layout, given to its method or not (plain sampling's IoU is the
+    baseline a box method is compared with)."""
+    todo = [r for r in rows if r["_entry"] is not None and r["_entry"].benchmark == "shapes"]
+    if not todo:
+        return
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .shapes.score import detect, score
+
+    for row in tqdm(todo, desc="shapes scores", unit="img", disable=not progress, file=sys.stderr):
+        meta = row["_entry"].metadata
+        with Image.open(out / row["file"]) as image:
+            image = image.convert("RGB")
+            scores = score(detect(image), meta, size=image.size)
+        for key, value in scores.items():
+            if key in SHAPES_METRICS:
+                row[SHAPES_METRICS[key]] = value
 
 
 def _score_clip(rows: list[dict], images: list, scorer, caption) -> None:

@@ -37,6 +37,9 @@ PROMPT_SETS = {
     "t2i-compbench-spatial": ("spatial",),
     **{f"t2i-compbench-{task.replace('_', '-')}": (task,) for task in ("color", "shape", "texture", "non_spatial")},
     "t2i-compbench-color-2023": ("color_2023",),
+    # the shapes world (attncontrol.shapes.prompts): drawn by the shipped `--model shapes`, scored with no weights
+    "shapes": ("two", "spatial", "count"),
+    **{f"shapes-{task}": (task,) for task in ("two", "spatial", "count")},
 }
 # the T2I-CompBench sets whose subjects and question phrases come from attncontrol.phrases (no metadata upstream)
 T2I_PHRASE_FILES = {
@@ -226,6 +229,8 @@ def prompt_set(name: str) -> list[Entry]:
         raise BatchInputError(f"unknown prompt set {name!r}; choose from {', '.join(PROMPT_SETS)}")
     if name.startswith("geneval"):
         return [e for e in _geneval() if e.task in PROMPT_SETS[name]]
+    if name.startswith("shapes"):
+        return _shapes(name)
     if name == "t2i-compbench-spatial":
         return _t2i_spatial()
     if name.startswith("t2i-compbench-"):
@@ -263,7 +268,9 @@ class BenchmarkEntry(Entry):
 
     task: str = ""
     metadata: dict = field(default_factory=dict)
-    benchmark: str = ""  # "geneval", "t2i-compbench", "hrs", "drawbench"; by default from the source
+    benchmark: str = ""  # "geneval", "t2i-compbench", "hrs", "drawbench", "shapes"; by default from the source
+    # options the set gives a method when it runs (the shapes set: SynGen's colour -> shape bindings); --set wins
+    method_defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.benchmark:
@@ -280,6 +287,17 @@ def _geneval() -> list[BenchmarkEntry]:
         out.append(BenchmarkEntry(record["prompt"], f"geneval:{n}", geneval_subjects(record), task=record["tag"],
                                   metadata=record))  # fmt: skip
     return out
+
+
+def _shapes(name: str) -> list[BenchmarkEntry]:
+    """The shapes world's prompts; N in ``SET:N`` counts within the named set."""
+    from ..shapes.prompts import prompt_specs
+
+    specs = [s for task in PROMPT_SETS[name] for s in prompt_specs(task)]
+    return [BenchmarkEntry(s["prompt"], f"{name}:{n}", s["subjects"], s["boxes"], task=s["task"],
+                           metadata=s["metadata"], benchmark="shapes",
+                           method_defaults={"syngen": {"bindings": s["bindings"]}})
+            for n, s in enumerate(specs, 1)]  # fmt: skip
 
 
 def _t2i_spatial() -> list[BenchmarkEntry]:

@@ -97,7 +97,9 @@ def expand(
         for method_text in e.methods or methods:
             names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"
-            merged = {name: {**(options or {}).get(name, {}), **e.options.get(name, {})} for name in names}
+            defaults = getattr(e, "method_defaults", {})  # a built-in set's options for methods that run (< --set)
+            merged = {name: {**defaults.get(name, {}), **(options or {}).get(name, {}), **e.options.get(name, {})}
+                      for name in names}  # fmt: skip
             item_boxes = e.boxes if any(takes_boxes(METHODS[n]) for n in names) else None
             checked_controls(names, e.subjects, item_boxes, merged, e.source)  # validates before any generation
             for seed in e.seeds or seeds:

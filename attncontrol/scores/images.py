@@ -48,7 +48,7 @@ def score_image(row: dict, record: dict, image, scorers: dict, rules: DetectionR
 def _detections(row: dict, record: dict, image, entry, scorers: dict, rules: DetectionRules) -> None:
     meta = entry.metadata if entry is not None else {}
     geneval = entry is not None and "include" in meta
-    spatial = entry is not None and "relation" in meta
+    spatial = entry is not None and "obj1" in meta  # T2I-CompBench's spatial set (the shapes set has no obj1)
     hrs = entry is not None and entry.benchmark == "hrs"
     if geneval:
         names = [c["class"] for c in meta["include"] + meta.get("exclude", [])]

@@ -6,6 +6,9 @@
   only when all six are there); 2 decimals.
 - HRS-Bench spatial: accuracy in percent per level (easy, medium, hard) and their mean; 2 decimals.
 - DrawBench: mean CLIPScore per category (the benchmark itself is rated by people; later papers use CLIPScore).
+- Shapes (this project's world, attncontrol.shapes): per task the share of images with both shapes present, both
+  colours bound, the relation right, the count right, and the layout IoU; held-out pairs (never together in
+  training) apart; 3 decimals.
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ T2I_COLUMNS = {  # category -> the per-image metric that scores it
 }
 GENEVAL_COLUMNS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 HRS_COLUMNS = ("easy", "medium", "hard")
+SHAPES_COLUMNS = (  # (column, task, held-out only, metric)
+    ("two: present", "two", False, "shapes_present"),
+    ("two: bound", "two", False, "shapes_bound"),
+    ("two, held-out pairs: present", "two", True, "shapes_present"),
+    ("two, held-out pairs: bound", "two", True, "shapes_bound"),
+    ("spatial: present", "spatial", False, "shapes_present"),
+    ("spatial: relation", "spatial", False, "shapes_spatial"),
+    ("spatial: box IoU", "spatial", False, "shapes_box_iou"),
+    ("count: right", "count", False, "shapes_count"),
+)
 METRIC_OF = {"geneval": "geneval_correct", "hrs": "hrs_spatial", "drawbench": "clip_score"}
 
 
@@ -89,4 +102,27 @@ def benchmark_tables(rows: list[dict]) -> str:
         cols = list(dict.fromkeys(c for t in table.values() for c in t))
         body = [[m] + [_cell(t, c, ".4f") for c in cols] for m, t in table.items()]
         parts.append(_table("DrawBench (CLIPScore)", ["method", *cols], body))
+    shapes = shapes_scores(rows)
+    if shapes:
+        cols = _present(shapes, [c[0] for c in SHAPES_COLUMNS])
+        body = [[m] + [_cell(t, c, ".3f") for c in cols] for m, t in shapes.items()]
+        parts.append(_table("Shapes world", ["method", *cols], body))
     return "\n".join(parts)
+
+
+def shapes_scores(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """method -> column of :data:`SHAPES_COLUMNS` -> mean, for rows of the shapes sets."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in rows:
+        entry = r.get("_entry")
+        if entry is None or entry.benchmark != "shapes":
+            continue
+        for column, task, held_only, metric in SHAPES_COLUMNS:
+            if entry.task == task and (not held_only or entry.metadata.get("held_out")):
+                groups.setdefault((r["method"], column), []).append(r.get(metric))
+    out: dict[str, dict[str, float]] = {}
+    for (method, column), values in groups.items():
+        mean = _mean(values)
+        if mean is not None:
+            out.setdefault(method, {})[column] = mean
+    return out
