@@ -84,7 +84,13 @@ def unavailable_message(model: str, what: str = "model", detail: str | None = No
     text = (  # one line: the CLI prints only an error's first line
         f"could not load the {what} {model!r}: {why}. "
         f"Download it where the Hub is reachable, e.g. `hf download {model} --local-dir ./my-model`, then pass "
-        f"the folder: `{flag} ./my-model`" + (" (Python: load_pipeline('./my-model'))." if flag == "--model" else ".")
+        f"the folder: `{flag} ./my-model`"
+        + (
+            " (Python: load_pipeline('./my-model')). To try attncontrol with no "
+            "download at all, `--model shapes` is a tiny model of coloured shapes shipped in the package."
+            if flag == "--model"
+            else "."
+        )
     )
     return text + (f"\nDetails: {detail}" if detail else "")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
+from .shapes import resolve_model
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
@@ -59,7 +60,9 @@ def load_pipeline(
     """Load a diffusers text-to-image pipeline from a hub id or a local folder (diffusers layout).
 
     Only ``.safetensors`` weights are read unless ``allow_pickle=True`` (pickled ``.bin`` files can run code).
+    ``"shapes"`` is the shipped shapes-world model (:mod:`attncontrol.shapes`), offline.
     """
+    model = resolve_model(model)
     device = check_device(device) or default_device()
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     local = Path(model).expanduser()
@@ -166,6 +169,7 @@ def model_index(model: str) -> dict:
     Hub gives the one offline message at once."""
     import json
 
+    model = resolve_model(model)
     local = Path(model).expanduser()
     if local.exists():
         return check_pipeline_folder(model, check_class=False)
@@ -183,6 +187,7 @@ def load_token_streams(model: str) -> list[tuple[str, int, object]]:
     """The tokenizers a user picks subjects with, without loading the model: ``(label, first map position,
     tokenizer)`` per text stream of the pipeline's family (SD: CLIP; SD3: CLIP then T5 from position 77; FLUX:
     T5), each checked for a real vocabulary."""
+    model = resolve_model(model)
     index = model_index(model)
     streams = TOKEN_STREAMS.get(str(index.get("_class_name", "")), (("tokenizer", "CLIP", 0),))
     local = Path(model).expanduser()

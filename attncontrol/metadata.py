@@ -14,7 +14,9 @@ from .io import finite
 def model_identity(model: str) -> dict:
     """A hub id's cached snapshot commit, or a local folder's fingerprint: the sha256 of its JSON configs and of
     its weight files' names and sizes (cheap: the weights themselves are not read)."""
-    local = Path(model).expanduser()
+    from .shapes import resolve_model
+
+    local = Path(resolve_model(model)).expanduser()
     if local.is_dir():
         h = hashlib.sha256()
         for path in sorted(p for p in local.rglob("*") if p.is_file()):

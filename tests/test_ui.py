@@ -230,19 +230,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_dirs):
-    import warnings
-
-    from diffusers import StableDiffusionPipeline
-
+def app():
+    """The app on the shipped shapes model (a model that really draws: the screenshots show real shapes)."""
+    from attncontrol.loading import load_pipeline
     from attncontrol.ui import launch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd1"], use_safetensors=True)
+    pipe = load_pipeline("shapes", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     port = _free_port()
-    demo = launch(Runner(pipe, "tiny-sd1"), port=port, prevent_thread_lock=True, quiet=True)
+    demo = launch(Runner(pipe, "shapes"), port=port, prevent_thread_lock=True, quiet=True)
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -263,22 +259,22 @@ def test_gradio_client_end_to_end(app, capfd):
     client = Client(url, verbose=False)
 
     def call(subjects):
-        return client.predict("a cat and a dog", [], subjects, ["attend-excite"], "", 0, 3, 7.5, 64, 64,
-                              api_name="/run")  # fmt: skip
+        return client.predict("a red circle and a blue square", [], subjects, ["attend-excite"], "", 0, 3, 7.5, 64,
+                              64, api_name="/run")  # fmt: skip
 
-    baseline, controlled, gallery, curve, summary = call("cat, dog")
+    baseline, controlled, gallery, curve, summary = call("circle, square")
     with Image.open(baseline) as b, Image.open(controlled) as c:
         assert b.size == c.size == (64, 64)
         assert not np.array_equal(np.asarray(b), np.asarray(c))
     captions = [g["caption"] for g in gallery]
-    assert captions == ["baseline · cat", "baseline · dog", "controlled · cat", "controlled · dog"]
+    assert captions == ["baseline · circle", "baseline · square", "controlled · circle", "controlled · square"]
     assert curve["columns"] == ["step", "value", "series"] and len(curve["data"]) == 3 * 3
     assert "weakest subject attention" in summary
     capfd.readouterr()
     with pytest.raises(AppError, match="'horse' is not in the prompt"):
-        call("cat, horse")
+        call("circle, horse")
     assert "Traceback" not in capfd.readouterr().err  # a user's mistake is not logged as a crash
-    assert call("dog")[4]  # still serving after the mistake
+    assert call("square")[4]  # still serving after the mistake
 
 
 # ------------------------------------------------------------------ real browser
@@ -313,12 +309,12 @@ def test_browser_pick_subjects_run_and_see_maps(app):
             ctx = _chromium_context(p, data_dir)
             page = ctx.new_page()
             page.goto(url)
-            page.locator("#prompt textarea").fill("a cat and a dog")
-            page.get_by_label("cat", exact=True).check(timeout=30_000)  # the subject boxes follow the prompt
-            page.get_by_label("dog", exact=True).check()
+            page.locator("#prompt textarea").fill("a red circle and a blue square")
+            page.get_by_label("circle", exact=True).check(timeout=30_000)  # the subject boxes follow the prompt
+            page.get_by_label("square", exact=True).check()
             expect(page.locator("#tokens")).to_contain_text("startoftext")  # the token table
             steps = page.locator("#steps input[type=number]")
-            steps.fill("3")
+            steps.fill("25")  # enough for the shapes model to draw clean shapes
             steps.press("Enter")
             page.locator("#run").click()
             expect(page.locator("#baseline img")).to_be_visible(timeout=120_000)
@@ -335,15 +331,17 @@ def test_browser_pick_subjects_run_and_see_maps(app):
             page.screenshot(path=str(ARTIFACTS / "ui-browser-error.png"))  # the viewport, where the toast is
             page.locator("#typed-subjects textarea").fill("")
             # a box drawn on the canvas: pick its subject, click two opposite corners
-            page.locator("#box-subject input").fill("cat")
+            page.locator("#box-subject input").fill("circle")
             page.locator("#box-subject input").press("Enter")
             canvas = page.locator("#box-canvas img")
             box = canvas.bounding_box()
             canvas.click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.3})
             canvas.click(position={"x": box["width"] * 0.6, "y": box["height"] * 0.9})
-            expect(page.locator("#boxes textarea")).to_have_value(re.compile(r"^cat=0\.\d+,0\.\d+,0\.\d+,0\.\d+$"))
-            page.locator("#prompt textarea").fill("a frog with a crown")  # still serving: the page still reacts
-            expect(page.get_by_label("crown", exact=True)).to_be_visible(timeout=30_000)
+            expect(page.locator("#boxes textarea")).to_have_value(
+                re.compile(r"^circle=0\.\d+,0\.\d+,0\.\d+,0\.\d+$")
+            )
+            page.locator("#prompt textarea").fill("a green triangle above a yellow square")  # still reacting
+            expect(page.get_by_label("triangle", exact=True)).to_be_visible(timeout=30_000)
             ctx.close()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

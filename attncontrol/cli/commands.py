@@ -40,6 +40,13 @@ def _check(args):
         check_text(args.negative_prompt, "--negative-prompt")
     out = preflight.check_png(args.out, "--out", args.overwrite)
     paths = {"--out": out.resolve()}
+    side = getattr(args, "side_by_side", None)
+    if side:
+        if args.no_control:
+            raise OptionError("--side-by-side compares the plain pipeline with the controlled one: drop --no-control")
+        paths["--side-by-side"] = preflight.check_png(side, "--side-by-side", args.overwrite).resolve()
+        if paths["--side-by-side"] == paths["--out"]:
+            raise OptionError(f"--side-by-side {side} is the same path as --out: one would overwrite the other")
     for flag, value in (("--trace", args.trace), ("--save-attention", args.save_attention)):
         if value:
             here = Path(value).expanduser().resolve()
@@ -119,10 +126,21 @@ def cmd_generate(args) -> int:
     )  # fmt: skip
     seconds = time.perf_counter() - start
     parameters = strict_json(_params(args, pipe, result, controls, seconds))
+    pair = None
+    if args.side_by_side:
+        plain = generate(
+            pipe, args.prompt, [], negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            generator=torch.Generator(generator.device).manual_seed(args.seed), checkpointing=args.checkpointing,
+        )  # fmt: skip
+        label = "+".join(c.method for c in controls)
+        pair = side_by_side([(plain.images[0], "plain"), (result.images[0], label)])
     # every output goes to a temporary first and all are renamed together: a write that fails (a full disk) leaves
     # none of them, not an image without its trace
     with StagedOutputs() as staged:
         staged.file(out, png_writer(result.images[0], {"parameters": parameters}))
+        if pair is not None:
+            staged.file(Path(args.side_by_side), png_writer(pair, {"parameters": parameters}))
         if args.trace:
             data = strict_json([dataclasses.asdict(r) for r in result.trace]).encode()
             staged.file(Path(args.trace), lambda fh: fh.write(data))
@@ -133,8 +151,29 @@ def cmd_generate(args) -> int:
     if result.attention is not None:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.attention.metrics().items())
         print(f"wrote {len(written)} attention files to {args.save_attention} ({metrics})", file=sys.stderr)
-    print(f"wrote {out} in {seconds:.1f}s")
+    print(f"wrote {out} in {seconds:.1f}s" + (f" and {args.side_by_side}" if pair is not None else ""))
     return 0
+
+
+def side_by_side(images: list, cell: int = 256):
+    """Images in a row, each scaled to ``cell`` pixels high (nearest-neighbour when enlarged, so small images stay
+    crisp), each labelled below."""
+    from PIL import Image, ImageDraw
+
+    scaled = []
+    for img, _ in images:
+        w = max(1, round(img.width * cell / img.height))
+        resample = Image.NEAREST if cell >= img.height else Image.LANCZOS
+        scaled.append(img.convert("RGB").resize((w, cell), resample))
+    pad = 18
+    canvas = Image.new("RGB", (sum(s.width for s in scaled) + 4 * (len(scaled) - 1), cell + pad), "white")
+    pen = ImageDraw.Draw(canvas)
+    x = 0
+    for s, (_, label) in zip(scaled, images):
+        canvas.paste(s, (x, 0))
+        pen.text((x + 4, cell + 3), label, fill="black")
+        x += s.width + 4
+    return canvas
 
 
 def cmd_tokens(args) -> int:

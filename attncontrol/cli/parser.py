@@ -48,7 +48,9 @@ def _finite_float(text: str) -> float:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, local folder, or `shapes` (the shipped shapes-world model, offline; default: "
+                   f"{DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
@@ -97,6 +99,8 @@ def _generate(sub) -> None:
     gen.add_argument("--no-control", action="store_true", help="the plain pipeline, same seed (baseline)")
     add_method_args(gen, None)
     gen.add_argument("--trace", default=None, help="also write the per-step trace as JSON to this file")
+    pair_help = "also run the plain pipeline (same seed) and write plain | controlled, labelled, to this PNG"
+    gen.add_argument("--side-by-side", default=None, metavar="PNG", help=pair_help)
     attention_help = "write each subject's heatmap (mean over steps), its GIF over the steps and the maps"
     gen.add_argument("--save-attention", default=None, metavar="DIR", help=attention_help)
 
@@ -109,6 +113,7 @@ def _batch(sub) -> None:
     src.add_argument("--prompt-set", help="a built-in prompt set (`attncontrol batch --prompt-set list` lists them)")
     bat.add_argument("--out", help="output folder (PNGs, manifest.jsonl, failures.jsonl); required to run")
     bat.add_argument("--seeds", default="0", help="e.g. 0-63 or 0,1,5 (default 0)")
+    bat.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N prompts")
     bat.add_argument(
         "--auto-subjects", action="store_true", help="pick subjects: last word of each ' and '/' with ' half"
     )
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ui(sub)
     tok = sub.add_parser("tokens", help="print the token table of a prompt (indices to pass as --subjects)")
     tok.add_argument("prompt")
-    tok.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder whose tokenizer to use")
+    tok.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or `shapes` whose tokenizer to use")
     met = sub.add_parser("methods", help="list every method, its options, their types, defaults and meaning")
     met.add_argument("method", nargs="?", help="only this method")
     return parser

@@ -78,7 +78,9 @@ def check_model(model: str, flag: str = "--model") -> dict:
 
 
 def _local_json(model: str, *parts: str) -> dict | None:
-    path = Path(model).expanduser().joinpath(*parts)
+    from ..shapes import resolve_model
+
+    path = Path(resolve_model(model)).expanduser().joinpath(*parts)
     if not path.is_file():
         return None
     try:

@@ -40,6 +40,7 @@ def _batch_items(args):
     except ValueError as err:
         raise OptionError(f"--seeds: {err}") from None
     entries = prompt_set(args.prompt_set) if args.prompt_set else read_entries(args.prompts, args.auto_subjects)
+    entries = entries[: args.limit] if getattr(args, "limit", None) else entries
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         method_names(args.methods, "--methods")  # names none: the shared parser's message
@@ -203,10 +204,12 @@ def cmd_ui(args) -> int:
 
     preflight.check_device(args.device)
     _port_free(args.host, args.port)
-    if Path(args.model).expanduser().exists():
+    from ..shapes import resolve_model
+
+    if Path(resolve_model(args.model)).expanduser().exists():
         from ..loading import check_pipeline_folder
 
-        check_pipeline_folder(args.model)
+        check_pipeline_folder(resolve_model(args.model))
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     limits = Limits(max_steps=args.max_steps, max_side=args.max_side, time_limit=args.time_limit)
