@@ -77,9 +77,10 @@ def _curve(model: str, every: int) -> int:
         for r in rows:
             if r["stage"] == stage:
                 windows.setdefault(int(r["step"]) // every, []).append(r)
+        last = max(int(r["step"]) for r in rows if r["stage"] == stage) + 1
         for w, group in windows.items():
             loss = sum(float(r["loss"]) for r in group) / len(group)
-            end = min(w * every + every, int(group[-1]["step"]) + 1)
+            end = min(w * every + every, last)
             print(f"| {stage} | {w * every}-{end} | {loss:.4f} | {float(group[-1]['seconds']) / 60:.1f} |")
     return 0
 
