@@ -58,6 +58,7 @@ def _generate(pipe, prompt, controls, seed, steps):
                                 generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_plain_model_draws_each_single_object(shapes_pipe):
     """Each of the 12 objects alone, 2 seeds, 25 steps: the detector finds it in its colour in at least 20 of 24
     images (MEASURED below)."""
