@@ -53,10 +53,6 @@ class Found:
         x0, y0, x1, y1 = self.box
         return (x0 / width, y0 / height, x1 / width, y1 / height)
 
-    @property
-    def centre(self) -> tuple[float, float]:
-        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
-
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
     """Hue in degrees of (..., 3) float RGB."""
