@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import types
+from typing import TYPE_CHECKING
 
 
 class LazyModule(types.ModuleType):
@@ -19,6 +20,13 @@ class LazyModule(types.ModuleType):
         return getattr(module, attr)
 
 
-torch = LazyModule("torch")
-F = LazyModule("torch.nn.functional")
-np = LazyModule("numpy")
+if TYPE_CHECKING:  # the type checker sees the real modules and their types
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+else:
+    torch = LazyModule("torch")
+    F = LazyModule("torch.nn.functional")
+    np = LazyModule("numpy")
+
+__all__ = ["F", "LazyModule", "np", "torch"]
