@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import AttnControlError, ModelLoadError
+from .errors import AttnControlError
 from .io import atomic_save_png, atomic_write_bytes
+from .scores.pretrained import load_pretrained as _load
 
 METRICS = (
     "min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity", "clip_score",
@@ -90,31 +91,6 @@ def load_records(out: str | Path) -> list[dict]:
 
 # what every record needs for eval, with its type
 REQUIRED = {"file": str, "prompt": str, "method": str, "seed": int}
-
-
-def _load(cls, path: str, what: str, flag: str | None = None, **kwargs):
-    """A transformers model or processor from a local folder or a hub id (fails fast offline); a processor's
-    tokenizer is checked for a real vocabulary."""
-    from .hub import check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
-
-    local = Path(path).expanduser()
-    if not local.is_dir() and not is_hub_id(path):
-        raise ModelLoadError(
-            f"the {what} folder {path!r} does not exist; pass a local folder holding the model in transformers' "
-            "save_pretrained layout (docs/evaluation.md names the models to download)"
-        )
-    try:
-        loaded = cls.from_pretrained(str(local) if local.is_dir() else path, **kwargs, **hub_kwargs(path))
-    except (OSError, ValueError) as err:
-        if not local.is_dir():
-            flag = flag or ("--captioner" if what.startswith("captioner") else "--clip")
-            raise ModelLoadError(unavailable_message(path, what, str(err), flag)) from err
-        hint = "a local folder (save_pretrained layout, safetensors weights)"
-        raise ModelLoadError(f"could not load the {what} from {path!r}: {err}\nPass {hint}.") from err
-    tokenizer = getattr(loaded, "tokenizer", None)
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, path, f"{what}'s tokenizer")
-    return loaded
 
 
 class ClipScorer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ..errors import ModelLoadError
+from .pretrained import load_pretrained
 
 # T2I-CompBench skips these noun chunks (they are parts of spatial phrases, not objects)
 SKIPPED_PHRASES = ("top", "the side", "the left", "the right")
@@ -43,13 +44,11 @@ class VqaScorer:
         import torch
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
-        from ..eval import _load
-
         self.device = torch.device(device)
         safe = None if allow_pickle else True
-        self.model = _load(BlipForQuestionAnswering, path, "VQA model", flag="--vqa", use_safetensors=safe)
+        self.model = load_pretrained(BlipForQuestionAnswering, path, "VQA model", flag="--vqa", use_safetensors=safe)
         self.model = self.model.to(self.device).eval()
-        self.processor = _load(BlipProcessor, path, "VQA processor", flag="--vqa")
+        self.processor = load_pretrained(BlipProcessor, path, "VQA processor", flag="--vqa")
         tok = self.processor.tokenizer
         self.yes, self.no = tok.convert_tokens_to_ids(["yes", "no"])
         if tok.unk_token_id in (self.yes, self.no):
@@ -95,19 +94,17 @@ class Detector:
         import torch
         from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        from ..eval import _load
-
         self.device = torch.device(device)
-        config = _load(AutoConfig, path, "detector config", flag="--detector")
+        config = load_pretrained(AutoConfig, path, "detector config", flag="--detector")
         if config.model_type not in DETECTORS:
             raise ModelLoadError(
                 f"the detector at {path!r} is a {config.model_type!r} model; --detector takes an OWLv2 or OWL-ViT "
                 "folder (e.g. a downloaded google/owlv2-base-patch16-ensemble)"
             )
         safe = None if allow_pickle else True
-        self.model = _load(AutoModelForZeroShotObjectDetection, path, "detector", flag="--detector",
-                           use_safetensors=safe).to(self.device).eval()  # fmt: skip
-        self.processor = _load(AutoProcessor, path, "detector processor", flag="--detector")
+        self.model = load_pretrained(AutoModelForZeroShotObjectDetection, path, "detector", flag="--detector",
+                                     use_safetensors=safe).to(self.device).eval()  # fmt: skip
+        self.processor = load_pretrained(AutoProcessor, path, "detector processor", flag="--detector")
 
     def detect(self, image, names: list[str], threshold: float) -> dict[str, list[tuple[float, list[float]]]]:
         """Every box scored above ``threshold`` for each name, best first, as ``(score, [x0, y0, x1, y1])``."""
