@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpointing import checkpointing
 from .controls.base import PreparedControl, StepInfo
-from .perf import checkpointing
 from .store import AttentionStore
 
 logger = logging.getLogger(__name__)

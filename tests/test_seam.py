@@ -1,7 +1,7 @@
 """The model seam holds: family facts live only in ``attncontrol/models/``.
 
-The generic parts (the run, the guidance engine, the capture processors, the store, the memory options, the
-controls, the losses, the text layout and the attention observer) must not name a family's modules, its latent
+The generic parts (the run, the guidance engine, the capture processors, the store, gradient checkpointing,
+the controls, the losses, the text layout and the attention observer) must not name a family's modules, its latent
 scaling or its tokenizer's word marker. Adding a family is then one adapter module.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "attncontrol"
-GENERIC = ["pipeline.py", "run.py", "guidance.py", "processors", "store.py", "perf.py", "controls", "losses",
-           "text.py", "attention.py"]  # fmt: skip
+GENERIC = ["pipeline.py", "run.py", "guidance.py", "processors", "store.py", "checkpointing.py", "controls",
+           "losses", "text.py", "attention.py"]  # fmt: skip
 FAMILY_WORDS = ["unet", "down_blocks", "up_blocks", "mid_block", "attn1", "attn2", "</w>", "init_noise_sigma"]
 
 

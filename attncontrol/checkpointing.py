@@ -1,7 +1,7 @@
-"""Memory options of the guidance forward.
+"""Gradient checkpointing of the guidance forward (``GuidanceEngine(..., checkpointing=True)``).
 
-Gradient checkpointing: the modules the adapter names (``checkpoint_modules``: for SD-family denoisers, the layers
-of the blocks that run entirely before the last captured layer) are run under ``torch.utils.checkpoint``
+The modules the adapter names (``checkpoint_modules``: for SD-family denoisers, the layers of the blocks that run
+entirely before the last captured layer) are run under ``torch.utils.checkpoint``
 (non-reentrant) during a guidance pass, so their intermediate activations are not kept for the backward but
 recomputed from each module's inputs when the backward reaches it. Results are the same (the recompute runs the
 same code on the same inputs); a pass costs one extra forward of those modules. Per layer rather than per block:
