@@ -153,3 +153,101 @@ def test_store_rejects_a_wrong_resolution(sd1):
         store.active = True
         with pytest.raises(ValueError, match="queries"):
             sd1.unet(torch.randn(1, 4, 32, 32), 10, encoder_hidden_states=torch.randn(1, 77, 32))
+
+
+# -- the classic path against the installed diffusers' processors ------------------------------------------------
+# processors/classic.py re-implements diffusers' AttnProcessor maths: one float64 layer per option it claims to
+# handle (self and cross, an additive mask, cross norm, group norm, spatial norm, 4-D input, residual, rescale).
+# When an upgrade of diffusers changes what its processors compute, these fail.
+
+CLASSIC_LAYERS = {  # name: the layer's Attention options and its inputs (context: channels; temb: channels)
+    "self": {},
+    "self-mask": {"mask": True},
+    "cross": {"context": 12},
+    "cross-mask": {"context": 12, "mask": True},
+    "cross-layer-norm": {"context": 12, "mask": True, "cross_attention_norm": "layer_norm"},
+    "cross-group-norm": {"context": 12, "cross_attention_norm": "group_norm", "cross_attention_norm_num_groups": 4},
+    "group-norm-4d-residual": {
+        "four_d": True,
+        "norm_num_groups": 8,
+        "bias": True,
+        "residual_connection": True,
+        "rescale_output_factor": 2.0,
+    },
+    "spatial-norm": {"four_d": True, "temb": 4, "spatial_norm_dim": 4, "residual_connection": True},
+}
+
+
+def _classic_layer(name: str):
+    """A float64 ``Attention`` (32 channels, 2 heads of 8) with seeded random weights, and its inputs."""
+    from diffusers.models.attention_processor import Attention
+
+    options = dict(CLASSIC_LAYERS[name])
+    four_d, context_dim = options.pop("four_d", False), options.pop("context", None)
+    masked, temb_dim = options.pop("mask", False), options.pop("temb", None)
+    gen = torch.Generator().manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=8, cross_attention_dim=context_dim, **options).double().eval()
+    with torch.no_grad():
+        for key, p in attn.named_parameters():  # norms too: their scales near 1, not left at ones and zeros
+            scale = 1.0 if p.ndim == 1 and key.endswith("weight") else 0.0
+            p.copy_(scale + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    hidden = torch.randn((2, 32, 3, 4) if four_d else (2, 12, 32), generator=gen, dtype=torch.float64)
+    context = None if context_dim is None else torch.randn(2, 5, context_dim, generator=gen, dtype=torch.float64)
+    keys = 12 if context is None else 5
+    mask = None
+    if masked:  # the UNet's form: (batch, 1, keys), additive; each image masks different keys
+        mask = torch.randn(2, 1, keys, generator=gen, dtype=torch.float64)
+        mask[0, 0, -2:] = mask[1, 0, :1] = -10000.0
+    temb = None if temb_dim is None else torch.randn(2, temb_dim, 2, 2, generator=gen, dtype=torch.float64)
+    return attn, hidden, context, mask, temb
+
+
+def _diffusers_probabilities(attn, processor, *inputs):
+    """The processor's output, and the probabilities it formed through ``attn.get_attention_scores``."""
+    seen = []
+    original = attn.get_attention_scores
+    attn.get_attention_scores = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    try:
+        out = processor(attn, *inputs)
+    finally:
+        del attn.get_attention_scores
+    return out, seen
+
+
+@pytest.mark.parametrize("name", list(CLASSIC_LAYERS))
+def test_classic_path_computes_what_diffusers_processors_compute(name):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from attncontrol.processors.classic import CLASSIC
+
+    attn, hidden, context, mask, temb = _classic_layer(name)
+    inputs = (hidden, context, mask, temb)
+    with torch.no_grad():
+        ref, probs = _diffusers_probabilities(attn, AttnProcessor(), *inputs)
+        sdpa = AttnProcessor2_0()(attn, *inputs)
+        seen = []
+        ours = CLASSIC.explicit(attn, *inputs, on_probs=lambda p, heads: seen.append((p, heads)))
+        edited = CLASSIC.explicit(attn, *inputs, on_scores=lambda s, heads: s.softmax(-1))  # float32 scores
+    tight = dict(rtol=1e-10, atol=1e-12)
+    assert ours.dtype == torch.float64 and ours.shape == hidden.shape
+    torch.testing.assert_close(ours, ref, **tight, msg=lambda m: f"classic path vs diffusers' AttnProcessor: {m}")
+    torch.testing.assert_close(ours, sdpa, **tight, msg=lambda m: f"classic path vs AttnProcessor2_0: {m}")
+    torch.testing.assert_close(edited, sdpa, rtol=1e-5, atol=1e-5)
+    assert len(probs) == 1 and len(seen) == 1 and seen[0][1] == attn.heads
+    torch.testing.assert_close(seen[0][0], probs[0], **tight)  # the probabilities the store records
+
+
+@pytest.mark.parametrize("name", [n for n, spec in CLASSIC_LAYERS.items() if "temb" not in spec])
+def test_classic_observe_gives_diffusers_probabilities_of_the_conditional_half(name):
+    """``observe`` (the attention observer's path, beside the layer's own processor) forms the probabilities
+    diffusers' AttnProcessor forms, for the conditional (second) half of the batch. Spatial-norm layers are left
+    out: ``observe`` takes no ``temb``."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from attncontrol.processors.classic import CLASSIC
+
+    attn, hidden, context, mask, temb = _classic_layer(name)
+    with torch.no_grad():
+        _, probs = _diffusers_probabilities(attn, AttnProcessor(), hidden, context, mask, temb)
+        observed = CLASSIC.observe(attn, hidden, context, mask, lambda t: t[t.shape[0] // 2 :])
+    torch.testing.assert_close(observed, probs[0][attn.heads :], rtol=1e-10, atol=1e-12)
