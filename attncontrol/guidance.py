@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpointing import checkpointing
-from .controls.base import PreparedControl, StepInfo
+from .controls.base import Evaluation, PreparedControl, Row, StepInfo, StepPlan
 from .store import AttentionStore
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,32 @@ class GuidancePass:
     objective: torch.Tensor
 
 
+@dataclass
+class StepState:
+    """One step's bookkeeping, owned by the engine: the controls acting and their plans, per control per image the
+    latest evaluation's :class:`Row` and the loss of the evaluation that drove its last update, and per image the
+    refinement iterations taken and whether its final update moved it."""
+
+    acting: list[PreparedControl]
+    plans: dict[str, StepPlan]
+    rows: dict[str, list[Row]]
+    final: dict[str, torch.Tensor]
+    iterations: list[int]
+    updated: list[bool]
+    refining: dict[str, list[bool]] = field(default_factory=dict)
+
+    def latent(self, c: PreparedControl) -> bool:
+        """Whether ``c`` moves the latents by its own rule (the velocity rule takes one deferred update instead)."""
+        return c.update_rule != "velocity"
+
+    def record(self, name: str, images: list[int], evaluation: Evaluation) -> None:
+        """Keep ``evaluation`` (rows = ``images``) as the images' latest, one device sync for the losses."""
+        values = evaluation.loss.detach().tolist()
+        for row, b in enumerate(images):
+            self.rows[name][b] = Row(values[row], evaluation.stats[row] if evaluation.stats else {})
+            self.final[name][b] = evaluation.loss[row].detach().float()
+
+
 class GuidanceEngine:
     def __init__(
         self,
@@ -72,30 +98,45 @@ class GuidanceEngine:
         self.cross_attention_kwargs = cross_attention_kwargs
         self.map_keys = sorted({key for c in controls for key in c.map_keys()}, key=repr)
         self.layer_names = layer_names  # MapKey -> the layers it averages (None: every captured one at its grid)
-        self.active = list(controls)
         self.checkpointing = checkpointing
         self.deferred: dict[int, torch.Tensor] = {}
+        # what each control carries from one evaluation of an image to the next: control -> image -> state
+        self.carry: dict[str, dict[int, object]] = {c.name: {} for c in controls}
+
+    def plans(self, i: int) -> dict[str, StepPlan]:
+        return {c.name: c.plan(i) for c in self.controls}
 
     def needed_at(self, i: int) -> bool:
-        return any(c.updates_at(i) or c.refines_at(i) for c in self.controls)
+        return any(plan.acts for plan in self.plans(i).values())
 
     def evaluate(self, model_input: torch.Tensor, step: int, images: list[int] | None = None) -> GuidancePass:
         """One guidance pass, as the engine runs it: forward ``model_input`` (the denoiser's input at ``step``,
         i.e. ``scheduler.scale_model_input`` of the latents) for ``images`` (default all), return the leaf, each
-        control's per-image loss and the weighted objective of the controls active at ``step``. The capture
-        processors must be installed (``Run.installed()``)."""
-        self.active = [c for c in self.controls if c.updates_at(step) or c.refines_at(step)] or list(self.controls)
+        control's per-image loss and the weighted objective of the controls acting at ``step`` (all, when none
+        acts). The capture processors must be installed (``Run.installed()``)."""
+        plans = self.plans(step)
+        acting = [c for c in self.controls if plans[c.name].acts] or list(self.controls)
         images = list(range(model_input.shape[0])) if images is None else list(images)
-        leaf, losses = self._evaluate(model_input, images, step)
-        objective = self._objective(losses, step, {c.name: [True] * len(images) for c in self.active})
+        leaf, evaluations = self._evaluate(model_input, images, step, acting)
+        losses = {name: e.loss for name, e in evaluations.items()}
+        objective = self._objective(losses, acting, plans, {c.name: [True] * len(images) for c in acting})
         return GuidancePass(leaf, losses, objective)
 
-    def _evaluate(self, z: torch.Tensor, images: list[int], i: int):
-        """Forward the images' latents, return (leaf, {control: losses (n,)})."""
+    def _evaluate(self, z: torch.Tensor, images: list[int], i: int, acting: list[PreparedControl]):
+        """Forward the images' latents, evaluate the acting controls and commit what each carries forward:
+        (leaf, {control: Evaluation})."""
         leaf = z[images].detach().requires_grad_(True)
         maps = self.forward_maps(leaf, i, images)
         info = StepInfo(index=i, timestep=self.timestep_values[i], total=len(self.timesteps))
-        return leaf, {c.name: c.loss(maps, images, info) for c in self.active}
+        out = {}
+        for c in acting:
+            carried = self.carry[c.name]
+            evaluation = c.evaluate(maps, images, info, [carried.get(b) for b in images])
+            if evaluation.carry is not None:
+                for b, state in zip(images, evaluation.carry):
+                    carried[b] = state
+            out[c.name] = evaluation
+        return leaf, out
 
     def forward_maps(self, model_input: torch.Tensor, i: int, images: list[int]) -> dict:
         """The cond-branch forward of ``model_input`` (rows = ``images``) at step ``i``: the maps every control
@@ -120,20 +161,13 @@ class GuidanceEngine:
             return contextlib.nullcontext()
         return checkpointing(self.adapter.checkpoint_modules(self.store.last_layer), self.store)
 
-    @staticmethod
-    def step_size(control, i: int) -> float:
-        """The control's step at step i: its own (latent rule) or the velocity rule's alpha_i."""
-        if control.update_rule == "velocity":
-            return float(control.velocity_sizes[i])
-        return control.step_size(i)
-
-    def _velocity(self, leaf, losses, i: int, n: int) -> None:
+    def _velocity(self, leaf, losses, i: int, n: int, state: StepState) -> None:
         """Velocity-rule controls: the gradient of sum_c alpha_c,i * L_c at this step's latents, kept to be
         subtracted from the next step's latents (FOCUS's velocity correction, as a deferred latent step)."""
-        takes = {c.name: [c.update_rule == "velocity" and c.updates_at(i)] * n for c in self.active}
+        takes = {c.name: [not state.latent(c) and state.plans[c.name].update] * n for c in state.acting}
         if not any(any(v) for v in takes.values()):
             return
-        objective = self._objective(losses, i, takes)
+        objective = self._objective(losses, state.acting, state.plans, takes)
         nonzero = objective != 0
         if not bool(nonzero.any()):
             return
@@ -148,15 +182,16 @@ class GuidanceEngine:
         """The velocity-rule shift computed at step i (to subtract from the latents after step i), once."""
         return self.deferred.pop(i, None)
 
-    def _objective(self, losses, i: int, takes: dict[str, list[bool]]) -> torch.Tensor:
+    @staticmethod
+    def _objective(losses, acting, plans: dict[str, StepPlan], takes: dict[str, list[bool]]) -> torch.Tensor:
         """One objective for the controls that take this update: per image, the sum of step_size_c(i) * loss_c over
         the controls whose ``takes[c][row]`` is set, so one backward serves them all."""
-        total = 0
-        for c in self.active:
+        total: torch.Tensor | int = 0
+        for c in acting:
             mask = takes[c.name]
             if not any(mask):
                 continue
-            term = self.step_size(c, i) * losses[c.name]
+            term = plans[c.name].step_size * losses[c.name]
             if not all(mask):
                 term = torch.where(torch.tensor(mask, device=term.device), term, torch.zeros_like(term))
             total = total + term
@@ -186,117 +221,120 @@ class GuidanceEngine:
                 z[b] = (leaf[k].detach().float() - grad[k].float()).to(z.dtype)
         return move
 
+    def _update(self, z, images: list[int], i: int, state: StepState, takes: dict[str, list[bool]]) -> list[bool]:
+        """One guidance pass over ``images`` and the update of the controls that ``takes`` (rows = ``images``);
+        the pass becomes the images' latest evaluation. Returns which images moved."""
+        leaf, evaluations = self._evaluate(z, images, i, state.acting)
+        losses = {name: e.loss for name, e in evaluations.items()}
+        moved = self._step(z, images, leaf, self._objective(losses, state.acting, state.plans, takes), i)
+        for name, evaluation in evaluations.items():
+            state.record(name, images, evaluation)
+        return moved
+
     def guide(self, latents: torch.Tensor, i: int) -> tuple[torch.Tensor, StepRecord]:
         """Guide the latents of step ``i``. Per image, every control takes the updates its own method takes alone:
-        refinement iterations while its own test asks for them (at most its cap), then its final update if its
-        rule says so (A&E: always; Refocus: only while its stopping test still passes; others: their one update).
-        Updates that several controls take at the same iteration share one forward and one backward."""
+        refinement iterations while its plan's test asks for them (at most its cap), then its final update if its
+        plan's rule says so (A&E: always; Refocus: only while its stopping test still passes; others: their one
+        update). Updates that several controls take at the same iteration share one forward and one backward."""
         start = time.perf_counter()
         record = StepRecord(index=i, timestep=self.timestep_values[i])
-        if not self.needed_at(i):
+        plans = self.plans(i)
+        acting = [c for c in self.controls if plans[c.name].acts]
+        if not acting:
             return latents, record
         n = latents.shape[0]
         # Work in the model's input space z = c * x (see the adapter's input_scale): the same input, the same step.
         scale = self.adapter.input_scale(self.timesteps[i])
         z = latents.detach().clone() if scale == 1.0 else latents.detach() * scale
-        self.active = [c for c in self.controls if c.updates_at(i) or c.refines_at(i)]
         with torch.enable_grad():
-            leaf, losses = self._evaluate(z, list(range(n)), i)
-            final = {name: value.detach().float().clone() for name, value in losses.items()}
-            host = _host(final)
-            record.initial_loss = _total(final, n)
-            self._velocity(leaf, losses, i, n)
-            latent = {c.name: c.update_rule != "velocity" for c in self.active}
-            refining = {
-                c.name: [latent[c.name] and c.refines_at(i) and c.wants_refinement(i, b, host[c.name][b])
-                         for b in range(n)]
-                for c in self.active
-            }  # fmt: skip
-            refine = [b for b in range(n) if any(r[b] for r in refining.values())]
-            # One backward on this pass serves both the images that just take their final update and the first
-            # refinement iteration of the others (their latents are unchanged, so it is the same pass).
-            takes = {
-                c.name: [latent[c.name] and (refining[c.name][b] if b in refine else
-                                             c.final_update(i, b, False, host[c.name][b])) for b in range(n)]
-                for c in self.active
-            }  # fmt: skip
-            iterations = [1 if b in refine else 0 for b in range(n)]
-            updated = [False] * n
-            moved = self._step(z, list(range(n)), leaf, self._objective(losses, i, takes), i)
-            for b in range(n):
-                if b not in refine:
-                    updated[b] = moved[b]
-            del leaf, losses
+            state = self._first_pass(z, i, n, acting, plans, record)
+            refine = [b for b in range(n) if state.iterations[b]]
             if refine:
-                self._refine(z, refine, i, iterations, final, updated, refining, host)
+                self._refine(z, refine, i, state)
         if scale != 1.0:
             out = latents.detach().clone()
             for b in range(n):
-                if iterations[b] or updated[b]:  # images that did not move keep their latents bit for bit
+                if state.iterations[b] or state.updated[b]:  # images that did not move keep their latents bit for bit
                     out[b] = z[b] / scale
             z = out
-        record.loss = _total(final, n)
-        record.losses = {name: value.tolist() for name, value in final.items()}
-        record.refinement_iterations = iterations
-        record.updated = updated
+        record.loss = _total(state.final, n)
+        record.losses = {name: value.tolist() for name, value in state.final.items()}
+        record.refinement_iterations = state.iterations
+        record.updated = state.updated
         record.guidance_seconds = time.perf_counter() - start
-        logger.info("step %d: loss %s, refinement %s", i, record.loss, iterations)
+        logger.info("step %d: loss %s, refinement %s", i, record.loss, state.iterations)
         return z, record
 
-    def _refine(self, z, images, i, iterations, final, updated, refining, host) -> None:
+    def _first_pass(self, z, i: int, n: int, acting, plans, record: StepRecord) -> StepState:
+        """The step's first evaluation of every image, its velocity-rule gradient, and one backward that serves
+        both the images that just take their final update and the first refinement iteration of the others (their
+        latents are unchanged, so it is the same pass)."""
+        leaf, evaluations = self._evaluate(z, list(range(n)), i, acting)
+        losses = {name: e.loss for name, e in evaluations.items()}
+        state = StepState(acting, plans, {c.name: [Row(0.0)] * n for c in acting},
+                          {name: value.detach().float().clone() for name, value in losses.items()}, [0] * n,
+                          [False] * n)  # fmt: skip
+        for name, evaluation in evaluations.items():
+            state.record(name, list(range(n)), evaluation)
+        record.initial_loss = _total(state.final, n)
+        self._velocity(leaf, losses, i, n, state)
+        for c in acting:
+            test = plans[c.name].refine
+            rows = state.rows[c.name]
+            state.refining[c.name] = [state.latent(c) and test is not None and test(rows[b]) for b in range(n)]
+        refine = [b for b in range(n) if any(r[b] for r in state.refining.values())]
+        takes = {
+            c.name: [state.latent(c) and (state.refining[c.name][b] if b in refine else
+                                          plans[c.name].takes_final(state.rows[c.name][b], False)) for b in range(n)]
+            for c in acting
+        }  # fmt: skip
+        moved = self._step(z, list(range(n)), leaf, self._objective(losses, acting, plans, takes), i)
+        for b in range(n):
+            if b in refine:
+                state.iterations[b] = 1
+            else:
+                state.updated[b] = moved[b]
+        return state
+
+    def _refine(self, z, images: list[int], i: int, state: StepState) -> None:
         """Iterative refinement (A&E Sec. 3.3) of ``images``, whose first iteration was taken on the step's first
         pass. Control c takes iteration k + 1 if it took iteration k, k < its cap, and its test still asks for it
         on the evaluation that drove iteration k. When no control takes the next iteration of an image, each
-        control's final update rule is asked (on that same evaluation) and the image gets one more pass for the
+        control's final-update rule is asked (on that same evaluation) and the image gets one more pass for the
         controls that take it."""
+        refining = state.refining
         started = {name: list(flags) for name, flags in refining.items()}  # who took iteration 1, per image
         finals: dict[int, dict[str, bool]] = {}
         k = 1
         active = list(images)
         while active:
-            rows = {}
+            going = []
             for b in active:
-                for c in self.active:
+                for c in state.acting:
+                    plan, row = state.plans[c.name], state.rows[c.name][b]
                     refining[c.name][b] = (
-                        refining[c.name][b] and k < c.max_refinement(i) and c.wants_refinement(i, b, host[c.name][b])
+                        refining[c.name][b] and k < plan.max_refinement and plan.refine is not None and plan.refine(row)
                     )
                 if any(r[b] for r in refining.values()):
-                    rows[b] = len(rows)
+                    going.append(b)
                 else:  # this image's refinement ends: each control's final-update rule, on the latest evaluation
                     finals[b] = {
-                        c.name: c.update_rule != "velocity"
-                        and c.final_update(i, b, started[c.name][b], host[c.name][b])
-                        for c in self.active
+                        c.name: state.latent(c)
+                        and state.plans[c.name].takes_final(state.rows[c.name][b], started[c.name][b])
+                        for c in state.acting
                     }
-            active = list(rows)
+            active = going
             if not active:
                 break
             k += 1
-            leaf, losses = self._evaluate(z, active, i)
-            takes = {c.name: [refining[c.name][b] for b in active] for c in self.active}
-            self._step(z, active, leaf, self._objective(losses, i, takes), i)
-            values = _host(losses)
-            for b, row in rows.items():
-                iterations[b] = k
-                for name, value in losses.items():
-                    final[name][b] = value[row].detach().float()
-                    host[name][b] = values[name][row]
-            del leaf, losses
+            self._update(z, active, i, state, {c.name: [refining[c.name][b] for b in active] for c in state.acting})
+            for b in active:
+                state.iterations[b] = k
         last = [b for b in images if any(finals[b].values())]
-        if not last:
-            return
-        leaf, losses = self._evaluate(z, last, i)
-        takes = {c.name: [finals[b][c.name] for b in last] for c in self.active}
-        moved = self._step(z, last, leaf, self._objective(losses, i, takes), i)
-        for row, b in enumerate(last):
-            updated[b] = moved[row]
-            for name, value in losses.items():
-                final[name][b] = value[row].detach().float()
-
-
-def _host(losses: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Each control's per-image losses as Python floats: one device sync per control, not one per image."""
-    return {name: value.detach().tolist() for name, value in losses.items()}
+        if last:
+            moved = self._update(z, last, i, state, {c.name: [finals[b][c.name] for b in last] for c in state.acting})
+            for row, b in enumerate(last):
+                state.updated[b] = moved[row]
 
 
 def _total(final: dict[str, torch.Tensor], n: int) -> list[float]:

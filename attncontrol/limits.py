@@ -4,7 +4,7 @@ command line checks them before it imports anything heavy."""
 
 from __future__ import annotations
 
-from .errors import OptionError, ResolutionError
+from .errors import ResolutionError
 
 # an image side, and an image's pixels: 8192 px per side, 4096 x 4096 in all (SDXL's native size is 1024 x 1024,
 # FLUX's largest about 2048 x 2048); a larger image would ask for far more memory than any GPU has
@@ -30,11 +30,3 @@ def check_image_size(height, width, where: tuple[str, str] = ("height", "width")
             f"{where[0]} {height} x {where[1]} {width} is {height * width} pixels; attncontrol makes at most "
             f"{MAX_PIXELS} ({int(MAX_PIXELS**0.5)} x {int(MAX_PIXELS**0.5)})"
         )
-
-
-def check_count(value, name: str, low: int = 0, high: int = MAX_ITERATIONS) -> None:
-    """A count option (iterations, rounds) between ``low`` and ``high``."""
-    if value < low:
-        raise OptionError(f"{name} must be >= {low}, got {value}")
-    if value > high:
-        raise OptionError(f"{name} must be between {low} and {high}, got {value}")

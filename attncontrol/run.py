@@ -75,6 +75,7 @@ class Run:
     latent_dtype: torch.dtype = torch.float32  # the pipeline's latents (its text embeddings' dtype)
     store: AttentionStore | None = field(default=None, init=False)
     engine: GuidanceEngine | None = field(default=None, init=False)
+    noise_reports: dict[str, list[dict]] = field(default_factory=dict, init=False)  # per control that chose noise
 
     def __post_init__(self) -> None:
         if self.controls:
@@ -145,7 +146,9 @@ class Run:
         if self.engine is not None:
             search = NoiseSearch(self)
             for c in self.controls:
-                latents = c.initial_noise(latents, search)
+                latents, report = c.initial_noise(latents, search)
+                if report:
+                    self.noise_reports[c.name] = report
         sigma0 = self.adapter.start_noise_sigma()
         if self.engine is not None and self.engine.needed_at(0):
             return driver.begin(latents * sigma0, 0) / sigma0
@@ -160,6 +163,7 @@ class Run:
             out = self.pipe(**kwargs)
         maps = None
         if self.observer is not None:
+            assert self.observer_labels is not None  # prepare_run gives the labels with the observer
             maps = self.observer.result(self.observer_labels, [float(t) for t in self.timesteps])
             if isinstance(out.images, list):
                 maps.images = list(out.images)
@@ -169,7 +173,7 @@ class Run:
             nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
             prompts=self.ctx.prompts_per_input,
             attention=maps,
-            noise_search={c.name: c.noise_report for c in self.controls if c.noise_report},
+            noise_search=dict(self.noise_reports),
         )
 
 
@@ -185,9 +189,11 @@ class NoiseSearch:
 
     def maps(self, noise: torch.Tensor, image: int) -> dict:
         """The maps of image ``image`` for ``noise`` (1, ...), differentiable w.r.t. ``noise``."""
+        engine = self.run.engine
+        assert engine is not None  # a noise search is made only for a run that guides
         model_input = (noise * self.scale).to(self.run.latent_dtype)
         with torch.enable_grad():
-            return self.run.engine.forward_maps(model_input, 0, [image])
+            return engine.forward_maps(model_input, 0, [image])
 
     def draw(self, image: int) -> torch.Tensor:
         """Fresh noise (1, ...) for image ``image``, from its generator (or the global RNG without one)."""

@@ -111,7 +111,7 @@ def guidance_pass(engine, control, latents):
     """One pass: forward to the last captured layer, loss, gradient w.r.t. the latents."""
     p = engine.evaluate(latents, 0, [0])
     leaf, objective = p.leaf, p.objective
-    (grad,) = torch.autograd.grad(objective.sum() / control.step_size(0), [leaf])
+    (grad,) = torch.autograd.grad(objective.sum() / control.plan(0).step_size, [leaf])
     return grad
 
 

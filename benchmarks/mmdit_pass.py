@@ -145,7 +145,7 @@ class ExplicitJoint:
 
 
 def run_explicit(arch, model, size, repeats):
-    from attncontrol.losses.attend_excite import attend_excite_loss, subject_maps
+    from attncontrol.losses import attend_excite_loss, subject_maps
     from attncontrol.ops import token_softmax
     from attncontrol.processors.joint import JOINT, ROTARY_JOINT
 

@@ -133,7 +133,7 @@ def main() -> None:
             finally:
                 labels.close_all()
         with record_function(PHASE + "backward"):
-            torch.autograd.grad(objective.sum() / control.step_size(0), [leaf])
+            torch.autograd.grad(objective.sum() / control.plan(0).step_size, [leaf])
 
     with stack:
         one_pass()  # warm-up

@@ -11,8 +11,7 @@ import torch
 from attncontrol import Refocus, Regulate
 from attncontrol.controls.base import ControlContext, StepInfo
 from attncontrol.guidance import GuidanceEngine
-from attncontrol.losses import CARWeights, car_loss
-from attncontrol.losses.regulate import gaussian_bumps
+from attncontrol.losses import CARWeights, car_loss, gaussian_bumps
 from attncontrol.store import AttentionStore, AttnLayer, MapKey
 
 PROMPT = "a cat and a dog"  # tokens: 0 <start>, 1 a, 2 cat, 3 and, 4 a, 5 dog, 6 <end>, 7.. padding
@@ -88,9 +87,14 @@ def _prepared_refocus(tokenizer, boxes, **kw):
     return Refocus(boxes=boxes, smooth_attentions=False, attn_res=(R, R), **kw).prepare(ctx)
 
 
-def _refocus_loss(prepared, peak: float, self_kind: str, step: int) -> float:
+def _refocus_row(prepared, peak: float, self_kind: str, step: int):
+    """The control's evaluation of one image: its loss and the statistics its step plan reads."""
     maps = {MapKey("cross", (R, R)): _cross_logits({CAT: peak}), MapKey("self", (R, R)): _self_maps(self_kind)}
-    return prepared.loss(maps, [0], StepInfo(step, 0.0, 50))[0].item()
+    return prepared.evaluate(maps, [0], StepInfo(step, 0.0, 50), [None]).row(0)
+
+
+def _refocus_loss(prepared, peak: float, self_kind: str, step: int) -> float:
+    return _refocus_row(prepared, peak, self_kind, step).loss
 
 
 def test_refocus_refinement_decision_at_step_15_uses_inside_threshold_0_2(tokenizer):
@@ -98,16 +102,17 @@ def test_refocus_refinement_decision_at_step_15_uses_inside_threshold_0_2(tokeni
     box peak is below 0.2. The loss the control reports is CAR + SAR; with block-diagonal self-attention SAR is
     0, so it is the CAR of the tests above: 0 for a peak of 0.22, 1 - 0.18 = 0.82 for 0.18."""
     prepared = _prepared_refocus(tokenizer, {"cat": LEFT})
-    assert prepared.updates_at(15) and prepared.refines_at(15)
-    strong = _refocus_loss(prepared, 0.22, "halves", 15)
-    assert strong == pytest.approx(0.0, abs=1e-12)
-    assert not prepared.wants_refinement(15, 0, strong)  # 0.22 >= 0.2: stop
-    weak = _refocus_loss(prepared, 0.18, "halves", 15)
-    assert weak == pytest.approx(0.82, abs=1e-12)
-    assert prepared.wants_refinement(15, 0, weak)  # 0.18 < 0.2: go on
+    plan = prepared.plan(15)
+    assert plan.update and plan.refine is not None
+    strong = _refocus_row(prepared, 0.22, "halves", 15)
+    assert strong.loss == pytest.approx(0.0, abs=1e-12)
+    assert not plan.refine(strong)  # 0.22 >= 0.2: stop
+    weak = _refocus_row(prepared, 0.18, "halves", 15)
+    assert weak.loss == pytest.approx(0.82, abs=1e-12)
+    assert plan.refine(weak)  # 0.18 < 0.2: go on
     # the edge to within 0.001: a threshold of 0.21 or 0.19 fails here
-    assert not prepared.wants_refinement(15, 0, _refocus_loss(prepared, 0.201, "halves", 15))
-    assert prepared.wants_refinement(15, 0, _refocus_loss(prepared, 0.199, "halves", 15))
+    assert not plan.refine(_refocus_row(prepared, 0.201, "halves", 15))
+    assert plan.refine(_refocus_row(prepared, 0.199, "halves", 15))
 
 
 def test_refocus_loss_is_car_plus_exactly_sar(tokenizer):

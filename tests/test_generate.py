@@ -6,7 +6,7 @@ import torch
 
 import attncontrol
 from attncontrol import AttendExcite, ResolutionError, SubjectNotInPromptError, UnsupportedPipelineError
-from attncontrol.controls.base import Control, PreparedControl
+from attncontrol.controls.base import Control, Evaluation, PreparedControl, StepPlan
 from attncontrol.testing import make_scheduler
 
 from .conftest import diffusers_max_attention, processor_snapshot, seeded
@@ -203,13 +203,13 @@ class _Recorder(AttendExcite):
 
     def prepare(self, ctx):
         prepared = super().prepare(ctx)
-        loss, seen = prepared.loss, self.seen
+        evaluate, seen = prepared.evaluate, self.seen
 
-        def recording(maps, images, step):
+        def recording(maps, images, step, carry):
             seen.extend(m.dtype for m in maps.values())
-            return loss(maps, images, step)
+            return evaluate(maps, images, step, carry)
 
-        prepared.loss = recording
+        prepared.evaluate = recording
         return prepared
 
 
@@ -234,15 +234,12 @@ class _PreparedNaN(PreparedControl):
     name = "nan"
     resolution = (16, 16)
 
-    def updates_at(self, step):
-        return step < 2
+    def plan(self, step):
+        return StepPlan(update=step < 2, step_size=1.0)
 
-    def step_size(self, step):
-        return 1.0
-
-    def loss(self, maps, images, step):
+    def evaluate(self, maps, images, step, carry):
         (m,) = maps.values()
-        return (m.flatten(1).sum(1) * float("nan")).float()
+        return Evaluation((m.flatten(1).sum(1) * float("nan")).float())
 
 
 def test_non_finite_gradient_skips_the_update_with_a_warning(sd1):

@@ -12,12 +12,13 @@ from attncontrol.losses import (
     binarize,
     box_mask,
     car_loss,
+    gaussian_bumps,
+    regulation_objective,
     retention_loss,
     sar_loss,
     segregation_loss,
     soft_iou,
 )
-from attncontrol.losses.regulate import gaussian_bumps, regulation_objective
 
 from .conftest import processor_snapshot, seeded
 

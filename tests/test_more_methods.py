@@ -11,6 +11,7 @@ import attncontrol
 from attncontrol import BoxDiff, Conform, DivideBind, InitNO, OptionError, SubjectError, SynGen
 from attncontrol.controls import ControlContext, StepInfo
 from attncontrol.losses import (
+    binding_divergence,
     boxdiff_loss,
     boxdiff_terms,
     clean_term,
@@ -26,7 +27,6 @@ from attncontrol.losses import (
     syngen_group_loss,
     total_variation,
 )
-from attncontrol.losses.divide_bind import binding_divergence
 from attncontrol.ops import gaussian_smooth, token_softmax
 from attncontrol.store import MapKey
 
@@ -234,6 +234,24 @@ def _raw_maps(rows, cols, tokens, peaks: dict[int, tuple[int, int]]):
     return m
 
 
+class _Evaluations:
+    """Evaluates a prepared control on image 0 as the engine does: it hands back the state the control carried from
+    its previous evaluation, and keeps the new one (InitNO's alignment average is its first item)."""
+
+    def __init__(self, control):
+        self.control, self.carry, self.last = control, [None], None
+
+    def __call__(self, maps, step):
+        self.last = self.control.evaluate(maps, [0], step, self.carry)
+        if self.last.carry is not None:
+            self.carry = self.last.carry
+        return self.last
+
+    @property
+    def average(self):
+        return self.carry[0][0]
+
+
 def test_initno_alignment_term_follows_an_exponential_average(tokenizer):
     """At a refinement step the loss adds 0.1 * sum_s mean |C_s - avg_s|, avg <- 0.9 avg + 0.1 C (before use): the
     first call has no history (0); a second call on maps C' adds 0.1 * 0.9 * sum_s mean |C'_s - C_s|."""
@@ -244,16 +262,17 @@ def test_initno_alignment_term_follows_an_exponential_average(tokenizer):
     m2 = {MapKey("cross", (4, 4)): _raw_maps(4, 4, 77, {2: (1, 1), 5: (3, 3)}), MapKey("self", (4, 4)): selfmaps}
     step = StepInfo(index=10, timestep=500.0, total=30)
     c1, c2 = (control.maps.per_image(m, [0])[0] for m in (m1, m2))
-    first = control.loss(m1, [0], step).item()
+    evaluate = _Evaluations(control)
+    first = evaluate(m1, step).loss.item()
     s = control.scores(m1, [0])[0]
     assert first == pytest.approx((s.cross + s.self_ + 0.1 * s.clean).item(), abs=1e-6)
-    second = control.loss(m2, [0], step).item()
+    second = evaluate(m2, step).loss.item()
     s2 = control.scores(m2, [0])[0]
     align = 0.9 * (c2 - c1).abs().flatten(1).mean(1).sum().item()
     assert align > 0.01
     assert second == pytest.approx((s2.cross + s2.self_ + 0.1 * s2.clean).item() + 0.1 * align, abs=1e-6)
     # an ordinary step descends the cross score only
-    assert control.loss(m2, [0], StepInfo(index=3, timestep=800.0, total=30)).item() == pytest.approx(s2.cross.item())
+    assert evaluate(m2, StepInfo(index=3, timestep=800.0, total=30)).loss.item() == pytest.approx(s2.cross.item())
 
 
 def test_initno_self_score_reads_the_peaks_self_attention(tokenizer):
@@ -305,31 +324,33 @@ def test_initno_alignment_cache_takes_a_refining_steps_maps_twice(tokenizer, mod
     m9, m10, m10b = maps({2: (0, 0), 5: (3, 3)}), maps({2: (1, 1), 5: (3, 2)}), maps({2: (2, 1), 5: (3, 3)})
     step9, step10 = StepInfo(index=9, timestep=550.0, total=30), StepInfo(index=10, timestep=500.0, total=30)
     control = InitNO(subjects=["cat", "dog"], alignment_cache=mode).prepare(_ctx(tokenizer, "a cat and a dog"))
-    control.loss(m9, [0], step9)
-    c = control._average[0].clone()
+    evaluate = _Evaluations(control)
+    evaluate(m9, step9)
+    c = evaluate.average.clone()
     m0, m1 = (control.maps.per_image(m, [0])[0] for m in (m10, m10b))
     s0 = control.scores(m10, [0])[0]
     assert _official_enters(s0.cross.item(), s0.self_.item())  # smoothed peaks ~0.6: this step refines
-    loss = control.loss(m10, [0], step10).item()
+    loss = evaluate(m10, step10).loss.item()
     official = c
     for m in _official_evaluations([m0], iterations=1):
         official = _official_cache(official, m)
     assert torch.allclose(official, 0.81 * c + 0.19 * m0, atol=1e-7)
     expected = official if mode == "official" else _official_cache(c, m0)
-    assert torch.equal(control._average[0], expected)
+    assert torch.equal(evaluate.average, expected)
     align = (m0 - expected).abs().flatten(1).mean(1).sum().item()
     assert loss == pytest.approx((s0.cross + s0.self_ + 0.1 * s0.clean).item() + 0.1 * align, abs=1e-6)
-    control.loss(m10b, [0], step10)  # iteration 2's evaluation, of the moved latents: one update
-    assert torch.equal(control._average[0], _official_cache(expected, m1))
+    evaluate(m10b, step10)  # iteration 2's evaluation, of the moved latents: one update
+    assert torch.equal(evaluate.average, _official_cache(expected, m1))
     # unsmoothed peaks ~1 and disjoint self-attention: S_cross ~0, S_self 0, no refinement, one update
     sharp = InitNO(subjects=["cat", "dog"], alignment_cache=mode, smooth_attentions=False)
     sharp = sharp.prepare(_ctx(tokenizer, "a cat and a dog"))
-    sharp.loss(m9, [0], step9)
-    c = sharp._average[0].clone()
+    evaluate = _Evaluations(sharp)
+    evaluate(m9, step9)
+    c = evaluate.average.clone()
     s0 = sharp.scores(m10, [0])[0]
     assert not _official_enters(s0.cross.item(), s0.self_.item())
-    sharp.loss(m10, [0], step10)
-    assert torch.equal(sharp._average[0], _official_cache(c, sharp.maps.per_image(m10, [0])[0]))
+    evaluate(m10, step10)
+    assert torch.equal(evaluate.average, _official_cache(c, sharp.maps.per_image(m10, [0])[0]))
 
 
 @pytest.mark.parametrize("cross", [0.2, 0.19999999999999998, 0.19999999999999996, 0.20000000000000004, 0.25, 0.1])
@@ -345,11 +366,12 @@ def test_initno_refinement_tests_are_the_official_comparisons(tokenizer, monkeyp
     score = Scores(cross=torch.tensor(cross, dtype=torch.float64), self_=zero, clean=zero, maps=torch.zeros(2, 4, 4))
     monkeypatch.setattr(control, "scores", lambda maps, images: [score])
     step = StepInfo(index=10, timestep=500.0, total=30)
-    control.loss({}, [0], step)  # the step's evaluation
-    assert control.wants_refinement(10, 0, cross) == _official_enters(cross, 0.0)
-    control.loss({}, [0], step)  # a refinement iteration's evaluation
-    assert control.wants_refinement(10, 0, cross) == _official_continues(cross, 0.0)
-    assert not control.wants_refinement(11, 0, cross)  # not a refinement step
+    evaluate, test = _Evaluations(control), control.plan(10).refine
+    evaluate({}, step)  # the step's evaluation
+    assert test(evaluate.last.row(0)) == _official_enters(cross, 0.0)
+    evaluate({}, step)  # a refinement iteration's evaluation
+    assert test(evaluate.last.row(0)) == _official_continues(cross, 0.0)
+    assert control.plan(11).refine is None  # not a refinement step
 
 
 def test_initno_engine_refinement_updates_the_cache_per_official_evaluation(sd1):
@@ -360,13 +382,13 @@ def test_initno_engine_refinement_updates_the_cache_per_official_evaluation(sd1)
     control = InitNO(subjects=["cat", "dog"], optimise=False, refinement_steps=(1,), max_refinement_steps=2)
     run = attncontrol.prepare_run(sd1, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0)
     prepared = run.controls[0]
-    seen, loss = [], prepared.loss
+    seen, evaluate = [], prepared.evaluate
 
-    def recording(maps, images, step):
+    def recording(maps, images, step, carry):
         seen.append((step.index, prepared.maps.per_image(maps, images)[0].detach().clone()))
-        return loss(maps, images, step)
+        return evaluate(maps, images, step, carry)
 
-    prepared.loss = recording
+    prepared.evaluate = recording
     z = torch.randn(1, 4, 32, 32, generator=seeded(5))
     with run.installed():
         z, _ = run.guide(z, 0)
@@ -380,7 +402,7 @@ def test_initno_engine_refinement_updates_the_cache_per_official_evaluation(sd1)
     official = None
     for m in [m for i, m in seen if i == 0] + _official_evaluations(at1, iterations=2):
         official = _official_cache(official, m)
-    assert torch.equal(prepared._average[0], official)
+    assert torch.equal(run.engine.carry[prepared.name][0][0], official)  # the average the engine keeps
 
 
 class _Scripted:
@@ -454,8 +476,8 @@ def test_phrases_and_bindings_group_modifiers_with_their_noun(tokenizer):
         (lambda: SynGen(subjects=["cat"], step_size=-1), "step_size must be > 0, got -1"),
         (lambda: BoxDiff(boxes={"cat": (0, 0, 1.5, 1)}), r"inside \[0, 1\].*1.5"),
         (lambda: BoxDiff(boxes={"cat": [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]}), "one box per subject; 'cat' has 2"),
-        (lambda: BoxDiff(boxes={"cat": (0, 0, 1, 1)}, top=0), r"top must be a fraction in \(0, 1\], got 0"),
-        (lambda: InitNO(subjects=["cat"], rounds=0), "rounds must be >= 1, got 0"),
+        (lambda: BoxDiff(boxes={"cat": (0, 0, 1, 1)}, top=0), r"top must be in \(0, 1\], got 0"),
+        (lambda: InitNO(subjects=["cat"], rounds=0), "rounds must be between 1 and 1000, got 0"),
         (lambda: InitNO(subjects=["cat"], align_decay=1.0), r"align_decay must be in \[0, 1\), got 1.0"),
         (lambda: InitNO(subjects=["cat"], optimise=False, guide=False), "does nothing"),
         (lambda: InitNO(subjects=["cat"], alignment_cache="twice"), "alignment_cache must be 'official' or 'once'"),

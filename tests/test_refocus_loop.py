@@ -14,7 +14,7 @@ import torch
 from attncontrol import AttendExcite, Refocus
 from attncontrol.controls.base import ControlContext, StepInfo
 from attncontrol.guidance import GuidanceEngine
-from attncontrol.losses.refocus import CARWeights, car_loss, sar_loss
+from attncontrol.losses import CARWeights, car_loss, sar_loss
 from attncontrol.store import AttentionStore, AttnLayer, MapKey
 
 PROMPT = "a cat and a dog"
@@ -119,7 +119,7 @@ def test_with_attend_and_excite_each_follows_its_own_rule(tokenizer, seed, offse
         # the hand-written composition: the official Refocus loop, then one A&E step from where it ended
         ae_prepared = prepared[1]
         leaf, maps = _maps(engine, store, x_refocus)
-        loss = ae_prepared.loss(maps, [0], StepInfo(3, 0.0, STEPS))[0] * ae_prepared.step_size(3)
+        loss = ae_prepared.evaluate(maps, [0], StepInfo(3, 0.0, STEPS), [None]).loss[0] * ae_prepared.plan(3).step_size
         (grad,) = torch.autograd.grad(loss, [leaf])
         expected_x = (leaf - grad).detach()
     finally:

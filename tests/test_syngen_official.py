@@ -106,7 +106,7 @@ def _compare(tokenizer, prompt, subtrees, m, **kwargs):
     """(ours, official) loss, and the relative L2 difference of their gradients with respect to the maps."""
     prepared = _prepared(tokenizer, prompt, **kwargs)
     ours_in = m.clone().requires_grad_(True)
-    ours = prepared.loss({prepared.maps.key: ours_in}, [0], StepInfo(0, 981.0, 50))[0]
+    ours = prepared.evaluate({prepared.maps.key: ours_in}, [0], StepInfo(0, 981.0, 50), [None]).loss[0]
     (g_ours,) = torch.autograd.grad(ours, ours_in)
     off_in = m.double().clone().requires_grad_(True)
     official = official_loss({t: 100 * off_in[0, ..., t] for t in range(77)}, subtrees, tokenizer, prompt)

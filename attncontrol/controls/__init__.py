@@ -1,32 +1,45 @@
-"""Controls: validated configuration dataclasses, one per method, that the API, CLI and UI all read."""
+"""Controls: one module per method (its loss terms or edit, its options, its step plan), each registered by its
+``@register`` line; this package imports every module in it, so a new method file is found without an edit here.
+The methods' classes are attributes of this package by their class names (``attncontrol.controls.AttendExcite``).
+"""
 
-from .astar import AStar
-from .attend_excite import AttendExcite
-from .base import Control, ControlContext, PreparedControl, PreparedEditor, StepInfo
-from .boxdiff import BoxDiff
-from .conform import Conform
-from .divide_bind import DivideBind
-from .factory import METHODS
-from .initno import InitNO
-from .refocus import Refocus, parse_boxes
-from .regulate import Regulate
-from .syngen import SynGen
+import importlib
+import pkgutil
+
+from .base import (
+    METHODS,
+    Control,
+    ControlContext,
+    Evaluation,
+    PreparedControl,
+    PreparedEditor,
+    Row,
+    StepInfo,
+    StepPlan,
+    register,
+)
+from .boxes import parse_boxes
+
+# the seam's own modules; every other module here is a method
+_INFRASTRUCTURE = {"base", "boxes", "common", "fields", "options"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+_CLASSES = {cls.__name__: cls for cls in METHODS.values()}
+globals().update(_CLASSES)
 
 __all__ = [
     "METHODS",
-    "AStar",
-    "AttendExcite",
-    "BoxDiff",
-    "Conform",
     "Control",
     "ControlContext",
-    "DivideBind",
-    "InitNO",
+    "Evaluation",
     "PreparedControl",
     "PreparedEditor",
-    "Refocus",
-    "Regulate",
+    "Row",
     "StepInfo",
-    "SynGen",
+    "StepPlan",
     "parse_boxes",
+    "register",
+    *sorted(_CLASSES),
 ]

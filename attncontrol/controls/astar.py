@@ -1,89 +1,101 @@
-"""A-STAR (Agarwal et al., ICCV 2023): keep subjects' attention apart (segregation) and keep each subject's
-attention where it was at the previous step (retention). The paper publishes no code; every constant that
-the paper does not state is ours and marked so below."""
+"""A-STAR (Agarwal et al., ICCV 2023, arXiv:2306.14544): keep subjects' attention apart (segregation, Eq. 2) and
+keep each subject's attention where it was at the previous step (retention, Eq. 3). The paper publishes no code;
+every constant that the paper does not state is ours and marked so below."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 from .._lazy import torch
-from ..errors import OptionError
-from ..losses.astar import binarize, retention_loss, segregation_loss
-from .base import ControlContext, PreparedControl, StepInfo, with_aliases
-from .common import GuidanceOptions, TokenMaps, ae_step_sizes, validate_step_schedule
-from .options import check_fields
+from .base import ControlContext, Evaluation, PreparedControl, StepInfo, StepPlan, register, subjects_field, window_stop
+from .common import GuidanceOptions, TokenMaps, ae_step_sizes, scale_factor_field, scale_range_field
+from .fields import NON_NEGATIVE, Range, option
+
+# -- the loss ----------------------------------------------------------------------------------------------------
+
+def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum min(a, b) / sum (a + b)`` over the last two dims (the paper's overlap measure)."""
+    return torch.minimum(a, b).sum((-2, -1)) / (a + b).sum((-2, -1)).clamp_min(1e-12)
 
 
-@with_aliases
+def segregation_loss(maps: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: sum over subject pairs m > n of their overlap. ``maps``: (subjects, rows, cols)."""
+    total = maps.new_zeros(())
+    for m in range(maps.shape[0]):
+        for n in range(m):
+            total = total + soft_iou(maps[m], maps[n])
+    return total
+
+
+def retention_loss(maps: torch.Tensor, previous_masks: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: sum over subjects of ``1 - overlap(A_m, B_m)`` with B_m the previous step's binary mask."""
+    return (1.0 - soft_iou(maps, previous_masks.to(maps.dtype))).sum()
+
+
+def binarize(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """High-activation regions: pixels at or above ``threshold`` times each map's maximum (not stated in the
+    paper; our default)."""
+    peak = maps.flatten(-2).amax(-1)[..., None, None]
+    return maps >= threshold * peak
+
+# -- the options -------------------------------------------------------------------------------------------------
+
+
+@register("astar", order=2)
 @dataclass
 class AStar(GuidanceOptions):
-    """A-STAR: ``L = L_seg + L_ret`` (Eq. 4, unweighted), ``z <- z - alpha_i * grad L``.
+    """A-STAR: ``L = L_seg + L_ret`` (Eq. 4, unweighted), ``z <- z - alpha_i * grad L``. No refinement: the paper
+    describes none."""
 
-    Args:
-        subjects: as for :class:`AttendExcite` (at least two for segregation to act).
-        stop (alias ``max_iter_to_alter``): latents are updated at steps ``start .. stop - 1``; None = every step
-            (the paper updates at every step and shows that stopping early loses concepts).
-        segregation_weight, retention_weight: weights of L_seg and L_ret: 1 and 1 (Eq. 4 has no weights).
-        mask_threshold: a pixel is in subject m's high-activation region B_m when its attention is at least
-            this fraction of the map's maximum. Not stated in the paper; our default 0.5.
-        scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])``. Not
-            stated in the paper; A&E's schedule (the paper builds on A&E's setup).
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
-            the maps, exactly as :class:`AttendExcite` builds them (the paper's "A_t" are A&E-style 16x16 maps).
-        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
-    No refinement: the paper describes none.
-    """
-
-    method: ClassVar[str] = "astar"
-    aliases: ClassVar[dict[str, str]] = {"max_iter_to_alter": "stop"}
-
-    subjects: list = field(default_factory=list)
-    segregation_weight: float = 1.0
-    retention_weight: float = 1.0
-    mask_threshold: float = 0.5
-    scale_factor: float = 20.0
-    scale_range: tuple[float, float] = (1.0, 0.5)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        self.validate_subjects()
-        self.validate_window()
-        for name in ("segregation_weight", "retention_weight"):
-            if getattr(self, name) < 0:
-                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise OptionError(f"mask_threshold must be between 0 and 1, got {self.mask_threshold}")
-        validate_step_schedule(self)
-        self.validate_map_options()
-        self.validate_update()
+    subjects: list = subjects_field("as for attend-excite (at least two for segregation to act).")
+    segregation_weight: float = option(1.0, "weight of L_seg (Eq. 4 has no weights: 1).", range=NON_NEGATIVE)
+    retention_weight: float = option(1.0, "weight of L_ret (Eq. 4 has no weights: 1).", range=NON_NEGATIVE)
+    mask_threshold: float = option(
+        0.5,
+        "a pixel is in subject m's high-activation region B_m when its attention is at least this fraction of the "
+        "map's maximum. Not stated in the paper; our default 0.5.",
+        range=Range(0, 1, open_low=True, open_high=True),
+    )
+    scale_factor: float = scale_factor_field(
+        "the step size's factor, alpha_i = scale_factor * sqrt(linspace(*scale_range, steps)[i]). Not stated in "
+        "the paper: A&E's schedule (the paper builds on A&E's setup)."
+    )
+    scale_range: tuple[float, float] = scale_range_field()
+    stop: int | float | None = window_stop(
+        None,
+        "latents are updated at steps start .. stop - 1; None = every step (the paper updates at every step and "
+        "shows that stopping early loses concepts).",
+    )
 
     def prepare(self, ctx: ControlContext) -> PreparedAStar:
         return PreparedAStar(self, ctx)
 
 
+# -- the step plan and the evaluation ----------------------------------------------------------------------------
+
+
 class PreparedAStar(PreparedControl):
+    """Carries per image ``(step, mask)``: the masks of the latest step it evaluated and of the step before it
+    (the "previous step" B_t of the retention loss)."""
+
     def __init__(self, cfg: AStar, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects), cfg, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
-        # per image: masks of the latest step seen, and of the step before it (the "previous step" B_t)
-        self._latest: dict[int, tuple[int, torch.Tensor]] = {}
-        self._previous: dict[int, torch.Tensor] = {}
 
-    def step_size(self, step: int) -> float:
-        return float(self.step_sizes[step])
+    def plan(self, step: int) -> StepPlan:
+        return self.make_plan(step, self.step_sizes[step])
 
-    def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
-        losses = []
-        for b, m in zip(images, self.maps.per_image(maps, images)):
-            latest = self._latest.get(b)
+    def evaluate(self, maps, images: list[int], step: StepInfo, carry: list) -> Evaluation:
+        losses, carried = [], []
+        for m, state in zip(self.maps.per_image(maps, images), carry):
+            latest, previous = state if state is not None else (None, None)
             if latest is not None and latest[0] < step.index:
-                self._previous[b] = latest[1]
+                previous = latest[1]
             loss = self.cfg.segregation_weight * segregation_loss(m)
-            if b in self._previous:  # no previous step at the first guided step
-                loss = loss + self.cfg.retention_weight * retention_loss(m, self._previous[b])
+            if previous is not None:  # no previous step at the first guided step
+                loss = loss + self.cfg.retention_weight * retention_loss(m, previous)
             losses.append(loss)
-            self._latest[b] = (step.index, binarize(m.detach(), self.cfg.mask_threshold))
-        return torch.stack(losses)
+            carried.append(((step.index, binarize(m.detach(), self.cfg.mask_threshold)), previous))
+        return Evaluation(torch.stack(losses), carry=carried)

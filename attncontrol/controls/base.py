@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -9,6 +10,7 @@ from .._lazy import torch
 from ..errors import OptionError, OptionTypeError, ResolutionError
 from ..store import MapKey
 from ..text import TextLayout, TextSegment
+from .fields import aliases_of, label, option
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ class ControlContext:
 
 class Prepared:
     """What ``Control.prepare`` returns: the control bound to one run. ``name`` is the method's registry key
-    (the same in the CLI, batch manifests, traces and the UI); ``first`` and ``stop`` are its window of steps."""
+    (the same in the CLI, batch manifests, traces and the UI); ``first`` and ``stop`` are its window of steps.
+    Everything here is fixed when the run is prepared."""
 
     name: str = "control"
     first: int = 0
@@ -143,14 +146,75 @@ class Prepared:
         return self.first <= step < self.stop
 
 
+@dataclass(frozen=True)
+class Row:
+    """One image's latest evaluation, as the step plan's tests read it: its loss and the statistics the method's
+    evaluation reported for it (e.g. Refocus's weakest box peak)."""
+
+    loss: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def loss_above(target: float) -> Callable[[Row], bool]:
+    """The usual refinement test: refine while the image's loss is above ``target``."""
+
+    def test(row: Row) -> bool:
+        return row.loss > target
+
+    return test
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a latent-guidance control does at one step, decided before the step from the options alone.
+
+    ``update``: it takes its regular update; ``step_size``: its alpha at this step (the velocity rule's when it
+    moves the latents that way); ``refine``: its refinement test on an image's latest evaluation (None: no
+    refinement at this step); ``max_refinement``: most refinement iterations before the final update;
+    ``final``: ``final(row, refined)`` whether it takes one more update of an image after refinement ends (or,
+    with no refinement, its one update), on the evaluation that drove the last update (None: ``update``)."""
+
+    update: bool = False
+    step_size: float = 0.0
+    refine: Callable[[Row], bool] | None = None
+    max_refinement: int = 0
+    final: Callable[[Row, bool], bool] | None = None
+
+    @property
+    def acts(self) -> bool:
+        """Whether the control needs a guidance pass at this step."""
+        return self.update or self.refine is not None
+
+    def takes_final(self, row: Row, refined: bool) -> bool:
+        return self.update if self.final is None else self.final(row, refined)
+
+
+IDLE = StepPlan()
+
+
+@dataclass
+class Evaluation:
+    """What a control's evaluation of some images returns: per image its loss (differentiable w.r.t. the
+    latents), the statistics its step plan's tests read, and the state it carries to its next evaluation of that
+    image (the engine keeps and hands it back; None: it carries nothing)."""
+
+    loss: torch.Tensor
+    stats: list[dict[str, float]] | None = None
+    carry: list | None = None
+
+    def row(self, k: int) -> Row:
+        return Row(float(self.loss[k]), self.stats[k] if self.stats else {})
+
+
 class PreparedControl(Prepared):
-    """A latent-guidance control bound to one run. The engine calls these; subclasses implement the method."""
+    """A latent-guidance control bound to one run. The engine asks it for its :class:`StepPlan` at each step and
+    calls :meth:`evaluate`; the engine owns every piece of state (the carried state included) and commits it.
+    Subclasses implement :meth:`plan` (usually through :meth:`make_plan`) and :meth:`evaluate`."""
 
     resolution: tuple[int, int]
     kinds: tuple[str, ...] = ("cross",)
     blocks: tuple[int, ...] | None = None
     normalise: str = "all"
-    max_refinement_steps: int = 0
     update_rule: str = "latent"  # "velocity": FOCUS's rule, a deferred step of velocity_sizes[i]
     velocity_sizes: list[float] | None = None
 
@@ -164,53 +228,45 @@ class PreparedControl(Prepared):
         and bind the options' update rule."""
         self.maps = maps
         self.resolution, self.blocks, self.normalise = maps.resolution, cfg.blocks, cfg.normalise
-        self.text_columns = maps.columns if columns is None else columns
+        self.text_columns = maps.columns if columns is None else columns  # type: ignore[method-assign]
         cfg.bind_update(self, ctx)
 
     def map_keys(self) -> list[MapKey]:
         """The maps this control reads (the engine captures the union of all controls' keys)."""
-        return [MapKey(kind, tuple(self.resolution), self.blocks, self.normalise if kind == "cross" else "all")
-                for kind in self.kinds]  # fmt: skip
+        return [
+            MapKey(kind, tuple(self.resolution), self.blocks, self.normalise if kind == "cross" else "all")
+            for kind in self.kinds
+        ]
 
-    def updates_at(self, step: int) -> bool:
-        """Whether it takes its (regular) update at this step. Default: every step of its window."""
-        return self.in_window(step)
-
-    def refine_target(self, step: int) -> float | None:
-        """Loss above which the latents are refined at this step, or None."""
-        return None
-
-    def refines_at(self, step: int) -> bool:
-        return self.refine_target(step) is not None
-
-    def wants_refinement(self, step: int, image: int, loss: float) -> bool:
-        """Whether image ``image`` needs another iteration, given its loss at the latest evaluation."""
-        target = self.refine_target(step)
-        return target is not None and loss > target
-
-    def max_refinement(self, step: int) -> int:
-        """Most refinement iterations at this step (before the step's final update)."""
-        return self.max_refinement_steps
-
-    def final_update(self, step: int, image: int, refined: bool, loss: float) -> bool:
-        """Whether this control takes one more update of ``image`` after refinement ends (or, with no refinement,
-        its one update of the step). ``refined``: it took refinement iterations of this image at this step;
-        ``loss``: its loss at the evaluation that drove the last update. Default: whenever it updates at this
-        step (Attend-and-Excite: its reference recomputes the loss and updates once more after refinement)."""
-        return self.updates_at(step)
-
-    noise_report: list[dict] | None = None  # what :meth:`initial_noise` did, per image (for the result)
-
-    def initial_noise(self, noise: torch.Tensor, search) -> torch.Tensor:
+    def initial_noise(self, noise: torch.Tensor, search) -> tuple[torch.Tensor, list[dict] | None]:
         """Choose the initial noise before step 0 (InitNO); ``search`` is a :class:`~attncontrol.run.NoiseSearch`.
-        Default: keep the noise drawn."""
-        return noise
+        Returns the noise and a report per image (None: nothing to report). Default: keep the noise drawn."""
+        return noise, None
 
-    def step_size(self, step: int) -> float:
+    def plan(self, step: int) -> StepPlan:
         raise NotImplementedError
 
-    def loss(self, maps: dict[tuple[str, tuple[int, int]], torch.Tensor], images: list[int], step: StepInfo):
-        """Per-image losses, shape (len(images),), float32, differentiable w.r.t. the latents."""
+    def make_plan(
+        self,
+        step: int,
+        step_size: float,
+        update: bool | None = None,
+        refine: Callable[[Row], bool] | None = None,
+        max_refinement: int = 0,
+        final: Callable[[Row, bool], bool] | None = None,
+    ) -> StepPlan:
+        """A plan with this control's update rule applied: ``update`` defaults to "inside the window"; under the
+        velocity rule the step size is the rule's alpha_i (the engine takes one update per step under that rule and
+        never refines)."""
+        update = self.in_window(step) if update is None else update
+        if self.update_rule == "velocity":
+            assert self.velocity_sizes is not None
+            step_size = self.velocity_sizes[step]
+        return StepPlan(update, float(step_size), refine, max_refinement, final)
+
+    def evaluate(self, maps: dict, images: list[int], step: StepInfo, carry: list) -> Evaluation:
+        """The loss of ``images`` (rows of ``maps``) at ``step``, given what this control carried for each of them
+        from its previous evaluation (``carry[row]``, None at first). Must not write ``self``."""
         raise NotImplementedError
 
 
@@ -241,62 +297,104 @@ def step_index(value: int | float, num_steps: int, at_least_one: bool = False) -
     return int(value)
 
 
+def _step_value(value, where: str):
+    """A step option: an int step index >= 0 or a float fraction of the schedule in [0, 1] (None: see the field)."""
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{where} must be a step index (int) or a fraction of the steps (float), got {value!r}")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise OptionError(f"{where} as a fraction of the steps must be between 0 and 1, got {value}")
+    if value < 0:
+        raise OptionError(f"{where} must be >= 0, got {value}")
+    return value
+
+
+def _subject_list(value, where: str) -> list:
+    """``subjects`` as a list (a single word or index is accepted alone); at least one."""
+    subjects = [value] if isinstance(value, (str, int)) else list(value)
+    if not subjects:
+        raise OptionError(f"{where} must name at least one subject, got an empty list")
+    return subjects
+
+
+def subjects_field(help: str = "words, phrases (``\"red car\"``), occurrences (``\"cat#2\"``) or token indices; one "
+                   "list for every prompt, or one list per prompt."):  # fmt: skip
+    """The ``subjects`` field of a method driven by subjects (given by ``--subjects``, not as an option)."""
+    return option(factory=list, help=help, check=_subject_list, user_option=False)
+
+
+def window_stop(default: int | float | None, help: str, aliases: tuple[str, ...] = ("max_iter_to_alter",)):
+    """A method's ``stop`` with its own default, help and published alias."""
+    return option(default, help, unit="steps", aliases=aliases, check=_step_value, kw_only=True)
+
+
 @dataclass(kw_only=True)
 class Control:
     """Base of the user-facing control dataclasses: the method's registry key and when it acts.
 
-    The same two fields mean the same thing in every method (published names such as A&E's
-    ``max_iter_to_alter`` are accepted as aliases of ``stop``).
-
-    Args:
-        start, stop: the method acts at steps ``start <= i < stop``; an int is a step index (0-based loop index
-            over the scheduler's timesteps), a float in [0, 1] a fraction of the schedule; ``stop=None`` runs to
-            the last step.
+    Every field is an :func:`~attncontrol.controls.fields.option` that carries its help and range; constructing
+    the dataclass checks them all (:func:`~attncontrol.controls.options.check_fields`), then :meth:`check` the
+    rules that join several fields. A method defines no ``__post_init__``.
     """
 
     method: ClassVar[str] = "control"
     aliases: ClassVar[dict[str, str]] = {}
 
-    start: int | float = 0
-    stop: int | float | None = None
+    start: int | float = option(0, "the method acts from this step on: a step index (0-based loop index over the "
+                                "scheduler's timesteps) or a fraction of the schedule in [0, 1].", unit="steps",
+                                check=_step_value)  # fmt: skip
+    stop: int | float | None = option(None, "the method acts before this step (an index or a fraction, as start); "
+                                      "None = to the last step.", unit="steps", check=_step_value)  # fmt: skip
 
-    def validate_subjects(self) -> None:
-        """``subjects`` as a list (a single word or index is accepted alone); at least one."""
-        subjects = self.subjects
-        self.subjects = [subjects] if isinstance(subjects, (str, int)) else list(subjects)
-        if not self.subjects:
-            raise OptionError(f"{type(self).__name__} needs at least one subject, got an empty list")
+    def __post_init__(self) -> None:
+        from .options import check_fields
+
+        check_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields (after each field passed its own). Default: the window has a step."""
+        if self.stop is not None and type(self.stop) is type(self.start) and self.stop <= self.start:
+            raise OptionError(f"{label(type(self), 'stop')} must be after start: the window "
+                              f"{self.start}..{self.stop} has no step")  # fmt: skip
 
     def window(self, num_steps: int) -> tuple[int, int]:
         first = step_index(self.start, num_steps)
         stop = num_steps if self.stop is None else step_index(self.stop, num_steps, at_least_one=True)
         return first, stop
 
-    def validate_window(self) -> None:
-        for name in ("start", "stop"):
-            value = getattr(self, name)
-            if value is None and name == "stop":
-                continue
-            also = [alias for alias, target in self.aliases.items() if target == name]
-            label = f"{name} ({', '.join(also)})" if also else name
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise OptionError(
-                    f"{label} must be a step index (int) or a fraction of the steps (float), got {value!r}"
-                )
-            if isinstance(value, float) and not 0.0 <= value <= 1.0:
-                raise OptionError(f"{label} as a fraction of the steps must be between 0 and 1, got {value}")
-            if value < 0:
-                raise OptionError(f"{label} must be >= 0, got {value}")
-        if self.stop is not None and type(self.stop) is type(self.start) and self.stop <= self.start:
-            also = [alias for alias, target in self.aliases.items() if target == "stop"]
-            label = f"stop ({', '.join(also)})" if also else "stop"
-            raise OptionError(f"{label} must be after start: the window {self.start}..{self.stop} has no step")
-
     def prepare(self, ctx: ControlContext) -> Prepared:
         raise NotImplementedError
 
 
-def with_aliases(cls):
+# The registry: each method has one name (its class's ``method``) in the CLI, batch manifests, traces and the UI.
+METHODS: dict[str, type[Control]] = {}
+_ORDER: dict[str, float] = {}
+
+
+def register(name: str, order: float):
+    """The one registry line of a method: ``@register("attend-excite", order=1)`` above its dataclass. It takes
+    the key ``name`` everywhere, is listed by ``order`` (the CLI's ``methods``, the app), and accepts the
+    published aliases its fields declare as keyword arguments and attributes."""
+
+    def decorate(cls):
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"two methods named {name!r}: {METHODS[name].__name__} and {cls.__name__}")
+        cls.method = name
+        cls.aliases = aliases_of(cls)
+        _with_aliases(cls)
+        _ORDER[name] = order
+        METHODS[name] = cls
+        ordered = sorted(METHODS.items(), key=lambda item: (_ORDER[item[0]], item[0]))
+        METHODS.clear()
+        METHODS.update(ordered)
+        return cls
+
+    return decorate
+
+
+def _with_aliases(cls) -> None:
     """Accept ``cls.aliases`` (published parameter names) as keyword arguments of the dataclass and as
     attributes, each standing for its canonical field (e.g. A&E's ``max_iter_to_alter`` for ``stop``)."""
     init = cls.__init__
@@ -310,7 +408,7 @@ def with_aliases(cls):
         init(self, *args, **kwargs)
 
     __init__.__doc__ = init.__doc__
-    __init__.__wrapped__ = init
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
     cls.__init__ = __init__
     for alias, target in cls.aliases.items():
         setattr(
@@ -322,4 +420,3 @@ def with_aliases(cls):
                 doc=f"Alias of ``{target}``.",
             ),
         )
-    return cls

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._lazy import np, torch
 from ..errors import OptionError, ResolutionError
-from ..losses.attend_excite import subject_maps
 from ..ops import gaussian_smooth, token_softmax
 from ..store import MapKey
 from .base import Control, ControlContext
+from .fields import COUNT, Range, option
 
 
-def normalise_attn_res(value) -> tuple[int, int] | None:
+def normalise_attn_res(value, where: str = "attn_res") -> tuple[int, int] | None:
     """``None``, ``N`` or ``(rows, cols)`` -> ``None`` or ``(rows, cols)``; raises naming a bad value."""
     if value is None:
         return None
@@ -21,89 +22,88 @@ def normalise_attn_res(value) -> tuple[int, int] | None:
     try:
         rows, cols = (int(x) for x in value)
     except (TypeError, ValueError):
-        raise OptionError(f"attn_res must be N or (rows, cols) of positive ints, got {value!r}") from None
+        raise OptionError(f"{where} must be N or (rows, cols) of positive ints, got {value!r}") from None
     if min(rows, cols) < 1:
-        raise OptionError(f"attn_res must be (rows, cols) of positive ints, got {value}")
+        raise OptionError(f"{where} must be (rows, cols) of positive ints, got {value}")
     return rows, cols
+
+
+def _odd(value: int, where: str) -> int:
+    if value % 2 == 0:
+        raise OptionError(f"{where} must be a positive odd integer, got {value}")
+    return value
+
+
+def _blocks(value, where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    blocks = [value] if isinstance(value, int) else list(value)
+    if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+        raise OptionError(f"{where} must be block indices >= 0, got {value!r}")
+    return tuple(blocks)
+
+
+def attn_res_field(help: str):
+    return option(None, help, check=normalise_attn_res)
 
 
 @dataclass(kw_only=True)
 class MapOptions(Control):
     """How a map-reading control builds its per-subject maps (Attend-and-Excite's recipe, which A-STAR and
     Attention Refocusing share): cross-attention at ``attn_res`` averaged over heads and layers, times
-    ``softmax_scale``, softmax over the kept tokens, each subject's tokens summed, Gaussian-smoothed.
+    ``softmax_scale``, softmax over the kept tokens, each subject's tokens summed, Gaussian-smoothed."""
 
-    Args:
-        attn_res: (rows, cols) of the attention maps; ``None`` = the level 4x below the latents (16x16 at 512 px
-            for SD 1.x/2.x), or the nearest level with cross-attention.
-        kernel_size, sigma, smooth_attentions: the 3x3 Gaussian smoothing of the reference.
-        exclude_eot: drop end-of-text and padding from the softmax over tokens (the official SD 2.1 behaviour).
-            ``None`` = the model family's default (True for SD 2.x-style tokenizers, padding with "!"; False
-            otherwise, diffusers' behaviour).
-        softmax_scale: the maps are multiplied by this before the softmax over tokens (reference: 100).
-        blocks: transformer families (SD3, FLUX): the blocks whose attention is averaged (None: the family's
-            default, see the README); convolutional (SD 1.x/2.x/XL) families choose layers by ``attn_res``.
-        normalise: "all": image->text probabilities of the layer's own softmax (for joint layers, over image and
-            text keys); "text": renormalised over the text keys. The same on cross-attention layers.
-        recipe: "attend-excite" (the above); "focus": FOCUS's subject maps on SD3/FLUX (the subjects' tokens
-            blurred 3x3 with sigma 1, renormalised over the subjects' tokens at each pixel, a subject's tokens
-            averaged; ``softmax_scale``, ``kernel_size``, ``sigma``, ``exclude_eot`` do not apply).
-    """
-
-    attn_res: tuple[int, int] | int | None = None
-    kernel_size: int = 3
-    sigma: float = 0.5
-    smooth_attentions: bool = True
-    exclude_eot: bool | None = None
-    softmax_scale: float = 100.0
-    blocks: tuple[int, ...] | int | None = None
-    normalise: str = "all"
-    recipe: str = "attend-excite"
-
-    def validate_map_options(self) -> None:
-        """Checks the smoothing/softmax/resolution fields; normalises ``attn_res``."""
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise OptionError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
-        if not self.sigma > 0:
-            raise OptionError(f"sigma must be > 0, got {self.sigma}")
-        if not self.softmax_scale > 0:
-            raise OptionError(f"softmax_scale must be > 0, got {self.softmax_scale}")
-        self.attn_res = normalise_attn_res(self.attn_res)
-        if self.blocks is not None:
-            blocks = [self.blocks] if isinstance(self.blocks, int) else list(self.blocks)
-            if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
-                raise OptionError(f"blocks must be block indices >= 0, got {self.blocks!r}")
-            self.blocks = tuple(blocks)
-        if self.recipe not in ("attend-excite", "focus"):
-            raise OptionError(f"recipe must be 'attend-excite' or 'focus', got {self.recipe!r}")
-        if self.normalise not in ("all", "text"):
-            raise OptionError(
-                f"normalise must be 'all' (the layer's softmax) or 'text' (over text keys), got {self.normalise!r}"
-            )
+    attn_res: tuple[int, int] | int | None = attn_res_field(
+        "(rows, cols) of the attention maps; None = the level 4x below the latents (16x16 at 512 px for SD 1.x/2.x), "
+        "or the nearest level with cross-attention."
+    )
+    kernel_size: int = option(3, "the Gaussian smoothing's kernel (the reference's 3x3).", low=1, app=(1, 9),
+                              check=_odd, unit="cells")  # fmt: skip
+    sigma: float = option(0.5, "the Gaussian smoothing's sigma (reference: 0.5).", low=0, open_low=True)
+    smooth_attentions: bool = option(True, "smooth each subject's map (reference: on).")
+    exclude_eot: bool | None = option(
+        None,
+        "drop end-of-text and padding from the softmax over tokens (the official SD 2.1 behaviour); None = the "
+        "model family's default (True for SD 2.x-style tokenizers, padding with '!'; False otherwise, diffusers').",
+    )
+    softmax_scale: float = option(100.0, "the maps are multiplied by this before the softmax over tokens "
+                                  "(reference: 100).", low=0, open_low=True, app=(0.1, 1000))  # fmt: skip
+    blocks: tuple[int, ...] | int | None = option(
+        None,
+        "transformer families (SD3, FLUX): the blocks whose attention is averaged (None: the family's default, see "
+        "the README); convolutional (SD 1.x/2.x/XL) families choose layers by attn_res.",
+        check=_blocks,
+    )
+    normalise: str = option(
+        "all",
+        "'all': image->text probabilities of the layer's own softmax (for joint layers, over image and text keys); "
+        "'text': renormalised over the text keys. The same on cross-attention layers.",
+        choices=("all", "text"),
+    )
+    recipe: str = option(
+        "attend-excite",
+        "'attend-excite' (the above); 'focus': FOCUS's subject maps on SD3/FLUX (the subjects' tokens blurred 3x3 "
+        "with sigma 1, renormalised over the subjects' tokens at each pixel, a subject's tokens averaged; "
+        "softmax_scale, kernel_size, sigma, exclude_eot do not apply).",
+        choices=("attend-excite", "focus"),
+    )
 
 
 @dataclass(kw_only=True)
 class GuidanceOptions(MapOptions):
-    """How a latent-guidance control moves the latents (on top of the maps it reads).
+    """How a latent-guidance control moves the latents (on top of the maps it reads)."""
 
-    Args:
-        update: "latent": the method's own rule, ``z <- z - alpha_i * grad L`` at the current step, with its
-            step sizes, thresholds and refinement (Attend-and-Excite's rule; the default on every family).
-            "velocity" (flow-matching families, SD3 / FLUX): FOCUS's velocity correction
-            ``v <- v + lambda * 2(s+1e-3)/(1-s+1e-3) * s * grad L`` (s = t / 1000), which the Euler step turns
-            into ``x_{i+1} <- x_{i+1} - alpha_i * grad L`` with ``alpha_i = lambda * c_i * (sigma_i - sigma_{i+1})``,
-            applied after the step; one update per step, no refinement.
-        velocity_scale: lambda of the velocity rule (FOCUS's README example: 4; its code's default: 1).
-    """
-
-    update: str = "latent"
-    velocity_scale: float = 4.0
-
-    def validate_update(self) -> None:
-        if self.update not in ("latent", "velocity"):
-            raise OptionError(f"update must be 'latent' or 'velocity', got {self.update!r}")
-        if not self.velocity_scale > 0:
-            raise OptionError(f"velocity_scale must be > 0, got {self.velocity_scale}")
+    update: str = option(
+        "latent",
+        "'latent': the method's own rule, z <- z - alpha_i * grad L at the current step, with its step sizes, "
+        "thresholds and refinement (the default on every family). 'velocity' (flow-matching families, SD3 / FLUX): "
+        "FOCUS's velocity correction v <- v + lambda * 2(s+1e-3)/(1-s+1e-3) * s * grad L (s = t / 1000), which the "
+        "Euler step turns into a latent step alpha_i = lambda * c_i * (sigma_i - sigma_{i+1}) after the step; one "
+        "update per step, no refinement.",
+        choices=("latent", "velocity"),
+    )
+    velocity_scale: float = option(4.0, "lambda of the velocity rule (FOCUS's README example: 4; its code's "
+                                   "default: 1).", low=0, open_low=True, app=(0, 1000))  # fmt: skip
 
     def bind_update(self, prepared, ctx: ControlContext) -> None:
         """Give the prepared control its update rule (and the velocity rule's steps)."""
@@ -126,11 +126,23 @@ def velocity_steps(scale: float, timesteps: list[float], sigmas: list[float]) ->
     return out
 
 
-def validate_step_schedule(cfg) -> None:
-    if not cfg.scale_factor > 0:
-        raise OptionError(f"scale_factor must be > 0, got {cfg.scale_factor}")
-    if len(cfg.scale_range) != 2 or not all(s > 0 for s in cfg.scale_range):
-        raise OptionError(f"scale_range must be two values > 0, got {cfg.scale_range}")
+def scale_factor_field(help: str = "the step size's factor: alpha_i = scale_factor * sqrt(linspace(*scale_range, "
+                       "steps)[i]) (A&E: 20)."):  # fmt: skip
+    return option(20.0, help, low=0, open_low=True, app=(0, 2000))
+
+
+def scale_range_field(help: str = "the step size's schedule from its first to its last step (A&E: (1, 0.5))."):
+    return option((1.0, 0.5), help, items=Range(0, open_low=True))
+
+
+def thresholds_field(default: Callable[[], dict[int, float]], help: str, high: float | None = 1.0):
+    """``{step: T}``: a refinement target per step index."""
+    return option(factory=default, help=help, keys=Range(0), items=Range(0, high), unit="steps")
+
+
+def count_field(default: int, help: str, low: int = 0, app: tuple[float, float] | None = None):
+    """A count of iterations (at most :data:`~attncontrol.limits.MAX_ITERATIONS`)."""
+    return option(default, help, low=low, high=COUNT.high, unit="iterations", app=app)
 
 
 def ae_step_sizes(cfg, num_steps: int) -> np.ndarray:
@@ -182,6 +194,20 @@ class TokenMaps:
             subject_maps(probs[row], self.subjects[b], cfg.kernel_size, cfg.sigma, cfg.smooth_attentions)
             for row, b in enumerate(images)
         ]
+
+
+def subject_maps(
+    probs: torch.Tensor,
+    subjects: list[tuple[int, ...]],
+    kernel_size: int = 3,
+    sigma: float = 0.5,
+    smooth: bool = True,
+) -> torch.Tensor:
+    """Each subject's (smoothed) map from token-softmaxed ``probs`` (rows, cols, tokens) of one image:
+    (num_subjects, rows, cols). A subject of several tokens (a split word, a phrase) sums its tokens' maps
+    (Attend-and-Excite's recipe, Sec. 3)."""
+    maps = torch.stack([probs[..., list(pos)].sum(-1) for pos in subjects])
+    return gaussian_smooth(maps, kernel_size, sigma) if smooth else maps
 
 
 def focus_subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]]) -> torch.Tensor:

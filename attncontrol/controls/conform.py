@@ -1,74 +1,93 @@
-"""CONFORM (Meral et al., CVPR 2024): a contrastive objective over attention maps, each subject's tokens (its
-attributes and its noun) pulled together and different subjects pushed apart. Constants from the official code and
-notebook (gemlab-vt/CONFORM: ``pipeline_conform.py``, ``notebook.ipynb``)."""
+"""CONFORM (Meral et al., CVPR 2024, arXiv:2312.06059): a contrastive objective over attention maps, each subject's
+tokens (its attributes and its noun) pulled together and different subjects pushed apart. Constants from the
+official code and notebook (gemlab-vt/CONFORM: ``pipeline_conform.py``, ``notebook.ipynb``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 from .._lazy import torch
-from ..errors import OptionError
-from ..limits import check_count
-from ..losses.conform import nt_xent
 from ..ops import gaussian_smooth, token_softmax
-from .base import ControlContext, PreparedControl, StepInfo, with_aliases
-from .common import GuidanceOptions, TokenMaps, ae_step_sizes, binding_groups, validate_step_schedule
-from .options import check_fields
+from .base import (
+    ControlContext,
+    Evaluation,
+    PreparedControl,
+    StepInfo,
+    StepPlan,
+    loss_above,
+    register,
+    subjects_field,
+    window_stop,
+)
+from .common import (
+    GuidanceOptions,
+    TokenMaps,
+    ae_step_sizes,
+    binding_groups,
+    count_field,
+    scale_factor_field,
+    scale_range_field,
+)
+from .fields import POSITIVE, Range, option
+
+# -- the loss ----------------------------------------------------------------------------------------------------
+
+def nt_xent(embeddings: torch.Tensor, labels: list[int], temperature: float = 0.5) -> torch.Tensor:
+    """Mean over ordered positive pairs (x, y) (same label, x != y) of
+    ``-log(exp(s_xy / t) / (exp(s_xy / t) + sum_{n: label n != label x} exp(s_xn / t)))``, s the cosine
+    similarity; other positives are not in the denominator. 0 when no pair shares a label."""
+    e = embeddings.flatten(1)
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = (e @ e.T) / temperature
+    lab = torch.tensor(labels, device=e.device)
+    same = lab[:, None] == lab[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=e.device)
+    positive = same & ~eye
+    if not bool(positive.any()):
+        return sim.new_zeros(())
+    negatives = torch.where(~same, sim.exp(), torch.zeros_like(sim)).sum(1, keepdim=True)  # per anchor x
+    pos = sim.exp()
+    terms = -torch.log(pos / (pos + negatives) + 1.2e-38)
+    return terms[positive].mean()
+
+# -- the options -------------------------------------------------------------------------------------------------
 
 
-@with_aliases
+@register("conform", order=6)
 @dataclass
 class Conform(GuidanceOptions):
-    """CONFORM: NT-Xent over the subjects' token maps (``z <- z - alpha_i * grad L``).
+    """CONFORM: NT-Xent over the subjects' token maps (``z <- z - alpha_i * grad L``)."""
 
-    Args:
-        subjects: each subject is one group of positives: a noun, or a phrase (``"red car"``: red and car).
-        bindings: more attributes per noun, ``{"car": ["red"]}``, joining its group.
-        temperature: of the NT-Xent loss (official: 0.5).
-        token_softmax: x softmax_scale softmax over the tokens before taking each token's map (official pipeline
-            default True; the official notebook, whose settings we follow, False: raw averaged attention).
-        previous_maps: each token's map of the previous step joins its group as a constant positive (official).
-        refinement_steps, refinement_iterations: at these steps, exactly this many extra updates (official: 0, 10,
-            20; 20 iterations, no threshold; at most 1000 iterations).
-        stop (alias ``max_iter_to_alter``): updates at steps ``start .. stop - 1`` (official notebook 30; the
-            pipeline's default 25).
-        scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])`` (20, (1, 0.5)).
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
-            the maps (:class:`~attncontrol.controls.common.MapOptions`).
-        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
-    """
-
-    method: ClassVar[str] = "conform"
-    aliases: ClassVar[dict[str, str]] = {"max_iter_to_alter": "stop"}
-
-    subjects: list = field(default_factory=list)
-    bindings: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    temperature: float = 0.5
-    token_softmax: bool = False
-    previous_maps: bool = True
-    refinement_steps: tuple[int, ...] = (0, 10, 20)
-    refinement_iterations: int = 20
-    scale_factor: float = 20.0
-    scale_range: tuple[float, float] = (1.0, 0.5)
-    stop: int | float | None = field(default=30, kw_only=True)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        self.validate_subjects()
-        self.validate_window()
-        validate_step_schedule(self)
-        if not self.temperature > 0:
-            raise OptionError(f"temperature must be > 0, got {self.temperature}")
-        check_count(self.refinement_iterations, "refinement_iterations")
-        self.validate_map_options()
-        self.validate_update()
+    subjects: list = subjects_field("each subject is one group of positives: a noun, or a phrase ('red car': red "
+                                    "and car).")  # fmt: skip
+    bindings: dict[str, tuple[str, ...]] = option(factory=dict, help="more attributes per noun, {'car': ['red']}, "
+                                                  "joining its group.")  # fmt: skip
+    temperature: float = option(0.5, "of the NT-Xent loss (official: 0.5).", range=POSITIVE)
+    token_softmax: bool = option(False, "x softmax_scale softmax over the tokens before taking each token's map "
+                                 "(official pipeline default True; the official notebook, whose settings we follow, "
+                                 "False: raw averaged attention).")  # fmt: skip
+    previous_maps: bool = option(True, "each token's map of the previous step joins its group as a constant "
+                                 "positive (official).")  # fmt: skip
+    refinement_steps: tuple[int, ...] = option((0, 10, 20), "at these steps, exactly refinement_iterations extra "
+                                               "updates (official: 0, 10, 20; no threshold).", items=Range(0),
+                                               unit="steps")  # fmt: skip
+    refinement_iterations: int = count_field(20, "the extra updates at each refinement step (official: 20).")
+    scale_factor: float = scale_factor_field()
+    scale_range: tuple[float, float] = scale_range_field()
+    stop: int | float | None = window_stop(30, "updates at steps start .. stop - 1 (official notebook 30; the "
+                                           "pipeline's default 25).")  # fmt: skip
 
     def prepare(self, ctx: ControlContext) -> PreparedConform:
         return PreparedConform(self, ctx)
 
 
+# -- the step plan and the evaluation ----------------------------------------------------------------------------
+
+
 class PreparedConform(PreparedControl):
+    """Carries per image ``((step, maps), previous maps)``: its tokens' maps at the latest step it evaluated, and
+    at the step before it (the constant positives)."""
+
     def __init__(self, cfg: Conform, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
@@ -78,15 +97,13 @@ class PreparedConform(PreparedControl):
         self.labels = [[k for k, (mods, noun) in enumerate(g) for w in (*mods, noun) for _ in w] for g in groups]
         self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects, positions=[[tuple(t)] for t in self.tokens]), cfg, ctx)
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
-        self.max_refinement_steps = cfg.refinement_iterations
-        self._latest: dict[int, tuple[int, torch.Tensor]] = {}
-        self._previous: dict[int, torch.Tensor] = {}
 
-    def refine_target(self, step: int) -> float | None:
-        return float("-inf") if step in self.cfg.refinement_steps and self.updates_at(step) else None
-
-    def step_size(self, step: int) -> float:
-        return float(self.step_sizes[step])
+    def plan(self, step: int) -> StepPlan:
+        # exactly refinement_iterations extra updates: a test that always asks for more
+        refines = step in self.cfg.refinement_steps and self.in_window(step)
+        refine = loss_above(float("-inf")) if refines else None
+        return self.make_plan(step, self.step_sizes[step], refine=refine,
+                              max_refinement=self.cfg.refinement_iterations)  # fmt: skip
 
     def _embeddings(self, maps, images: list[int]) -> list[torch.Tensor]:
         cfg = self.cfg
@@ -101,16 +118,16 @@ class PreparedConform(PreparedControl):
             out.append(e.flatten(1))
         return out
 
-    def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
-        losses = []
-        for b, e in zip(images, self._embeddings(maps, images)):
-            latest = self._latest.get(b)
+    def evaluate(self, maps, images: list[int], step: StepInfo, carry: list) -> Evaluation:
+        losses, carried = [], []
+        for b, e, state in zip(images, self._embeddings(maps, images), carry):
+            latest, previous = state if state is not None else (None, None)
             if latest is not None and latest[0] < step.index:
-                self._previous[b] = latest[1]
+                previous = latest[1]
             labels = list(self.labels[b])
-            if self.cfg.previous_maps and b in self._previous:
-                e = torch.cat([e, self._previous[b]])
+            if self.cfg.previous_maps and previous is not None:
+                e = torch.cat([e, previous])
                 labels = labels + labels
             losses.append(nt_xent(e, labels, self.cfg.temperature))
-            self._latest[b] = (step.index, e[: len(self.labels[b])].detach())
-        return torch.stack(losses)
+            carried.append(((step.index, e[: len(self.labels[b])].detach()), previous))
+        return Evaluation(torch.stack(losses), carry=carried)

@@ -1,81 +1,129 @@
-"""Divide & Bind (Li et al., BMVC 2023): divide subjects apart by maximising each subject map's total variation
-(attendance) and bind attributes to their nouns by a Jensen-Shannon divergence. Constants from the official code
-(boschresearch/Divide-and-Bind: ``pipeline_divide_and_bind.py``, ``utils/test_utils.py:default_param``)."""
+"""Divide & Bind (Li et al., BMVC 2023, arXiv:2307.10864): spread each subject's attention (total variation) and
+bind its attributes' maps to it (Jensen-Shannon), A&E-style latent updates. Constants and the loop from the
+official code (boschresearch/Divide-and-Bind)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 from .._lazy import F, torch
-from ..errors import OptionError
-from ..limits import check_count
-from ..losses.divide_bind import divide_bind_loss
 from ..ops import gaussian_smooth, token_softmax
 from ..store import MapKey
-from .base import ControlContext, PreparedControl, StepInfo, with_aliases
-from .common import GuidanceOptions, TokenMaps, ae_step_sizes, binding_groups, validate_step_schedule
-from .options import check_fields
+from .base import (
+    ControlContext,
+    Evaluation,
+    PreparedControl,
+    Row,
+    StepInfo,
+    StepPlan,
+    register,
+    subjects_field,
+    window_stop,
+)
+from .common import (
+    GuidanceOptions,
+    TokenMaps,
+    ae_step_sizes,
+    binding_groups,
+    count_field,
+    scale_factor_field,
+    scale_range_field,
+    thresholds_field,
+)
+from .fields import option
+
+# -- the loss ----------------------------------------------------------------------------------------------------
+
+def total_variation(x: torch.Tensor, form: str = "official") -> torch.Tensor:
+    """Attendance measure of a (rows, cols) map: mean absolute horizontal neighbour difference plus a vertical
+    term. ``form="official"``: as coded, the last row against every row from the second on (0 for two rows);
+    ``"neighbour"``: the mean absolute vertical neighbour difference (the paper's form)."""
+    horizontal = (x[:, :-1] - x[:, 1:]).abs().mean()
+    upper = x[:-1, :] if form == "neighbour" else x[-1:, :]  # as coded: the last row, broadcast
+    return horizontal + (upper - x[1:, :]).abs().mean()
+
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``0.5 KL(p || m) + 0.5 KL(q || m)``, m = (p + q) / 2, natural log, over all entries (not renormalised)."""
+    m = (p + q) / 2
+    return 0.5 * (p * (p.log() - m.log())).sum() + 0.5 * (q * (q.log() - m.log())).sum()
+
+
+def binding_divergence(subject: torch.Tensor, attribute: torch.Tensor, subject_tv: torch.Tensor) -> torch.Tensor:
+    """JSD between a subject's and its attribute's spatial distributions: the attribute rescaled to the subject's
+    peak, each softmaxed over the pixels, both shifted down by q * max(subject distribution) (q = 0.3 when the
+    subject's TV < 0.1, else 0.2), clipped at 0, plus 1e-5."""
+    scaled = attribute / attribute.max().clamp_min(1e-12) * subject.max()
+    p, q = torch.softmax(subject.flatten(), 0), torch.softmax(scaled.flatten(), 0)
+    quantile = 0.3 if float(subject_tv.detach()) < 0.1 else 0.2
+    cut = quantile * p.max()
+    return jensen_shannon(torch.relu(p - cut) + 1e-5, torch.relu(q - cut) + 1e-5)
+
+
+def binding_weight(step: int) -> float:
+    """The official weight of the binding term: 1 before step 10, 5 before step 20, 10 after."""
+    return 1.0 if step < 10 else 5.0 if step < 20 else 10.0
+
+
+def divide_bind_loss(
+    subjects: torch.Tensor, attributes: list[list[torch.Tensor]], step: int, form: str = "official"
+) -> tuple[torch.Tensor, float]:
+    """``max_j (-TV(S_j) + w(step) * sum_a JSD(S_j, A_a))`` over subjects j and their attribute maps; returns (loss,
+    the smallest subject TV, which the refinement compares with its thresholds)."""
+    terms, tvs = [], []
+    for j in range(subjects.shape[0]):
+        tv = total_variation(subjects[j], form)
+        term = -tv
+        for attr in attributes[j]:
+            term = term + binding_weight(step) * binding_divergence(subjects[j], attr, tv)
+        terms.append(term)
+        tvs.append(float(tv.detach()))
+    return torch.stack(terms).max(), min(tvs)
+
+# -- the options -------------------------------------------------------------------------------------------------
 
 
 def _thresholds() -> dict[int, float]:
     return {0: 0.05, 10: 0.2, 20: 0.3}
 
 
-@with_aliases
+@register("divide-bind", order=5)
 @dataclass
 class DivideBind(GuidanceOptions):
-    """Divide & Bind: ``L = max_j (-TV(S_j) + w_i * JSD(S_j, A_j))``, ``z <- z - alpha_i * grad L``.
+    """Divide & Bind: ``L = max_j (-TV(S_j) + w_i * JSD(S_j, A_j))``, ``z <- z - alpha_i * grad L``."""
 
-    Args:
-        subjects: nouns, or phrases whose leading words are the noun's attributes (``"red car"``: attribute red).
-        bindings: more attributes per noun, ``{"car": ["red", "shiny"]}`` (also for nouns that are subjects).
-        stop (alias ``max_iter_to_alter``): latents are updated at steps ``start .. stop - 1`` (official: 25).
-        scale_factor, scale_range: step size ``scale_factor * sqrt(linspace(*scale_range, steps)[i])`` (20, (1, 0.5)).
-        thresholds: ``{step: T}``: refine while the smallest subject TV < T (official: {0: 0.05, 10: 0.2, 20: 0.3}).
-        max_refinement_steps, first_refinement_steps: refinement caps after step 0 and at step 0 (official: 20, 50;
-            at most 1000).
-        tv: "official" (as coded: the vertical term compares the last row with every row) or "neighbour".
-        attribute_levels: "finer": attribute maps from the cross-attention levels finer than the subject maps
-            (64x64 and 32x32 at 512 px), nearest-resized to the subject grid, as the official code; "same".
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
-            the maps (:class:`~attncontrol.controls.common.MapOptions`).
-        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
-    """
-
-    method: ClassVar[str] = "divide-bind"
-    aliases: ClassVar[dict[str, str]] = {"max_iter_to_alter": "stop"}
-
-    subjects: list = field(default_factory=list)
-    bindings: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    scale_factor: float = 20.0
-    scale_range: tuple[float, float] = (1.0, 0.5)
-    thresholds: dict[int, float] = field(default_factory=_thresholds)
-    max_refinement_steps: int = 20
-    first_refinement_steps: int = 50
-    tv: str = "official"
-    attribute_levels: str = "finer"
-    stop: int | float | None = field(default=25, kw_only=True)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        self.validate_subjects()
-        self.validate_window()
-        validate_step_schedule(self)
-        if self.tv not in ("official", "neighbour"):
-            raise OptionError(f"tv must be 'official' or 'neighbour', got {self.tv!r}")
-        if self.attribute_levels not in ("finer", "same"):
-            raise OptionError(f"attribute_levels must be 'finer' or 'same', got {self.attribute_levels!r}")
-        for name in ("max_refinement_steps", "first_refinement_steps"):
-            check_count(getattr(self, name), name)
-        self.validate_map_options()
-        self.validate_update()
+    subjects: list = subjects_field("nouns, or phrases whose leading words are the noun's attributes ('red car': "
+                                    "attribute red).")  # fmt: skip
+    bindings: dict[str, tuple[str, ...]] = option(factory=dict, help="more attributes per noun, {'car': ['red', "
+                                                  "'shiny']} (also for nouns that are subjects).")  # fmt: skip
+    scale_factor: float = scale_factor_field()
+    scale_range: tuple[float, float] = scale_range_field()
+    thresholds: dict[int, float] = thresholds_field(
+        _thresholds, "{step: T}: refine while the smallest subject TV < T (official: {0: 0.05, 10: 0.2, 20: 0.3}).",
+        high=None,
+    )
+    max_refinement_steps: int = count_field(20, "refinement cap after step 0 (official: 20).", app=(0, 50))
+    first_refinement_steps: int = count_field(50, "refinement cap at step 0 (official: 50).")
+    tv: str = option("official", "'official' (as coded: the vertical term compares the last row with every row) or "
+                     "'neighbour'.", choices=("official", "neighbour"))  # fmt: skip
+    attribute_levels: str = option(
+        "finer",
+        "'finer': attribute maps from the cross-attention levels finer than the subject maps (64x64 and 32x32 at "
+        "512 px), nearest-resized to the subject grid, as the official code; 'same'.",
+        choices=("finer", "same"),
+    )
+    stop: int | float | None = window_stop(25, "latents are updated at steps start .. stop - 1 (official: 25).")
 
     def prepare(self, ctx: ControlContext) -> PreparedDivideBind:
         return PreparedDivideBind(self, ctx)
 
 
+# -- the step plan and the evaluation ----------------------------------------------------------------------------
+
+
 class PreparedDivideBind(PreparedControl):
+    """Its evaluation reports per image ``min_tv``, the smallest subject TV, which its refinement test reads."""
+
     def __init__(self, cfg: DivideBind, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
@@ -87,23 +135,18 @@ class PreparedDivideBind(PreparedControl):
         self.attribute_keys = [MapKey("cross", g, cfg.blocks, cfg.normalise) for g in grids]
         self.attribute_weights = [len(ctx.select(k)) for k in self.attribute_keys]
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
-        self._min_tv: dict[int, float] = {}
 
     def map_keys(self) -> list[MapKey]:
         return [self.maps.key, *[k for k in self.attribute_keys if k != self.maps.key]]
 
-    def refine_target(self, step: int) -> float | None:
-        return self.cfg.thresholds.get(step) if self.updates_at(step) else None
+    def plan(self, step: int) -> StepPlan:
+        target = self.cfg.thresholds.get(step) if self.in_window(step) else None
 
-    def wants_refinement(self, step: int, image: int, loss: float) -> bool:
-        target = self.refine_target(step)
-        return target is not None and self._min_tv.get(image, 0.0) < target
+        def test(row: Row) -> bool:
+            return row.stats.get("min_tv", 0.0) < target
 
-    def max_refinement(self, step: int) -> int:
-        return self.cfg.first_refinement_steps if step == 0 else self.cfg.max_refinement_steps
-
-    def step_size(self, step: int) -> float:
-        return float(self.step_sizes[step])
+        cap = self.cfg.first_refinement_steps if step == 0 else self.cfg.max_refinement_steps
+        return self.make_plan(step, self.step_sizes[step], refine=None if target is None else test, max_refinement=cap)
 
     def _attribute_probs(self, maps, images: list[int]) -> torch.Tensor:
         """Token-softmaxed attribute maps at the subject grid: the finer levels nearest-resized, weighted by their
@@ -118,11 +161,11 @@ class PreparedDivideBind(PreparedControl):
         avg = (total / sum(self.attribute_weights)).permute(0, 2, 3, 1)
         return token_softmax(avg, self.maps.keep[images], self.cfg.softmax_scale)
 
-    def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
+    def evaluate(self, maps, images: list[int], step: StepInfo, carry: list) -> Evaluation:
         cfg = self.cfg
         subjects = self.maps.per_image(maps, images)
         attr_probs = self._attribute_probs(maps, images)
-        losses = []
+        losses, stats = [], []
         for row, (b, s) in enumerate(zip(images, subjects)):
             attrs = []
             for mods, _ in self.groups[b]:
@@ -130,6 +173,7 @@ class PreparedDivideBind(PreparedControl):
                 if cfg.smooth_attentions:
                     found = [gaussian_smooth(a, cfg.kernel_size, cfg.sigma) for a in found]
                 attrs.append(found)
-            loss, self._min_tv[b] = divide_bind_loss(s, attrs, step.index, cfg.tv)
+            loss, min_tv = divide_bind_loss(s, attrs, step.index, cfg.tv)
             losses.append(loss)
-        return torch.stack(losses)
+            stats.append({"min_tv": min_tv})
+        return Evaluation(torch.stack(losses), stats=stats)

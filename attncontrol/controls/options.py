@@ -1,11 +1,12 @@
 """One source for every method option: the controls' dataclass fields, read by the Python API, the CLI (``--set
 method.field=value``, ``attncontrol methods``), batch files (``options``) and the app (its accordions).
 
-:func:`method_fields` lists a method's fields with their types, defaults and one-line help (from the
-dataclasses' docstrings); :func:`coerce` checks a value against a field's type (strictly for Python values,
-parsing text from the command line and the app); :func:`build_controls` is the one validator that turns method
-names, options, subjects and boxes into controls, every error an :class:`~attncontrol.errors.OptionError` that
-names the bad value and where it came from. A new method's options appear in every front end by being fields.
+:func:`method_fields` lists a method's fields with their types, defaults, help and ranges (from the fields'
+metadata, see :mod:`attncontrol.controls.fields`); :func:`coerce` checks a value against a field's type (strictly
+for Python values, parsing text from the command line and the app); :func:`build_controls` is the one validator
+that turns method names, options, subjects and boxes into controls, every error an
+:class:`~attncontrol.errors.OptionError` that names the bad value and where it came from. A new method's options
+appear in every front end by being fields.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AttnControlError, OptionError, OptionTypeError
+from .fields import Meta, check_value, label, meta
 
 # fields given otherwise (--subjects, --boxes), not as options
 NOT_OPTIONS = {"subjects", "boxes"}
@@ -34,6 +36,7 @@ class FieldSpec:
     default: Any
     help: str
     aliases: tuple[str, ...] = ()
+    meta: Meta = Meta()
 
     @property
     def scalar(self) -> str | None:
@@ -43,6 +46,28 @@ class FieldSpec:
             return arms[0].__name__
         return None
 
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """The numbers a scalar option takes, as (low, high) with None ends; the app's own where it caps more."""
+        if self.meta.app is not None:
+            return self.meta.app
+        r = self.meta.range
+        return None if r is None else (r.low, r.high)  # type: ignore[return-value]
+
+    def range_text(self) -> str:
+        """The range and unit in words, for help and tables (e.g. ">= 0 steps", "one of 'all', 'text'")."""
+        m = self.meta
+        parts = []
+        if m.choices:
+            parts.append("one of " + ", ".join(repr(c) for c in m.choices))
+        if m.range is not None:
+            parts.append(m.range.text())
+        if m.items is not None:
+            parts.append(f"each {m.items.text()}")
+        if m.unit:
+            parts.append(m.unit)
+        return " ".join(parts)
+
 
 def _arms(tp) -> tuple:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -50,43 +75,17 @@ def _arms(tp) -> tuple:
     return (tp,)
 
 
-def _help_lines(cls) -> dict[str, str]:
-    """``name: text`` entries of the "Args:" sections of ``cls`` and its bases' docstrings."""
-    out: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        doc = klass.__dict__.get("__doc__") or ""
-        if "Args:" not in doc:
-            continue
-        current: list[str] = []
-        for line in doc.split("Args:", 1)[1].splitlines():
-            m = re.match(r"^\s{8}([a-z_][\w, ()]*?):(?:\s+(.*))?$", line)
-            if m:
-                names = re.findall(r"[a-z_]\w*", re.sub(r"\(alias[^)]*\)", "", m.group(1)))
-                # a line grouping many fields ("attn_res, kernel_size, ...: the maps as for ...") does not replace
-                # a base class's entry for one of them
-                current = [n for n in names if len(names) <= 2 or n not in out]
-                for n in current:
-                    out[n] = (m.group(2) or "").strip()
-            elif line.startswith(" " * 12) and current:
-                for n in current:
-                    out[n] += " " + line.strip()
-            elif line.strip() and not line.startswith(" " * 8):
-                current = []
-    return {n: " ".join(text.split()) for n, text in out.items()}
-
-
 def method_fields(cls) -> list[FieldSpec]:
-    """Every option of a method's dataclass, in declaration order (published aliases listed with their field)."""
+    """Every option of a method's dataclass, in declaration order, with what its field's metadata says (help,
+    range, unit, published aliases); ``subjects`` and ``boxes``, given otherwise, are left out."""
     hints = typing.get_type_hints(cls)
-    help_text = _help_lines(cls)
     specs = []
     for f in dataclasses.fields(cls):
-        if f.name in NOT_OPTIONS:
+        m = meta(f)
+        if not m.option or f.name in NOT_OPTIONS:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        aliases = tuple(a for a, target in getattr(cls, "aliases", {}).items() if target == f.name)
-        specs.append(FieldSpec(cls.method, f.name, hints[f.name], str(f.type), default, help_text.get(f.name, ""),
-                               aliases))  # fmt: skip
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        specs.append(FieldSpec(cls.method, f.name, hints[f.name], str(f.type), default, m.help, m.aliases, m))
     return specs
 
 
@@ -190,13 +189,16 @@ def coerce(value, tp, where: str, text: bool = False):
 
 
 def check_fields(obj) -> None:
-    """Type-check (and normalise: lists to tuples, int keys) every field of a control dataclass in place."""
+    """Check (and normalise: lists to tuples, int keys) every field of a control dataclass in place: its type,
+    then what its metadata says (range, items, keys, choices, its own check). Errors name the field and its
+    aliases (``stop (max_iter_to_alter) must be >= 0, got -1``), a type error its class too (the front ends add
+    the method's key and where the value came from)."""
     cls = type(obj)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(obj):
-        also = [a for a, t in getattr(cls, "aliases", {}).items() if t == f.name]
-        where = f"{cls.__name__}.{f.name}" + (f" ({', '.join(also)})" if also else "")
-        setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], where))
+        name = label(cls, f.name)
+        value = coerce(getattr(obj, f.name), hints[f.name], f"{cls.__name__}.{name}")
+        setattr(obj, f.name, check_value(meta(f), value, name))
 
 
 def method_key(name: str) -> str:

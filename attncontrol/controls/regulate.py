@@ -1,79 +1,95 @@
-"""Attention Regulation (Zhang et al., ECCV 2024): inside the cross-attention layers, optimise a bias on the
-target tokens' logits so each target gets a high attention quantile and a bounded mean. Edits attention
-in the ordinary forward; no gradient through the denoiser. Constants from the official code
+"""Attention Regulation (Zhang et al., ECCV 2024, arXiv:2403.06381): inside the cross-attention layers, optimise a
+bias on the target tokens' logits so each target gets a high attention quantile and a bounded mean. Edits
+attention in the ordinary forward; no gradient through the denoiser. Constants from the official code
 (YaNgZhAnG-V5/attention_regulation)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 from .._lazy import torch
-from ..errors import OptionError
-from ..limits import check_count
-from ..losses.regulate import gaussian_bumps, regulation_objective
 from ..store import MapKey
-from .base import Control, ControlContext, PreparedEditor, with_aliases
-from .common import normalise_attn_res, resolve_attn_res
-from .options import check_fields
+from .base import Control, ControlContext, PreparedEditor, register, subjects_field, window_stop
+from .common import attn_res_field, count_field, resolve_attn_res
+from .fields import NON_NEGATIVE, UNIT, option
+
+# -- the objective -----------------------------------------------------------------------------------------------
+
+def gaussian_bumps(rows: int, cols: int, device=None) -> torch.Tensor:
+    """(C, rows, cols) Gaussian bumps with sigma = cols // 16 (at least 1), centred every 2 sigma from 2 sigma
+    (49 bumps on 16x16, as the official code)."""
+    sigma = max(1, cols // 16)
+    ys = torch.arange(rows, dtype=torch.float32, device=device)
+    xs = torch.arange(cols, dtype=torch.float32, device=device)
+    bumps = [
+        torch.exp(-((xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2) / (2 * sigma**2))
+        for cy in range(2 * sigma, rows, 2 * sigma)
+        for cx in range(2 * sigma, cols, 2 * sigma)
+    ]
+    if not bumps:  # maps smaller than 2 sigma: one bump in the middle
+        bumps = [torch.exp(-((xs[None, :] - cols // 2) ** 2 + (ys[:, None] - rows // 2) ** 2) / (2 * sigma**2))]
+    return torch.stack(bumps)
 
 
-@with_aliases
+def regulation_objective(
+    target_probs: torch.Tensor,
+    weights: torch.Tensor,
+    quantile: float = 0.9,
+    quantile_target: float = 0.9,
+    quantile_weight: float = 1.0,
+    mean_weight: float = 80.0,
+    weight_penalty: float = 0.09,
+) -> torch.Tensor:
+    """``quantile_weight * mean((q_0.9(A_k) - 0.9)^2) + mean_weight * mean((mean(A_k) - min(1, 0.2K)/K)^2)
+    + weight_penalty * mean(w^2)``. ``target_probs``: (N, pixels, K) attention of the K targets."""
+    k = target_probs.shape[-1]
+    q = torch.quantile(target_probs, quantile, dim=1)
+    mean_target = min(1.0, 0.2 * k) / k
+    return (
+        quantile_weight * ((q - quantile_target) ** 2).mean()
+        + mean_weight * ((target_probs.mean(1) - mean_target) ** 2).mean()
+        + weight_penalty * (weights**2).mean()
+    )
+
+# -- the options -------------------------------------------------------------------------------------------------
+
+
+@register("regulate", order=4)
 @dataclass
 class Regulate(Control):
-    """Attention Regulation.
+    """Attention Regulation. The conditional half of the classifier-free-guidance batch is edited; the
+    unconditional half is not. The objective is ``quantile_weight * mean((q_quantile - quantile_target)^2) +
+    mean_weight * mean((mean - min(1, 0.2K)/K)^2) + weight_penalty * mean(w^2)`` (official: 1, 80, 0.09)."""
 
-    Args:
-        subjects: words, phrases, occurrences or token indices; every token of every subject is a target.
-        stop (alias ``end``): edit at steps ``start .. stop - 1``; a float is a fraction of the steps (official:
-            the first 25 of 50 -> 0.5).
-        iterations, lr: in-layer gradient steps on the bump weights, ``w <- w - N * lr * grad`` with N the
-            rows averaged over (official: 20, 100, plain gradient descent; at most 1000 iterations), the best-loss
-            bias kept.
-        quantile, quantile_target, quantile_weight, mean_weight, weight_penalty: the objective
-            ``1 * mean((q_0.9 - 0.9)^2) + 80 * mean((mean - min(1, 0.2K)/K)^2) + 0.09 * mean(w^2)``.
-        blend, decay: applied bias ``decay**step * ((1 - blend) * best + blend * previous step's best)``
-            (official 0.25, 0.99).
-        attn_res: layers edited: all cross-attention layers at this token grid (default 16x16 at 512 px: the
-            official code's two 16x16 levels of SD; the 8x8 level is left alone).
-        restore_special: keep the unedited start- and end-of-text probabilities (official behaviour).
-        seed: seed of the random initial weights (uniform [0, 1)), so runs are reproducible.
-    The conditional half of the classifier-free-guidance batch is edited; the unconditional half is not.
-    """
-
-    method: ClassVar[str] = "regulate"
-    aliases: ClassVar[dict[str, str]] = {"end": "stop"}
-
-    subjects: list = field(default_factory=list)
-    iterations: int = 20
-    lr: float = 100.0
-    quantile: float = 0.9
-    quantile_target: float = 0.9
-    quantile_weight: float = 1.0
-    mean_weight: float = 80.0
-    weight_penalty: float = 0.09
-    blend: float = 0.25
-    decay: float = 0.99
-    attn_res: tuple[int, int] | int | None = None
-    restore_special: bool = True
-    seed: int = 0
-    stop: int | float | None = field(default=0.5, kw_only=True)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        self.validate_subjects()
-        self.validate_window()
-        check_count(self.iterations, "iterations", low=1)
-        for name in ("lr", "quantile_weight", "mean_weight", "weight_penalty"):
-            if getattr(self, name) < 0:
-                raise OptionError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("quantile", "quantile_target", "blend", "decay"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise OptionError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-        self.attn_res = normalise_attn_res(self.attn_res)
+    subjects: list = subjects_field("words, phrases, occurrences or token indices; every token of every subject is "
+                                    "a target.")  # fmt: skip
+    iterations: int = count_field(20, "in-layer gradient steps on the bump weights, w <- w - N * lr * grad with N "
+                                  "the rows averaged over (official: 20, plain gradient descent), the best-loss bias "
+                                  "kept.", low=1, app=(1, 100))  # fmt: skip
+    lr: float = option(100.0, "the in-layer step's rate (official: 100).", range=NON_NEGATIVE, app=(0, 1e4))
+    quantile: float = option(0.9, "the attention quantile the objective raises (official: 0.9).", range=UNIT)
+    quantile_target: float = option(0.9, "its target (official: 0.9).", range=UNIT)
+    quantile_weight: float = option(1.0, "the quantile term's weight (official: 1).", range=NON_NEGATIVE)
+    mean_weight: float = option(80.0, "the mean term's weight (official: 80).", range=NON_NEGATIVE)
+    weight_penalty: float = option(0.09, "the weights' L2 penalty (official: 0.09).", range=NON_NEGATIVE)
+    blend: float = option(0.25, "applied bias decay**step * ((1 - blend) * best + blend * previous step's best) "
+                          "(official: 0.25).", range=UNIT)  # fmt: skip
+    decay: float = option(0.99, "see blend (official: 0.99).", range=UNIT)
+    attn_res: tuple[int, int] | int | None = attn_res_field(
+        "layers edited: all cross-attention layers at this token grid (default 16x16 at 512 px: the official code's "
+        "two 16x16 levels of SD; the 8x8 level is left alone)."
+    )
+    restore_special: bool = option(True, "keep the unedited start- and end-of-text probabilities (official).")
+    seed: int = option(0, "seed of the random initial weights (uniform [0, 1)), so runs are reproducible.",
+                       low=0, high=2**64 - 1, app=(0, 2**31 - 1))  # fmt: skip
+    stop: int | float | None = window_stop(0.5, "edit at steps start .. stop - 1; a float is a fraction of the "
+                                           "steps (official: the first 25 of 50 -> 0.5).", aliases=("end",))
 
     def prepare(self, ctx: ControlContext) -> PreparedRegulate:
         return PreparedRegulate(self, ctx)
+
+
+# -- the edit ----------------------------------------------------------------------------------------------------
 
 
 class PreparedRegulate(PreparedEditor):

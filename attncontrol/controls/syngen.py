@@ -1,59 +1,83 @@
-"""SynGen (Rassin et al., NeurIPS 2023): bind each modifier to its noun (a symmetric KL between their attention
-maps) and keep both apart from the other prompt tokens. Constants from the official code
+"""SynGen (Rassin et al., NeurIPS 2023, arXiv:2306.08877): bind each modifier to its noun (a symmetric KL between
+their attention maps) and keep both apart from the other prompt tokens. Constants from the official code
 (RoyiRa/Linguistic-Binding-in-Diffusion-Models: ``compute_loss.py``, ``syngen_diffusion_pipeline.py``, ``run.py``).
 The (modifier, noun) pairs come from the subjects, not from a parser."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 from .._lazy import torch
-from ..errors import OptionError
-from ..losses.syngen import syngen_group_loss
-from .base import ControlContext, PreparedControl, StepInfo, with_aliases
+from .base import ControlContext, Evaluation, PreparedControl, StepInfo, StepPlan, register, subjects_field, window_stop
 from .common import GuidanceOptions, TokenMaps, binding_groups
-from .options import check_fields
+from .fields import POSITIVE, option
+
+# -- the loss ----------------------------------------------------------------------------------------------------
+
+FLOAT32_EPS = 2.0**-23  # torch.finfo(torch.float32).eps: the official pipeline's maps are float32
 
 
-@with_aliases
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor, eps: float = FLOAT32_EPS) -> torch.Tensor:
+    """``(KL(p_a || p_b) + KL(p_b || p_a)) / 2`` of the maps normalised to spatial distributions (natural log).
+
+    As the official ``compute_loss.py:_symmetric_kl`` (``torch.distributions.Categorical(probs=...)`` and
+    ``kl_divergence``): the weights are the probabilities themselves, unclamped; only the logs are taken of the
+    probabilities clamped to ``[eps, 1 - eps]`` (``clamp_probs``, float32's eps). One difference, kept: where one
+    map is exactly 0 and the other is not, the official KL is infinite; here it stays finite (the log of eps)."""
+    p = a.flatten() / a.sum()
+    q = b.flatten() / b.sum()
+    log_p, log_q = p.clamp(eps, 1 - eps).log(), q.clamp(eps, 1 - eps).log()
+    return 0.5 * ((p * (log_p - log_q)).sum() + (q * (log_q - log_p)).sum())
+
+
+def _word_distance(x: list[torch.Tensor], y: list[torch.Tensor]) -> torch.Tensor:
+    """A multi-piece word against another: the largest distance over piece pairs."""
+    return torch.stack([symmetric_kl(a, b) for a in x for b in y]).max()
+
+
+def syngen_group_loss(
+    modifiers: list[list[torch.Tensor]], noun: list[torch.Tensor], others: list[torch.Tensor]
+) -> torch.Tensor:
+    """One (modifiers, noun) group: for each modifier m,
+    ``d(m, n) + 1/2 (-mean_u d(m, u) - mean_u d(n, u))`` over ``others``, the group's outside tokens u (each word a
+    list of its pieces' maps). A noun without modifiers: ``-mean_u d(n, u)``."""
+
+    def outside(word):
+        if not others:
+            return noun[0].new_zeros(())
+        return torch.stack([_word_distance(word, [u]) for u in others]).mean()
+
+    if not modifiers:
+        return -outside(noun)
+    total = noun[0].new_zeros(())
+    for m in modifiers:
+        total = total + _word_distance(m, noun) + 0.5 * (-outside(m) - outside(noun))
+    return total
+
+# -- the options -------------------------------------------------------------------------------------------------
+
+
+@register("syngen", order=7)
 @dataclass
 class SynGen(GuidanceOptions):
     """SynGen: ``L = sum_groups sum_m [d(m, n) - 1/2 (mean_u d(m, u) + mean_u d(n, u))]``, d the symmetric KL of
     spatially normalised maps, u every prompt token outside the group (the other groups' words included; no
-    start/end token, no padding); ``z <- z - step_size * grad L``.
+    start/end token, no padding); ``z <- z - step_size * grad L``. The map options choose the maps' level and
+    layers; SynGen itself reads the raw averaged attention (no token softmax, no smoothing), as the official code."""
 
-    Args:
-        subjects: phrases whose leading words modify their last word (``"red car"``: red -> car); a single word is
-            a noun without modifiers (only the push away from the other tokens).
-        bindings: more modifiers per noun, ``{"car": ["red", "shiny"]}``.
-        step_size: constant step (official: 20; no sqrt schedule, no refinement).
-        stop (alias ``max_iter_to_alter``): updates at steps ``start .. stop - 1`` (official: 25 of 50).
-        attn_res, kernel_size, sigma, smooth_attentions, exclude_eot, softmax_scale, blocks, normalise, recipe:
-            the maps' level and layers; SynGen itself uses the raw averaged attention (no token softmax, no
-            smoothing), as the official code.
-        update, velocity_scale: how the latents move (:class:`~attncontrol.controls.common.GuidanceOptions`).
-    """
-
-    method: ClassVar[str] = "syngen"
-    aliases: ClassVar[dict[str, str]] = {"max_iter_to_alter": "stop"}
-
-    subjects: list = field(default_factory=list)
-    bindings: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    step_size: float = 20.0
-    stop: int | float | None = field(default=25, kw_only=True)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        self.validate_subjects()
-        self.validate_window()
-        if not self.step_size > 0:
-            raise OptionError(f"step_size must be > 0, got {self.step_size}")
-        self.validate_map_options()
-        self.validate_update()
+    subjects: list = subjects_field("phrases whose leading words modify their last word ('red car': red -> car); a "
+                                    "single word is a noun without modifiers (only the push away from the other "
+                                    "tokens).")  # fmt: skip
+    bindings: dict[str, tuple[str, ...]] = option(factory=dict, help="more modifiers per noun, {'car': ['red', "
+                                                  "'shiny']}.")  # fmt: skip
+    step_size: float = option(20.0, "constant step (official: 20; no sqrt schedule, no refinement).", range=POSITIVE)
+    stop: int | float | None = window_stop(25, "updates at steps start .. stop - 1 (official: 25 of 50).")
 
     def prepare(self, ctx: ControlContext) -> PreparedSynGen:
         return PreparedSynGen(self, ctx)
+
+
+# -- the step plan and the evaluation ----------------------------------------------------------------------------
 
 
 class PreparedSynGen(PreparedControl):
@@ -77,10 +101,10 @@ class PreparedSynGen(PreparedControl):
                 outside.append([p for p in tokens if p not in mine])
             self.others.append(outside)
 
-    def step_size(self, step: int) -> float:
-        return float(self.cfg.step_size)
+    def plan(self, step: int) -> StepPlan:
+        return self.make_plan(step, self.cfg.step_size)
 
-    def loss(self, maps, images: list[int], step: StepInfo) -> torch.Tensor:
+    def evaluate(self, maps, images: list[int], step: StepInfo, carry: list) -> Evaluation:
         m = maps[self.maps.key]
         losses = []
         for row, b in enumerate(images):
@@ -94,4 +118,4 @@ class PreparedSynGen(PreparedControl):
                 others = [a[..., p] for p in outside]
                 total = total + syngen_group_loss([word(w) for w in mods], word(noun), others)
             losses.append(total)
-        return torch.stack(losses)
+        return Evaluation(torch.stack(losses))
