@@ -333,13 +333,13 @@ class GuidanceEngine:
         last = [b for b in images if any(finals[b].values())]
         if last:
             moved = self._update(z, last, i, state, {c.name: [finals[b][c.name] for b in last] for c in state.acting})
-            for row, b in enumerate(last):
-                state.updated[b] = moved[row]
+            for k, b in enumerate(last):
+                state.updated[b] = moved[k]
 
 
 def _total(final: dict[str, torch.Tensor], n: int) -> list[float]:
     """Per image, the sum over controls, added in the same order as ``sum(value[b] for value in ...)``."""
-    total = 0
+    total: torch.Tensor | float = 0.0
     for value in final.values():
         total = total + value
-    return total.tolist() if torch.is_tensor(total) else [float(total)] * n
+    return total.tolist() if isinstance(total, torch.Tensor) else [float(total)] * n

@@ -77,7 +77,7 @@ class ControlContext:
     def select(self, key: MapKey) -> list[str]:
         """The layers whose maps ``key`` averages: its kind at its grid, from ``key.blocks`` (None: the family's
         default blocks; all layers at that grid for families without blocks)."""
-        names = self.grids.get(key.kind, {}).get(tuple(key.grid), [])
+        names = self.grids.get(key.kind, {}).get(key.grid, [])
         if not names:
             have = ", ".join(f"{r}x{c}" for r, c in sorted(self.grids.get(key.kind, {})))
             raise ResolutionError(
@@ -88,12 +88,14 @@ class ControlContext:
             return list(names)
         if not self.block_index:
             raise OptionError(
-                f"blocks={list(key.blocks)} applies to transformer families; here choose layers with attn_res"
+                f"blocks={list(blocks)} applies to transformer families; here choose layers with attn_res"
             )
         chosen = [n for n in names if self.block_index.get(n) in set(blocks)]
         if not chosen:
-            have = sorted({self.block_index[n] for n in names if n in self.block_index})
-            raise OptionError(f"blocks {list(blocks)} have no {key.kind}-attention layer; this model has blocks {have}")
+            found = sorted({self.block_index[n] for n in names if n in self.block_index})
+            raise OptionError(
+                f"blocks {list(blocks)} have no {key.kind}-attention layer; this model has blocks {found}"
+            )
         return chosen
 
     def _per_image(self, per_input: list) -> list:
@@ -118,7 +120,7 @@ class ControlContext:
     def subject_words(self, subjects) -> list[list[list[tuple[int, ...]]]]:
         """Per image, per subject, its words as token positions (``"red car"`` -> [(2,), (3,)]; a word split into
         pieces is one tuple). On models with several text streams a word's positions in every stream are joined."""
-        out = []
+        out: list[list[list[tuple[int, ...]]]] = []
         for positions in self.subjects_per_image(subjects):
             k = len(out) // self.num_images_per_prompt
             out.append([self.text.words(k, pos) for pos in positions])
@@ -227,14 +229,14 @@ class PreparedControl(Prepared):
         options' blocks and normalisation, ask for ``columns`` (a callable; default: the maps' own columns),
         and bind the options' update rule."""
         self.maps = maps
-        self.resolution, self.blocks, self.normalise = maps.resolution, cfg.blocks, cfg.normalise
+        self.resolution, self.blocks, self.normalise = maps.resolution, maps.key.blocks, cfg.normalise
         self.text_columns = maps.columns if columns is None else columns  # type: ignore[method-assign]
         cfg.bind_update(self, ctx)
 
     def map_keys(self) -> list[MapKey]:
         """The maps this control reads (the engine captures the union of all controls' keys)."""
         return [
-            MapKey(kind, tuple(self.resolution), self.blocks, self.normalise if kind == "cross" else "all")
+            MapKey(kind, self.resolution, self.blocks, self.normalise if kind == "cross" else "all")
             for kind in self.kinds
         ]
 
@@ -411,12 +413,14 @@ def _with_aliases(cls) -> None:
     __init__.__wrapped__ = init  # type: ignore[attr-defined]
     cls.__init__ = __init__
     for alias, target in cls.aliases.items():
-        setattr(
-            cls,
-            alias,
-            property(
-                lambda self, t=target: getattr(self, t),
-                lambda self, v, t=target: setattr(self, t, v),
-                doc=f"Alias of ``{target}``.",
-            ),
-        )
+        setattr(cls, alias, _alias_property(target))
+
+
+def _alias_property(target: str) -> property:
+    def get(self):
+        return getattr(self, target)
+
+    def put(self, value) -> None:
+        setattr(self, target, value)
+
+    return property(get, put, doc=f"Alias of ``{target}``.")

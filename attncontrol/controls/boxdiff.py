@@ -4,6 +4,7 @@ cross-attention map (inner box, outer box, corners), A&E-style latent updates. C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._lazy import torch
@@ -118,6 +119,15 @@ class BoxDiff(GuidanceOptions):
 # -- the step plan and the evaluation ----------------------------------------------------------------------------
 
 
+def _inner_short_of(target: float) -> Callable[[Row], bool]:
+    """The official test: the worst subject's inner term ``1 - topk_in`` is above ``1 - T``."""
+
+    def test(row: Row) -> bool:
+        return row.stats.get("worst_inner", 1.0) > 1.0 - target
+
+    return test
+
+
 class PreparedBoxDiff(PreparedControl):
     """Its evaluation reports per image ``worst_inner``, the worst subject's ``1 - topk_in``."""
 
@@ -134,12 +144,7 @@ class PreparedBoxDiff(PreparedControl):
 
     def plan(self, step: int) -> StepPlan:
         t = self.cfg.thresholds.get(step) if self.in_window(step) else None
-
-        def test(row: Row) -> bool:
-            """The official test: the worst subject's inner term ``1 - topk_in`` is above ``1 - T``."""
-            return row.stats.get("worst_inner", 1.0) > 1.0 - t
-
-        refine = None if t is None else test
+        refine = None if t is None else _inner_short_of(t)
         return self.make_plan(step, self.step_sizes[step], refine=refine,
                               max_refinement=self.cfg.max_refinement_steps)  # fmt: skip
 

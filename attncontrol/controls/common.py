@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from .._lazy import np, torch
 from ..errors import OptionError, ResolutionError
@@ -88,6 +89,11 @@ class MapOptions(Control):
         choices=("attend-excite", "focus"),
     )
 
+    @property
+    def block_tuple(self) -> tuple[int, ...] | None:
+        """``blocks`` as its check left it (a tuple; an int given alone became a one-block tuple)."""
+        return cast("tuple[int, ...] | None", self.blocks)
+
 
 @dataclass(kw_only=True)
 class GuidanceOptions(MapOptions):
@@ -169,7 +175,7 @@ class TokenMaps:
     def __init__(self, cfg, ctx: ControlContext, subjects, positions=None):
         self.cfg = cfg
         self.resolution = resolve_attn_res(cfg.attn_res, ctx)
-        self.key = MapKey("cross", self.resolution, cfg.blocks, cfg.normalise)
+        self.key = MapKey("cross", self.resolution, cfg.block_tuple, cfg.normalise)
         ctx.select(self.key)  # fails now, naming the bad blocks, not in the first guidance pass
         self.subjects = positions if positions is not None else ctx.subjects_per_image(subjects)
         exclude = ctx.exclude_eot_default if cfg.exclude_eot is None else cfg.exclude_eot

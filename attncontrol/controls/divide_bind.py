@@ -4,6 +4,7 @@ official code (boschresearch/Divide-and-Bind)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._lazy import F, torch
@@ -121,6 +122,15 @@ class DivideBind(GuidanceOptions):
 # -- the step plan and the evaluation ----------------------------------------------------------------------------
 
 
+def _tv_below(target: float) -> Callable[[Row], bool]:
+    """The official test: refine while the smallest subject TV is below the step's threshold."""
+
+    def test(row: Row) -> bool:
+        return row.stats.get("min_tv", 0.0) < target
+
+    return test
+
+
 class PreparedDivideBind(PreparedControl):
     """Its evaluation reports per image ``min_tv``, the smallest subject TV, which its refinement test reads."""
 
@@ -131,8 +141,8 @@ class PreparedDivideBind(PreparedControl):
         nouns = [[noun for _, noun in groups] for groups in self.groups]
         self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects, positions=nouns), cfg, ctx)
         finer = [g for g in ctx.cross_resolutions if g[0] > self.resolution[0]]
-        grids = finer if cfg.attribute_levels == "finer" and finer else [tuple(self.resolution)]
-        self.attribute_keys = [MapKey("cross", g, cfg.blocks, cfg.normalise) for g in grids]
+        grids = finer if cfg.attribute_levels == "finer" and finer else [self.resolution]
+        self.attribute_keys = [MapKey("cross", g, cfg.block_tuple, cfg.normalise) for g in grids]
         self.attribute_weights = [len(ctx.select(k)) for k in self.attribute_keys]
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
 
@@ -141,23 +151,21 @@ class PreparedDivideBind(PreparedControl):
 
     def plan(self, step: int) -> StepPlan:
         target = self.cfg.thresholds.get(step) if self.in_window(step) else None
-
-        def test(row: Row) -> bool:
-            return row.stats.get("min_tv", 0.0) < target
-
         cap = self.cfg.first_refinement_steps if step == 0 else self.cfg.max_refinement_steps
-        return self.make_plan(step, self.step_sizes[step], refine=None if target is None else test, max_refinement=cap)
+        refine = None if target is None else _tv_below(target)
+        return self.make_plan(step, self.step_sizes[step], refine=refine, max_refinement=cap)
 
     def _attribute_probs(self, maps, images: list[int]) -> torch.Tensor:
         """Token-softmaxed attribute maps at the subject grid: the finer levels nearest-resized, weighted by their
         number of layers (the official mean over all their maps, for equal head counts)."""
         rows, cols = self.resolution
-        total = 0
+        total: torch.Tensor | None = None
         for key, weight in zip(self.attribute_keys, self.attribute_weights):
             m = maps[key].permute(0, 3, 1, 2)
             if tuple(m.shape[-2:]) != (rows, cols):
                 m = F.interpolate(m, size=(rows, cols), mode="nearest")
-            total = total + weight * m
+            total = weight * m if total is None else total + weight * m
+        assert total is not None  # at least the subject grid
         avg = (total / sum(self.attribute_weights)).permute(0, 2, 3, 1)
         return token_softmax(avg, self.maps.keep[images], self.cfg.softmax_scale)
 

@@ -223,7 +223,7 @@ class PreparedInitNO(PreparedControl):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
         self.bind_maps(TokenMaps(cfg, ctx, cfg.subjects), cfg, ctx)
-        self.self_key = MapKey("self", self.resolution, cfg.blocks)
+        self.self_key = MapKey("self", self.resolution, cfg.block_tuple)
         ctx.select(self.self_key)  # the layers S_self reads exist
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
 
@@ -350,6 +350,7 @@ class PreparedInitNO(PreparedControl):
             current = s.maps.detach()
             for _ in range(updates):  # the official rule: cache * alpha + maps * (1 - alpha), the first maps as is
                 average = current if average is None else cfg.align_decay * average + (1 - cfg.align_decay) * current
+            assert average is not None  # set above
             if step.index in cfg.refinement_steps:
                 align = (s.maps - average).abs().flatten(1).mean(1).sum()
                 losses.append(s.cross + s.self_ + cfg.sampling_clean_weight * s.clean + cfg.align_weight * align)

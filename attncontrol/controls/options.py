@@ -84,7 +84,8 @@ def method_fields(cls) -> list[FieldSpec]:
         m = meta(f)
         if not m.option or f.name in NOT_OPTIONS:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory() if callable(factory) else None
         specs.append(FieldSpec(cls.method, f.name, hints[f.name], str(f.type), default, m.help, m.aliases, m))
     return specs
 
@@ -129,19 +130,8 @@ def coerce(value, tp, where: str, text: bool = False):
     Raises :class:`OptionTypeError` / :class:`OptionError` naming ``where`` and the value."""
     arms = _arms(tp)
     if len(arms) > 1:
-        empty = value is None or (text and isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
-        if empty and type(None) in arms:
-            return None
-        for arm in arms:
-            if arm is type(None):
-                continue
-            try:
-                return coerce(value, arm, where, text)
-            except OptionError:
-                continue
-        names = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in arms)
-        raise _bad(where, value, names) from None
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+        return _coerce_union(value, arms, where, text)
+    origin = typing.get_origin(tp)
     if tp is bool:
         if text and isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.strip().lower() in ("true", "yes", "1")
@@ -155,37 +145,63 @@ def coerce(value, tp, where: str, text: bool = False):
             raise _bad(where, value, "a string")
         return value
     if origin is tuple or tp is tuple:
-        if text and isinstance(value, str):
-            value = _text_parts(value)
-        if not isinstance(value, (list, tuple)):
-            raise _bad(where, value, "a sequence")
-        if not args:
-            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], f"{where}[{k}]", text) for k, v in enumerate(value))
-        if len(value) != len(args):
-            raise OptionTypeError(f"{where} must have {len(args)} values, got {value!r}")
-        return tuple(coerce(v, a, f"{where}[{k}]", text) for k, (v, a) in enumerate(zip(value, args)))
+        return _coerce_tuple(value, typing.get_args(tp), where, text)
     if origin is dict or tp is dict:
-        if text and isinstance(value, str):
-            s = value.strip()
-            parts = [] if s in ("", "{}") or s.startswith("{") else _text_parts(s)
-            if not isinstance(parts, list) or any(not isinstance(p, str) or ":" not in p for p in parts):
-                raise OptionTypeError(f"{where} must be KEY:VALUE pairs (e.g. 0:0.05,10:0.5) or a JSON object, "
-                                      f"got {value!r}")  # fmt: skip
-            value = {} if s in ("", "{}") else (_text_parts(s) if s.startswith("{") else
-                                               dict(p.split(":", 1) for p in parts))  # fmt: skip
-        if not isinstance(value, dict):
-            raise _bad(where, value, "a mapping")
-        if not args:
-            return dict(value)
-        return {coerce(k, args[0], f"{where} key", True): coerce(v, args[1], f"{where}[{k}]", text)
-                for k, v in value.items()}  # fmt: skip
-    if origin is list or tp is list:
-        if not isinstance(value, (list, tuple, str, int)):
-            raise _bad(where, value, "a list")
-        return value
+        return _coerce_dict(value, typing.get_args(tp), where, text)
+    if (origin is list or tp is list) and not isinstance(value, (list, tuple, str, int)):
+        raise _bad(where, value, "a list")
     return value
+
+
+def _coerce_union(value, arms: tuple, where: str, text: bool):
+    """The first arm of ``X | Y | None`` that takes ``value``; None (or empty text) for an optional field."""
+    empty = value is None or (text and isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+    if empty and type(None) in arms:
+        return None
+    for arm in arms:
+        if arm is type(None):
+            continue
+        try:
+            return coerce(value, arm, where, text)
+        except OptionError:
+            continue
+    names = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in arms)
+    raise _bad(where, value, names) from None
+
+
+def _coerce_tuple(value, args: tuple, where: str, text: bool) -> tuple:
+    """``tuple[X, ...]`` or ``tuple[X, Y]`` (text: comma-separated or JSON)."""
+    if text and isinstance(value, str):
+        value = _text_parts(value)
+    if not isinstance(value, (list, tuple)):
+        raise _bad(where, value, "a sequence")
+    if not args:
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(coerce(v, args[0], f"{where}[{k}]", text) for k, v in enumerate(value))
+    if len(value) != len(args):
+        raise OptionTypeError(f"{where} must have {len(args)} values, got {value!r}")
+    return tuple(coerce(v, a, f"{where}[{k}]", text) for k, (v, a) in enumerate(zip(value, args)))
+
+
+def _coerce_dict(value, args: tuple, where: str, text: bool) -> dict:
+    """``dict[K, V]`` (text: ``KEY:VALUE`` pairs or a JSON object); keys are parsed as text."""
+    if text and isinstance(value, str):
+        s = value.strip()
+        parts = [] if s in ("", "{}") or s.startswith("{") else _text_parts(s)
+        if not isinstance(parts, list) or any(not isinstance(p, str) or ":" not in p for p in parts):
+            raise OptionTypeError(
+                f"{where} must be KEY:VALUE pairs (e.g. 0:0.05,10:0.5) or a JSON object, got {value!r}"
+            )
+        pairs = dict(p.split(":", 1) for p in parts)
+        value = {} if s in ("", "{}") else _text_parts(s) if s.startswith("{") else pairs
+    if not isinstance(value, dict):
+        raise _bad(where, value, "a mapping")
+    if not args:
+        return dict(value)
+    return {
+        coerce(k, args[0], f"{where} key", True): coerce(v, args[1], f"{where}[{k}]", text) for k, v in value.items()
+    }
 
 
 def check_fields(obj) -> None:
@@ -301,7 +317,7 @@ def build_controls(
     controls = []
     for n in names:
         kwargs = dict(options.get(n, {}))
-        kwargs.update({"boxes": boxes} if n in boxed else {"subjects": list(subjects)})
+        kwargs.update({"boxes": boxes} if n in boxed else {"subjects": list(subjects or [])})
         try:
             controls.append(methods[n](**kwargs))
         except (ValueError, TypeError) as err:

@@ -192,7 +192,7 @@ class PreparedRefocus(PreparedControl):
         except SubjectError as err:
             raise SubjectError(f"Refocus boxes: {err}") from None
         self.bind_maps(maps, cfg, ctx)
-        ctx.select(MapKey("self", self.resolution, cfg.blocks))  # the layers SAR reads exist
+        ctx.select(MapKey("self", self.resolution, cfg.block_tuple))  # the layers SAR reads exist
         self.boxes = list(cfg.boxes.values())
 
     def _scale_iters(self, step: int) -> tuple[float, int]:

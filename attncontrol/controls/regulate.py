@@ -107,13 +107,13 @@ class PreparedRegulate(PreparedEditor):
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.previous: dict[tuple[str, int], torch.Tensor] = {}
         self.step = 0
-        self._edited = set()
+        self._edited: set[str] = set()
         self.active = False
         self._stats: list[tuple[float, float, float]] = []
 
     def begin_step(self, step: int) -> None:
         self.step = step
-        self._edited: set[str] = set()
+        self._edited = set()
         self.active = self.in_window(step)
         self._stats = []
 
@@ -183,5 +183,6 @@ class PreparedRegulate(PreparedEditor):
         applied = (cfg.decay**self.step) * ((1 - cfg.blend) * best + cfg.blend * previous)
         out = logits.index_add(2, torch.tensor(targets, device=logits.device), applied)
         after = torch.quantile(torch.softmax(out, dim=-1)[..., targets], cfg.quantile, dim=1).mean()
+        assert before is not None  # iterations >= 1: the loop ran
         self._stats.append((best_loss, before, float(after)))
         return out
