@@ -164,7 +164,11 @@ class AttentionStore:
         missing = [n for n in names if (n, variant) not in self._sums]
         if missing:
             raise RuntimeError(f"no attention captured from {missing} ({variant}); was the guidance forward run?")
-        total = sum(self._sums[(n, variant)] for n in names)
+        if not names:
+            raise RuntimeError(f"no layers named for the {variant} maps at {resolution}")
+        total = self._sums[(names[0], variant)]
+        for n in names[1:]:  # in order, as sum() added them
+            total = total + self._sums[(n, variant)]
         heads = sum(self._heads[n] for n in names)
         rows, cols = resolution
         out = total / heads

@@ -56,7 +56,8 @@ class TextSegment:
                         f"subject {subject!r} is at tokens {list(a)} of {self.prompts[k]!r} for the first text "
                         f"encoder but at {list(b)} of {prompts[k]!r} for the second; both encoders attend through "
                         "the same token positions, so they must agree"
-                        f"\n{self.table(k).format()}\n{tokenize(tokenizer, prompts[k], self.length).format()}"
+                        f"\n{tokenize(self.tokenizer, self.prompts[k], self.length).format()}"
+                        f"\n{tokenize(tokenizer, prompts[k], self.length).format()}"
                     )
         return [tuple(self.offset + p for p in pos) for pos in mine]
 
@@ -97,15 +98,17 @@ class TextLayout:
         return [tuple(p for stream in per_stream for p in stream[j]) for j in range(len(subjects))]
 
     @staticmethod
-    def _same_word(k: int, first: TextSegment, other: TextSegment, index: int) -> tuple[int, ...] | str:
+    def _same_word(k: int, first: TextSegment, other: TextSegment, index: int) -> _Positions | int:
         """Token ``index`` of ``first``'s table as positions of the same word (same occurrence) in ``other``'s
         table, returned as a phrase subject those streams resolve (or the index itself when it is invalid, so the
-        first stream's check reports it)."""
+        first stream's check reports it, or when either stream has no tokenizer and so no words)."""
         table = first.table(k)
-        if not table.first_index <= index <= table.last_index:
+        if table is None or not table.first_index <= index <= table.last_index:
             return index
         word, ordinal = _word_at(table, index)
         theirs = other.table(k)
+        if theirs is None:  # a stream of zeros: its resolve gives no positions whatever the subject
+            return index
         hits = [pos for text, pos in _word_groups(theirs) if text == word]
         if len(hits) < ordinal:
             raise SubjectError(
@@ -163,7 +166,7 @@ class TextLayout:
         return "\n".join(table.format() for seg in self.segments if (table := seg.table(k)) is not None)
 
 
-class _Positions(tuple):
+class _Positions(tuple[int, ...]):
     """Token positions already resolved in a stream (how a first-stream index reaches the other streams)."""
 
 

@@ -81,20 +81,24 @@ class CaptureProcessor:
         return self.original(attn, *args, **kwargs)
 
     def _record(self, probs: torch.Tensor, heads: int) -> None:
-        self.store.record(self.name, probs, heads)
-        if self.store.early_exit and self.name == self.store.last_layer:
+        store = self.store
+        assert store is not None  # only captured layers record, and a processor without a store captures none
+        store.record(self.name, probs, heads)
+        if store.early_exit and self.name == store.last_layer:
             raise EarlyExit  # nothing after this layer feeds the loss
 
     def _record_joint(self, attn, named: dict) -> None:
-        grid = self.store.resolutions[self.captured[0].name]
+        store = self.store
+        assert store is not None  # as in _record
+        grid = store.resolutions[self.captured[0].name]
         kinds = {la.kind for la in self.captured}
-        maps = self.layer.ops.maps(attn, named, grid[0] * grid[1], kinds, self.store.columns)
+        maps = self.layer.ops.maps(attn, named, grid[0] * grid[1], kinds, store.columns)
         for la in self.captured:
             if la.kind == "cross":
-                self.store.record_heads(la.name, *maps["cross"])
+                store.record_heads(la.name, *maps["cross"])
             else:
-                self.store.record_heads(la.name, maps["self"])
-        if self.store.early_exit and any(la.name == self.store.last_layer for la in self.captured):
+                store.record_heads(la.name, maps["self"])
+        if store.early_exit and any(la.name == store.last_layer for la in self.captured):
             raise EarlyExit
 
     @torch.no_grad()
@@ -110,12 +114,14 @@ class CaptureProcessor:
         probs = obs.cond_half(maps["cross"][0])  # (images, heads, queries, columns)
         obs.record_heads(probs, self.name)
 
-    def _editing(self, editors):
+    def _editing(self, editors: list):
+        """The scores-to-probabilities edit of the active ``editors`` (not empty): each sees the layer's scores,
+        the last one's probabilities are the layer's."""
+
         def edit(scores: torch.Tensor, heads: int, text_offset: int = 0) -> torch.Tensor:
-            probs = None
-            for editor in editors:
-                probs = editor.edit(self.name, scores, heads, text_offset)
-            return probs
+            for editor in editors[:-1]:
+                editor.edit(self.name, scores, heads, text_offset)
+            return editors[-1].edit(self.name, scores, heads, text_offset)
 
         return edit
 
