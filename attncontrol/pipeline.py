@@ -140,11 +140,11 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     adapter = get_adapter(pipe)
     controls = _check_controls(controls)
     prompts = _as_prompts(prompt)
-    _check_args(adapter, args)
-    latent_hw = adapter.latent_hw(args.height, args.width)
+    height, width, guidance_scale = _check_args(adapter, args)
+    latent_hw = adapter.latent_hw(height, width)
     adapter.bind_size(latent_hw)
     device = pipe._execution_device
-    do_cfg = adapter.uses_cfg(args.guidance_scale, args.negative_prompt, args.pipe_kwargs)
+    do_cfg = adapter.uses_cfg(guidance_scale, args.negative_prompt, args.pipe_kwargs)
 
     # Resolve everything that can fail on user input before any model work.
     ts, n_steps = adapter.schedule(
@@ -212,8 +212,9 @@ def _check_kwargs(adapter: ModelAdapter, args: GenerateArgs) -> None:
             raise OptionError(f"{key} must be a finite number, got {value}")
 
 
-def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
-    """Checks that need no model work; fills in the pipeline's defaults (size, guidance scale)."""
+def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> tuple[int, int, float]:
+    """Checks that need no model work; fills in the pipeline's defaults (size, guidance scale). Returns the height,
+    width and guidance scale, filled in."""
     _check_kwargs(adapter, args)
     if isinstance(args.num_images_per_prompt, bool) or not isinstance(args.num_images_per_prompt, int) or (
         args.num_images_per_prompt < 1
@@ -241,6 +242,7 @@ def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> None:
     args.width = default_w if args.width is None else args.width
     check_image_size(args.height, args.width)
     _check_objects(adapter, args)
+    return args.height, args.width, args.guidance_scale
 
 
 def _check_objects(adapter: ModelAdapter, args: GenerateArgs) -> None:
@@ -273,6 +275,7 @@ def _check_objects(adapter: ModelAdapter, args: GenerateArgs) -> None:
 def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cfg: bool, device, seq_len: int):
     """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``)."""
     lora_scale = (args.cross_attention_kwargs or {}).get("scale")
+    assert args.height is not None and args.width is not None  # _check_args filled in the pipeline's default size
     batch = PromptBatch(prompts, args.num_images_per_prompt, do_cfg, args.negative_prompt, args.clip_skip, lora_scale,
                         args.height, args.width, args.pipe_kwargs, args.guidance_scale)  # fmt: skip
     with torch.no_grad():  # as the pipeline encodes (with grad on, some kernels round differently)

@@ -98,7 +98,9 @@ class ModelAdapter(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
+        dtype = self.denoiser.dtype  # diffusers' ModelMixin property (torch's Module types it as a submodule)
+        assert isinstance(dtype, torch.dtype)
+        return dtype
 
     def grid(self, layer: AttnLayer, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """The token grid (rows, cols) of ``layer`` when the latents are ``latent_hw``."""

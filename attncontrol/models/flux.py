@@ -38,7 +38,10 @@ class FluxAdapter(ModelAdapter):
 
     @staticmethod
     def matches(pipe) -> bool:
-        from diffusers import FluxPipeline, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
+        from diffusers.pipelines.flux.pipeline_flux import (
+            FluxPipeline,  # its module: diffusers' top level is typed as a dummy
+        )
 
         return isinstance(pipe, FluxPipeline) and isinstance(pipe.transformer, FluxTransformer2DModel)
 
@@ -154,7 +157,9 @@ class FluxAdapter(ModelAdapter):
         timestep = torch.as_tensor(t, device=model_input.device).expand(b).to(model_input.dtype)
         guidance = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full([b], float(self.guidance_scale), device=model_input.device, dtype=torch.float32)
+            scale = self.guidance_scale
+            assert scale is not None  # encode() keeps the run's scale (prepare_run fills in the pipeline's default)
+            guidance = torch.full([b], float(scale), device=model_input.device, dtype=torch.float32)
         grid = self._grid_of(seq)
         img_ids = self.pipe._prepare_latent_image_ids(b, *grid, model_input.device, model_input.dtype)
         with contextlib.suppress(EarlyExit):

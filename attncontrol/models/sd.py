@@ -24,7 +24,10 @@ class SDAdapter(ModelAdapter):
 
     @staticmethod
     def matches(pipe) -> bool:
-        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            StableDiffusionPipeline,  # its module: diffusers' top level is typed as a dummy
+        )
 
         return isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
 

@@ -46,7 +46,10 @@ class SD3Adapter(ModelAdapter):
 
     @staticmethod
     def matches(pipe) -> bool:
-        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+        from diffusers import SD3Transformer2DModel
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            StableDiffusion3Pipeline,  # its module: diffusers' top level is typed as a dummy
+        )
 
         return isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.transformer, SD3Transformer2DModel)
 
@@ -103,7 +106,7 @@ class SD3Adapter(ModelAdapter):
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         pipe = self.pipe
         clip_len = int(pipe.tokenizer_max_length)
-        parallel = ()
+        parallel: tuple[tuple[Any, tuple[str, ...]], ...] = ()
         if pipe.tokenizer_2 is not None:
             parallel = ((pipe.tokenizer_2, _per_prompt(pipe_kwargs.get("prompt_2"), prompts, "prompt_2")),)
         clip = TextSegment(pipe.tokenizer, 0, clip_len, tuple(prompts), "CLIP", parallel)

@@ -21,7 +21,10 @@ class SDXLAdapter(SDAdapter):
 
     @staticmethod
     def matches(pipe) -> bool:
-        from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+            StableDiffusionXLPipeline,  # its module: diffusers' top level is typed as a dummy
+        )
 
         return isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.unet, UNet2DConditionModel)
 
@@ -61,7 +64,7 @@ class SDXLAdapter(SDAdapter):
 
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         tok = self.tokenizer
-        parallel = ()
+        parallel: tuple[tuple[Any, tuple[str, ...]], ...] = ()
         if self.pipe.tokenizer is not None and self.pipe.tokenizer_2 is not None:
             prompt_2 = pipe_kwargs.get("prompt_2")
             prompts_2 = prompts if prompt_2 is None else [prompt_2] * len(prompts) if isinstance(prompt_2, str) else (

@@ -231,7 +231,9 @@ def train_denoiser(unet, text, tokenizer, means, stds, captions: list[str], scal
                    rng: np.random.Generator, log: _Log, progress: bool = True, lr: float = 1e-3,
                    drop: float = 0.1, ema_decay: float = 0.999, checkpoint=None, every: int = 1000):  # fmt: skip
     import torch
-    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import (
+        DDPMScheduler,  # its module: diffusers' top level is typed as a dummy
+    )
     from tqdm.auto import tqdm
 
     ddpm_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
@@ -285,7 +287,10 @@ def train(out: str | Path, images: int = 30000, vae_steps: int = 400, steps: int
           seed: int = 0, threads: int | None = None, progress: bool = True) -> Path:  # fmt: skip
     """Train the shapes model into ``out`` (a diffusers pipeline folder, safetensors). Returns the folder."""
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,  # its module: diffusers' top level is typed as a dummy
+    )
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -318,9 +323,13 @@ def train(out: str | Path, images: int = 30000, vae_steps: int = 400, steps: int
                                 progress, checkpoint=checkpoint)  # fmt: skip
     for old in work.glob("checkpoint-*"):
         shutil.rmtree(old)
+    # diffusers annotates scheduler as the KarrasDiffusionSchedulers enum (it takes a scheduler instance) and the
+    # safety checker and feature extractor as required (its docs and requires_safety_checker=False allow None)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**scheduler_config()),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**scheduler_config()),  # type: ignore[arg-type]
+        safety_checker=None, feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(str(work), safe_serialization=True)
     held = sorted(sorted(world.object_name(o) for o in p) for p in world.held_out_pairs())
