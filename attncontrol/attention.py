@@ -178,7 +178,7 @@ class AttentionMaps:
         m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
         base = base if base is not None else (self.images[image] if image < len(self.images) else None)
         size = base.size if base is not None else (m.shape[1] * 32, m.shape[0] * 32)
-        heat = Image.fromarray(colormap(m.numpy())).resize(size, Image.BILINEAR)
+        heat = Image.fromarray(colormap(m.numpy())).resize(size, Image.Resampling.BILINEAR)
         if base is None:
             return heat
         return Image.blend(base.convert("RGB"), heat, alpha)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 from .shapes import resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
@@ -183,7 +187,7 @@ def model_index(model: str) -> dict:
         raise ModelLoadError(unavailable_message(model, "model", str(err))) from err
 
 
-def load_token_streams(model: str) -> list[tuple[str, int, object]]:
+def load_token_streams(model: str) -> list[tuple[str, int, PreTrainedTokenizerBase]]:
     """The tokenizers a user picks subjects with, without loading the model: ``(label, first map position,
     tokenizer)`` per text stream of the pipeline's family (SD: CLIP; SD3: CLIP then T5 from position 77; FLUX:
     T5), each checked for a real vocabulary."""

@@ -147,7 +147,9 @@ def cmd_generate(args) -> int:
         written = staged.folder(args.save_attention, result.attention.save) if result.attention is not None else []
     guided = result.guided_steps
     if guided:
-        print(f"guided {len(guided)} steps; loss {guided[0].loss[0]:.3f} -> {guided[-1].loss[0]:.3f}", file=sys.stderr)
+        first, last = guided[0].loss, guided[-1].loss
+        assert first is not None and last is not None  # guided_steps are the steps with a loss
+        print(f"guided {len(guided)} steps; loss {first[0]:.3f} -> {last[0]:.3f}", file=sys.stderr)
     if result.attention is not None:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.attention.metrics().items())
         print(f"wrote {len(written)} attention files to {args.save_attention} ({metrics})", file=sys.stderr)
@@ -163,7 +165,7 @@ def side_by_side(images: list, cell: int = 256):
     scaled = []
     for img, _ in images:
         w = max(1, round(img.width * cell / img.height))
-        resample = Image.NEAREST if cell >= img.height else Image.LANCZOS
+        resample = Image.Resampling.NEAREST if cell >= img.height else Image.Resampling.LANCZOS
         scaled.append(img.convert("RGB").resize((w, cell), resample))
     pad = 18
     canvas = Image.new("RGB", (sum(s.width for s in scaled) + 4 * (len(scaled) - 1), cell + pad), "white")

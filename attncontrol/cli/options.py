@@ -53,7 +53,7 @@ def options_from_args(args, names: list[str]) -> tuple[dict, dict]:
     if args.attn_res:
         if len(args.attn_res) not in (1, 2):
             raise OptionError(f"--attn-res takes N or ROWS COLS, got {args.attn_res}")
-        value = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
+        res = tuple(args.attn_res) if len(args.attn_res) == 2 else args.attn_res[0]
         for method in names:
-            put(method, "attn_res", value, "--attn-res", False)
+            put(method, "attn_res", res, "--attn-res", False)
     return options, sources

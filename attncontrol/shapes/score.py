@@ -35,7 +35,7 @@ PROTOTYPES = {  # (fill, top, top_corners, bottom_corners)
     "triangle": (0.5, 0.25, 0.0, 1.0),
 }
 SPREAD = (0.1, 0.08, 0.35, 0.35)  # how far each measure may stray: the distance is in these units
-_HUES = {}
+_HUES: dict[str, float] = {}  # palette colour -> hue, filled on first use
 
 
 @dataclass(frozen=True)

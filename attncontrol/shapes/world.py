@@ -102,6 +102,8 @@ def caption_for(kind: str, objs: list[Obj], relation: str | None = None) -> str:
     if kind == "two":
         return f"a {object_name(objs[0])} and a {object_name(objs[1])}"
     if kind == "spatial":
+        if relation is None:
+            raise ValueError("a spatial caption needs a relation")
         return f"a {object_name(objs[0])} {RELATION_WORDS[relation]} a {object_name(objs[1])}"
     if kind == "count":
         return f"{NUMBERS[len(objs)]} {objs[0][0]} {PLURALS[objs[0][1]]}"
@@ -148,7 +150,7 @@ def place(rng: np.random.Generator, n: int, relation: str | None = None, contact
     objects share an edge) or ``overlap`` (the first two boxes overlap by 5-20% of the smaller box's area; the
     second is drawn over the first). With ``relation``, box 0 is ``relation`` box 1 with a 6-pixel margin."""
     for _ in range(tries):
-        boxes = []
+        boxes: list[tuple[float, float, float, float]] = []
         for i in range(n):
             side = rng.uniform(MIN_SIDE, MAX_SIDE)
             if i == 1 and contact != "apart":
@@ -202,7 +204,8 @@ def _contact_box(rng, first, side, contact):
 def background(rng: np.random.Generator) -> tuple[int, int, int]:
     """A light, nearly neutral colour: grey level 200-240, each channel tinted by at most 8."""
     level = rng.uniform(200, 240)
-    return tuple(int(round(level + rng.uniform(-8, 8))) for _ in range(3))
+    r, g, b = (int(round(level + rng.uniform(-8, 8))) for _ in range(3))
+    return r, g, b
 
 
 def draw(scene: Scene, size: int = SIZE, supersample: int = 4):
@@ -223,7 +226,7 @@ def draw(scene: Scene, size: int = SIZE, supersample: int = 4):
             pen.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
         else:
             raise ValueError(f"unknown shape {t.shape!r}")
-    return img.resize((size, size), Image.BOX) if supersample > 1 else img
+    return img.resize((size, size), Image.Resampling.BOX) if supersample > 1 else img
 
 
 def make_scene(rng: np.random.Generator, kind: str, objs: list[Obj] | None = None, relation: str | None = None,
