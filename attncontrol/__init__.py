@@ -94,20 +94,18 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .controls import (
-        METHODS,
-        AStar,
-        AttendExcite,
-        BoxDiff,
-        Conform,
-        Control,
-        DivideBind,
-        InitNO,
-        Refocus,
-        Regulate,
-        StepInfo,
-        SynGen,
-    )
+    from .controls import METHODS, Control, StepInfo
+
+    # the package sets its methods' classes at run time (from its registry): a type checker reads their modules
+    from .controls.astar import AStar
+    from .controls.attend_excite import AttendExcite
+    from .controls.boxdiff import BoxDiff
+    from .controls.conform import Conform
+    from .controls.divide_bind import DivideBind
+    from .controls.initno import InitNO
+    from .controls.refocus import Refocus
+    from .controls.regulate import Regulate
+    from .controls.syngen import SynGen
     from .errors import (
         AmbiguousSubjectError,
         AttnControlError,

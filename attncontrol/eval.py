@@ -43,6 +43,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TypeGuard
 
 from .errors import AttnControlError
 from .io import atomic_save_png, atomic_write_bytes
@@ -232,14 +233,14 @@ def compare(rows: list[dict], baseline: str = "none", reps: int = 2000) -> list[
         group = [r for r in rows if r["method"] == method and (r["prompt"], r["seed"]) in base]
         for metric in METRICS:
             pairs = [(r.get(metric), base[(r["prompt"], r["seed"])].get(metric)) for r in group]
-            pairs = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
-            if pairs:
+            finite = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
+            if finite:
                 out.append({"method": method, "baseline": baseline, "metric": metric,
-                            **paired_comparison(pairs, reps=reps)})  # fmt: skip
+                            **paired_comparison(finite, reps=reps)})  # fmt: skip
     return out
 
 
-def _finite(v) -> bool:
+def _finite(v) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -302,7 +303,7 @@ def evaluate(
     rows = [_row(rec) for rec in records]
     if compare_with is not None and not any(r["method"] == compare_with for r in rows):
         compare(rows, compare_with)  # raises, naming the methods there are, before any model loads
-    scorers = {}
+    scorers: dict[str, object] = {}  # "clip", "caption", "vqa", "detector": the scorer models asked for
     if clip:
         scorers["clip"] = ClipScorer(clip, device, allow_pickle)
     if captioner:
@@ -384,8 +385,8 @@ def _score_shapes(rows: list[dict], out: Path, progress: bool) -> None:
 
     for row in tqdm(todo, desc="shapes scores", unit="img", disable=not progress, file=sys.stderr):
         meta = row["_entry"].metadata
-        with Image.open(out / row["file"]) as image:
-            image = image.convert("RGB")
+        with Image.open(out / row["file"]) as file:
+            image = file.convert("RGB")
             scores = score(detect(image), meta, size=image.size)
         for key, value in scores.items():
             if key in SHAPES_METRICS:

@@ -12,8 +12,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..controls import METHODS, Refocus, parse_boxes
+from ..controls import METHODS, parse_boxes
 from ..controls.options import field_key, method_key, parse_methods
+from ..controls.refocus import Refocus  # its module: the package sets the class at run time
 from ..errors import AttnControlError
 from ..limits import MAX_SEEDS, SEED_RANGE
 
@@ -227,6 +228,18 @@ def prompt_set(name: str) -> list[Entry]:
     licences and the rule that gives the subjects). ``source`` is ``SET:N``, N the line of the set's own file."""
     if name not in PROMPT_SETS:
         raise BatchInputError(f"unknown prompt set {name!r}; choose from {', '.join(PROMPT_SETS)}")
+    if name not in AE_SETS:
+        entries: list[Entry] = list(_benchmark_set(name))
+        return entries
+    data = json.loads(_data("ae_prompts.json"))
+    return [
+        Entry(p, f"{name}:{i}", auto_subjects(p))
+        for i, p in enumerate((p for group in PROMPT_SETS[name] for p in data[group]), 1)
+    ]
+
+
+def _benchmark_set(name: str) -> list[BenchmarkEntry]:
+    """A built-in set of a benchmark (every set but Attend-and-Excite's ``ae-*``): entries with its metadata."""
     if name.startswith("geneval"):
         return [e for e in _geneval() if e.task in PROMPT_SETS[name]]
     if name.startswith("shapes"):
@@ -235,11 +248,7 @@ def prompt_set(name: str) -> list[Entry]:
         return _t2i_spatial()
     if name.startswith("t2i-compbench-"):
         return _t2i_phrases(name, PROMPT_SETS[name][0])
-    data = json.loads(_data("ae_prompts.json"))
-    return [
-        Entry(p, f"{name}:{i}", auto_subjects(p))
-        for i, p in enumerate((p for group in PROMPT_SETS[name] for p in data[group]), 1)
-    ]
+    raise BatchInputError(f"{name!r} is not a benchmark's prompt set")
 
 
 def _data(filename: str) -> str:
@@ -339,7 +348,9 @@ def record_entry(record: dict) -> BenchmarkEntry | None:
 
 def benchmark_entry(source: str | None) -> BenchmarkEntry | None:
     """The built-in set's entry a batch record came from (its ``source`` is ``SET:N``), or None for other sources."""
-    name, _, line = (source or "").rpartition(":")
+    if source is None:
+        return None
+    name, _, line = source.rpartition(":")
     if name not in PROMPT_SETS or name.startswith("ae-") or not line.isdigit():
         return None
     return _set_index(name).get(source)
@@ -347,7 +358,7 @@ def benchmark_entry(source: str | None) -> BenchmarkEntry | None:
 
 @cache
 def _set_index(name: str) -> dict[str, BenchmarkEntry]:
-    return {e.source: e for e in prompt_set(name)}
+    return {e.source: e for e in _benchmark_set(name)}
 
 
 HRS_LEVELS = {2: "easy", 3: "medium", 4: "hard"}  # HRS-Bench's spatial levels, by the number of objects

@@ -43,16 +43,27 @@ def _loss_summary(result) -> dict:
     return summary
 
 
-def _observable(pipe, item: Item) -> bool:
-    """Whether the item's subjects can be found in its prompt (a baseline is made even where they cannot; its
+def _observable(pipe, prompt: str, subjects: tuple) -> bool:
+    """Whether an item's subjects can be found in its prompt (a baseline is made even where they cannot; its
     attention metrics are then left out, and the controlled items of that line fail with the reason)."""
     from ..models import get_adapter
 
     try:
-        get_adapter(pipe).text_layout([item.prompt], {}).resolve(0, list(item.observe))
+        get_adapter(pipe).text_layout([prompt], {}).resolve(0, list(subjects))
     except (ValueError, TypeError):
         return False
     return True
+
+
+def _observed(pipe, group: list[Item]) -> list[list] | None:
+    """The subjects whose attention each item of ``group`` records, or None unless every item has subjects that
+    its prompt resolves."""
+    observed = []
+    for it in group:
+        if not it.observe or not _observable(pipe, it.prompt, it.observe):
+            return None
+        observed.append(list(it.observe))
+    return observed
 
 
 def _group_key(it: Item) -> tuple:
@@ -120,14 +131,14 @@ class BatchRun:
         subjects = [list(it.subjects or []) for it in group] if names and first.subjects else None
         boxes = json.loads(first.boxes) if first.boxes else None
         controls = checked_controls(names, subjects, boxes, json.loads(first.options), first.source)
-        observe = all(it.observe and _observable(self.pipe, it) for it in group)
+        observed = _observed(self.pipe, group)
         negative = [it.negative_prompt or "" for it in group] if any(it.negative_prompt for it in group) else None
         s = self.settings
         return generate(
             self.pipe, [it.prompt for it in group], controls, negative_prompt=negative, num_inference_steps=s.steps,
             guidance_scale=self.guidance_scale, height=s.height, width=s.width,
             generator=[torch.Generator(self.gen_device).manual_seed(it.seed) for it in group],
-            attention=[list(it.observe) for it in group] if observe else False, checkpointing=s.checkpointing,
+            attention=observed if observed is not None else False, checkpointing=s.checkpointing,
         )  # fmt: skip
 
     def record(self, it: Item, k: int, result, seconds: float, group_size: int) -> dict:
@@ -146,7 +157,7 @@ class BatchRun:
             "settings": {**settings, "batch_size": group_size},
             "losses": _loss_summary(result),
             "noise_search": {name: found[k] for name, found in result.noise_search.items()} or None,
-            "attention": {"subjects": list(it.observe), **metrics} if metrics else None,
+            "attention": {"subjects": list(it.observe), **metrics} if metrics and it.observe else None,
             "seconds": round(seconds, 3),
             "source": it.source,
             "benchmark": json.loads(it.benchmark) if it.benchmark else None,

@@ -14,9 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import AttnControlError
 from ..io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from ..batch.inputs import BenchmarkEntry
 
 
 def export(out: str | Path, dest: str | Path, methods: list[str] | None = None) -> dict[str, int]:
@@ -32,7 +36,7 @@ def export(out: str | Path, dest: str | Path, methods: list[str] | None = None) 
     unknown = [m for m in methods or [] if m not in present]
     if unknown:
         raise AttnControlError(f"no image of method(s) {unknown} in {str(out)!r} (methods: {', '.join(present)})")
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[tuple[dict, BenchmarkEntry]]] = {}  # (record, its benchmark entry)
     for rec in records:
         entry = record_entry(rec)
         if entry is None or entry.benchmark not in ("geneval", "t2i-compbench"):

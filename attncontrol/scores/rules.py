@@ -92,7 +92,8 @@ def geneval_correct(
         cls: sorted((d for d in dets if d[0] > threshold), key=lambda d: -d[0])[: rules.max_objects]
         for cls, dets in objects.items()
     }
-    correct, reasons, groups = True, [], []
+    correct, reasons = True, []
+    groups: list[list[Detection] | None] = []  # per include clause: its detections, None when it failed
     for req in metadata.get("include", []):
         cls, count = req["class"], req["count"]
         found = kept.get(cls, [])[:count]
@@ -222,8 +223,8 @@ def hrs_spatial_correct(objects: list[str], rel1: str, rel2: str,
     for a single between/among/in-the-middle-of; hard (4) ``between(o1, o3, o4) and between(o2, o3, o4)``, or with
     two relations ``rel1(o, o3) and rel2(o, o4)`` for o in (o1, o2) -- our reading of the official code, which
     indexes a fifth object there and raises. None when a relation is not one HRS-Bench names."""
-    found = [detections.get(o) for o in objects]
-    if not all(found):
+    found = [detections.get(o) or [] for o in objects]
+    if not all(found):  # an object not detected
         return False
     b = [dets[-1][1] for dets in found]
     if rel1 in HRS_BETWEEN:

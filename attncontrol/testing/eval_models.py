@@ -131,6 +131,7 @@ def save_tiny_owlv2(folder: str | Path, seed: int = 0) -> Path:
     for ``attncontrol eval --detector``."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
 
+    Images: type  # one of two image processor classes, whichever this transformers has
     try:
         from transformers import Owlv2ImageProcessor as Images
     except ImportError:  # pragma: no cover - depends on whether torchvision is installed

@@ -117,7 +117,8 @@ def make_t5_tokenizer(max_length: int = 256):
     """A T5-style tokenizer built offline: 8000 unigram pieces learnt from CLIP's words, ``\u2581`` marking a word's
     start, no start token, ``</s>`` (id 1) at the end and ``<pad>`` (id 0) padding, as T5's own. No package ships
     T5's ``spiece.model``; this one tokenises like it (``\u2581cat``, ``\u2581rest`` + ``ing``)."""
-    from transformers import T5TokenizerFast
+    # transformers 4 defines T5TokenizerFast; 5 resolves the name at run time (to T5Tokenizer, itself fast now)
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
     return T5TokenizerFast(
         tokenizer_file=str(_t5_tokenizer_file()), eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
