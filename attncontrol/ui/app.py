@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from typing import Any
 
 from ..controls import METHODS
 from .logic import (
     DemoError,
     Limits,
+    Param,
     Runner,
     boxes_canvas,
     build_request,
@@ -28,7 +30,7 @@ def example_prompts(per_group: int = 2) -> list[list[str]]:
     from ..batch import prompt_set
 
     groups = ("ae-animals", "ae-animal-objects", "ae-objects")
-    return [[e.prompt, ", ".join(e.subjects)] for g in groups for e in prompt_set(g)[:per_group]]
+    return [[e.prompt, ", ".join(e.subjects or [])] for g in groups for e in prompt_set(g)[:per_group]]
 
 
 def _run_cancellable(runner: Runner, req, progress, idle):
@@ -64,16 +66,142 @@ def _run_cancellable(runner: Runner, req, progress, idle):
 
 
 def build_demo(runner: Runner, limits: Limits | None = None):
+    """The app for ``runner``'s model: its inputs and outputs laid out, the handlers wired to them."""
     import gradio as gr
-    import pandas as pd
 
     limits = limits or runner.limits
     params = method_params()
-    height0, width0 = runner.native_size()
+    native = runner.native_size()
+    with gr.Blocks(title="attncontrol") as demo:
+        gr.Markdown(
+            "## attncontrol: make the model draw every subject\n"
+            f"Model: `{runner.model_name}`. Type a prompt, tick the subjects, pick methods, run: the baseline and "
+            "the controlled image use the same seed."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                ui = _request_inputs(gr, runner, limits, params, native)
+            with gr.Column(scale=2):
+                ui.update(_token_and_box_inputs(gr, native))
+        ui.update(_outputs(gr))
+        gr.Examples(examples=example_prompts(), inputs=[ui["prompt"], ui["typed"]],
+                    label="Examples (Attend-and-Excite set)")  # fmt: skip
+        _wire(ui, runner, limits, params, native)
+    return demo
 
-    # Every handler takes its inputs as sent (preprocess=False): Gradio's own checks of a value (a choice not
-    # offered, a number out of a slider's range, a string for a number) would log a traceback for what only an API
-    # client can send. The logic functions check every input instead, and a mistake is a gr.Error without one.
+
+def _request_inputs(gr, runner: Runner, limits: Limits, params: list[Param], native: tuple[int, int]) -> dict:
+    """The request's inputs (prompt, subjects, methods, boxes, sampling, each method's options) and the Run
+    button, by name; ``params``: the inputs of the method options, in ``params``' order."""
+    height0, width0 = native
+    ui: dict[str, Any] = {}
+    ui["prompt"] = gr.Textbox(label="Prompt", value="", placeholder="a cat and a dog", elem_id="prompt")
+    ui["subjects"] = gr.CheckboxGroup(label="Subjects (tick words of the prompt)", choices=[], elem_id="subjects")
+    ui["typed"] = gr.Textbox(
+        label="…or type subjects (comma-separated: words, 'red car', 'cat#2', indices)",
+        elem_id="typed-subjects",
+    )
+    ui["methods"] = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=["attend-excite"], elem_id="methods")
+    ui["boxes"] = gr.Textbox(
+        label="Boxes for refocus (normalised x0,y0,x1,y1)",
+        placeholder="cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9",
+        elem_id="boxes",
+    )
+    with gr.Row():
+        ui["seed"] = gr.Number(label="Seed", value=0, minimum=0)  # no precision: 1.5 is refused, not rounded
+        ui["steps"] = gr.Slider(
+            1, limits.max_steps, value=min(50, limits.max_steps), step=1, label="Steps", elem_id="steps"
+        )
+        ui["guidance"] = gr.Slider(
+            0, limits.max_guidance, value=runner.default_guidance(), step=0.5, label="Guidance scale"
+        )
+    with gr.Row():
+        ui["height"] = gr.Slider(
+            limits.min_side, limits.max_side, value=height0, step=8, label="Height", elem_id="height"
+        )
+        ui["width"] = gr.Slider(limits.min_side, limits.max_side, value=width0, step=8, label="Width", elem_id="width")
+    ui["params"] = []
+    for method in METHODS:
+        with gr.Accordion(f"{method} parameters", open=False):
+            ui["params"] += [_field(gr, p) for p in params if p.method == method]
+    ui["run"] = gr.Button("Run", variant="primary", elem_id="run")
+    return ui
+
+
+def _token_and_box_inputs(gr, native: tuple[int, int]) -> dict:
+    """The token table and the box canvas (with the subject a box is drawn for, and the first corner clicked)."""
+    height0, width0 = native
+    ui: dict[str, Any] = {}
+    ui["tokens"] = gr.Dataframe(headers=["index", "token", "word"], label="Tokens", interactive=False, elem_id="tokens")
+    ui["box_subject"] = gr.Dropdown(label="Draw a box for", choices=[], allow_custom_value=True, elem_id="box-subject")
+    ui["canvas"] = gr.Image(
+        value=draw_boxes({}, (width0, height0)),
+        label="Boxes: click two opposite corners on this canvas (or type them)",
+        type="pil",
+        interactive=False,
+        elem_id="box-canvas",  # no fixed height: with one, clicks on the image are not reported
+    )
+    ui["clear_boxes"] = gr.Button("Clear boxes", size="sm")
+    ui["pending"] = gr.State(None)
+    return ui
+
+
+def _outputs(gr) -> dict:
+    """What a run shows: the two images, the heatmaps, the curves and the one-line summary."""
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        ui["baseline"] = gr.Image(
+            label="Baseline (no control)",
+            type="pil",
+            interactive=False,
+            format="png",
+            height=384,
+            elem_id="baseline",
+        )
+        ui["controlled"] = gr.Image(
+            label="Controlled", type="pil", interactive=False, format="png", height=384, elem_id="controlled"
+        )
+    ui["heatmaps"] = gr.Gallery(
+        label="Attention heatmaps (mean over steps)", columns=4, height="auto", elem_id="heatmaps"
+    )
+    ui["curve"] = gr.LinePlot(
+        x="step", y="value", color="series", label="Loss and weakest subject attention per step", elem_id="curve"
+    )
+    ui["summary"] = gr.Markdown(elem_id="summary")
+    return ui
+
+
+# Every handler takes its inputs as sent (preprocess=False): Gradio's own checks of a value (a choice not offered, a
+# number out of a slider's range, a string for a number) would log a traceback for what only an API client can
+# send. The logic functions check every input instead, and a mistake is a gr.Error without one.
+
+
+def _wire(ui: dict, runner: Runner, limits: Limits, params: list[Param], native: tuple[int, int]) -> None:
+    """The events: a prompt change updates the tokens and the words to tick, the canvas draws boxes, Run runs."""
+    on_prompt, on_canvas_click, on_boxes = _token_and_box_handlers(runner, limits, native)
+    ui["prompt"].change(on_prompt, [ui["prompt"], ui["subjects"]], [ui["tokens"], ui["subjects"], ui["box_subject"]],
+                        queue=False, preprocess=False)  # fmt: skip
+    ui["canvas"].select(on_canvas_click, [ui["pending"], ui["box_subject"], ui["boxes"], ui["height"], ui["width"]],
+                        [ui["pending"], ui["boxes"]], queue=False, preprocess=False)  # fmt: skip
+    ui["clear_boxes"].click(lambda: (None, ""), None, [ui["pending"], ui["boxes"]], queue=False)
+    for trigger in (ui["boxes"].change, ui["height"].change, ui["width"].change):
+        trigger(on_boxes, [ui["boxes"], ui["height"], ui["width"]], ui["canvas"], queue=False, preprocess=False)
+    inputs = ["prompt", "subjects", "typed", "methods", "boxes", "seed", "steps", "guidance", "height", "width"]
+    ui["run"].click(
+        _run_handler(runner, limits, params),
+        [*(ui[name] for name in inputs), *ui["params"]],
+        [ui[name] for name in ("baseline", "controlled", "heatmaps", "curve", "summary")],
+        api_name="run",
+        preprocess=False,
+    )
+
+
+def _token_and_box_handlers(runner: Runner, limits: Limits, native: tuple[int, int]):
+    """The handlers of a prompt change (the token table, the words to tick), a click on the box canvas and a change
+    of the boxes or the size (the canvas redrawn)."""
+    import gradio as gr
+    import pandas as pd
+
     def on_prompt(prompt, picked):
         rows, words, kept = prompt_update(runner.tokenizer, prompt, picked)
         table = pd.DataFrame(rows, columns=["index", "token", "word"])
@@ -88,7 +216,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
 
     def on_canvas_click(pending, subject, text, height, width, evt=None):
         try:  # evt is None when the call came without event data (the API): canvas_click says what it needs
-            return canvas_click(pending, evt, subject, text, height, width, (height0, width0), limits)
+            return canvas_click(pending, evt, subject, text, height, width, native, limits)
         except DemoError as err:
             raise gr.Error(str(err), print_exception=False) from None
 
@@ -96,7 +224,16 @@ def build_demo(runner: Runner, limits: Limits | None = None):
     on_canvas_click.__annotations__["evt"] = Click
 
     def on_boxes(text, height, width):
-        return boxes_canvas(text, height, width, (height0, width0), limits)
+        return boxes_canvas(text, height, width, native, limits)
+
+    return on_prompt, on_canvas_click, on_boxes
+
+
+def _run_handler(runner: Runner, limits: Limits, params: list[Param]):
+    """The Run handler: the request checked, then the two images made in a worker (cancelled when the client
+    leaves); yields the baseline, the controlled image, the heatmaps, the curves and the summary."""
+    import gradio as gr
+    import pandas as pd
 
     track = gr.Progress()  # gradio finds it as the handler's default and reports through it
 
@@ -122,100 +259,7 @@ def build_demo(runner: Runner, limits: Limits | None = None):
         curves = pd.DataFrame(result.curves, columns=["step", "value", "series"])
         yield result.baseline, result.controlled, result.heatmaps, curves, result.summary
 
-    with gr.Blocks(title="attncontrol") as demo:
-        gr.Markdown(
-            "## attncontrol: make the model draw every subject\n"
-            f"Model: `{runner.model_name}`. Type a prompt, tick the subjects, pick methods, run: the baseline and "
-            "the controlled image use the same seed."
-        )
-        with gr.Row():
-            with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", value="", placeholder="a cat and a dog", elem_id="prompt")
-                subjects = gr.CheckboxGroup(label="Subjects (tick words of the prompt)", choices=[], elem_id="subjects")
-                typed = gr.Textbox(
-                    label="…or type subjects (comma-separated: words, 'red car', 'cat#2', indices)",
-                    elem_id="typed-subjects",
-                )
-                methods = gr.CheckboxGroup(
-                    label="Methods", choices=list(METHODS), value=["attend-excite"], elem_id="methods"
-                )
-                boxes = gr.Textbox(
-                    label="Boxes for refocus (normalised x0,y0,x1,y1)",
-                    placeholder="cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9",
-                    elem_id="boxes",
-                )
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, minimum=0)  # no precision: 1.5 is refused, not rounded
-                    steps = gr.Slider(
-                        1, limits.max_steps, value=min(50, limits.max_steps), step=1, label="Steps", elem_id="steps"
-                    )
-                    guidance = gr.Slider(
-                        0, limits.max_guidance, value=runner.default_guidance(), step=0.5, label="Guidance scale"
-                    )
-                with gr.Row():
-                    height = gr.Slider(
-                        limits.min_side, limits.max_side, value=height0, step=8, label="Height", elem_id="height"
-                    )
-                    width = gr.Slider(
-                        limits.min_side, limits.max_side, value=width0, step=8, label="Width", elem_id="width"
-                    )
-                param_inputs = []
-                for method in METHODS:
-                    with gr.Accordion(f"{method} parameters", open=False):
-                        param_inputs += [_field(gr, p) for p in params if p.method == method]
-                run_btn = gr.Button("Run", variant="primary", elem_id="run")
-            with gr.Column(scale=2):
-                token_table = gr.Dataframe(
-                    headers=["index", "token", "word"], label="Tokens", interactive=False, elem_id="tokens"
-                )
-                box_subject = gr.Dropdown(
-                    label="Draw a box for", choices=[], allow_custom_value=True, elem_id="box-subject"
-                )
-                box_preview = gr.Image(
-                    value=draw_boxes({}, (width0, height0)),
-                    label="Boxes: click two opposite corners on this canvas (or type them)",
-                    type="pil",
-                    interactive=False,
-                    elem_id="box-canvas",  # no fixed height: with one, clicks on the image are not reported
-                )
-                clear_boxes = gr.Button("Clear boxes", size="sm")
-                pending = gr.State(None)
-        with gr.Row():
-            baseline = gr.Image(
-                label="Baseline (no control)",
-                type="pil",
-                interactive=False,
-                format="png",
-                height=384,
-                elem_id="baseline",
-            )
-            controlled = gr.Image(
-                label="Controlled", type="pil", interactive=False, format="png", height=384, elem_id="controlled"
-            )
-        heatmaps = gr.Gallery(
-            label="Attention heatmaps (mean over steps)", columns=4, height="auto", elem_id="heatmaps"
-        )
-        curve = gr.LinePlot(
-            x="step", y="value", color="series", label="Loss and weakest subject attention per step", elem_id="curve"
-        )
-        summary = gr.Markdown(elem_id="summary")
-        gr.Examples(examples=example_prompts(), inputs=[prompt, typed], label="Examples (Attend-and-Excite set)")
-
-        raw = dict(preprocess=False)  # see above: the logic functions check every input
-        prompt.change(on_prompt, [prompt, subjects], [token_table, subjects, box_subject], queue=False, **raw)
-        box_preview.select(on_canvas_click, [pending, box_subject, boxes, height, width], [pending, boxes],
-                           queue=False, **raw)  # fmt: skip
-        clear_boxes.click(lambda: (None, ""), None, [pending, boxes], queue=False)
-        for trigger in (boxes.change, height.change, width.change):
-            trigger(on_boxes, [boxes, height, width], box_preview, queue=False, **raw)
-        run_btn.click(
-            run,
-            [prompt, subjects, typed, methods, boxes, seed, steps, guidance, height, width, *param_inputs],
-            [baseline, controlled, heatmaps, curve, summary],
-            api_name="run",
-            **raw,
-        )
-    return demo
+    return run
 
 
 def _field(gr, p):

@@ -14,12 +14,16 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..controls import METHODS, parse_boxes
 from ..controls.options import FieldSpec, build_controls, method_fields, option_value, takes_boxes
 from ..errors import AttnControlError
 from ..tokens import check_text
+
+if TYPE_CHECKING:
+    from ..attention import AttentionMaps
+    from ..run import GenerationResult
 
 # The app's bounds per option (a public demo must not be made to run for hours): by field name, the same name
 # meaning the same thing in every method; other ints 0..100, other floats -1000..1000.
@@ -223,11 +227,34 @@ def build_request(
 ) -> Request:
     """Validate everything a user typed (and whatever a client of the API sends: every field is checked for its
     type too); raise :class:`DemoError` naming the bad value."""
+    prompt = _checked_prompt(prompt, limits)
+    _check_input_types(subjects, methods, boxes_text, params)
+    methods = _checked_methods(methods, subjects, limits)
+    boxes = _checked_boxes(boxes_text, methods, subjects, limits)
+    ints, guidance = _checked_numbers(steps, height, width, seed, guidance_scale, limits)
+    options = _checked_options(methods, params)
+    request = Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance,
+                      ints["height"], ints["width"], options)  # fmt: skip
+    try:  # the one validator, as for the command line (ranges, boxes in [0, 1])
+        build_controls(METHODS, methods, subjects, boxes, options, where="", subjects_from="subjects",
+                       boxes_from="boxes")  # fmt: skip
+    except (ValueError, TypeError) as err:
+        raise DemoError(str(err)) from None
+    return request
+
+
+def _checked_prompt(prompt, limits: Limits) -> str:
+    """The prompt, stripped: valid text, not empty, not longer than the limit."""
     prompt = _text(prompt if prompt is not None else "", "the prompt").strip()
     if not prompt:
         raise DemoError("type a prompt")
     if len(prompt) > limits.max_prompt_chars:
         raise DemoError(f"the prompt has {len(prompt)} characters; at most {limits.max_prompt_chars}")
+    return prompt
+
+
+def _check_input_types(subjects, methods, boxes_text, params) -> None:
+    """The types of the request's lists and texts (what the page sends, whatever an API client sends)."""
     if not isinstance(subjects, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool)
                                                  for s in subjects):  # fmt: skip
         raise DemoError(f"subjects must be a list of words or token indices, got {subjects!r}")
@@ -237,6 +264,10 @@ def build_request(
         _text(boxes_text, "boxes")
     if params is not None and not isinstance(params, dict):
         raise DemoError(f"the method parameters must be a mapping, got {params!r}")
+
+
+def _checked_methods(methods: list[str] | None, subjects: list, limits: Limits) -> list[str]:
+    """The methods (at least one, each known), and no more subjects than the limit."""
     methods = list(methods or [])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -245,6 +276,12 @@ def build_request(
         raise DemoError(f"pick at least one method ({', '.join(METHODS)})")
     if len(subjects) > limits.max_subjects:
         raise DemoError(f"{len(subjects)} subjects; at most {limits.max_subjects}")
+    return methods
+
+
+def _checked_boxes(boxes_text: str | None, methods: list[str], subjects: list, limits: Limits) -> dict | None:
+    """The parsed boxes (None without any): given exactly when a method takes boxes; and subjects for every
+    method that does not."""
     boxes = None
     boxed = [m for m in methods if takes_boxes(METHODS[m])]
     if boxes_text and boxes_text.strip():
@@ -261,6 +298,12 @@ def build_request(
         raise DemoError(f"{' and '.join(boxed)} needs boxes, e.g. 'cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9'")
     if any(m not in boxed for m in methods) and not subjects:
         raise DemoError(f"pick the subjects for {', '.join(m for m in methods if m not in boxed)} (tick or type them)")
+    return boxes
+
+
+def _checked_numbers(steps, height, width, seed, guidance_scale, limits: Limits) -> tuple[dict[str, int], float]:
+    """The whole numbers (steps, height, width, seed: by name) within the limits, the sides multiples of 8; and
+    the guidance scale."""
     ints = {}
     for label, value, lo, hi in (
         ("steps", steps, 1, limits.max_steps),
@@ -277,6 +320,12 @@ def build_request(
     guidance = float(guidance_scale)
     if not 0 <= guidance <= limits.max_guidance:
         raise DemoError(f"guidance scale must be between 0 and {limits.max_guidance}, got {guidance}")
+    return ints, guidance
+
+
+def _checked_options(methods: list[str], params: dict | None) -> dict[str, dict[str, Any]]:
+    """Per chosen method, the parameters the user changed from their defaults, each checked (the parameters of
+    methods not chosen, and unknown fields, are ignored)."""
     options: dict[str, dict[str, Any]] = {m: {} for m in methods}
     by_key = {(p.method, p.name): p for p in method_params()}
     for key, value in (params or {}).items():
@@ -287,14 +336,7 @@ def build_request(
             checked = check_param(by_key[(method, name)], value)
             if checked != by_key[(method, name)].default:
                 options[method][name] = checked
-    request = Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance,
-                      ints["height"], ints["width"], options)  # fmt: skip
-    try:  # the one validator, as for the command line (ranges, boxes in [0, 1])
-        build_controls(METHODS, methods, subjects, boxes, options, where="", subjects_from="subjects",
-                       boxes_from="boxes")  # fmt: skip
-    except (ValueError, TypeError) as err:
-        raise DemoError(str(err)) from None
-    return request
+    return options
 
 
 def canvas_size(height, width, default: tuple[int, int], limits: Limits = Limits()) -> tuple[int, int]:
@@ -410,9 +452,16 @@ class Runner:
     def run(self, req: Request, progress=None, cancel: threading.Event | None = None) -> DemoResult:
         """Baseline then controlled, same seed; ``progress(done, total, what)`` is called after every step. Setting
         ``cancel`` (the client left) stops the run at the end of the current step, the pipeline restored."""
+        outputs = self._generate_pair(req, progress, cancel)
+        base, ctrl = outputs["baseline"], outputs["controlled"]
+        return DemoResult(base.images[0], ctrl.images[0], _heatmaps(req, base, ctrl), _curves(base, ctrl),
+                          _summary(req, base, ctrl))  # fmt: skip
+
+    def _generate_pair(self, req: Request, progress, cancel: threading.Event | None) -> dict[str, GenerationResult]:
+        """The baseline (no control) and the controlled generation of ``req``, by label, one request at a time on
+        the pipeline; each stops at the end of a step once the time limit has passed or ``cancel`` is set."""
         import torch
 
-        from ..attention import attention_metrics
         from ..pipeline import generate
 
         total = 2 * req.steps
@@ -450,26 +499,51 @@ class Runner:
                     raise  # cancelled or over the time limit: already the user's sentence, and its class matters
                 except (AttnControlError, ValueError, TypeError) as err:
                     raise DemoError(str(err)) from None
-        base, ctrl = outputs["baseline"], outputs["controlled"]
-        heatmaps = []
-        for label, out in (("baseline", base), ("controlled", ctrl)):
-            for subject in out.attention.labels[0]:
-                heatmaps.append((out.attention.heatmap(subject), f"{label} · {subject}"))
-        if req.boxes:
-            heatmaps.append((draw_boxes(req.boxes, ctrl.images[0].size, ctrl.images[0]), "controlled · boxes"))
-        curves = []
-        for r in ctrl.trace:
-            for name, values in r.losses.items():
-                curves.append({"step": r.index, "value": float(values[0]), "series": f"{name} loss"})
-        for label, out in (("baseline", base), ("controlled", ctrl)):
-            maps = out.attention.maps[:, 0]
-            for k, step in enumerate(out.attention.steps):
-                weakest = attention_metrics(maps[k : k + 1])["min_subject_attention"]
-                curves.append({"step": step, "value": weakest, "series": f"weakest subject attention ({label})"})
-        mb, mc = base.attention.metrics(), ctrl.attention.metrics()
-        summary = (
-            f"weakest subject attention: baseline {mb['min_subject_attention']:.3f} → controlled "
-            f"{mc['min_subject_attention']:.3f}; subject overlap {mb['subject_overlap']:.3f} → "
-            f"{mc['subject_overlap']:.3f} (seed {req.seed}, {req.steps} steps, {'+'.join(req.methods)})"
-        )
-        return DemoResult(base.images[0], ctrl.images[0], heatmaps, curves, summary)
+        return outputs
+
+
+def _attention(out: GenerationResult) -> AttentionMaps:
+    """The attention maps of one of the app's generations (always asked for: the request's subjects, or the
+    boxes' subjects, never none)."""
+    assert out.attention is not None
+    return out.attention
+
+
+def _heatmaps(req: Request, base: GenerationResult, ctrl: GenerationResult) -> list[tuple[Any, str]]:
+    """Each subject's heatmap in the baseline then the controlled image, and the boxes over the controlled one."""
+    heatmaps = []
+    for label, out in (("baseline", base), ("controlled", ctrl)):
+        maps = _attention(out)
+        for subject in maps.labels[0]:
+            heatmaps.append((maps.heatmap(subject), f"{label} · {subject}"))
+    if req.boxes:
+        heatmaps.append((draw_boxes(req.boxes, ctrl.images[0].size, ctrl.images[0]), "controlled · boxes"))
+    return heatmaps
+
+
+def _curves(base: GenerationResult, ctrl: GenerationResult) -> list[dict]:
+    """The plot's rows ``{step, value, series}``: the controlled run's losses per guided step, then the weakest
+    subject's attention per step of each run."""
+    from ..attention import attention_metrics
+
+    curves = []
+    for r in ctrl.trace:
+        for name, values in r.losses.items():
+            curves.append({"step": r.index, "value": float(values[0]), "series": f"{name} loss"})
+    for label, out in (("baseline", base), ("controlled", ctrl)):
+        attention = _attention(out)
+        maps = attention.maps[:, 0]
+        for k, step in enumerate(attention.steps):
+            weakest = attention_metrics(maps[k : k + 1])["min_subject_attention"]
+            curves.append({"step": step, "value": weakest, "series": f"weakest subject attention ({label})"})
+    return curves
+
+
+def _summary(req: Request, base: GenerationResult, ctrl: GenerationResult) -> str:
+    """One line: the weakest subject's attention and the subjects' overlap, baseline -> controlled."""
+    mb, mc = _attention(base).metrics(), _attention(ctrl).metrics()
+    return (
+        f"weakest subject attention: baseline {mb['min_subject_attention']:.3f} → controlled "
+        f"{mc['min_subject_attention']:.3f}; subject overlap {mb['subject_overlap']:.3f} → "
+        f"{mc['subject_overlap']:.3f} (seed {req.seed}, {req.steps} steps, {'+'.join(req.methods)})"
+    )
