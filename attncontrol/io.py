@@ -104,7 +104,7 @@ class StagedOutputs:
     folder that went away) leaves none of them, and :meth:`discard` removes the temporaries. As a context manager:
     committed when the block ends normally, discarded when it raises."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._files: list[tuple[Path, Path]] = []  # (temporary, target)
         self._folders: list[tuple[Path, Path]] = []
 

@@ -45,7 +45,7 @@ class FluxAdapter(ModelAdapter):
 
         return isinstance(pipe, FluxPipeline) and isinstance(pipe.transformer, FluxTransformer2DModel)
 
-    def __init__(self, pipe):
+    def __init__(self, pipe) -> None:
         super().__init__(pipe)
         self.guidance_scale: float | None = None
         self.text_ids: torch.Tensor | None = None
