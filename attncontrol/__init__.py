@@ -41,6 +41,8 @@ _WHERE = {
     "generate": "pipeline",
     "prepare_run": "pipeline",
     "Run": "run",
+    "ControlRequest": "request",
+    "build_request": "request",
     "TokenTable": "tokens",
     "resolve_subjects": "tokens",
     "tokenize": "tokens",
@@ -54,6 +56,7 @@ __all__ = [
     "BoxDiff",
     "Conform",
     "Control",
+    "ControlRequest",
     "DivideBind",
     "GenerationResult",
     "InitNO",
@@ -78,6 +81,7 @@ __all__ = [
     "resolve_subjects",
     "tokenize",
     "__version__",
+    "build_request",
 ]
 
 
@@ -86,6 +90,11 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
         globals()[name] = value
         return value
+    if name[:1].isupper():  # a method added since this list was written: found in the registry by class name
+        for cls in importlib.import_module(".controls", __name__).METHODS.values():
+            if cls.__name__ == name:
+                globals()[name] = cls
+                return cls
     raise AttributeError(f"module 'attncontrol' has no attribute {name!r}")
 
 
@@ -119,5 +128,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from .guidance import StepRecord
     from .pipeline import GenerationResult, generate, prepare_run
+    from .request import ControlRequest, build_request
     from .run import Run
     from .tokens import TokenTable, resolve_subjects, tokenize

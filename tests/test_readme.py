@@ -62,3 +62,14 @@ def test_readme_attention_example_runs(sd1, tmp_path, monkeypatch):
     exec("import torch\nimport attncontrol\n" + code, namespace)
     assert (tmp_path / "frog_heat.png").is_file() and (tmp_path / "cat_attention.gif").is_file()
     assert set(namespace["att"].metrics()) == {"min_subject_attention", "subject_overlap"}
+
+
+def test_readme_option_tables_are_the_fields_metadata():
+    """The README's option tables are generated from the fields (help, range, default, aliases): a changed default
+    or range without `attncontrol methods --markdown` pasted into the README fails here."""
+    from attncontrol.controls import METHODS
+    from attncontrol.controls.options import options_markdown
+
+    text = README.read_text()
+    block = text.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert block == options_markdown(METHODS)

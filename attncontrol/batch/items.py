@@ -49,21 +49,10 @@ class Item:
 
 
 def checked_controls(names: list[str], subjects, boxes, raw_options: dict, source: str) -> list:
-    """Controls through the one validator, every option checked against its field; errors name ``source``."""
-    from ..controls import METHODS
-    from ..controls.options import build_controls, option_value
+    """Controls through the one request builder, every option checked against its field; errors name ``source``."""
+    from ..request import build_request
 
-    options: dict[str, dict] = {}
-    sources: dict[tuple[str, str], str] = {}
-    for method, fields in raw_options.items():
-        if not isinstance(fields, dict):
-            raise BatchInputError(f"{source}: options.{method} must map fields to values, got {fields!r}")
-        for field_name, value in fields.items():
-            where = f"{source}: options"
-            name, checked = option_value(METHODS, method, field_name, value, where, text=True)
-            options.setdefault(method, {})[name] = checked
-            sources[(method, name)] = f"{where}.{method}.{field_name}"
-    return build_controls(METHODS, names, subjects, boxes, options, sources, where=source)
+    return build_request(names, subjects, boxes, raw_options, text=True, where=source).controls
 
 
 def _method_names(text: str, source: str) -> list[str]:

@@ -17,20 +17,16 @@ from .parser import AE_SHORTCUTS
 
 def controls_from_args(args) -> list:
     """The controls that --methods, --subjects, --boxes, --set and the shortcut flags ask for (no model needed)."""
-    from ..controls import METHODS, parse_boxes
-    from ..controls.options import build_controls
+    from ..request import build_request
 
     default = ",".join(n for n, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
     if args.methods and "none" in [m.strip() for m in args.methods.replace("+", ",").split(",")]:
         raise OptionError("--methods: use --no-control for the baseline")
     names = method_names(args.methods or default or "attend-excite")
     options, sources = options_from_args(args, names)
-    try:
-        boxes = parse_boxes(args.boxes) if args.boxes else None
-    except ValueError as err:
-        raise OptionError(f"--boxes: {err}") from None
-    return build_controls(METHODS, names, args.subjects, boxes, options, sources, subjects_from="--subjects",
-                          boxes_from="--boxes")  # fmt: skip
+    request = build_request(names, args.subjects, args.boxes, options, sources=sources, methods_from="--methods",
+                            subjects_from="--subjects", boxes_from="--boxes")  # fmt: skip
+    return request.controls
 
 
 def _check(args):
@@ -196,14 +192,17 @@ def cmd_tokens(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    """Every method, every option: name, type, default, meaning (from the dataclasses)."""
+    """Every method, every option: name, type, default, range, meaning (from the fields' metadata); with
+    ``--markdown`` the README's option tables."""
     from ..controls import METHODS
-    from ..controls.options import method_fields, method_key
+    from ..controls.options import method_fields, options_markdown, show_value
+    from ..request import method_list
 
-    names = [method_key(args.method)] if args.method else list(METHODS)
+    names = method_list(args.method, "attncontrol methods") if args.method else list(METHODS)
+    if getattr(args, "markdown", False):
+        print(options_markdown({name: METHODS[name] for name in names}))
+        return 0
     for name in names:
-        if name not in METHODS:
-            raise OptionError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
         cls = METHODS[name]
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the whole first paragraph
         # the class name once: "SynGen: ...", not "SynGen: SynGen: ..."
@@ -211,16 +210,9 @@ def cmd_methods(args) -> int:
         print(f"{name}  ({label})")
         for spec in method_fields(cls):
             alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""
-            print(f"  {spec.name}{alias}: {spec.type_text} = {json.dumps(_show(spec.default))}")
+            bounds = f"  [{spec.range_text()}]" if spec.range_text() else ""
+            print(f"  {spec.name}{alias}: {spec.type_text} = {json.dumps(show_value(spec.default))}{bounds}")
             print(f"      {spec.help}")
         print()
     print('Set any option with --set METHOD.FIELD=VALUE (generate, batch), a batch line\'s "options", or the app.')
     return 0
-
-
-def _show(value):
-    if isinstance(value, tuple):
-        return [_show(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _show(v) for k, v in value.items()}
-    return value

@@ -205,4 +205,5 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder or `shapes` whose tokenizer to use")
     met = sub.add_parser("methods", help="list every method, its options, their types, defaults and meaning")
     met.add_argument("method", nargs="?", help="only this method")
+    met.add_argument("--markdown", action="store_true", help="the options as the README's Markdown tables")
     return parser

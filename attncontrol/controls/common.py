@@ -143,7 +143,7 @@ def scale_range_field(help: str = "the step size's schedule from its first to it
 
 def thresholds_field(default: Callable[[], dict[int, float]], help: str, high: float | None = 1.0):
     """``{step: T}``: a refinement target per step index."""
-    return option(factory=default, help=help, keys=Range(0), items=Range(0, high), unit="steps")
+    return option(factory=default, help=help, keys=Range(0), items=Range(0, high))
 
 
 def count_field(default: int, help: str, low: int = 0, app: tuple[float, float] | None = None):

@@ -62,11 +62,12 @@ class FieldSpec:
             parts.append("one of " + ", ".join(repr(c) for c in m.choices))
         if m.range is not None:
             parts.append(m.range.text())
+        if m.keys is not None:
+            parts.append(f"keys {m.keys.text()}")
         if m.items is not None:
-            parts.append(f"each {m.items.text()}")
-        if m.unit:
-            parts.append(m.unit)
-        return " ".join(parts)
+            parts.append(f"{'values' if m.keys is not None else 'each'} {m.items.text()}")
+        text = ", ".join(parts)
+        return f"{text} ({m.unit})" if text and m.unit else text or (m.unit or "")
 
 
 def _arms(tp) -> tuple:
@@ -86,7 +87,8 @@ def method_fields(cls) -> list[FieldSpec]:
             continue
         factory = f.default_factory
         default = f.default if f.default is not dataclasses.MISSING else factory() if callable(factory) else None
-        specs.append(FieldSpec(cls.method, f.name, hints[f.name], str(f.type), default, m.help, m.aliases, m))
+        text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        specs.append(FieldSpec(cls.method, f.name, hints[f.name], text, default, m.help, m.aliases, m))
     return specs
 
 
@@ -334,3 +336,48 @@ def _source_of(message: str, method: str, kwargs: dict, sources: dict) -> str | 
         if re.search(rf"\b{re.escape(name)}\b", message) and (method, name) in sources:
             return sources[(method, name)]
     return None
+
+
+def show_value(value):
+    """A default as the command line and JSON write it (tuples as lists, dict keys as text)."""
+    if isinstance(value, tuple):
+        return [show_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): show_value(v) for k, v in value.items()}
+    return value
+
+
+def own_fields(cls) -> set[str]:
+    """The fields a method's class declares or overrides (not those it inherits unchanged from its base)."""
+    base = {f.name: f for f in dataclasses.fields(cls.__mro__[1])} if dataclasses.is_dataclass(cls.__mro__[1]) else {}
+    return {f.name for f in dataclasses.fields(cls) if base.get(f.name) is not f}
+
+
+def options_table(cls, names: set[str] | None = None) -> str:
+    """A method's options (or those in ``names``) as a Markdown table (option, default, range, meaning), from its
+    fields' metadata."""
+    rows = ["| option | default | range | meaning |", "|---|---|---|---|"]
+    for spec in method_fields(cls):
+        if names is not None and spec.name not in names:
+            continue
+        name = f"`{spec.name}`" + "".join(f" (`{a}`)" for a in spec.aliases)
+        default = f"`{json.dumps(show_value(spec.default))}`"
+        meaning = spec.help.replace("|", "\\|")
+        rows.append(f"| {name} | {default} | {spec.range_text()} | {meaning} |")
+    return "\n".join(rows)
+
+
+def options_markdown(methods: dict) -> str:
+    """Every method's options as the README shows them (``attncontrol methods --markdown``): the options the
+    map-reading methods share, then each method's own (its class's fields)."""
+    from .common import GuidanceOptions
+
+    parts = [
+        "Shared by every method that reads maps and moves the latents (all but `regulate`, which has `start`, "
+        "`stop` and its own options below):",
+        "",
+        options_table(GuidanceOptions),
+    ]
+    for key, cls in methods.items():
+        parts += ["", f"`{key}` ({cls.__name__}):", "", options_table(cls, own_fields(cls))]
+    return "\n".join(parts)

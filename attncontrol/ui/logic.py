@@ -4,11 +4,12 @@
 ``app.py`` holds only the layout and turns :class:`DemoError` into ``gr.Error``; everything here is plain Python
 and unit-tested. Method parameters come from the controls' dataclasses (:func:`method_params`), so a new method
 appears in the app with its defaults by being added to ``attncontrol.controls.METHODS``; every value a user types
-is checked by the same validator as the command line's and bounded (:data:`APP_RANGES`).
+is checked by the same validator as the command line's and bounded (the fields' ``app`` bounds).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -17,21 +18,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..controls import METHODS, parse_boxes
-from ..controls.options import FieldSpec, build_controls, method_fields, option_value, takes_boxes
+from ..controls.options import FieldSpec, method_fields, option_value, show_value, takes_boxes
 from ..errors import AttnControlError
+from ..request import build_request as build_control_request
+from ..request import method_list
 from ..tokens import check_text
 
 if TYPE_CHECKING:
     from ..attention import AttentionMaps
     from ..run import GenerationResult
 
-# The app's bounds per option (a public demo must not be made to run for hours): by field name, the same name
-# meaning the same thing in every method; other ints 0..100, other floats -1000..1000.
-APP_RANGES: dict[str, tuple[float, float]] = {
-    "start": (0, 1000), "stop": (0, 1000), "max_refinement_steps": (0, 50), "iterations": (1, 100),
-    "early_steps": (0, 1000), "kernel_size": (1, 9), "seed": (0, 2**31 - 1), "scale_factor": (0, 2000),
-    "softmax_scale": (0.1, 1000), "lr": (0, 1e4), "velocity_scale": (0, 1000),
-}  # fmt: skip
+# The app's bounds on a number option (a public demo must not be made to run for hours): the field's own ``app``
+# bounds where its metadata gives them, else its range within these.
 DEFAULT_RANGES = {"int": (0, 100), "float": (-1000.0, 1000.0)}
 
 
@@ -75,17 +73,23 @@ class Param:
 
     @property
     def bounds(self) -> tuple[float, float] | None:
+        """The field's ``app`` bounds (its metadata), else its range within :data:`DEFAULT_RANGES`."""
         if self.kind not in ("int", "float"):
             return None
-        return APP_RANGES.get(self.name, DEFAULT_RANGES[self.kind])
+        lo, hi = DEFAULT_RANGES[self.kind]
+        meta = self.spec.meta if self.spec is not None else None
+        if meta is not None and meta.app is not None:
+            return meta.app
+        if meta is not None and meta.range is not None:
+            lo = lo if meta.range.low is None else max(lo, meta.range.low)
+            hi = hi if meta.range.high is None else min(hi, meta.range.high)
+        return lo, hi
 
     def shown(self) -> Any:
         """The default as the app shows it (a text field gets the command line's form)."""
         if self.kind != "text":
             return self.default
-        from ..cli.commands import _show
-
-        return "" if self.default is None else __import__("json").dumps(_show(self.default))
+        return "" if self.default is None else json.dumps(show_value(self.default))
 
 
 def method_params(methods: dict | None = None) -> list[Param]:
@@ -205,6 +209,7 @@ class Request:
     height: int
     width: int
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    controls: list = field(default_factory=list)  # built by build_request from the fields above
 
     @property
     def observed(self) -> list:
@@ -233,14 +238,14 @@ def build_request(
     boxes = _checked_boxes(boxes_text, methods, subjects, limits)
     ints, guidance = _checked_numbers(steps, height, width, seed, guidance_scale, limits)
     options = _checked_options(methods, params)
-    request = Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance,
-                      ints["height"], ints["width"], options)  # fmt: skip
-    try:  # the one validator, as for the command line (ranges, boxes in [0, 1])
-        build_controls(METHODS, methods, subjects, boxes, options, where="", subjects_from="subjects",
-                       boxes_from="boxes")  # fmt: skip
+    # the one request builder, as for the command line and batch files (ranges, boxes in [0, 1])
+    sources = {(m, n): f"the field '{m} · {n.replace('_', ' ')}'" for m, fields in options.items() for n in fields}
+    try:
+        controls = build_control_request(methods, subjects, boxes, options, sources=sources).controls
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from None
-    return request
+    return Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance, ints["height"],
+                   ints["width"], options, controls)  # fmt: skip
 
 
 def _checked_prompt(prompt, limits: Limits) -> str:
@@ -268,10 +273,10 @@ def _check_input_types(subjects, methods, boxes_text, params) -> None:
 
 def _checked_methods(methods: list[str] | None, subjects: list, limits: Limits) -> list[str]:
     """The methods (at least one, each known), and no more subjects than the limit."""
-    methods = list(methods or [])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise DemoError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    try:  # the one parser of method names (unknown ones, repeats)
+        methods = method_list(list(methods or []), "methods")
+    except AttnControlError as err:
+        raise DemoError(str(err)) from None
     if not methods:
         raise DemoError(f"pick at least one method ({', '.join(METHODS)})")
     if len(subjects) > limits.max_subjects:
@@ -465,7 +470,7 @@ class Runner:
         from ..pipeline import generate
 
         total = 2 * req.steps
-        controls = build_controls(METHODS, req.methods, req.subjects, req.boxes, req.options)
+        controls = req.controls
         device = self.pipe._execution_device
         gen_device = "cpu" if device.type == "mps" else device
         outputs = {}

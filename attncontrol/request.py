@@ -1,0 +1,107 @@
+"""One request, whatever the front end: the command line, a batch line, the app and Python all turn what a user
+gave (methods, per-method options, subjects, boxes, pipeline arguments) into a :class:`ControlRequest` through
+:func:`build_request`, so every value meets the same checks and every error names where the value came from
+(``--set astar.scale_factor=abc``, ``prompts.jsonl:3: options.refocus.tiered``, ``the field 'astar · lr'``).
+Torch-free: the command line validates a request before it loads a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .controls import METHODS
+from .controls.boxes import parse_boxes
+from .controls.options import build_controls, method_key, option_value, parse_methods
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A validated request: the methods (registry keys, in the order given), each method's options (canonical
+    field names, checked values), the subjects, the boxes, the controls built from them, where each option came
+    from, and the pipeline arguments as given (checked by :func:`attncontrol.generate`)."""
+
+    methods: tuple[str, ...]
+    options: dict[str, dict[str, Any]]
+    subjects: list | None
+    boxes: dict | None
+    controls: list
+    sources: dict[tuple[str, str], str] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+
+
+def method_list(methods: str | Sequence[str] | None, where: str = "methods") -> list[str]:
+    """Registry keys from ``"attend-excite,refocus"`` (or ``+``; ``_`` for ``-``; ``"none"`` alone: []) or from a
+    list of such names: each known and given once."""
+    if methods is None or isinstance(methods, str):
+        return parse_methods(methods, METHODS, where)
+    if not all(isinstance(m, str) for m in methods):
+        raise OptionError(f"{where} must be a list of method names ({', '.join(METHODS)}), got {list(methods)!r}")
+    if not methods:
+        return []
+    return parse_methods(",".join(methods), METHODS, where)
+
+
+def checked_options(
+    names: list[str],
+    options: dict | None,
+    text: bool,
+    sources: dict[tuple[str, str], str] | None = None,
+    where: str = "options",
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """``{method: {field: value}}`` (method and field names with ``-`` or ``_``, published aliases too), each value
+    checked against its field (``text``: parsed from text): (options by canonical names, source of each).
+    ``sources[(method, field)]`` names where a value came from; otherwise ``where``."""
+    out: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    for method, fields in (options or {}).items():
+        if not isinstance(fields, dict):
+            raise OptionError(f"{where}.{method} must map fields to values, got {fields!r}")
+        for name, value in fields.items():
+            source = (sources or {}).get((method, name)) or where
+            canonical, checked = option_value(METHODS, method, name, value, source, text)
+            key = method_key(method)  # known: option_value checked it
+            if key not in names:
+                raise OptionError(f"{source}: {key} is not among the methods {', '.join(names) or 'none'}")
+            if (key, canonical) in origin:
+                raise OptionError(f"{source} sets {key}.{canonical}, which {origin[(key, canonical)]} already sets; "
+                                  "give it once")  # fmt: skip
+            out.setdefault(key, {})[canonical] = checked
+            origin[(key, canonical)] = source
+    return out, origin
+
+
+def build_request(
+    methods: str | Sequence[str] | None,
+    subjects: Sequence | None = None,
+    boxes: dict | str | None = None,
+    options: dict | None = None,
+    *,
+    text: bool = False,
+    sources: dict[tuple[str, str], str] | None = None,
+    where: str = "",
+    methods_from: str = "methods",
+    subjects_from: str = "subjects",
+    boxes_from: str = "boxes",
+    options_from: str = "options",
+    pipeline: dict[str, Any] | None = None,
+) -> ControlRequest:
+    """The one way in: methods (text or a list), subjects, boxes (a dict or ``"cat=x0,y0,x1,y1;dog=..."``) and
+    per-method options, checked and built into controls. ``text``: option values are text (command line, app,
+    files); ``sources`` says where each (method, field) came from, ``*_from`` how the front end names its inputs,
+    ``where`` the request's own source (a file line), prefixed to every error. Raises
+    :class:`~attncontrol.errors.OptionError` (:class:`~attncontrol.errors.OptionTypeError` for a wrong type)."""
+    prefix = f"{where}: " if where else ""
+    names = method_list(methods, f"{prefix}{methods_from}")
+    if isinstance(boxes, str):
+        try:
+            boxes = parse_boxes(boxes) if boxes.strip() else None
+        except ValueError as err:
+            raise OptionError(f"{prefix}{boxes_from}: {err}") from None
+    checked, origin = checked_options(names, options, text, sources, f"{prefix}{options_from}")
+    controls = build_controls(METHODS, names, list(subjects) if subjects else None, boxes, checked, origin,
+                              where=where, subjects_from=subjects_from, boxes_from=boxes_from)  # fmt: skip
+    subject_list = list(subjects) if subjects else None
+    return ControlRequest(tuple(names), checked, subject_list, boxes, controls, origin, dict(pipeline or {}))
