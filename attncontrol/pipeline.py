@@ -22,11 +22,11 @@ import torch
 
 from .attention import AttentionObserver, subjects_of
 from .controls.base import Control, ControlContext, PreparedEditor
+from .controls.vocabulary import MapKey
 from .errors import OptionError, OptionTypeError, UnsupportedPipelineError
 from .limits import check_image_size
 from .models import ModelAdapter, PromptBatch, get_adapter
 from .run import GenerationResult, Run
-from .store import MapKey
 from .tokens import check_text
 
 __all__ = ["GenerationResult", "Run", "generate", "prepare_run"]

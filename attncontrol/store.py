@@ -39,18 +39,6 @@ class AttnLayer:
         return self.processor.removesuffix(".processor")
 
 
-@dataclass(frozen=True)
-class MapKey:
-    """Which maps a control reads: ``kind`` at token ``grid`` from the layers of ``blocks`` (None: the family's
-    default layers at that grid), ``normalise`` "all" (the layer's own softmax over all its keys) or "text"
-    (joint layers: renormalised over the text keys)."""
-
-    kind: str
-    grid: tuple[int, int]
-    blocks: tuple[int, ...] | None = None
-    normalise: str = "all"
-
-
 def grid_after(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
     """(rows, cols) of a token grid after ``level`` stride-2 halvings of the latent grid (rounding up)."""
     rows, cols = latent_hw

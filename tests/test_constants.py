@@ -10,9 +10,10 @@ import torch
 
 from attncontrol import Refocus, Regulate
 from attncontrol.controls.base import ControlContext, StepInfo
+from attncontrol.controls.vocabulary import MapKey
 from attncontrol.guidance import GuidanceEngine
 from attncontrol.losses import CARWeights, car_loss, gaussian_bumps
-from attncontrol.store import AttentionStore, AttnLayer, MapKey
+from attncontrol.store import AttentionStore, AttnLayer
 
 PROMPT = "a cat and a dog"  # tokens: 0 <start>, 1 a, 2 cat, 3 and, 4 a, 5 dog, 6 <end>, 7.. padding
 CAT, DOG = 2, 5

@@ -10,6 +10,7 @@ import torch
 import attncontrol
 from attncontrol import BoxDiff, Conform, DivideBind, InitNO, OptionError, SubjectError, SynGen
 from attncontrol.controls import ControlContext, StepInfo
+from attncontrol.controls.vocabulary import MapKey
 from attncontrol.losses import (
     binding_divergence,
     boxdiff_loss,
@@ -28,7 +29,6 @@ from attncontrol.losses import (
     total_variation,
 )
 from attncontrol.ops import gaussian_smooth, token_softmax
-from attncontrol.store import MapKey
 
 from .conftest import processor_snapshot, seeded
 

@@ -13,9 +13,10 @@ import torch
 
 from attncontrol import AttendExcite, Refocus
 from attncontrol.controls.base import ControlContext, StepInfo
+from attncontrol.controls.vocabulary import MapKey
 from attncontrol.guidance import GuidanceEngine
 from attncontrol.losses import CARWeights, car_loss, sar_loss
-from attncontrol.store import AttentionStore, AttnLayer, MapKey
+from attncontrol.store import AttentionStore, AttnLayer
 
 PROMPT = "a cat and a dog"
 R = 4  # the stand-in's token grid

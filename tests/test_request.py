@@ -90,7 +90,7 @@ def test_plans_are_pure_and_evaluations_write_no_state(tokenizer, method):
     import torch
 
     from attncontrol.controls import ControlContext, StepInfo
-    from attncontrol.store import MapKey
+    from attncontrol.controls.vocabulary import MapKey
 
     ctx = ControlContext.simple(tokenizer, ["a red cat and a dog"], (8, 8), (4, 4), 30)
     prepared = METHODS[method](**GUIDED[method], attn_res=(4, 4)).prepare(ctx)

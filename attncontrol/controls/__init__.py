@@ -6,22 +6,12 @@ The methods' classes are attributes of this package by their class names (``attn
 import importlib
 import pkgutil
 
-from .base import (
-    METHODS,
-    Control,
-    ControlContext,
-    Evaluation,
-    PreparedControl,
-    PreparedEditor,
-    Row,
-    StepInfo,
-    StepPlan,
-    register,
-)
+from .base import METHODS, Control, ControlContext, PreparedControl, PreparedEditor, register
 from .boxes import parse_boxes
+from .vocabulary import Evaluation, Row, StepInfo, StepPlan
 
 # the seam's own modules; every other module here is a method
-_INFRASTRUCTURE = {"base", "boxes", "common", "fields", "options"}
+_INFRASTRUCTURE = {"base", "boxes", "common", "fields", "options", "vocabulary"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
@@ -34,6 +24,7 @@ __all__ = [
     "Control",
     "ControlContext",
     "Evaluation",
+    "MapKey",
     "PreparedControl",
     "PreparedEditor",
     "Row",

@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import torch
-from .base import ControlContext, Evaluation, PreparedControl, StepInfo, StepPlan, register, subjects_field, window_stop
+from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, scale_factor_field, scale_range_field
 from .fields import NON_NEGATIVE, Range, option
+from .vocabulary import Evaluation, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 

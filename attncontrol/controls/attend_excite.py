@@ -6,17 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import torch
-from .base import (
-    ControlContext,
-    Evaluation,
-    PreparedControl,
-    StepInfo,
-    StepPlan,
-    loss_above,
-    register,
-    subjects_field,
-    window_stop,
-)
+from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
 from .common import (
     GuidanceOptions,
     TokenMaps,
@@ -27,6 +17,7 @@ from .common import (
     subject_maps,
     thresholds_field,
 )
+from .vocabulary import Evaluation, StepInfo, StepPlan, loss_above
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .._lazy import torch
 from ..errors import SubjectError
-from .base import ControlContext, Evaluation, PreparedControl, Row, StepInfo, StepPlan, register, window_stop
+from .base import ControlContext, PreparedControl, register, window_stop
 from .boxes import box_field_check
 from .common import (
     GuidanceOptions,
@@ -21,6 +21,7 @@ from .common import (
     thresholds_field,
 )
 from .fields import Range, option
+from .vocabulary import Evaluation, Row, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ from typing import cast
 from .._lazy import np, torch
 from ..errors import OptionError, ResolutionError
 from ..ops import gaussian_smooth, token_softmax
-from ..store import MapKey
 from .base import Control, ControlContext
 from .fields import COUNT, Range, option
+from .vocabulary import MapKey
 
 
 def normalise_attn_res(value, where: str = "attn_res") -> tuple[int, int] | None:

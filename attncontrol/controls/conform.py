@@ -8,17 +8,7 @@ from dataclasses import dataclass
 
 from .._lazy import torch
 from ..ops import gaussian_smooth, token_softmax
-from .base import (
-    ControlContext,
-    Evaluation,
-    PreparedControl,
-    StepInfo,
-    StepPlan,
-    loss_above,
-    register,
-    subjects_field,
-    window_stop,
-)
+from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
 from .common import (
     GuidanceOptions,
     TokenMaps,
@@ -29,6 +19,7 @@ from .common import (
     scale_range_field,
 )
 from .fields import POSITIVE, Range, option
+from .vocabulary import Evaluation, StepInfo, StepPlan, loss_above
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 

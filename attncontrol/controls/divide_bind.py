@@ -9,18 +9,7 @@ from dataclasses import dataclass
 
 from .._lazy import F, torch
 from ..ops import gaussian_smooth, token_softmax
-from ..store import MapKey
-from .base import (
-    ControlContext,
-    Evaluation,
-    PreparedControl,
-    Row,
-    StepInfo,
-    StepPlan,
-    register,
-    subjects_field,
-    window_stop,
-)
+from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
 from .common import (
     GuidanceOptions,
     TokenMaps,
@@ -32,6 +21,7 @@ from .common import (
     thresholds_field,
 )
 from .fields import option
+from .vocabulary import Evaluation, MapKey, Row, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 

@@ -11,20 +11,10 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..errors import OptionError
 from ..ops import gaussian_smooth
-from ..store import MapKey
-from .base import (
-    ControlContext,
-    Evaluation,
-    PreparedControl,
-    Row,
-    StepInfo,
-    StepPlan,
-    register,
-    subjects_field,
-    window_stop,
-)
+from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
 from .common import GuidanceOptions, TokenMaps, ae_step_sizes, count_field, scale_factor_field, scale_range_field
 from .fields import POSITIVE, Range, option
+from .vocabulary import Evaluation, MapKey, Row, StepInfo, StepPlan
 
 logger = logging.getLogger(__name__)
 

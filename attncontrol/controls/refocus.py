@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..errors import OptionError, SubjectError
 from ..limits import MAX_ITERATIONS
-from ..store import MapKey
-from .base import ControlContext, Evaluation, PreparedControl, Row, StepInfo, StepPlan, register
+from .base import ControlContext, PreparedControl, register
 from .boxes import box_field_check, parse_boxes
 from .common import GuidanceOptions, TokenMaps
 from .fields import NON_NEGATIVE, Range, option
+from .vocabulary import Evaluation, MapKey, Row, StepInfo, StepPlan
 
 __all__ = ["CARWeights", "Refocus", "box_mask", "car_loss", "parse_boxes", "sar_loss"]
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import torch
-from ..store import MapKey
 from .base import Control, ControlContext, PreparedEditor, register, subjects_field, window_stop
 from .common import attn_res_field, count_field, resolve_attn_res
 from .fields import NON_NEGATIVE, UNIT, option
+from .vocabulary import MapKey
 
 # -- the objective -----------------------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import torch
-from .base import ControlContext, Evaluation, PreparedControl, StepInfo, StepPlan, register, subjects_field, window_stop
+from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
 from .common import GuidanceOptions, TokenMaps, binding_groups
 from .fields import POSITIVE, option
+from .vocabulary import Evaluation, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 
