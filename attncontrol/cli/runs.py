@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -18,18 +17,6 @@ def progress_note() -> str:
     if "done" in STATUS:
         return f" after {STATUS['done']} done ({STATUS.get('failed', 0)} failed); rerun the same command to resume"
     return ""
-
-
-def _init_distributed(world: int):
-    """torch.distributed for the processes that ``accelerate launch`` / ``torchrun`` started (gloo on CPU)."""
-    if world <= 1:
-        return None
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist
 
 
 def _batch_items(args):
@@ -73,6 +60,7 @@ def _list_prompt_sets() -> int:
 def cmd_batch(args) -> int:
     from ..batch import finished_keys, run
     from ..batch.state import remove_stale_temporaries
+    from ..batch.workers import Workers
     from ..loading import load_pipeline
 
     if args.prompt_set == "list":
@@ -85,35 +73,22 @@ def cmd_batch(args) -> int:
     preflight.check_model(args.model)
     preflight.check_steps(args.model, args.steps)
     preflight.check_size(args.model, args.height, args.width)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dist = _init_distributed(world)
-    if rank == 0:
+    workers = Workers.from_env()
+    if workers.first:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # of a run that was killed (recent ones may be another worker's)
         _merge(out)
-    if dist is not None:
-        dist.barrier()
+    workers.barrier()
     done_keys = finished_keys(out)  # read by every process before any process writes
-    if dist is not None:
-        dist.barrier()
-    device = args.device
-    if device is None and world > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    workers.barrier()
+    device = workers.device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     STATUS.update(done=0, failed=0)
-    done, skipped, failed, seconds = run(items, out, pipe, settings, rank, world, done_keys=done_keys, status=STATUS)
-    if dist is not None:
-        import torch
-
-        counts = torch.tensor([done, failed], dtype=torch.int64, device=pipe._execution_device)
-        dist.all_reduce(counts)
-        done, failed = (int(x) for x in counts.tolist())
-        dist.barrier()
-    if rank == 0:
+    done, skipped, failed, seconds = run(items, out, pipe, settings, workers.rank, workers.world,
+                                         done_keys=done_keys, status=STATUS)  # fmt: skip
+    done, failed = workers.total([done, failed], pipe._execution_device)
+    if workers.first:
         _merge(out)
         rate = 60 * done / seconds if seconds > 0 else 0.0
         print(f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
