@@ -148,3 +148,26 @@ def test_method_names_take_either_spelling(methods, expected):
 def test_request_errors_name_their_source(kwargs, error, message):
     with pytest.raises(error, match=message):
         build_request(**kwargs)
+
+
+def test_the_docs_example_method_runs_end_to_end(sd1):
+    """docs/methods.md's complete example registers, checks its options and guides a run on the tiny model."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {"__name__": "docs_example"}
+    try:
+        exec(compile(code, "docs/methods.md", "exec"), namespace)
+        assert "weakest-mean" in METHODS
+        (control,) = build_request(
+            "weakest_mean", ["cat"], options={"weakest-mean": {"step-size": "5"}}, text=True
+        ).controls
+        assert control.step_size == 5.0
+        with pytest.raises(OptionError, match="step_size must be > 0"):
+            build_request("weakest-mean", ["cat"], options={"weakest-mean": {"step_size": 0}})
+        out = attncontrol.generate(sd1, "a cat and a dog", [control], num_inference_steps=3, output_type="latent",
+                                   generator=__import__("torch").Generator().manual_seed(0))  # fmt: skip
+        assert out.trace[0].losses["weakest-mean"] and out.trace[0].updated == [True]
+    finally:
+        METHODS.pop("weakest-mean", None)
