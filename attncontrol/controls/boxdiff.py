@@ -8,12 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._lazy import torch
-from ..errors import SubjectError
 from .base import ControlContext, PreparedControl, register, window_stop
-from .boxes import box_field_check
+from .boxes import box_field_check, box_maps
 from .common import (
     GuidanceOptions,
-    TokenMaps,
     ae_step_sizes,
     count_field,
     scale_factor_field,
@@ -135,11 +133,7 @@ class PreparedBoxDiff(PreparedControl):
     def __init__(self, cfg: BoxDiff, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
-        try:
-            maps = TokenMaps(cfg, ctx, cfg.subjects)
-        except SubjectError as err:
-            raise SubjectError(f"BoxDiff boxes: {err}") from None
-        self.bind_maps(maps, cfg, ctx)
+        self.bind_maps(box_maps(cfg, ctx, "BoxDiff"), cfg, ctx)
         self.boxes = list(cfg.boxes.values())
         self.step_sizes = ae_step_sizes(cfg, ctx.num_steps)
 

@@ -51,6 +51,18 @@ def parse_boxes(text: str) -> dict[str, list[tuple[float, float, float, float]]]
     return boxes
 
 
+def box_maps(cfg, ctx, method: str):
+    """The per-subject maps of a box-driven method: the boxes' subjects resolved in the prompt (an error names
+    the method's boxes)."""
+    from ..errors import SubjectError
+    from .common import TokenMaps
+
+    try:
+        return TokenMaps(cfg, ctx, cfg.subjects)
+    except SubjectError as err:
+        raise SubjectError(f"{method} boxes: {err}") from None
+
+
 def box_field_check(one_per_subject: bool, method: str):
     """The ``boxes`` field's check: a non-empty ``{subject: box or boxes}``, each box four numbers in [0, 1] with
     x0 < x1 and y0 < y1; with ``one_per_subject`` each subject has one box (returned as the box itself)."""

@@ -230,6 +230,11 @@ def focus_subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]]) -> t
     return torch.stack(out)
 
 
+def bindings_field(help: str):
+    """``{noun: [modifier, ...]}``: more modifiers per noun than the phrase subjects give."""
+    return option(factory=dict, help=help)
+
+
 def binding_groups(ctx: ControlContext, subjects, bindings: dict) -> list[list[tuple[list, tuple]]]:
     """Per image, the (modifier words, noun word) groups: a phrase subject binds its leading words to its last
     word (``"red car"``: red -> car); ``bindings={"car": ["red", "shiny"]}`` adds modifiers to a noun (a subject or

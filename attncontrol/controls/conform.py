@@ -14,6 +14,7 @@ from .common import (
     TokenMaps,
     ae_step_sizes,
     binding_groups,
+    bindings_field,
     count_field,
     scale_factor_field,
     scale_range_field,
@@ -51,8 +52,9 @@ class Conform(GuidanceOptions):
 
     subjects: list = subjects_field("each subject is one group of positives: a noun, or a phrase ('red car': red "
                                     "and car).")  # fmt: skip
-    bindings: dict[str, tuple[str, ...]] = option(factory=dict, help="more attributes per noun, {'car': ['red']}, "
-                                                  "joining its group.")  # fmt: skip
+    bindings: dict[str, tuple[str, ...]] = bindings_field(
+        "more attributes per noun, {'car': ['red']}, joining its group."
+    )
     temperature: float = option(0.5, "of the NT-Xent loss (official: 0.5).", range=POSITIVE)
     token_softmax: bool = option(False, "x softmax_scale softmax over the tokens before taking each token's map "
                                  "(official pipeline default True; the official notebook, whose settings we follow, "

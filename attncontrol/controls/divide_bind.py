@@ -15,6 +15,7 @@ from .common import (
     TokenMaps,
     ae_step_sizes,
     binding_groups,
+    bindings_field,
     count_field,
     scale_factor_field,
     scale_range_field,
@@ -85,8 +86,9 @@ class DivideBind(GuidanceOptions):
 
     subjects: list = subjects_field("nouns, or phrases whose leading words are the noun's attributes ('red car': "
                                     "attribute red).")  # fmt: skip
-    bindings: dict[str, tuple[str, ...]] = option(factory=dict, help="more attributes per noun, {'car': ['red', "
-                                                  "'shiny']} (also for nouns that are subjects).")  # fmt: skip
+    bindings: dict[str, tuple[str, ...]] = bindings_field(
+        "more attributes per noun, {'car': ['red', 'shiny']} (also for nouns that are subjects)."
+    )
     scale_factor: float = scale_factor_field()
     scale_range: tuple[float, float] = scale_range_field()
     thresholds: dict[int, float] = thresholds_field(

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import torch
-from ..errors import OptionError, SubjectError
+from ..errors import OptionError
 from ..limits import MAX_ITERATIONS
 from .base import ControlContext, PreparedControl, register
-from .boxes import box_field_check, parse_boxes
-from .common import GuidanceOptions, TokenMaps
+from .boxes import box_field_check, box_maps, parse_boxes
+from .common import GuidanceOptions
 from .fields import NON_NEGATIVE, Range, option
 from .vocabulary import Evaluation, MapKey, Row, StepInfo, StepPlan
 
@@ -187,11 +187,7 @@ class PreparedRefocus(PreparedControl):
     def __init__(self, cfg: Refocus, ctx: ControlContext):
         self.cfg = cfg
         self.bind_window(cfg, ctx.num_steps)
-        try:
-            maps = TokenMaps(cfg, ctx, cfg.subjects)
-        except SubjectError as err:
-            raise SubjectError(f"Refocus boxes: {err}") from None
-        self.bind_maps(maps, cfg, ctx)
+        self.bind_maps(box_maps(cfg, ctx, "Refocus"), cfg, ctx)
         ctx.select(MapKey("self", self.resolution, cfg.block_tuple))  # the layers SAR reads exist
         self.boxes = list(cfg.boxes.values())
 

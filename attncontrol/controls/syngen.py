@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .._lazy import torch
 from .base import ControlContext, PreparedControl, register, subjects_field, window_stop
-from .common import GuidanceOptions, TokenMaps, binding_groups
+from .common import GuidanceOptions, TokenMaps, binding_groups, bindings_field
 from .fields import POSITIVE, option
 from .vocabulary import Evaluation, StepInfo, StepPlan
 
@@ -69,8 +69,7 @@ class SynGen(GuidanceOptions):
     subjects: list = subjects_field("phrases whose leading words modify their last word ('red car': red -> car); a "
                                     "single word is a noun without modifiers (only the push away from the other "
                                     "tokens).")  # fmt: skip
-    bindings: dict[str, tuple[str, ...]] = option(factory=dict, help="more modifiers per noun, {'car': ['red', "
-                                                  "'shiny']}.")  # fmt: skip
+    bindings: dict[str, tuple[str, ...]] = bindings_field("more modifiers per noun, {'car': ['red', 'shiny']}.")
     step_size: float = option(20.0, "constant step (official: 20; no sqrt schedule, no refinement).", range=POSITIVE)
     stop: int | float | None = window_stop(25, "updates at steps start .. stop - 1 (official: 25 of 50).")
 
