@@ -68,8 +68,9 @@ def test_readme_option_tables_are_the_fields_metadata():
     """The README's option tables are generated from the fields (help, range, default, aliases): a changed default
     or range without `attncontrol methods --markdown` pasted into the README fails here."""
     from attncontrol.controls import METHODS
+    from attncontrol.controls.common import GuidanceOptions
     from attncontrol.controls.options import options_markdown
 
     text = README.read_text()
     block = text.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
-    assert block == options_markdown(METHODS)
+    assert block == options_markdown(METHODS, GuidanceOptions)

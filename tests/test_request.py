@@ -49,7 +49,7 @@ def test_a_registered_method_appears_in_every_front_end(toy_method, capsys):
     assert main(["methods", "toy_method"]) == 0
     assert "strength (alias push): float = 2.0  [between 0 and 10]" in capsys.readouterr().out
     assert "| `strength` (`push`) | `2.0` | between 0 and 10 | how hard it pushes (ours: 2). |" in options_markdown(
-        METHODS
+        METHODS, GuidanceOptions
     )
     # --set (either spelling), a batch line's options, the app's fields and bounds
     (control,) = build_request("toy_method", ["cat"], options={"toy-method": {"push": "4"}}, text=True).controls

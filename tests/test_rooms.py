@@ -118,3 +118,30 @@ def test_a_cycle_is_found_and_named(tmp_path):
     assert "attncontrol.sub.leaf -> attncontrol.top (line 2" in _describe(cycle, graph)
     (pkg / "sub" / "leaf.py").write_text("def f():\n    return 1\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions (methods included) longer than ``limit`` lines, ``def`` to last line, whose docstring does not
+    say why (the words "is long because")."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > limit and "is long because" not in (ast.get_docstring(node) or ""):
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_over_60_lines_without_saying_why():
+    assert long_functions() == []
+
+
+def test_a_long_function_is_found(tmp_path):
+    body = "\n".join(f"    x{k} = {k}" for k in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n")
+    (tmp_path / "ok.py").write_text(f'def said():\n    """It is long because a table is."""\n{body}\n')
+    assert long_functions(tmp_path) == [f"{tmp_path.name}/m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]

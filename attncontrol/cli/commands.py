@@ -200,7 +200,9 @@ def cmd_methods(args) -> int:
 
     names = method_list(args.method, "attncontrol methods") if args.method else list(METHODS)
     if getattr(args, "markdown", False):
-        print(options_markdown({name: METHODS[name] for name in names}))
+        from ..controls.common import GuidanceOptions
+
+        print(options_markdown({name: METHODS[name] for name in names}, GuidanceOptions))
         return 0
     for name in names:
         cls = METHODS[name]

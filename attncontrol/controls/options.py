@@ -367,16 +367,15 @@ def options_table(cls, names: set[str] | None = None) -> str:
     return "\n".join(rows)
 
 
-def options_markdown(methods: dict) -> str:
+def options_markdown(methods: dict, shared: type) -> str:
     """Every method's options as the README shows them (``attncontrol methods --markdown``): the options the
-    map-reading methods share, then each method's own (its class's fields)."""
-    from .common import GuidanceOptions
-
+    map-reading methods share (the fields of ``shared``, their common base), then each method's own (its class's
+    fields)."""
     parts = [
         "Shared by every method that reads maps and moves the latents (all but `regulate`, which has `start`, "
         "`stop` and its own options below):",
         "",
-        options_table(GuidanceOptions),
+        options_table(shared),
     ]
     for key, cls in methods.items():
         parts += ["", f"`{key}` ({cls.__name__}):", "", options_table(cls, own_fields(cls))]
