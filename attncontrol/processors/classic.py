@@ -9,10 +9,15 @@ from collections.abc import Callable
 
 import torch
 
+from .form import AttentionForm
 
-class ClassicAttention:
+
+class ClassicAttention(AttentionForm):
     """Explicit-probability computation for a classic ``Attention`` layer. Keys are the text tokens (cross) or
     the image tokens (self); every key column is a text position in cross layers."""
+
+    explicit_scores = True  # the layer's output through explicit probabilities: recorded and edited inside it
+    observes = True  # the conditional half's probabilities beside the layer's own processor
 
     @torch.no_grad()
     def observe(self, attn, hidden_states, encoder_hidden_states, attention_mask, cond_half) -> torch.Tensor:

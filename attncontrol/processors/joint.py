@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .form import AttentionForm
+
 
 def _lse_forward(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
     """log sum_j exp(scale * q_i . k_j) for every query: (B, H, Nq), float32 or wider."""
@@ -87,11 +89,14 @@ def image_probs(q_img, k_img, scale: float) -> torch.Tensor:
     return torch.softmax((q_img @ k_img.transpose(-1, -2)) * scale, dim=-1)
 
 
-class JointAttention:
+class JointAttention(AttentionForm):
     """Queries and keys of an MMDiT joint layer: separate image (to_q/to_k) and text (add_q_proj/add_k_proj)
     projections, optional RMS norms on each, image tokens first (SD3 / SD3.5). Also the image-only layers
     (SD3.5's second, image-only attention of a block: no text projections)."""
 
+    # no explicit (N+M)^2 matrix: maps() and edited() work beside the layer's own processor, maps() observes
+    explicit_scores = False
+    observes = False
     text_first = False
 
     def heads_view(self, attn, x: torch.Tensor) -> torch.Tensor:
