@@ -1,26 +1,32 @@
 """The capture processor and its install/restore. Which layers exist, and how each computes its attention, is
-the adapter's knowledge (:class:`~attncontrol.store.AttnLayer` and its ``ops``); this module only decides, per
-call, whether a layer runs its own processor or a path that records or edits probabilities."""
+the adapter's knowledge (:class:`~attncontrol.store.AttnLayer` and its ``ops``, an
+:class:`~attncontrol.processors.form.AttentionForm`); what is done with the probabilities is the recipients'
+(:mod:`.recipients`). This module only decides, per call, whether a layer runs its own processor or asks its form
+for the probabilities its recorder, editors or observer need."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from ..store import AttentionStore, AttnLayer, EarlyExit
+from ..store import AttentionStore, AttnLayer
+from .form import AttentionForm
+from .recipients import ActiveEdits, LayerObserver, StoreRecorder
 
 
 class CaptureProcessor:
     """Delegates to the layer's own processor (SDPA, xformers, a user's) except:
 
     - during a guidance pass (``store.active``) on a captured layer: its probabilities are recorded in the store
-      (classic layers: through an explicit attention; joint layers: beside the layer's own processor, without
-      the full matrix); after the last captured layer the forward stops with :class:`EarlyExit`;
-    - in the ordinary forward while one of its ``editors`` is active: explicit attention whose probabilities
-      the editor rewrites (attention-editing controls such as Attention Regulation);
+      by its :class:`~.recipients.StoreRecorder` (forms with explicit scores: inside an explicit attention; the
+      others: beside the layer's own processor, without the full matrix); after the last captured layer the
+      forward stops with :class:`~attncontrol.store.EarlyExit`;
+    - in the ordinary forward while one of its ``editors`` is active: the form's edited attention, whose
+      probabilities the editors rewrite (attention-editing controls such as Attention Regulation);
     - in the ordinary forward while its ``observer`` is active: the conditional probabilities are also
       recorded (the output is the original processor's, or the editors').
 
@@ -38,6 +44,8 @@ class CaptureProcessor:
         self.capture = bool(self.captured)
         self.editors = list(editors)
         self.observer = observer
+        self.recorder = StoreRecorder(store, self.name, self.captured) if store is not None and self.capture else None
+        self.watch = LayerObserver(self.name, observer) if observer is not None else None
         self.signature = inspect.signature(original.__call__)
         # diffusers filters cross_attention_kwargs by the processor's signature: expose the original's.
         self.__dict__["__call__"] = _SignatureProxy(self, self.signature)
@@ -49,92 +57,65 @@ class CaptureProcessor:
         extra = bound.pop("kwargs", None) or {}
         return {**bound, **extra}
 
-    def __call__(self, attn, *args, **kwargs):
-        ops = self.layer.ops
+    def __call__(self, attn, *args: Any, **kwargs: Any) -> Any:
+        """Pick the layer's form, compute its attention with the form and hand the probabilities to this layer's
+        recorder (guidance pass), editors and observer (ordinary forward); with none of them at work, the layer's
+        own processor runs alone."""
+        form: AttentionForm = self.layer.ops
+
+        def own() -> Any:
+            return self.original(attn, *args, **kwargs)
+
         if self.store is not None and self.store.active:
-            if self.capture:
-                if hasattr(ops, "explicit"):
-                    named = self._arguments(attn, args, kwargs)
-                    return ops.explicit(attn, named["hidden_states"], named.get("encoder_hidden_states"),
-                                        named.get("attention_mask"), named.get("temb"), self._record)  # fmt: skip
-                self._record_joint(attn, self._arguments(attn, args, kwargs))
-        else:
-            editors = [e for e in self.editors if e.active]
-            observing = self.observer is not None and self.observer.active
-            if editors or observing:
-                named = self._arguments(attn, args, kwargs)
-                hidden, context, mask = named["hidden_states"], named.get("encoder_hidden_states"), named.get(
-                    "attention_mask"
-                )  # fmt: skip
-            if editors and hasattr(ops, "explicit"):
-                return ops.explicit(
-                    attn, hidden, context, mask, named.get("temb"),
-                    on_probs=self._observed if observing else None, on_scores=self._editing(editors),
-                )  # fmt: skip
-            if editors:
-                grid = editors[0].resolution
-                observe = self._observed_joint if observing else None
-                return ops.edited(attn, named, grid[0] * grid[1], lambda: self.original(attn, *args, **kwargs),
-                                  self._editing(editors), observe)  # fmt: skip
-            if observing:
-                self._observe(attn, ops, named)
-        return self.original(attn, *args, **kwargs)
+            if self.recorder is None:
+                return own()
+            return self._record(form, attn, self._arguments(attn, args, kwargs), own)
+        edits = ActiveEdits.of(self.name, self.editors)
+        watch = self.watch if self.watch is not None and self.watch.active else None
+        if edits is None and watch is None:
+            return own()
+        named = self._arguments(attn, args, kwargs)
+        if edits is not None:
+            return self._edit(form, attn, named, own, edits, watch)
+        self._observe(form, attn, named)
+        return own()
 
-    def _record(self, probs: torch.Tensor, heads: int) -> None:
-        store = self.store
-        assert store is not None  # only captured layers record, and a processor without a store captures none
-        store.record(self.name, probs, heads)
-        if store.early_exit and self.name == store.last_layer:
-            raise EarlyExit  # nothing after this layer feeds the loss
+    def _record(self, form: AttentionForm, attn, named: dict, own: Callable[[], Any]):
+        """Job 1, a guidance pass: the maps the guidance reads, into the store."""
+        recorder = self.recorder
+        assert recorder is not None  # only captured layers record, and a processor without a store captures none
+        if form.explicit_scores:
+            return _explicit(form, attn, named, on_probs=recorder.record)
+        recorder.record_maps(form.maps(attn, named, recorder.n_image, recorder.kinds, recorder.columns))
+        return own()
 
-    def _record_joint(self, attn, named: dict) -> None:
-        store = self.store
-        assert store is not None  # as in _record
-        grid = store.resolutions[self.captured[0].name]
-        kinds = {la.kind for la in self.captured}
-        maps = self.layer.ops.maps(attn, named, grid[0] * grid[1], kinds, store.columns)
-        for la in self.captured:
-            if la.kind == "cross":
-                store.record_heads(la.name, *maps["cross"])
-            else:
-                store.record_heads(la.name, maps["self"])
-        if store.early_exit and any(la.name == store.last_layer for la in self.captured):
-            raise EarlyExit
+    def _edit(self, form: AttentionForm, attn, named: dict, own: Callable[[], Any], edits: ActiveEdits,
+              watch: LayerObserver | None):  # fmt: skip
+        """Job 2, the ordinary forward: the layer's output with the editors' probabilities (observed, if ``watch``)."""
+        if form.explicit_scores:
+            on_probs = watch.record_explicit if watch is not None else None
+            return _explicit(form, attn, named, on_probs=on_probs, on_scores=edits.edit)
+        observe = watch.record_edited if watch is not None else None
+        return form.edited(attn, named, edits.n_image, own, edits.edit, observe)
 
     @torch.no_grad()
-    def _observe(self, attn, ops, named: dict) -> None:
-        obs = self.observer
-        if hasattr(ops, "observe"):
-            probs = ops.observe(attn, named["hidden_states"], named.get("encoder_hidden_states"),
-                                named.get("attention_mask"), obs.cond_half)  # fmt: skip
-            obs.record(probs, attn.heads, self.name)
+    def _observe(self, form: AttentionForm, attn, named: dict) -> None:
+        """Job 3, the ordinary forward: the conditional probabilities, recorded beside the layer's own processor."""
+        watch = self.watch
+        assert watch is not None  # only an active observer observes
+        if form.observes:
+            probs = form.observe(attn, named["hidden_states"], named.get("encoder_hidden_states"),
+                                 named.get("attention_mask"), watch.cond_half)  # fmt: skip
+            watch.record_conditional(probs, attn.heads)
             return
-        grid = obs.resolution
-        maps = ops.maps(attn, named, grid[0] * grid[1], {"cross"}, obs.columns)
-        probs = obs.cond_half(maps["cross"][0])  # (images, heads, queries, columns)
-        obs.record_heads(probs, self.name)
+        maps = form.maps(attn, named, watch.n_image, {"cross"}, watch.columns)
+        watch.record_cross(maps["cross"][0])  # (images, heads, queries, columns)
 
-    def _editing(self, editors: list):
-        """The scores-to-probabilities edit of the active ``editors`` (not empty): each sees the layer's scores,
-        the last one's probabilities are the layer's."""
 
-        def edit(scores: torch.Tensor, heads: int, text_offset: int = 0) -> torch.Tensor:
-            for editor in editors[:-1]:
-                editor.edit(self.name, scores, heads, text_offset)
-            return editors[-1].edit(self.name, scores, heads, text_offset)
-
-        return edit
-
-    def _observed_joint(self, probs: torch.Tensor) -> None:
-        """``probs``: (batch, heads, image queries, text keys) of an edited joint layer."""
-        obs = self.observer
-        cols = obs.columns
-        self.observer.record_heads(obs.cond_half(probs.detach())[..., cols.to(probs.device)] if cols is not None
-                                   else obs.cond_half(probs.detach()), self.name)  # fmt: skip
-
-    def _observed(self, probs: torch.Tensor, heads: int) -> None:
-        per_image = probs.view(probs.shape[0] // heads, heads, *probs.shape[1:])
-        self.observer.record(self.observer.cond_half(per_image).flatten(0, 1), heads, self.name)
+def _explicit(form: AttentionForm, attn, named: dict, on_probs=None, on_scores=None) -> torch.Tensor:
+    """``form.explicit`` on the call's arguments by name."""
+    return form.explicit(attn, named["hidden_states"], named.get("encoder_hidden_states"), named.get("attention_mask"),
+                         named.get("temb"), on_probs=on_probs, on_scores=on_scores)  # fmt: skip
 
 
 class _SignatureProxy:
