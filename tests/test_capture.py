@@ -251,3 +251,47 @@ def test_classic_observe_gives_diffusers_probabilities_of_the_conditional_half(n
         _, probs = _diffusers_probabilities(attn, AttnProcessor(), hidden, context, mask, temb)
         observed = CLASSIC.observe(attn, hidden, context, mask, lambda t: t[t.shape[0] // 2 :])
     torch.testing.assert_close(observed, probs[0][attn.heads :], rtol=1e-10, atol=1e-12)
+
+
+# -- the forms declare what they can do; the adapters pick them -------------------------------------------------
+
+
+def test_the_forms_declare_their_capabilities_and_a_form_missing_a_method_is_refused():
+    from attncontrol.processors.classic import CLASSIC
+    from attncontrol.processors.form import AttentionForm
+    from attncontrol.processors.joint import JOINT, ROTARY_JOINT
+
+    assert CLASSIC.explicit_scores and CLASSIC.observes
+    for form in (JOINT, ROTARY_JOINT):
+        assert isinstance(form, AttentionForm) and not form.explicit_scores and not form.observes
+    with pytest.raises(TypeError, match=r"\['explicit'\]"):
+
+        class NoExplicit(AttentionForm):
+            explicit_scores = True
+
+            def maps(self, attn, args, n_image, kinds, columns):
+                return {}
+
+    with pytest.raises(TypeError, match=r"\['edited'\]"):
+
+        class NoEdited(AttentionForm):
+            def maps(self, attn, args, n_image, kinds, columns):
+                return {}
+
+
+def test_the_capture_processor_asks_the_forms_interface_not_hasattr():
+    from pathlib import Path
+
+    import attncontrol.processors as processors
+
+    for module in ("capture.py", "recipients.py"):
+        source = (Path(processors.__file__).parent / module).read_text(encoding="utf-8")
+        assert "hasattr(" not in source, module
+
+
+def test_the_sd_adapter_gives_its_layers_the_classic_form(sd1):
+    from attncontrol.models import get_adapter
+    from attncontrol.processors.classic import CLASSIC
+
+    layers = get_adapter(sd1).layers
+    assert layers and all(la.ops is CLASSIC for la in layers)

@@ -82,6 +82,18 @@ def test_flux_true_cfg_without_controls_is_the_stock_pipeline(flux):
     assert torch.equal(ours, stock)
 
 
+def test_the_adapters_give_their_layers_their_familys_form(sd3, sd35, flux):
+    """The family picks the attention form of each layer (SD3/SD3.5: image tokens first; FLUX: rotary, text first,
+    double- and single-stream blocks alike); the capture processor never picks one."""
+    from attncontrol.models import get_adapter
+    from attncontrol.processors.joint import JOINT
+
+    for pipe, form in ((sd3, JOINT), (sd35, JOINT), (flux, ROTARY_JOINT)):
+        layers = get_adapter(pipe).layers
+        assert layers and all(la.ops is form for la in layers), type(pipe).__name__
+    assert any(la.block.startswith("single_transformer_blocks") for la in get_adapter(flux).layers)
+
+
 # ---------------------------------------------------------------- the captured maps
 
 

@@ -8,7 +8,9 @@ Members, and what each answers:
 
 - ``denoiser``: the module whose attention processors are swapped and whose parameters are frozen in a run.
 - ``layers``: the capturable attention layers (:class:`~attncontrol.store.AttnLayer`: name, kind, block,
-  level, execution order, and the ops that compute its attention); ``grid(layer, latent_hw)`` their token grid.
+  level, execution order, and the ops that compute its attention: the attention form, an
+  :class:`~attncontrol.processors.form.AttentionForm`, that the family picks for each layer here and the capture
+  processor only asks); ``grid(layer, latent_hw)`` their token grid.
 - ``latent_hw`` / ``default_size`` / ``default_attn_res``: image size -> latent grid; the map level methods use.
 - ``initial_latents`` / ``start_noise_sigma``: how the pipeline draws its initial noise (shape, packing) and the
   scale it applies to it; ``input_scale``: the factor the scheduler applies to latents before the denoiser.

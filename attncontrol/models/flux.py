@@ -60,6 +60,8 @@ class FluxAdapter(ModelAdapter):
         blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(t.transformer_blocks)]
         blocks += [(f"single_transformer_blocks.{j}", b) for j, b in enumerate(t.single_transformer_blocks)]
         layers = []
+        # FLUX's attention form, for both kinds of block: ROTARY_JOINT tells a single-stream block (text already in
+        # the sequence) from a double-stream one (text passed apart) by the call's arguments
         for i, (label, _) in enumerate(blocks):
             proc = f"{label}.attn.processor"
             layers.append(AttnLayer(proc, "cross", label, 1, i, ROTARY_JOINT, proc, i))

@@ -37,6 +37,7 @@ class SDAdapter(ModelAdapter):
 
     @cached_property
     def layers(self) -> list[AttnLayer]:
+        """The UNet's attention layers, each with the classic attention form (``unet_layers`` gives CLASSIC)."""
         return unet_layers(self.pipe.unet)
 
     @property

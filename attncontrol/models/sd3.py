@@ -59,6 +59,7 @@ class SD3Adapter(ModelAdapter):
 
     @cached_property
     def layers(self) -> list[AttnLayer]:
+        """The joint blocks' layers, each with SD3's attention form (JOINT: image tokens first, no rotary)."""
         layers = []
         for i, block in enumerate(self.pipe.transformer.transformer_blocks):
             name, label = f"transformer_blocks.{i}.attn.processor", f"transformer_blocks.{i}"
