@@ -215,10 +215,15 @@ class AttentionMaps:
             written += [out / f"{stem}.png", self.gif(s, out / f"{stem}.gif", image=image)]
         buf = io.BytesIO()
         torch.save(
-            {"labels": self.labels[image], "steps": self.steps, "timesteps": self.timesteps,
-             "maps": self.maps[:, image].clone(), "raw": self.raw[:, image].clone()},
+            {
+                "labels": self.labels[image],
+                "steps": self.steps,
+                "timesteps": self.timesteps,
+                "maps": self.maps[:, image].clone(),
+                "raw": self.raw[:, image].clone(),
+            },
             buf,
-        )  # fmt: skip
+        )
         data = buf.getvalue()
         atomic_write_bytes(out / f"{prefix}maps.pt", lambda fh: fh.write(data))
         return [*written, out / f"{prefix}maps.pt"]

@@ -50,12 +50,31 @@ from .io import atomic_save_png, atomic_write_bytes
 from .scores.pretrained import load_pretrained as _load
 
 METRICS = (
-    "min_subject_attention", "subject_overlap", "clip_full", "clip_min_half", "caption_similarity", "clip_score",
-    "vqa_binding", "objects_found", "box_iou", "geneval_correct", "t2i_spatial", "hrs_spatial",
-    "shapes_present", "shapes_bound", "shapes_spatial", "shapes_count", "shapes_box_iou",
-)  # fmt: skip
-SHAPES_METRICS = {"present": "shapes_present", "bound": "shapes_bound", "spatial": "shapes_spatial",
-                  "count_correct": "shapes_count", "box_iou": "shapes_box_iou"}  # fmt: skip
+    "min_subject_attention",
+    "subject_overlap",
+    "clip_full",
+    "clip_min_half",
+    "caption_similarity",
+    "clip_score",
+    "vqa_binding",
+    "objects_found",
+    "box_iou",
+    "geneval_correct",
+    "t2i_spatial",
+    "hrs_spatial",
+    "shapes_present",
+    "shapes_bound",
+    "shapes_spatial",
+    "shapes_count",
+    "shapes_box_iou",
+)
+SHAPES_METRICS = {
+    "present": "shapes_present",
+    "bound": "shapes_bound",
+    "spatial": "shapes_spatial",
+    "count_correct": "shapes_count",
+    "box_iou": "shapes_box_iou",
+}
 
 
 def imagenet_templates() -> list[str]:
@@ -212,9 +231,10 @@ def summary_markdown(summary: list[dict]) -> str:
     for s in summary:
         cells = [
             f"{_num(s[m])} ± {_num(s[f'{m}_std'])} [{_num(s[f'{m}_ci_low'])}, {_num(s[f'{m}_ci_high'])}]"
-            if m in s else ""
+            if m in s
+            else ""
             for m in present
-        ]  # fmt: skip
+        ]
         lines.append(f"| {s['method']} | {s['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,8 +255,9 @@ def compare(rows: list[dict], baseline: str = "none", reps: int = 2000) -> list[
             pairs = [(r.get(metric), base[(r["prompt"], r["seed"])].get(metric)) for r in group]
             finite = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
             if finite:
-                out.append({"method": method, "baseline": baseline, "metric": metric,
-                            **paired_comparison(finite, reps=reps)})  # fmt: skip
+                out.append(
+                    {"method": method, "baseline": baseline, "metric": metric, **paired_comparison(finite, reps=reps)}
+                )
     return out
 
 
@@ -255,8 +276,10 @@ def comparison_markdown(comparison: list[dict]) -> str:
     head = f"| method | metric | pairs | gain over {base} | 95% interval | p (sign-flip) |"
     lines = [head, "|---|---|---|---|---|---|"]
     for c in comparison:
-        lines.append(f"| {c['method']} | {c['metric']} | {c['n']} | {_num(c['delta'], '+.4f')} | "
-                     f"[{_num(c['ci_low'], '+.4f')}, {_num(c['ci_high'], '+.4f')}] | {c['p']:.4g} |")  # fmt: skip
+        lines.append(
+            f"| {c['method']} | {c['metric']} | {c['n']} | {_num(c['delta'], '+.4f')} | "
+            f"[{_num(c['ci_low'], '+.4f')}, {_num(c['ci_high'], '+.4f')}] | {c['p']:.4g} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -351,8 +374,9 @@ def _row(rec: dict) -> dict:
     }
 
 
-def _score(rows: list[dict], records: list[dict], out: Path, scorers: dict, rules, batch_size: int,
-           progress: bool) -> None:  # fmt: skip
+def _score(
+    rows: list[dict], records: list[dict], out: Path, scorers: dict, rules, batch_size: int, progress: bool
+) -> None:
     """Every model score, into ``rows``; images are read once per chunk."""
     from PIL import Image
     from tqdm.auto import tqdm
@@ -409,8 +433,19 @@ def _score_clip(rows: list[dict], images: list, scorer, caption) -> None:
 
 def _write_tables(report: EvalReport, dest: Path) -> None:
     dest.mkdir(exist_ok=True)
-    columns = ["file", "prompt", "method", "seed", "source", "task", "subjects", *METRICS, "caption", "vqa_answers",
-               "geneval_reason"]  # fmt: skip
+    columns = [
+        "file",
+        "prompt",
+        "method",
+        "seed",
+        "source",
+        "task",
+        "subjects",
+        *METRICS,
+        "caption",
+        "vqa_answers",
+        "geneval_reason",
+    ]
     stats = ("", "_std", "_ci_low", "_ci_high")
     summary_columns = ["method", "images"] + [f"{m}{s}" for m in METRICS for s in stats]
     files = [

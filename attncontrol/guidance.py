@@ -271,9 +271,14 @@ class GuidanceEngine:
         latents are unchanged, so it is the same pass)."""
         leaf, evaluations = self._evaluate(z, list(range(n)), i, acting)
         losses = {name: e.loss for name, e in evaluations.items()}
-        state = StepState(acting, plans, {c.name: [Row(0.0)] * n for c in acting},
-                          {name: value.detach().float().clone() for name, value in losses.items()}, [0] * n,
-                          [False] * n)  # fmt: skip
+        state = StepState(
+            acting,
+            plans,
+            {c.name: [Row(0.0)] * n for c in acting},
+            {name: value.detach().float().clone() for name, value in losses.items()},
+            [0] * n,
+            [False] * n,
+        )
         for name, evaluation in evaluations.items():
             state.record(name, list(range(n)), evaluation)
         record.initial_loss = _total(state.final, n)
@@ -284,10 +289,17 @@ class GuidanceEngine:
             state.refining[c.name] = [state.latent(c) and test is not None and test(rows[b]) for b in range(n)]
         refine = [b for b in range(n) if any(r[b] for r in state.refining.values())]
         takes = {
-            c.name: [state.latent(c) and (state.refining[c.name][b] if b in refine else
-                                          plans[c.name].takes_final(state.rows[c.name][b], False)) for b in range(n)]
+            c.name: [
+                state.latent(c)
+                and (
+                    state.refining[c.name][b]
+                    if b in refine
+                    else plans[c.name].takes_final(state.rows[c.name][b], False)
+                )
+                for b in range(n)
+            ]
             for c in acting
-        }  # fmt: skip
+        }
         moved = self._step(z, list(range(n)), leaf, self._objective(losses, acting, plans, takes), i)
         for b in range(n):
             if b in refine:

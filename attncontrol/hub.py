@@ -78,9 +78,11 @@ def hub_kwargs(model: str) -> dict:
 def unavailable_message(model: str, what: str = "model", detail: str | None = None, flag: str = "--model") -> str:
     """The one message for "this hub model cannot be had here": names it and says how to pass a folder."""
     reason = offline_reason()
-    why = f"the Hugging Face Hub is not reachable ({reason}) and it is not in the local cache" if reason else (
-        "it could not be fetched from the Hugging Face Hub (no such model, or no access?)"
-    )  # fmt: skip
+    why = (
+        f"the Hugging Face Hub is not reachable ({reason}) and it is not in the local cache"
+        if reason
+        else ("it could not be fetched from the Hugging Face Hub (no such model, or no access?)")
+    )
     text = (  # one line: the CLI prints only an error's first line
         f"could not load the {what} {model!r}: {why}. "
         f"Download it where the Hub is reachable, e.g. `hf download {model} --local-dir ./my-model`, then pass "

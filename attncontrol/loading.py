@@ -15,8 +15,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-               "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 def default_device() -> str:
@@ -132,8 +138,9 @@ def check_pipeline_folder(model: str, check_class: bool = True) -> dict:
 
     local = Path(model).expanduser()
     if local.is_file():
-        raise ModelLoadError(f"{model!r} is a file, not a diffusers pipeline folder (pass the folder that holds "
-                             "model_index.json)")  # fmt: skip
+        raise ModelLoadError(
+            f"{model!r} is a file, not a diffusers pipeline folder (pass the folder that holds model_index.json)"
+        )
     index = local / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(
@@ -152,18 +159,21 @@ def check_pipeline_folder(model: str, check_class: bool = True) -> dict:
         folder = local / component
         if not folder.is_dir() or not any(folder.iterdir()):
             what = "is empty" if folder.is_dir() else "is missing"
-            raise ModelLoadError(f"{model!r} is incomplete: its model_index.json lists the component "
-                                 f"{component!r} ({'.'.join(map(str, value))}), but the folder "
-                                 f"{str(folder)!r} {what}; download the model again or copy that folder "
-                                 "in")  # fmt: skip
+            raise ModelLoadError(
+                f"{model!r} is incomplete: its model_index.json lists the component "
+                f"{component!r} ({'.'.join(map(str, value))}), but the folder "
+                f"{str(folder)!r} {what}; download the model again or copy that folder "
+                "in"
+            )
     name = str(config.get("_class_name", ""))
     if not check_class and name in TOKEN_STREAMS:
         return config
     import diffusers
 
     if not hasattr(diffusers, name):
-        raise ModelLoadError(f"{index} names the pipeline class {name!r}, which diffusers "
-                             f"{diffusers.__version__} does not have")  # fmt: skip
+        raise ModelLoadError(
+            f"{index} names the pipeline class {name!r}, which diffusers {diffusers.__version__} does not have"
+        )
     return config
 
 
@@ -207,8 +217,10 @@ def load_token_streams(model: str) -> list[tuple[str, int, PreTrainedTokenizerBa
             if not local.exists():
                 raise ModelLoadError(unavailable_message(model, "tokenizer", str(err))) from err
             what = f"its {err.args[0]!r} entry is missing" if isinstance(err, KeyError) and err.args else str(err)
-            raise ModelLoadError(f"could not load the {subfolder} of {model!r}: {what} ({type(err).__name__}); is "
-                                 f"{str(local / subfolder)!r} complete?") from err  # fmt: skip
+            raise ModelLoadError(
+                f"could not load the {subfolder} of {model!r}: {what} ({type(err).__name__}); is "
+                f"{str(local / subfolder)!r} complete?"
+            ) from err
         out.append((label, offset, check_tokenizer(tok, model, subfolder.replace("_", " "))))
     if not out:
         raise ModelLoadError(f"{model!r} has no tokenizer: is it a text-to-image pipeline?")

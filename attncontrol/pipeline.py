@@ -167,7 +167,31 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     )
     prepared_all = [c.prepare(ctx) for c in controls]
     observer, labels = _observer(args.attention, controls, ctx, adapter)
-    n_images = len(prompts) * args.num_images_per_prompt
+    _check_noise_inputs(adapter, args, len(prompts) * args.num_images_per_prompt, latent_hw)
+    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
+    text_dtype = encoded.cond["encoder_hidden_states"].dtype
+    if args.latents is not None:
+        args.latents = args.latents.to(device=device, dtype=text_dtype)
+    call_kwargs = _call_kwargs(args, encoded, do_cfg, n_steps, adapter.attention_kwargs_name)
+    return Run(
+        pipe,
+        adapter,
+        ctx,
+        controls=[c for c in prepared_all if not isinstance(c, PreparedEditor)],
+        editors=[c for c in prepared_all if isinstance(c, PreparedEditor)],
+        observer=observer,
+        timesteps=ts,
+        cond=encoded.cond,
+        call_kwargs=call_kwargs,
+        observer_labels=labels,
+        attention_kwargs=args.cross_attention_kwargs,
+        checkpointing=args.checkpointing,
+        latent_dtype=text_dtype,
+    )
+
+
+def _check_noise_inputs(adapter: ModelAdapter, args: GenerateArgs, n_images: int, latent_hw) -> None:
+    """One generator per image when a list is given; ``latents`` finite and of the shape the run draws."""
     if isinstance(args.generator, list) and len(args.generator) != n_images:
         raise OptionError(f"got {len(args.generator)} generators for {n_images} images; pass one per image")
     if args.latents is not None:
@@ -179,18 +203,6 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
                 f"latents have shape {tuple(args.latents.shape)}; {args.height}x{args.width} px with {n_images} "
                 f"image(s) needs {expected}"
             )
-    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
-    text_dtype = encoded.cond["encoder_hidden_states"].dtype
-    if args.latents is not None:
-        args.latents = args.latents.to(device=device, dtype=text_dtype)
-    call_kwargs = _call_kwargs(args, encoded, do_cfg, n_steps, adapter.attention_kwargs_name)
-    return Run(
-        pipe, adapter, ctx,
-        controls=[c for c in prepared_all if not isinstance(c, PreparedEditor)],
-        editors=[c for c in prepared_all if isinstance(c, PreparedEditor)],
-        observer=observer, timesteps=ts, cond=encoded.cond, call_kwargs=call_kwargs, observer_labels=labels,
-        attention_kwargs=args.cross_attention_kwargs, checkpointing=args.checkpointing, latent_dtype=text_dtype,
-    )  # fmt: skip
 
 
 def _check_kwargs(adapter: ModelAdapter, args: GenerateArgs) -> None:
@@ -216,17 +228,21 @@ def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> tuple[int, int, fl
     """Checks that need no model work; fills in the pipeline's defaults (size, guidance scale). Returns the height,
     width and guidance scale, filled in."""
     _check_kwargs(adapter, args)
-    if isinstance(args.num_images_per_prompt, bool) or not isinstance(args.num_images_per_prompt, int) or (
-        args.num_images_per_prompt < 1
-    ):  # fmt: skip
+    if (
+        isinstance(args.num_images_per_prompt, bool)
+        or not isinstance(args.num_images_per_prompt, int)
+        or (args.num_images_per_prompt < 1)
+    ):
         raise OptionError(f"num_images_per_prompt must be an int >= 1, got {args.num_images_per_prompt!r}")
-    if isinstance(args.num_inference_steps, bool) or not isinstance(args.num_inference_steps, int) or (
-        args.num_inference_steps < 1
-    ):  # fmt: skip
+    if (
+        isinstance(args.num_inference_steps, bool)
+        or not isinstance(args.num_inference_steps, int)
+        or (args.num_inference_steps < 1)
+    ):
         raise OptionError(f"num_inference_steps must be an int >= 1, got {args.num_inference_steps!r}")
     if args.guidance_scale is not None and (
         isinstance(args.guidance_scale, bool) or not isinstance(args.guidance_scale, (int, float))
-    ):  # fmt: skip
+    ):
         raise OptionTypeError(f"guidance_scale must be a number, got {args.guidance_scale!r}")
     if args.guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL, 7.0 SD3, 3.5 FLUX)
         args.guidance_scale = adapter.default_guidance_scale()
@@ -252,23 +268,35 @@ def _check_objects(adapter: ModelAdapter, args: GenerateArgs) -> None:
     generators = args.generator if isinstance(args.generator, list) else [args.generator]
     if args.generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
         bad = next(g for g in generators if not isinstance(g, torch.Generator))
-        raise OptionTypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list "
-                              f"of them, got {bad!r} ({type(bad).__name__})")  # fmt: skip
+        raise OptionTypeError(
+            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list "
+            f"of them, got {bad!r} ({type(bad).__name__})"
+        )
     if args.latents is not None and not torch.is_tensor(args.latents):
-        raise OptionTypeError(f"latents must be a torch.Tensor, got {type(args.latents).__name__} (e.g. "
-                              "torch.from_numpy(array))")  # fmt: skip
+        raise OptionTypeError(
+            f"latents must be a torch.Tensor, got {type(args.latents).__name__} (e.g. torch.from_numpy(array))"
+        )
     if args.callback_on_step_end is not None and not callable(args.callback_on_step_end):
-        raise OptionTypeError(f"callback_on_step_end must be callable (pipe, step, timestep, kwargs) -> dict, got "
-                              f"{args.callback_on_step_end!r}")  # fmt: skip
+        raise OptionTypeError(
+            f"callback_on_step_end must be callable (pipe, step, timestep, kwargs) -> dict, got "
+            f"{args.callback_on_step_end!r}"
+        )
     for text in [args.negative_prompt] if isinstance(args.negative_prompt, str) else args.negative_prompt or []:
         if isinstance(text, str):
             check_text(text, "negative_prompt")
     limit = getattr(adapter.pipe.scheduler.config, "num_train_timesteps", None)
-    if (not adapter.flow_matching and args.timesteps is None and args.sigmas is None and isinstance(limit, int)
-            and args.num_inference_steps > limit):  # fmt: skip
-        raise OptionError(f"num_inference_steps {args.num_inference_steps} is more than the "
-                          f"{type(adapter.pipe.scheduler).__name__}'s {limit} training timesteps; use at most "
-                          f"{limit}")  # fmt: skip
+    if (
+        not adapter.flow_matching
+        and args.timesteps is None
+        and args.sigmas is None
+        and isinstance(limit, int)
+        and args.num_inference_steps > limit
+    ):
+        raise OptionError(
+            f"num_inference_steps {args.num_inference_steps} is more than the "
+            f"{type(adapter.pipe.scheduler).__name__}'s {limit} training timesteps; use at most "
+            f"{limit}"
+        )
     adapter.check_pipe_kwargs(args.pipe_kwargs)
 
 
@@ -276,8 +304,18 @@ def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cf
     """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``)."""
     lora_scale = (args.cross_attention_kwargs or {}).get("scale")
     assert args.height is not None and args.width is not None  # _check_args filled in the pipeline's default size
-    batch = PromptBatch(prompts, args.num_images_per_prompt, do_cfg, args.negative_prompt, args.clip_skip, lora_scale,
-                        args.height, args.width, args.pipe_kwargs, args.guidance_scale)  # fmt: skip
+    batch = PromptBatch(
+        prompts,
+        args.num_images_per_prompt,
+        do_cfg,
+        args.negative_prompt,
+        args.clip_skip,
+        lora_scale,
+        args.height,
+        args.width,
+        args.pipe_kwargs,
+        args.guidance_scale,
+    )
     with torch.no_grad():  # as the pipeline encodes (with grad on, some kernels round differently)
         encoded = adapter.encode(batch, device)
     for key in adapter.consumed_kwargs:
@@ -295,16 +333,28 @@ def _call_kwargs(args: GenerateArgs, encoded, do_cfg: bool, n_steps: int, attent
     """What the stock pipeline is called with: the embeddings instead of the prompt, and the caller's arguments."""
     embeds = encoded.to_pipe if do_cfg else {k: v for k, v in encoded.to_pipe.items() if not k.startswith("negative_")}
     user_cb = args.callback_on_step_end
-    tensor_inputs = list(args.callback_on_step_end_tensor_inputs or getattr(user_cb, "tensor_inputs", None)
-                         or ["latents"])  # fmt: skip
+    tensor_inputs = list(
+        args.callback_on_step_end_tensor_inputs or getattr(user_cb, "tensor_inputs", None) or ["latents"]
+    )
     if "latents" not in tensor_inputs:
         tensor_inputs.append("latents")
     call_kwargs = dict(
-        prompt=None, **embeds, height=args.height, width=args.width, num_inference_steps=n_steps,
-        guidance_scale=args.guidance_scale, num_images_per_prompt=1, generator=args.generator, latents=args.latents,
-        output_type=args.output_type, callback_on_step_end=user_cb, callback_on_step_end_tensor_inputs=tensor_inputs,
-        sigmas=args.sigmas, return_dict=True, **args.pipe_kwargs,
-    )  # fmt: skip
+        prompt=None,
+        **embeds,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=n_steps,
+        guidance_scale=args.guidance_scale,
+        num_images_per_prompt=1,
+        generator=args.generator,
+        latents=args.latents,
+        output_type=args.output_type,
+        callback_on_step_end=user_cb,
+        callback_on_step_end_tensor_inputs=tensor_inputs,
+        sigmas=args.sigmas,
+        return_dict=True,
+        **args.pipe_kwargs,
+    )
     call_kwargs[attention_kwargs_name] = args.cross_attention_kwargs
     if args.timesteps is not None:
         call_kwargs["timesteps"] = args.timesteps

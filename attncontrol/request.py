@@ -66,8 +66,9 @@ def checked_options(
             if key not in names:
                 raise OptionError(f"{source}: {key} is not among the methods {', '.join(names) or 'none'}")
             if (key, canonical) in origin:
-                raise OptionError(f"{source} sets {key}.{canonical}, which {origin[(key, canonical)]} already sets; "
-                                  "give it once")  # fmt: skip
+                raise OptionError(
+                    f"{source} sets {key}.{canonical}, which {origin[(key, canonical)]} already sets; give it once"
+                )
             out.setdefault(key, {})[canonical] = checked
             origin[(key, canonical)] = source
     return out, origin
@@ -101,7 +102,16 @@ def build_request(
         except ValueError as err:
             raise OptionError(f"{prefix}{boxes_from}: {err}") from None
     checked, origin = checked_options(names, options, text, sources, f"{prefix}{options_from}")
-    controls = build_controls(METHODS, names, list(subjects) if subjects else None, boxes, checked, origin,
-                              where=where, subjects_from=subjects_from, boxes_from=boxes_from)  # fmt: skip
+    controls = build_controls(
+        METHODS,
+        names,
+        list(subjects) if subjects else None,
+        boxes,
+        checked,
+        origin,
+        where=where,
+        subjects_from=subjects_from,
+        boxes_from=boxes_from,
+    )
     subject_list = list(subjects) if subjects else None
     return ControlRequest(tuple(names), checked, subject_list, boxes, controls, origin, dict(pipeline or {}))

@@ -86,13 +86,22 @@ class Run:
             layers = [la for la in self.adapter.layers if la.name in wanted]
             grids = {la.name: self.adapter.grid(la, self.ctx.latent_hw) for la in layers}
             self.store = AttentionStore(
-                layers, grids, columns=union_columns(self.controls), text_len=self.ctx.seq_len,
+                layers,
+                grids,
+                columns=union_columns(self.controls),
+                text_len=self.ctx.seq_len,
                 text_normalised=any(key.normalise == "text" for key in keys),
-            )  # fmt: skip
+            )
             self.engine = GuidanceEngine(
-                self.adapter, self.store, self.controls, self.cond, self.timesteps, self.attention_kwargs,
-                checkpointing=self.checkpointing, layer_names=names,
-            )  # fmt: skip
+                self.adapter,
+                self.store,
+                self.controls,
+                self.cond,
+                self.timesteps,
+                self.attention_kwargs,
+                checkpointing=self.checkpointing,
+                layer_names=names,
+            )
 
     @property
     def num_steps(self) -> int:

@@ -42,11 +42,16 @@ class TextSegment:
             return [()] * len(subjects)
         fixed = {j: s for j, s in enumerate(subjects) if isinstance(s, _Positions)}
         if fixed:  # positions mapped from another stream's index: resolve the rest, keep these as they are
-            rest = self.resolve(k, [s for s in subjects if not isinstance(s, _Positions)]) if len(fixed) < len(
-                subjects) else []  # fmt: skip
+            rest = (
+                self.resolve(k, [s for s in subjects if not isinstance(s, _Positions)])
+                if len(fixed) < len(subjects)
+                else []
+            )
             rest_iter = iter(rest)
-            return [tuple(self.offset + p for p in fixed[j]) if j in fixed else next(rest_iter)
-                    for j in range(len(subjects))]  # fmt: skip
+            return [
+                tuple(self.offset + p for p in fixed[j]) if j in fixed else next(rest_iter)
+                for j in range(len(subjects))
+            ]
         mine = resolve_subjects(self.tokenizer, self.prompts[k], subjects, self.length)
         for tokenizer, prompts in self.parallel:
             theirs = resolve_subjects(tokenizer, prompts[k], subjects, self.length)

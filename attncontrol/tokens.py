@@ -34,11 +34,14 @@ def check_text(text: str, where: str = "prompt") -> str:
     if m is None:
         return text
     code = ord(m.group())
-    what = f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF else (
-        f"a lone surrogate \\u{code:04x}"
-    )  # fmt: skip
-    raise OptionError(f"{where} is not valid text: {what}, at character {m.start()} of {text!r}; save or type it as "
-                      "UTF-8")  # fmt: skip
+    what = (
+        f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
+        if 0xDC80 <= code <= 0xDCFF
+        else (f"a lone surrogate \\u{code:04x}")
+    )
+    raise OptionError(
+        f"{where} is not valid text: {what}, at character {m.start()} of {text!r}; save or type it as UTF-8"
+    )
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ def main() -> None:
     ref.set_progress_bar_config(disable=True)
     n, k = args.steps, args.images
     res = args.size // 32
-    common = dict(num_inference_steps=n, output_type="latent", height=args.size, width=args.size,
-                  num_images_per_prompt=k)  # fmt: skip
+    common = dict(
+        num_inference_steps=n, output_type="latent", height=args.size, width=args.size, num_images_per_prompt=k
+    )
     gen_dev = args.device if args.device.startswith("cuda") else "cpu"
 
     def sync():
@@ -53,17 +54,27 @@ def main() -> None:
     control = attncontrol.AttendExcite(subjects=["cat", "dog"], max_iter_to_alter=n // 2, thresholds={}, attn_res=res)
     attncontrol.generate(pipe, "a cat and a dog", [control], **{**common, "num_inference_steps": 2})  # warm-up
     with Timer() as t_ours:
-        ours = attncontrol.generate(pipe, "a cat and a dog", [control],
-                                    generator=torch.Generator(gen_dev).manual_seed(0), **common)  # fmt: skip
+        ours = attncontrol.generate(
+            pipe, "a cat and a dog", [control], generator=torch.Generator(gen_dev).manual_seed(0), **common
+        )
         sync()
     with Timer() as t_ref:
         generator = torch.Generator(gen_dev).manual_seed(0)
-        theirs = ref("a cat and a dog", token_indices=[2, 5], max_iter_to_alter=n // 2, thresholds={},
-                     attn_res=(res, res), generator=generator, **common).images  # fmt: skip
+        theirs = ref(
+            "a cat and a dog",
+            token_indices=[2, 5],
+            max_iter_to_alter=n // 2,
+            thresholds={},
+            attn_res=(res, res),
+            generator=generator,
+            **common,
+        ).images
         sync()
     diff = (ours.images.float() - theirs.float()).abs().max().item()
-    print(f"A&E, {k} images per prompt, full-size SD 1.5 UNet, {args.size} px, {n} steps ({n // 2} altered), "
-          f"{args.dtype}, {args.device} ({machine()})")  # fmt: skip
+    print(
+        f"A&E, {k} images per prompt, full-size SD 1.5 UNet, {args.size} px, {n} steps ({n // 2} altered), "
+        f"{args.dtype}, {args.device} ({machine()})"
+    )
     print("| run | seconds | images/s |")
     print("|---|---|---|")
     for name, t in (("attncontrol (batched guidance)", t_ours.seconds), ("diffusers (per-image loop)", t_ref.seconds)):

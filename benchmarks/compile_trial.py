@@ -81,10 +81,14 @@ def main() -> None:
     print(f"| compiled (median of {args.repeats}) | {statistics.median(times):.2f} |")
     print(f"| compiled, new timestep | {new_t.seconds:.2f} |")
     print(f"| compiled, batch 2 (eager batch 2 not timed) | {batch2.seconds:.2f} |")
-    print(f"speed-up {statistics.median(eager[1:]) / statistics.median(times):.2f}x; gradient max relative difference "
-          f"to eager {rel:.1e}")  # fmt: skip
-    print(f"dynamo frame counters: after the first pass {frames}; before a new timestep {before}; after it {after_t}; "
-          f"after batch 2 {after_b}")  # fmt: skip
+    print(
+        f"speed-up {statistics.median(eager[1:]) / statistics.median(times):.2f}x; gradient max relative difference "
+        f"to eager {rel:.1e}"
+    )
+    print(
+        f"dynamo frame counters: after the first pass {frames}; before a new timestep {before}; after it {after_t}; "
+        f"after batch 2 {after_b}"
+    )
 
 
 if __name__ == "__main__":

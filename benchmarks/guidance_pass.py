@@ -187,8 +187,22 @@ def main() -> None:
         return child(args)
     rows = {}
     for variant in ("diffusers", "ours", "ours-ckpt"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--arch", args.arch, "--repeats", str(args.repeats),
-               "--device", args.device, "--dtype", args.dtype, "--size", str(args.size)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--arch",
+            args.arch,
+            "--repeats",
+            str(args.repeats),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--size",
+            str(args.size),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == -9:  # killed by the kernel: out of memory
             rows[variant] = None
@@ -205,13 +219,17 @@ def main() -> None:
     mem = "peak GPU memory (GB)" if args.device.startswith("cuda") else "peak RSS (GB)"
     res = args.size // 32
     arch = {"sd15": "SD 1.5", "sdxl": "SDXL base"}[args.arch]
-    print(f"A&E guidance pass, full-size {arch} UNet, {args.size} px ({res}x{res} maps), batch 1, {args.dtype}, "
-          f"{args.device} ({machine()})")  # fmt: skip
+    print(
+        f"A&E guidance pass, full-size {arch} UNet, {args.size} px ({res}x{res} maps), batch 1, {args.dtype}, "
+        f"{args.device} ({machine()})"
+    )
     print(f"| approach | median s/pass | {mem} | over post-load |")
     print("|---|---|---|---|")
-    names = (f"diffusers (all {d['layers']} layers explicit, full forward)",
-             f"attncontrol ({o['captured']} layers, early exit)",
-             "attncontrol + gradient checkpointing (layers before the last captured block)")  # fmt: skip
+    names = (
+        f"diffusers (all {d['layers']} layers explicit, full forward)",
+        f"attncontrol ({o['captured']} layers, early exit)",
+        "attncontrol + gradient checkpointing (layers before the last captured block)",
+    )
     for name, r in zip(names, (d, o, c)):
         print(f"| {name} | {r['median_s']:.2f} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['after_load_gb']:.2f} |")
 

@@ -69,15 +69,22 @@ def main() -> None:
     for name, controls in runs.items():
         passes.clear()
         with Timer() as t:
-            attncontrol.generate(pipe, prompts.get(name, "a cat and a dog"), controls,
-                                 generator=torch.Generator(gen_dev).manual_seed(0), **common)  # fmt: skip
+            attncontrol.generate(
+                pipe,
+                prompts.get(name, "a cat and a dog"),
+                controls,
+                generator=torch.Generator(gen_dev).manual_seed(0),
+                **common,
+            )
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
         rows[name] = (t.seconds, passes.count(True))
         print(f"  {name}: {t.seconds:.1f} s, {passes.count(True)} guidance passes", file=sys.stderr, flush=True)
     plain, ae = rows["plain SD"][0], rows["Attend-and-Excite"][0]
-    print(f"Cost per image, full-size SD 1.5 UNet, {args.size} px, {args.steps} steps, defaults, {args.dtype}, "
-          f"{args.device} ({machine()})")  # fmt: skip
+    print(
+        f"Cost per image, full-size SD 1.5 UNet, {args.size} px, {args.steps} steps, defaults, {args.dtype}, "
+        f"{args.device} ({machine()})"
+    )
     print("| run | seconds | guidance passes | x plain | x A&E |")
     print("|---|---|---|---|---|")
     for name, (seconds, n) in rows.items():
@@ -85,8 +92,10 @@ def main() -> None:
     combined = "A&E + A-STAR + Refocus + Regulate"
     if combined in rows:
         single = sum(rows[k][1] for k in ("Attend-and-Excite", "A-STAR", "Refocus"))
-        print(f"combined run: {rows[combined][1]} guidance passes, against {single} for the latent-guidance methods "
-              "run one by one")  # fmt: skip
+        print(
+            f"combined run: {rows[combined][1]} guidance passes, against {single} for the latent-guidance methods "
+            "run one by one"
+        )
 
 
 if __name__ == "__main__":

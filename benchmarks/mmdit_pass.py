@@ -60,10 +60,18 @@ def _stand_in(arch: str, model):
     from attncontrol.testing import make_clip_tokenizer, make_t5_tokenizer
 
     clip, t5 = make_clip_tokenizer(), make_t5_tokenizer()
-    pipe = SimpleNamespace(transformer=model, tokenizer=clip, tokenizer_2=clip if arch == "sd35m" else t5,
-                           tokenizer_3=t5, text_encoder_3=object(), tokenizer_max_length=77, vae_scale_factor=8,
-                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), default_sample_size=128,
-                           _prepare_latent_image_ids=FluxPipeline._prepare_latent_image_ids)  # fmt: skip
+    pipe = SimpleNamespace(
+        transformer=model,
+        tokenizer=clip,
+        tokenizer_2=clip if arch == "sd35m" else t5,
+        tokenizer_3=t5,
+        text_encoder_3=object(),
+        tokenizer_max_length=77,
+        vae_scale_factor=8,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        default_sample_size=128,
+        _prepare_latent_image_ids=FluxPipeline._prepare_latent_image_ids,
+    )
     return (SD3Adapter if arch == "sd35m" else FluxAdapter)(pipe)
 
 
@@ -72,12 +80,16 @@ def _inputs(arch: str, size: int, text_len: int):
     h = size // 8
     if arch == "sd35m":
         latents = torch.randn(1, 16, h, h, generator=g)
-        cond = {"encoder_hidden_states": torch.randn(1, text_len, 4096, generator=g),
-                "pooled_projections": torch.randn(1, 2048, generator=g)}  # fmt: skip
+        cond = {
+            "encoder_hidden_states": torch.randn(1, text_len, 4096, generator=g),
+            "pooled_projections": torch.randn(1, 2048, generator=g),
+        }
     else:
         latents = torch.randn(1, (h // 2) ** 2, 64, generator=g)
-        cond = {"encoder_hidden_states": torch.randn(1, text_len, 4096, generator=g),
-                "pooled_projections": torch.randn(1, 768, generator=g)}  # fmt: skip
+        cond = {
+            "encoder_hidden_states": torch.randn(1, text_len, 4096, generator=g),
+            "pooled_projections": torch.randn(1, 768, generator=g),
+        }
     return latents, cond
 
 
@@ -95,19 +107,27 @@ def run_ours(arch, model, size, repeats, checkpointing=False):
     adapter.text_ids = torch.zeros(256, 3)
     adapter.guidance_scale = 3.5
     text = adapter.text_layout([PROMPT], {"max_sequence_length": 256})
-    ctx = ControlContext(text, 1, latent_hw, 28, adapter.layers_by_grid(latent_hw),
-                         adapter.default_attn_res(latent_hw), True, cfg_batch=False,
-                         block_index={la.name: la.block_index for la in adapter.layers},
-                         default_blocks=adapter.default_blocks())  # fmt: skip
+    ctx = ControlContext(
+        text,
+        1,
+        latent_hw,
+        28,
+        adapter.layers_by_grid(latent_hw),
+        adapter.default_attn_res(latent_hw),
+        True,
+        cfg_batch=False,
+        block_index={la.name: la.block_index for la in adapter.layers},
+        default_blocks=adapter.default_blocks(),
+    )
     control = AttendExcite(subjects=["cat", "dog"]).prepare(ctx)
     key = control.maps.key
     names = ctx.select(key)
     layers = [la for la in adapter.layers if la.name in names]
-    store = AttentionStore(layers, {n: key.grid for n in names}, columns=union_columns([control]),
-                           text_len=ctx.seq_len)  # fmt: skip
+    store = AttentionStore(layers, {n: key.grid for n in names}, columns=union_columns([control]), text_len=ctx.seq_len)
     latents, cond = _inputs(arch, size, ctx.seq_len)
-    engine = GuidanceEngine(adapter, store, [control], cond, torch.full((28,), 500.0), layer_names={key: names},
-                            checkpointing=checkpointing)  # fmt: skip
+    engine = GuidanceEngine(
+        adapter, store, [control], cond, torch.full((28,), 500.0), layer_names={key: names}, checkpointing=checkpointing
+    )
     times = []
     with capture_layers(model, adapter.layers, store), torch.enable_grad():
         for _ in range(repeats):
@@ -124,10 +144,14 @@ class ExplicitJoint:
     def __init__(self, ops, maps: list, n_image: int, text_first: bool):
         self.ops, self.maps, self.n_image, self.text_first = ops, maps, n_image, text_first
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **kwargs):  # fmt: skip
-        args = {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states,
-                "image_rotary_emb": image_rotary_emb}  # fmt: skip
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+    ):
+        args = {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": encoder_hidden_states,
+            "image_rotary_emb": image_rotary_emb,
+        }
         q, k, text_len = self.ops.query_key(attn, args)
         v = self.ops.values(attn, args)
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
@@ -217,8 +241,18 @@ def main() -> None:
         return child(args)
     rows = {}
     for variant in ("explicit", "ours", "ours-ckpt"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--arch", args.arch, "--size", str(args.size),
-               "--repeats", str(args.repeats)] + (["--blocks", str(args.blocks)] if args.blocks else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--arch",
+            args.arch,
+            "--size",
+            str(args.size),
+            "--repeats",
+            str(args.repeats),
+        ] + (["--blocks", str(args.blocks)] if args.blocks else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode in (-9, 137):
             rows[variant] = None
@@ -227,8 +261,11 @@ def main() -> None:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
         rows[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     name = {"sd35m": "SD3.5-medium transformer", "flux-width": "FLUX-width transformer (2 double + 4 single)"}
-    print(f"A&E guidance pass, {name[args.arch]}" + (f" ({args.blocks} blocks)" if args.blocks else "")
-          + f", random weights, {args.size} px, batch 1, fp32, cpu ({machine()})")  # fmt: skip
+    print(
+        f"A&E guidance pass, {name[args.arch]}"
+        + (f" ({args.blocks} blocks)" if args.blocks else "")
+        + f", random weights, {args.size} px, batch 1, fp32, cpu ({machine()})"
+    )
     print("| approach | s/pass | peak RSS (GB) | a pass adds (GB) |")
     print("|---|---|---|---|")
     labels = {
@@ -240,8 +277,10 @@ def main() -> None:
         if r is None:
             print(f"| {labels[variant]} | killed: out of memory | | |")
         else:
-            print(f"| {labels[variant]} ({r['layers']} blocks) | {r['median_s']:.1f} | {r['peak_gb']:.2f} | "
-                  f"{r['peak_gb'] - r['after_load_gb']:.2f} |")  # fmt: skip
+            print(
+                f"| {labels[variant]} ({r['layers']} blocks) | {r['median_s']:.1f} | {r['peak_gb']:.2f} | "
+                f"{r['peak_gb'] - r['after_load_gb']:.2f} |"
+            )
     e = rows["explicit"]
     for label, o in (("ours", rows["ours"]), ("ours with checkpointing", rows["ours-ckpt"])):
         if e and o:

@@ -38,9 +38,13 @@ def main() -> None:
     def run(attention):
         with Timer() as t:
             out = attncontrol.generate(
-                pipe, "a cat and a dog", [], generator=torch.Generator(gen_dev).manual_seed(0), attention=attention,
+                pipe,
+                "a cat and a dog",
+                [],
+                generator=torch.Generator(gen_dev).manual_seed(0),
+                attention=attention,
                 **common,
-            )  # fmt: skip
+            )
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
         return out, t.seconds

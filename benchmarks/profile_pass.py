@@ -173,13 +173,19 @@ def main() -> None:
         for col, part in enumerate((fwd, bwd, rec)):
             for k, v in part.items():
                 rows[key(k)][col] += v
-        head = "| forward s | backward s | recompute s | total s | % of pass |" if rec else \
-            "| forward s | backward s | total s | % of pass |"  # fmt: skip
+        head = (
+            "| forward s | backward s | recompute s | total s | % of pass |"
+            if rec
+            else "| forward s | backward s | total s | % of pass |"
+        )
         print(f"\n{title}\n\n| {title.split()[-1]} {head}\n{'|---' * head.count('|')}|")
         for name, cols in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
             cells = cols if rec else cols[:2]
-            print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) +
-                  f" | {sum(cols):.2f} | {100 * sum(cols) / total:.1f} |")  # fmt: skip
+            print(
+                f"| {name} | "
+                + " | ".join(f"{c:.2f}" for c in cells)
+                + f" | {sum(cols):.2f} | {100 * sum(cols) / total:.1f} |"
+            )
 
     print(
         f"One A&E guidance pass under torch.profiler, full-size SD 1.5 UNet, {args.size} px, batch 1, {args.dtype}, "

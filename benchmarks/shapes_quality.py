@@ -25,11 +25,26 @@ import json
 import sys
 from pathlib import Path
 
-METHODS = ["none", "attend-excite", "astar", "refocus", "regulate", "divide-bind", "conform", "syngen", "boxdiff",
-           "initno", "attend-excite+syngen"]  # fmt: skip
+METHODS = [
+    "none",
+    "attend-excite",
+    "astar",
+    "refocus",
+    "regulate",
+    "divide-bind",
+    "conform",
+    "syngen",
+    "boxdiff",
+    "initno",
+    "attend-excite+syngen",
+]
 MAP_METHODS = [m for m in METHODS if m not in ("none", "regulate")]  # Regulate edits attention at every level
-METRICS = [("shapes_present", "present"), ("shapes_bound", "bound"), ("shapes_spatial", "spatial"),
-           ("shapes_box_iou", "box IoU")]  # fmt: skip
+METRICS = [
+    ("shapes_present", "present"),
+    ("shapes_bound", "bound"),
+    ("shapes_spatial", "spatial"),
+    ("shapes_box_iou", "box IoU"),
+]
 
 
 def _run(argv: list[str]) -> None:
@@ -42,8 +57,22 @@ def _run(argv: list[str]) -> None:
 
 def _batch(folder: Path, sets: list[str], limit: int | None, methods: list[str], args, extra: list[str]) -> None:
     for name in sets:
-        argv = ["batch", "--prompt-set", name, "--model", "shapes", "--out", str(folder), "--seeds", args.seeds,
-                "--steps", str(args.steps), "--methods", ",".join(methods), *extra]  # fmt: skip
+        argv = [
+            "batch",
+            "--prompt-set",
+            name,
+            "--model",
+            "shapes",
+            "--out",
+            str(folder),
+            "--seeds",
+            args.seeds,
+            "--steps",
+            str(args.steps),
+            "--methods",
+            ",".join(methods),
+            *extra,
+        ]
         if args.device:
             argv += ["--device", args.device]
         if limit:
@@ -94,9 +123,14 @@ def table(folders: list[tuple[str, Path]]) -> str:
                 continue  # the adjusted folder's plain rows are the same images as the defaults' plain rows
             secs = np.array(seconds.get(method, [np.nan]))
             lo, hi = bootstrap_ci(secs, reps=2000) if len(secs) > 1 else (float("nan"), float("nan"))
-            cells = [method + suffix, row["images"], *(_cell(row, m) for m, _ in METRICS),
-                     f"{secs.mean():.2f} [{lo:.2f}, {hi:.2f}]", _delta(comp, method, "shapes_present"),
-                     _delta(comp, method, "shapes_bound")]  # fmt: skip
+            cells = [
+                method + suffix,
+                row["images"],
+                *(_cell(row, m) for m, _ in METRICS),
+                f"{secs.mean():.2f} [{lo:.2f}, {hi:.2f}]",
+                _delta(comp, method, "shapes_present"),
+                _delta(comp, method, "shapes_bound"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -110,11 +144,18 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="batch runs (`none` is the baseline)")
     parser.add_argument("--limit", type=int, default=None, help="the first N prompts of each set")
     parser.add_argument("--no-adjusted", action="store_true", help="skip the 16x16-maps runs")
-    parser.add_argument("--adjusted-methods", default=None,
-                        help="the 16x16-maps runs (default: every method that reads maps; `none` is added)")
-    parser.add_argument("--part", choices=["all", "defaults", "maps16", "table"], default="all",
-                        help="run one folder only (two processes can run the two parts side by side), or only "
-                             "print the table of what is there")  # fmt: skip
+    parser.add_argument(
+        "--adjusted-methods",
+        default=None,
+        help="the 16x16-maps runs (default: every method that reads maps; `none` is added)",
+    )
+    parser.add_argument(
+        "--part",
+        choices=["all", "defaults", "maps16", "table"],
+        default="all",
+        help="run one folder only (two processes can run the two parts side by side), or only "
+        "print the table of what is there",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--bootstrap", type=int, default=2000)
     args = parser.parse_args()
@@ -130,10 +171,15 @@ def main() -> None:
     adjusted = ["none"] + [m.strip() for m in chosen if m.strip() in MAP_METHODS]
     if args.part in ("all", "maps16") and not args.no_adjusted and len(adjusted) > 1:
         _batch(out / "maps16", sets, args.limit, adjusted, args, ["--attn-res", "16"])
-    folders = [(suffix, out / name) for suffix, name in (("", "defaults"), (" (16x16 maps)", "maps16"))
-               if (out / name / "eval" / "summary.csv").is_file()]  # fmt: skip
-    print(f"\nShapes model, sets {', '.join(sets)}, seeds {args.seeds}, {args.steps} steps; 95% bootstrap intervals; "
-          "paired differences from plain with sign-flip p-values\n")  # fmt: skip
+    folders = [
+        (suffix, out / name)
+        for suffix, name in (("", "defaults"), (" (16x16 maps)", "maps16"))
+        if (out / name / "eval" / "summary.csv").is_file()
+    ]
+    print(
+        f"\nShapes model, sets {', '.join(sets)}, seeds {args.seeds}, {args.steps} steps; 95% bootstrap intervals; "
+        "paired differences from plain with sign-flip p-values\n"
+    )
     print(table(folders))
 
 

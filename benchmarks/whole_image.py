@@ -122,9 +122,14 @@ def main() -> None:
     results["ours_s"] = t.seconds
     with Timer() as t:
         ref = ref_pipe(
-            prompt, token_indices=[2, 5], generator=seed(), max_iter_to_alter=n // 2, thresholds=thresholds,
-            attn_res=res, **common,
-        ).images  # fmt: skip
+            prompt,
+            token_indices=[2, 5],
+            generator=seed(),
+            max_iter_to_alter=n // 2,
+            thresholds=thresholds,
+            attn_res=res,
+            **common,
+        ).images
         sync()
     results["ref_s"] = t.seconds
     diff = (ours.images.float() - ref.float()).abs().max().item()

@@ -22,6 +22,8 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 ruff check attncontrol tests benchmarks examples scripts
+ruff format --check attncontrol tests benchmarks examples scripts
+mypy  # the package, as configured in pyproject.toml (torch and numpy types seen)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 # One pytest worker per core, each torch process on one thread: on 2 cores two single-threaded workers finish the
 # suite sooner than one process on 2 threads (tiny models leave little to split inside an op), and more threads

@@ -19,8 +19,9 @@ PROMPT = "a cat and a dog"  # tokens: <sot> a cat and a dog <eot>: cat at 2, dog
 
 
 def _run(pipe, controls=(), steps=4, **kw):
-    return attncontrol.generate(pipe, kw.pop("prompt", PROMPT), list(controls), num_inference_steps=steps,
-                                generator=seeded(0), **kw)  # fmt: skip
+    return attncontrol.generate(
+        pipe, kw.pop("prompt", PROMPT), list(controls), num_inference_steps=steps, generator=seeded(0), **kw
+    )
 
 
 @pytest.mark.slow
@@ -63,8 +64,14 @@ def test_step_maps_equal_diffusers_ae_capture(sd1):
 
 
 def test_per_prompt_subjects_batch_and_no_cfg(sd1):
-    out = _run(sd1, prompt=["a cat and a dog", "a red car with a clock"], steps=3, num_images_per_prompt=2,
-               attention=[["cat", "dog"], ["car", "clock"]], guidance_scale=1.0)  # fmt: skip
+    out = _run(
+        sd1,
+        prompt=["a cat and a dog", "a red car with a clock"],
+        steps=3,
+        num_images_per_prompt=2,
+        attention=[["cat", "dog"], ["car", "clock"]],
+        guidance_scale=1.0,
+    )
     att = out.attention
     assert att.labels == [["cat", "dog"]] * 2 + [["car", "clock"]] * 2
     assert att.maps.shape[:3] == (3, 4, 2)
@@ -163,24 +170,53 @@ def test_subjects_whose_names_reduce_alike_get_their_own_files(tmp_path):
 
 def test_cli_save_attention(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "o.png"
-    code = main(["generate", PROMPT, "--model", str(tiny_dirs["sd1"]), "--subjects", "cat", "dog", "--steps", "3",
-                 "--out", str(out), "--save-attention", str(tmp_path / "att")])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            PROMPT,
+            "--model",
+            str(tiny_dirs["sd1"]),
+            "--subjects",
+            "cat",
+            "dog",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            "--save-attention",
+            str(tmp_path / "att"),
+        ]
+    )
     assert code == 0 and out.is_file()
     names = sorted(p.name for p in (tmp_path / "att").iterdir())
     assert names == ["cat.gif", "cat.png", "dog.gif", "dog.png", "maps.pt"]
     with Image.open(tmp_path / "att" / "cat.png") as im:
         assert im.size == (64, 64)
     assert "min_subject_attention" in capsys.readouterr().err
-    code = main(["generate", PROMPT, "--model", str(tiny_dirs["sd1"]), "--no-control", "--steps", "2",
-                 "--out", str(out), "--save-attention", str(tmp_path / "a2")])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            PROMPT,
+            "--model",
+            str(tiny_dirs["sd1"]),
+            "--no-control",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--save-attention",
+            str(tmp_path / "a2"),
+        ]
+    )
     assert code == 2 and "--subjects" in capsys.readouterr().err
     assert json.loads(Image.open(out).text["parameters"])["steps"] == 3  # the failed run left the old file alone
 
 
 def test_sdxl_and_sd2_are_observed(sdxl, sd2):
     plain = attncontrol.generate(sdxl, PROMPT, [], num_inference_steps=3, generator=seeded(0), output_type="latent")
-    seen = attncontrol.generate(sdxl, PROMPT, [], num_inference_steps=3, generator=seeded(0), output_type="latent",
-                                attention=["cat", "dog"])  # fmt: skip
+    seen = attncontrol.generate(
+        sdxl, PROMPT, [], num_inference_steps=3, generator=seeded(0), output_type="latent", attention=["cat", "dog"]
+    )
     torch.testing.assert_close(seen.images, plain.images, rtol=0, atol=0)
     assert seen.attention.maps.shape[:3] == (3, 1, 2) and torch.isfinite(seen.attention.maps).all()
     out = _run(sd2, steps=3, attention=["cat", "dog"])

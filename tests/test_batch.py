@@ -69,16 +69,32 @@ def test_txt_jsonl_csv(tmp_path):
         ("a bird and a bear", None, "p.txt:4"),
     ]
     assert read_entries(tmp_path / "p.txt", auto=True)[1].subjects == ["bird", "bear"]
-    jsonl = read_entries(_write(tmp_path, "p.jsonl", json.dumps(
-        {"prompt": "a cat and a dog", "subjects": ["cat", "dog"], "boxes": "cat=0,0,0.5,1;dog=0.5,0,1,1",
-         "seeds": "1-2", "methods": ["refocus", "attend-excite+astar"], "options": {"astar": {"mask_threshold": 0.4}}}
-    ) + "\n"))  # fmt: skip
+    jsonl = read_entries(
+        _write(
+            tmp_path,
+            "p.jsonl",
+            json.dumps(
+                {
+                    "prompt": "a cat and a dog",
+                    "subjects": ["cat", "dog"],
+                    "boxes": "cat=0,0,0.5,1;dog=0.5,0,1,1",
+                    "seeds": "1-2",
+                    "methods": ["refocus", "attend-excite+astar"],
+                    "options": {"astar": {"mask_threshold": 0.4}},
+                }
+            )
+            + "\n",
+        )
+    )
     e = jsonl[0]
     assert e.seeds == [1, 2] and e.methods == ["refocus", "attend-excite+astar"] and e.boxes["cat"] == [(0, 0, 0.5, 1)]
     items = expand(jsonl, [0], ["none"])
     assert sorted((it.method, it.seed) for it in items) == [
-        ("attend-excite+astar", 1), ("attend-excite+astar", 2), ("refocus", 1), ("refocus", 2)
-    ]  # fmt: skip
+        ("attend-excite+astar", 1),
+        ("attend-excite+astar", 2),
+        ("refocus", 1),
+        ("refocus", 2),
+    ]
     assert json.loads(next(it for it in items if it.method != "refocus").options)["astar"] == {"mask_threshold": 0.4}
     csv = read_entries(_write(tmp_path, "p.csv", "prompt,subjects,seeds\na cat and a dog,cat;dog,3\n"))
     assert csv[0].subjects == ["cat", "dog"] and csv[0].seeds == [3]
@@ -98,8 +114,12 @@ def test_txt_jsonl_csv(tmp_path):
     ],
 )
 def test_malformed_lines_name_the_line(tmp_path, name, text, message):
-    with pytest.raises(BatchInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-                       .replace("]", r"\]") if "must lie" not in message else message):  # fmt: skip
+    with pytest.raises(
+        BatchInputError,
+        match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+        if "must lie" not in message
+        else message,
+    ):
         read_entries(_write(tmp_path, name, text))
 
 
@@ -115,13 +135,33 @@ def test_missing_subjects_fail_at_expansion_naming_the_line(tmp_path):
 
 @pytest.mark.slow
 def test_batch_run_failures_and_rerun(tiny_dirs, tmp_path, capsys):
-    prompts = _write(tmp_path, "p.jsonl", "\n".join(json.dumps(x) for x in [
-        {"prompt": "a cat and a dog", "subjects": ["cat", "dog"]},
-        {"prompt": "a bird and a bear", "subjects": ["bird", "horse"]},  # horse is not in the prompt
-    ]) + "\n")  # fmt: skip
+    prompts = _write(
+        tmp_path,
+        "p.jsonl",
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"prompt": "a cat and a dog", "subjects": ["cat", "dog"]},
+                {"prompt": "a bird and a bear", "subjects": ["bird", "horse"]},  # horse is not in the prompt
+            ]
+        )
+        + "\n",
+    )
     out = tmp_path / "out"
-    args = ["batch", str(prompts), "--out", str(out), "--seeds", "0-1", "--methods", "none,attend-excite",
-            "--model", str(tiny_dirs["sd1"]), "--steps", "3"]  # fmt: skip
+    args = [
+        "batch",
+        str(prompts),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-1",
+        "--methods",
+        "none,attend-excite",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "3",
+    ]
     assert main(args) == 1  # something failed
     summary = capsys.readouterr().out
     assert "done 6, skipped 0, failed 2 of 8 items" in summary
@@ -142,8 +182,25 @@ def test_batched_generation_matches_one_by_one(tiny_dirs, tmp_path):
     outs = {}
     for bs in (1, 2):
         out = tmp_path / f"bs{bs}"
-        assert main(["batch", str(prompts), "--out", str(out), "--seeds", "0-1", "--model", str(tiny_dirs["sd1"]),
-                     "--steps", "3", "--batch-size", str(bs)]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "batch",
+                    str(prompts),
+                    "--out",
+                    str(out),
+                    "--seeds",
+                    "0-1",
+                    "--model",
+                    str(tiny_dirs["sd1"]),
+                    "--steps",
+                    "3",
+                    "--batch-size",
+                    str(bs),
+                ]
+            )
+            == 0
+        )
         outs[bs] = {r["key"]: r for r in _check_folder(out, 4)}
     assert outs[1].keys() == outs[2].keys()
     assert {r["settings"]["batch_size"] for r in outs[2].values()} == {2}
@@ -167,8 +224,21 @@ READY_TIMEOUT = 600
 def test_resume_after_kill_9(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-4",
-           "--model", str(tiny_dirs["sd1"]), "--steps", "6"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "attncontrol",
+        "batch",
+        str(prompts),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-4",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "6",
+    ]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + READY_TIMEOUT
     while time.time() < deadline and _manifest_lines(out) < 2 and proc.poll() is None:  # readiness: 2 records
@@ -190,11 +260,25 @@ def test_two_workers_on_one_folder_make_each_item_once(tiny_dirs, tmp_path):
     """Two independent batch commands on one folder share the items through per-item claims."""
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "attncontrol", "batch", str(prompts), "--out", str(out), "--seeds", "0-3",
-           "--model", str(tiny_dirs["sd1"]), "--steps", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "attncontrol",
+        "batch",
+        str(prompts),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-3",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "4",
+    ]
     env = {**ENV, "OMP_NUM_THREADS": "1"}  # two workers on two cores: oversubscribed OpenMP threads spin (10x slower)
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=READY_TIMEOUT) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
     done = []
@@ -231,8 +315,9 @@ def test_repeated_write_errors_stop_the_batch_in_one_line(tiny_dirs, tmp_path, c
     monkeypatch.setattr(runner, "atomic_save_png", full_disk)
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\n")
     out = tmp_path / "out"
-    code = main(["batch", str(prompts), "--out", str(out), "--seeds", "0-9", "--model", str(tiny_dirs["sd1"]),
-                 "--steps", "2"])  # fmt: skip
+    code = main(
+        ["batch", str(prompts), "--out", str(out), "--seeds", "0-9", "--model", str(tiny_dirs["sd1"]), "--steps", "2"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: stopped after 3 write errors in a row") and "No space left" in err[-1]
@@ -257,8 +342,25 @@ def test_each_record_is_appended_only_once_its_png_is_in_place(tiny_dirs, tmp_pa
     monkeypatch.setattr(runner, "append_json_line", checked)
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\n")
     out = tmp_path / "out"
-    assert main(["batch", str(prompts), "--out", str(out), "--seeds", "0-2", "--model", str(tiny_dirs["sd1"]),
-                 "--steps", "2", "--batch-size", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "batch",
+                str(prompts),
+                "--out",
+                str(out),
+                "--seeds",
+                "0-2",
+                "--model",
+                str(tiny_dirs["sd1"]),
+                "--steps",
+                "2",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert seen == [True, True, True]
     for rec in _check_folder(out, 3):
         assert rec["settings"]["guidance_scale"] == 7.5  # the pipeline's default, not null
@@ -269,10 +371,34 @@ def test_each_record_is_appended_only_once_its_png_is_in_place(tiny_dirs, tmp_pa
 def test_two_process_accelerate_launch_covers_every_item_once(tiny_dirs, tmp_path):
     prompts = _write(tmp_path, "p.txt", "a cat and a dog | cat, dog\na bird and a bear | bird, bear\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attncontrol", "batch",
-           str(prompts), "--out", str(out), "--seeds", "0-2", "--methods", "none,attend-excite",
-           "--model", str(tiny_dirs["sd1"]), "--steps", "3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "attncontrol",
+        "batch",
+        str(prompts),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-2",
+        "--methods",
+        "none,attend-excite",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "3",
+    ]
     res = subprocess.run(cmd, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     records = _check_folder(out, 12)

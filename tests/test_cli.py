@@ -57,8 +57,19 @@ def test_generate_writes_a_png_with_its_parameters(tiny_dirs, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
     base = tmp_path / "base.png"  # the baseline in-process: the process itself is checked above
-    argv = ["generate", "a cat and a dog", "--no-control", "--model", str(tiny_dirs["sd1"]), "--out", str(base),
-            "--steps", "6", "--seed", "3"]  # fmt: skip
+    argv = [
+        "generate",
+        "a cat and a dog",
+        "--no-control",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--out",
+        str(base),
+        "--steps",
+        "6",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     with Image.open(base) as a, Image.open(out) as b:
         assert json.loads(a.text["parameters"])["controls"] == []

@@ -21,8 +21,20 @@ def batch_dir(tiny_dirs, tmp_path_factory):
     prompts = root / "p.txt"
     prompts.write_text("a cat and a dog | cat, dog\na frog with a crown | frog, crown\n")
     out = root / "out"
-    args = ["batch", str(prompts), "--out", str(out), "--seeds", "0-1", "--methods", "none,attend-excite",
-            "--model", str(tiny_dirs["sd1"]), "--steps", "3"]  # fmt: skip
+    args = [
+        "batch",
+        str(prompts),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-1",
+        "--methods",
+        "none,attend-excite",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "3",
+    ]
     assert main(args) == 0
     return out
 
@@ -98,8 +110,14 @@ def test_clip_and_caption_scores_match_transformers(batch_dir, models):
 
     def text_embed(text):
         with torch.no_grad():
-            emb = model(**proc(text=[t.format(text) for t in templates], images=Image.new("RGB", (32, 32)),
-                               return_tensors="pt", padding=True)).text_embeds  # fmt: skip
+            emb = model(
+                **proc(
+                    text=[t.format(text) for t in templates],
+                    images=Image.new("RGB", (32, 32)),
+                    return_tensors="pt",
+                    padding=True,
+                )
+            ).text_embeds
         mean = emb.mean(0)
         return mean / mean.norm()
 
@@ -117,8 +135,9 @@ def test_clip_and_caption_scores_match_transformers(batch_dir, models):
         assert row["caption"] == caption
         with torch.no_grad():
             pair = model(**proc(text=[caption, row["prompt"]], images=image, return_tensors="pt", padding=True))
-        assert float(row["caption_similarity"]) == pytest.approx(float(pair.text_embeds[0] @ pair.text_embeds[1]),
-                                                                 abs=1e-5)  # fmt: skip
+        assert float(row["caption_similarity"]) == pytest.approx(
+            float(pair.text_embeds[0] @ pair.text_embeds[1]), abs=1e-5
+        )
     summary = _csv(batch_dir / "eval" / "summary.csv")
     for s in summary:  # numbers, not "nan" or empty
         assert math.isfinite(float(s["clip_full"])) and math.isfinite(float(s["caption_similarity"]))

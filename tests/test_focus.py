@@ -79,9 +79,12 @@ def _reference(pipe, noise: torch.Tensor) -> torch.Tensor:
         loss = torch.relu(1 - torch.stack(peaks).min())
         (grad,) = torch.autograd.grad(loss, [leaf])
         with torch.no_grad():
-            v_u, v_c = transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(2),
-                                   encoder_hidden_states=torch.cat([npe, pe]),
-                                   pooled_projections=torch.cat([nppe, ppe])).sample.chunk(2)  # fmt: skip
+            v_u, v_c = transformer(
+                hidden_states=torch.cat([x, x]),
+                timestep=t.expand(2),
+                encoder_hidden_states=torch.cat([npe, pe]),
+                pooled_projections=torch.cat([nppe, ppe]),
+            ).sample.chunk(2)
             v = v_u + CFG * (v_c - v_u)
             s = float(t) / 1000
             coef = 2 * (s + 1e-3) / (1 - s + 1e-3) * s
@@ -98,12 +101,26 @@ def test_attend_and_excite_on_sd3_equals_the_focus_reference(dual, request):
         subjects=["cat", "dog"], recipe="focus", update="velocity", velocity_scale=LAMBDA, stop=None
     )
     ours = attncontrol.generate(
-        pipe, PROMPT, [control], num_inference_steps=STEPS, guidance_scale=CFG, latents=noise.clone(),
-        output_type="latent", max_sequence_length=MAX_LEN,
-    )  # fmt: skip
+        pipe,
+        PROMPT,
+        [control],
+        num_inference_steps=STEPS,
+        guidance_scale=CFG,
+        latents=noise.clone(),
+        output_type="latent",
+        max_sequence_length=MAX_LEN,
+    )
     reference = _reference(pipe, noise)
-    plain = attncontrol.generate(pipe, PROMPT, [], num_inference_steps=STEPS, guidance_scale=CFG, latents=noise.clone(),
-                                 output_type="latent", max_sequence_length=MAX_LEN).images  # fmt: skip
+    plain = attncontrol.generate(
+        pipe,
+        PROMPT,
+        [],
+        num_inference_steps=STEPS,
+        guidance_scale=CFG,
+        latents=noise.clone(),
+        output_type="latent",
+        max_sequence_length=MAX_LEN,
+    ).images
     assert (reference - plain).abs().max() > 1e-2  # the method moves the image
     assert len(ours.guided_steps) == STEPS
     torch.testing.assert_close(ours.images, reference, rtol=0, atol=1e-6)

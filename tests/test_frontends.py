@@ -19,12 +19,34 @@ from attncontrol.controls.options import method_fields, takes_boxes
 from .conftest import SUBPROCESS_TIMEOUT, seeded
 
 # A non-default value per field, valid for its method (the generic rule: ints + 1, floats x 0.5 ...).
-SPECIAL = {"kernel_size": 5, "start": 1, "stop": 10, "quantile": 0.8, "quantile_target": 0.7, "blend": 0.5,
-           "decay": 0.9, "mask_threshold": 0.4, "update": "velocity", "normalise": "text", "recipe": "focus",
-           "scale_range": (0.9, 0.4), "thresholds": {0: 0.3, 5: 0.6}, "schedule": ((3, 2.0, 2), (6, 1.0, 3)),
-           "late": (2.0, 3), "late_steps": (12, 14), "attn_res": (8, 8), "blocks": (0, 1), "exclude_eot": True,
-           "inside_threshold": 0.3, "loss_threshold": 0.2, "tv": "neighbour", "attribute_levels": "same",
-           "bindings": {"cat": ("furry", "small")}, "refinement_steps": (5, 15), "alignment_cache": "once"}  # fmt: skip
+SPECIAL = {
+    "kernel_size": 5,
+    "start": 1,
+    "stop": 10,
+    "quantile": 0.8,
+    "quantile_target": 0.7,
+    "blend": 0.5,
+    "decay": 0.9,
+    "mask_threshold": 0.4,
+    "update": "velocity",
+    "normalise": "text",
+    "recipe": "focus",
+    "scale_range": (0.9, 0.4),
+    "thresholds": {0: 0.3, 5: 0.6},
+    "schedule": ((3, 2.0, 2), (6, 1.0, 3)),
+    "late": (2.0, 3),
+    "late_steps": (12, 14),
+    "attn_res": (8, 8),
+    "blocks": (0, 1),
+    "exclude_eot": True,
+    "inside_threshold": 0.3,
+    "loss_threshold": 0.2,
+    "tv": "neighbour",
+    "attribute_levels": "same",
+    "bindings": {"cat": ("furry", "small")},
+    "refinement_steps": (5, 15),
+    "alignment_cache": "once",
+}
 
 
 def _other(spec):
@@ -63,8 +85,9 @@ def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(met
     assert value != spec.default
     boxed = takes_boxes(METHODS[method])
     extra = ["--boxes", "cat=0,0,0.5,1"] if boxed else ["--subjects", "cat"]
-    args = build_parser().parse_args(["generate", "a cat", "--methods", method, *extra,
-                                      "--set", f"{method}.{spec.name}={_text(value)}"])  # fmt: skip
+    args = build_parser().parse_args(
+        ["generate", "a cat", "--methods", method, *extra, "--set", f"{method}.{spec.name}={_text(value)}"]
+    )
     (control,) = controls_from_args(args)
     assert getattr(control, spec.name) == value
 
@@ -76,8 +99,15 @@ def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(met
     assert getattr(from_batch, spec.name) == value
 
 
-@pytest.mark.parametrize("spelling", ["attend-excite.scale_factor", "attend_excite.scale_factor",
-                                      "attend-excite.scale-factor", "Attend_Excite.scale-factor"])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "attend-excite.scale_factor",
+        "attend_excite.scale_factor",
+        "attend-excite.scale-factor",
+        "Attend_Excite.scale-factor",
+    ],
+)
 def test_method_and_field_names_take_dash_or_underscore(spelling, tmp_path, capsys):
     """`-` and `_` alike in method and field names: --set, --methods, batch lines and `attncontrol methods`."""
     from attncontrol.batch import expand, read_entries
@@ -85,8 +115,9 @@ def test_method_and_field_names_take_dash_or_underscore(spelling, tmp_path, caps
     from attncontrol.cli.parser import build_parser
 
     method = spelling.split(".")[0]
-    args = build_parser().parse_args(["generate", "a cat", "--subjects", "cat", "--methods", method,
-                                      "--set", f"{spelling}=5"])  # fmt: skip
+    args = build_parser().parse_args(
+        ["generate", "a cat", "--subjects", "cat", "--methods", method, "--set", f"{spelling}=5"]
+    )
     (control,) = controls_from_args(args)
     assert isinstance(control, AttendExcite) and control.scale_factor == 5
     field = spelling.split(".")[1]
@@ -101,46 +132,72 @@ def test_method_and_field_names_take_dash_or_underscore(spelling, tmp_path, caps
 # ---------------------------------------------------------------- mistakes: exit 2, one message, nothing written
 
 CLI_CASES = {
-    "scale-factor-with-astar": (["--subjects", "cat", "--methods", "astar", "--scale-factor", "5"],
-                                "--scale-factor is an attend-excite option"),
-    "max-iter-with-astar": (["--subjects", "cat", "--methods", "astar", "--max-iter-to-alter", "3"],
-                            "--max-iter-to-alter is an attend-excite option"),
-    "scale-factor-zero": (["--subjects", "cat", "--scale-factor", "0"], "--scale-factor: attend-excite: scale_factor "
-                                                                         "must be > 0, got 0"),
+    "scale-factor-with-astar": (
+        ["--subjects", "cat", "--methods", "astar", "--scale-factor", "5"],
+        "--scale-factor is an attend-excite option",
+    ),
+    "max-iter-with-astar": (
+        ["--subjects", "cat", "--methods", "astar", "--max-iter-to-alter", "3"],
+        "--max-iter-to-alter is an attend-excite option",
+    ),
+    "scale-factor-zero": (
+        ["--subjects", "cat", "--scale-factor", "0"],
+        "--scale-factor: attend-excite: scale_factor must be > 0, got 0",
+    ),
     "attn-res-zero": (["--subjects", "cat", "--attn-res", "0"], "--attn-res: attend-excite: attn_res"),
     "device-cuda": (["--subjects", "cat", "--device", "cuda"], "--device cuda: this machine has no CUDA"),
     "device-tpu": (["--subjects", "cat", "--device", "tpu"], "--device must be cpu, cuda, cuda:N or mps, got 'tpu'"),
     "method-twice": (["--subjects", "cat", "--methods", "astar,astar"], "given once, got astar"),
-    "set-unknown-field": (["--subjects", "cat", "--methods", "astar", "--set", "astar.nonsense=1"],
-                          "astar has no option 'nonsense'"),
-    "set-text-for-number": (["--subjects", "cat", "--methods", "astar", "--set", "astar.scale_factor=abc"],
-                            "astar.scale_factor must be a number, got 'abc'"),
-    "set-nan": (["--subjects", "cat", "--methods", "astar", "--set", "astar.scale_factor=nan"],
-                "astar.scale_factor must be a finite number, got nan"),
+    "set-unknown-field": (
+        ["--subjects", "cat", "--methods", "astar", "--set", "astar.nonsense=1"],
+        "astar has no option 'nonsense'",
+    ),
+    "set-text-for-number": (
+        ["--subjects", "cat", "--methods", "astar", "--set", "astar.scale_factor=abc"],
+        "astar.scale_factor must be a number, got 'abc'",
+    ),
+    "set-nan": (
+        ["--subjects", "cat", "--methods", "astar", "--set", "astar.scale_factor=nan"],
+        "astar.scale_factor must be a finite number, got nan",
+    ),
     "set-unknown-method": (["--subjects", "cat", "--set", "magic.x=1"], "unknown method 'magic'"),
-    "set-method-not-run": (["--subjects", "cat", "--set", "astar.scale_factor=5"],
-                           "astar is not among the methods attend-excite"),
+    "set-method-not-run": (
+        ["--subjects", "cat", "--set", "astar.scale_factor=5"],
+        "astar is not among the methods attend-excite",
+    ),
     "set-malformed": (["--subjects", "cat", "--set", "scale_factor=5"], "--set takes METHOD.FIELD=VALUE"),
     "steps-over-scheduler": (["--subjects", "cat", "--steps", "5000"], "1000 training timesteps"),
     "seed-too-large": (["--subjects", "cat", "--seed", "99999999999999999999999"], "--seed must be between 0 and"),
     "height": (["--subjects", "cat", "--height", "63"], "--height must be a positive multiple of 8"),
     "subject-not-in-prompt": (["--subjects", "cat", "horse"], "'horse' is not in the prompt"),
     "none-method": (["--subjects", "cat", "--methods", "none"], "use --no-control for the baseline"),
-    "no-control-with-methods": (["--subjects", "cat", "--no-control", "--methods", "astar"],
-                                "--no-control runs the plain pipeline; drop --methods"),
-    "shortcut-and-set": (["--subjects", "cat", "--scale-factor", "5", "--set", "attend-excite.scale_factor=6"],
-                         "--scale-factor sets attend-excite.scale_factor, which --set attend-excite.scale_factor=6"),
-    "alias-and-field": (["--subjects", "cat", "--set", "attend-excite.stop=3", "--set",
-                         "attend-excite.max_iter_to_alter=5"], "which --set attend-excite.stop=3 already sets"),
-    "no-refinement-and-thresholds": (["--subjects", "cat", "--set", "attend-excite.thresholds={}", "--no-refinement"],
-                                     "--no-refinement sets attend-excite.thresholds"),
-    "trace-is-out": (["--subjects", "cat", "--out", "same.png", "--trace", "same.png"],
-                     "--trace same.png is the same path as --out"),
+    "no-control-with-methods": (
+        ["--subjects", "cat", "--no-control", "--methods", "astar"],
+        "--no-control runs the plain pipeline; drop --methods",
+    ),
+    "shortcut-and-set": (
+        ["--subjects", "cat", "--scale-factor", "5", "--set", "attend-excite.scale_factor=6"],
+        "--scale-factor sets attend-excite.scale_factor, which --set attend-excite.scale_factor=6",
+    ),
+    "alias-and-field": (
+        ["--subjects", "cat", "--set", "attend-excite.stop=3", "--set", "attend-excite.max_iter_to_alter=5"],
+        "which --set attend-excite.stop=3 already sets",
+    ),
+    "no-refinement-and-thresholds": (
+        ["--subjects", "cat", "--set", "attend-excite.thresholds={}", "--no-refinement"],
+        "--no-refinement sets attend-excite.thresholds",
+    ),
+    "trace-is-out": (
+        ["--subjects", "cat", "--out", "same.png", "--trace", "same.png"],
+        "--trace same.png is the same path as --out",
+    ),
     "methods-comma": (["--subjects", "cat", "--methods", ","], "--methods: no method named in ','"),
     "none-with-astar": (["--subjects", "cat", "--methods", "none+astar"], "use --no-control for the baseline"),
-    "boxes-without-refocus": (["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"],
-                              "--boxes are for refocus"),
-}  # fmt: skip
+    "boxes-without-refocus": (
+        ["--subjects", "cat", "--methods", "astar", "--boxes", "cat=0,0,0.5,0.5"],
+        "--boxes are for refocus",
+    ),
+}
 
 
 def _generate(args, tiny_dirs, tmp_path, capsys):
@@ -185,8 +242,10 @@ def test_model_paths_that_are_not_pipelines(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
-    for model, message in ((tmp_path / "notes.txt", "is a file, not a diffusers pipeline folder"),
-                           (tmp_path / "weird", "'NoSuchPipeline', which diffusers")):  # fmt: skip
+    for model, message in (
+        (tmp_path / "notes.txt", "is a file, not a diffusers pipeline folder"),
+        (tmp_path / "weird", "'NoSuchPipeline', which diffusers"),
+    ):
         code = main(["generate", "a cat", "--subjects", "cat", "--model", str(model), "--out", str(tmp_path / "o.png")])
         err = capsys.readouterr().err
         assert code == 2 and message in err, err
@@ -195,23 +254,49 @@ def test_model_paths_that_are_not_pipelines(tmp_path, capsys):
 def test_a_real_process_prints_no_traceback(tiny_dirs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(
-        [sys.executable, "-m", "attncontrol", "generate", "a cat", "--model", str(tiny_dirs["sd1"]), "--subjects",
-         "cat", "--methods", "astar", "--set", "astar.scale_factor=abc", "--out", str(tmp_path / "x.png")],
-        capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "attncontrol",
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny_dirs["sd1"]),
+            "--subjects",
+            "cat",
+            "--methods",
+            "astar",
+            "--set",
+            "astar.scale_factor=abc",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr and "'abc'" in res.stderr
 
 
 BATCH_CASES = {
     "not-utf8": ("p.txt", b"a cat \xff\xfe and a dog | cat\n", "is not UTF-8"),
-    "bad-option-value": ("p.jsonl", json.dumps({"prompt": "a cat", "subjects": ["cat"], "methods": ["astar"],
-                                                "options": {"astar": {"scale_factor": "x"}}}).encode(),
-                         "p.jsonl:1: options: astar.scale_factor must be a number, got 'x'"),
-    "unknown-option": ("p.jsonl", json.dumps({"prompt": "a cat", "subjects": ["cat"], "methods": ["astar"],
-                                              "options": {"astar": {"nope": 1}}}).encode(),
-                       "p.jsonl:1: options: astar has no option 'nope'"),
+    "bad-option-value": (
+        "p.jsonl",
+        json.dumps(
+            {"prompt": "a cat", "subjects": ["cat"], "methods": ["astar"], "options": {"astar": {"scale_factor": "x"}}}
+        ).encode(),
+        "p.jsonl:1: options: astar.scale_factor must be a number, got 'x'",
+    ),
+    "unknown-option": (
+        "p.jsonl",
+        json.dumps(
+            {"prompt": "a cat", "subjects": ["cat"], "methods": ["astar"], "options": {"astar": {"nope": 1}}}
+        ).encode(),
+        "p.jsonl:1: options: astar has no option 'nope'",
+    ),
     "method-twice": ("p.txt", b"a cat | cat\n", "given once"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(BATCH_CASES))
@@ -219,8 +304,19 @@ def test_batch_mistakes_exit_2_and_write_no_manifest(name, tiny_dirs, tmp_path, 
     filename, data, message = BATCH_CASES[name]
     (tmp_path / filename).write_bytes(data)
     extra = ["--methods", "astar+astar"] if name == "method-twice" else []
-    code = main(["batch", str(tmp_path / filename), "--out", str(tmp_path / "out"), "--model", str(tiny_dirs["sd1"]),
-                 "--steps", "2", *extra])  # fmt: skip
+    code = main(
+        [
+            "batch",
+            str(tmp_path / filename),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_dirs["sd1"]),
+            "--steps",
+            "2",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
@@ -244,11 +340,17 @@ def test_generate_is_strict(sd1):
         attncontrol.generate(sd1, "a cat", [AttendExcite(subjects=["cat"])], guidance_scale=float("nan"), **kw)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) num_inference_step;.*accepts"):
         attncontrol.generate(sd1, "a cat", [], num_inference_step=4)
-    with pytest.raises(OptionError, match=r"latents have shape \(1, 4, 8, 8\); 64x64 px with 1 image\(s\) needs "
-                                          r"\(1, 4, 32, 32\)"):  # fmt: skip
+    with pytest.raises(
+        OptionError,
+        match=r"latents have shape \(1, 4, 8, 8\); 64x64 px with 1 image\(s\) needs "
+        r"\(1, 4, 32, 32\)",
+    ):
         attncontrol.generate(sd1, "a cat", [], latents=torch.zeros(1, 4, 8, 8), **kw)
-    with pytest.raises(TypeError, match=r"AttendExcite.stop \(max_iter_to_alter\) must be int or float or None, "
-                                        r"got '3' \(str\)"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"AttendExcite.stop \(max_iter_to_alter\) must be int or float or None, "
+        r"got '3' \(str\)",
+    ):
         AttendExcite(subjects=["cat"], max_iter_to_alter="3")
     one = attncontrol.generate(sd1, "a cat", AttendExcite(subjects=["cat"]), generator=seeded(0), **kw)
     listed = attncontrol.generate(sd1, "a cat", [AttendExcite(subjects=["cat"])], generator=seeded(0), **kw)
@@ -323,8 +425,18 @@ def test_ctrl_c_in_a_batch_says_what_was_done_and_how_to_resume(tiny_dirs, tmp_p
     monkeypatch.setattr(runner.BatchRun, "generate", interrupted_on_the_third)
     (tmp_path / "p.txt").write_text("a cat and a dog | cat, dog\n")
     out = tmp_path / "out"
-    args = ["batch", str(tmp_path / "p.txt"), "--out", str(out), "--seeds", "0-3", "--model", str(tiny_dirs["sd1"]),
-            "--steps", "2"]  # fmt: skip
+    args = [
+        "batch",
+        str(tmp_path / "p.txt"),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-3",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "2",
+    ]
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130
@@ -341,8 +453,9 @@ def test_batch_no_refinement_reaches_every_item(tmp_path):
     from attncontrol.cli.runs import _batch_items
 
     (tmp_path / "p.txt").write_text("a cat and a dog | cat, dog\na frog and a crown | frog, crown\n")
-    args = build_parser().parse_args(["batch", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"),
-                                      "--seeds", "0-1", "--no-refinement"])  # fmt: skip
+    args = build_parser().parse_args(
+        ["batch", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--seeds", "0-1", "--no-refinement"]
+    )
     items, _ = _batch_items(args)
     assert len(items) == 4
     for item in items:

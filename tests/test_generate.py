@@ -73,9 +73,12 @@ def test_guidance_step_raises_the_weakest_subjects_attention(sd1):
     """The quantity A&E maximises, measured by diffusers' own A&E code (not by the engine), is higher after a
     guided step than before, at the same timestep."""
     run = attncontrol.prepare_run(
-        sd1, "a cat and a dog", [AttendExcite(subjects=["cat", "dog"], thresholds={})], num_inference_steps=10,
+        sd1,
+        "a cat and a dog",
+        [AttendExcite(subjects=["cat", "dog"], thresholds={})],
+        num_inference_steps=10,
         guidance_scale=1.0,
-    )  # fmt: skip
+    )
     z = torch.randn(1, 4, 32, 32, generator=seeded(3))
     with run.installed():
         z2, record = run.guide(z, 0)
@@ -96,16 +99,24 @@ def test_batched_images_each_get_their_own_refinement(sd1):
     z = torch.randn(4, 4, 32, 32, generator=seeded(0))
 
     def control(subs):
-        return AttendExcite(subjects=subs, thresholds={0: 0.0164}, max_iter_to_alter=2, max_refinement_steps=8,
-                            scale_factor=400)  # fmt: skip
+        return AttendExcite(
+            subjects=subs, thresholds={0: 0.0164}, max_iter_to_alter=2, max_refinement_steps=8, scale_factor=400
+        )
 
-    out = _run(sd1, [control(subjects)], prompt=prompts, num_images_per_prompt=2, steps=4, latents=z,
-               output_type="latent")  # fmt: skip
+    out = _run(
+        sd1, [control(subjects)], prompt=prompts, num_images_per_prompt=2, steps=4, latents=z, output_type="latent"
+    )
     counts = out.trace[0].refinement_iterations
     assert len(set(counts)) >= 3 and 0 in counts and max(counts) < 8  # different, and not all at the cap
     for b in range(4):
-        alone = _run(sd1, [control(subjects[b // 2])], prompt=prompts[b // 2], steps=4, latents=z[b : b + 1],
-                     output_type="latent")  # fmt: skip
+        alone = _run(
+            sd1,
+            [control(subjects[b // 2])],
+            prompt=prompts[b // 2],
+            steps=4,
+            latents=z[b : b + 1],
+            output_type="latent",
+        )
         assert alone.trace[0].refinement_iterations == [counts[b]]
         torch.testing.assert_close(alone.images[0], out.images[b], rtol=0, atol=1e-3)
 
@@ -373,8 +384,9 @@ def test_a_run_whose_latents_turn_nan_fails_and_restores_the_pipeline(sd1):
     grads = [p.requires_grad for p in sd1.unet.parameters()]
     huge = attncontrol.AttendExcite(subjects=["cat", "dog"], scale_factor=1e30, thresholds={})
     with pytest.raises(NonFiniteError, match="not finite after"):
-        attncontrol.generate(sd1, "a cat and a dog", [huge], num_inference_steps=3, generator=seeded(0),
-                             output_type="latent")  # fmt: skip
+        attncontrol.generate(
+            sd1, "a cat and a dog", [huge], num_inference_steps=3, generator=seeded(0), output_type="latent"
+        )
     assert processor_snapshot(sd1.unet) == before
     assert [p.requires_grad for p in sd1.unet.parameters()] == grads
     nan = torch.full((1, 4, 32, 32), float("nan"))

@@ -156,9 +156,14 @@ def test_regulation_editor_raises_the_targets_quantile(sd1):
         assert stats["quantile_after"] > stats["quantile_before"] + 0.1
     assert out.trace[5].edits["regulate"] == {}
     plain = attncontrol.generate(
-        sd1, "a cat and a dog", [], num_inference_steps=8, generator=seeded(0), output_type="latent",
+        sd1,
+        "a cat and a dog",
+        [],
+        num_inference_steps=8,
+        generator=seeded(0),
+        output_type="latent",
         attention=["cat", "dog"],
-    )  # fmt: skip
+    )
     assert (out.images - plain.images).abs().max() > 1e-2
     # measured independently, by the observer on the ordinary forward of step 0 (same latents in both runs): the
     # attention probability the layers actually used for each target has a higher 0.9-quantile over pixels

@@ -14,15 +14,23 @@ from .conftest import processor_snapshot, seeded
 
 PROMPT = "a cat and a dog"
 BOXES = {"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}
-KW = {"sd3": dict(max_sequence_length=16), "sd35": dict(max_sequence_length=16),
-      "flux": dict(max_sequence_length=16, height=128, width=128)}  # fmt: skip
+KW = {
+    "sd3": dict(max_sequence_length=16),
+    "sd35": dict(max_sequence_length=16),
+    "flux": dict(max_sequence_length=16, height=128, width=128),
+}
 
 
 def _run(pipe, family, controls, steps=3, **kw):
     return attncontrol.generate(
-        pipe, kw.pop("prompt", PROMPT), controls, num_inference_steps=steps, generator=seeded(0), output_type="latent",
+        pipe,
+        kw.pop("prompt", PROMPT),
+        controls,
+        num_inference_steps=steps,
+        generator=seeded(0),
+        output_type="latent",
         **{**KW[family], **kw},
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- the joint softmax, exactly
@@ -124,8 +132,9 @@ def _explicit_cross_maps(pipe, family, layer_names, latents, step=0, text_only=F
         found.append(p[:, :, img, start : start + text_len].mean(1))
 
     modules = dict(pipe.transformer.named_modules())
-    handles = [modules[n.removesuffix(".processor")].register_forward_pre_hook(hook, with_kwargs=True)
-               for n in layer_names]  # fmt: skip
+    handles = [
+        modules[n.removesuffix(".processor")].register_forward_pre_hook(hook, with_kwargs=True) for n in layer_names
+    ]
     try:
         with torch.no_grad():
             adapter.guidance_forward(latents, run.timesteps[step], run.cond)
@@ -161,9 +170,14 @@ def test_only_the_needed_text_columns_are_computed(sd3):
     both = {}
     for exclude in (True, False):
         run = attncontrol.prepare_run(
-            sd3, PROMPT, [AttendExcite(subjects=["cat", "dog"], exclude_eot=exclude)], num_inference_steps=3,
-            guidance_scale=1.0, generator=seeded(0), **KW["sd3"],
-        )  # fmt: skip
+            sd3,
+            PROMPT,
+            [AttendExcite(subjects=["cat", "dog"], exclude_eot=exclude)],
+            num_inference_steps=3,
+            guidance_scale=1.0,
+            generator=seeded(0),
+            **KW["sd3"],
+        )
         with run.installed():
             run.engine.evaluate(run.draw_latents(), 0)
             key = run.controls[0].maps.key
@@ -183,8 +197,9 @@ def test_only_the_needed_text_columns_are_computed(sd3):
 def test_text_normalisation_equals_a_softmax_over_the_text_keys(sd3):
     sd3.to(torch.float64)
     control = AttendExcite(subjects=["cat", "dog"], exclude_eot=False, normalise="text")
-    run = attncontrol.prepare_run(sd3, PROMPT, [control], num_inference_steps=3, guidance_scale=1.0,
-                                  generator=seeded(0), **KW["sd3"])  # fmt: skip
+    run = attncontrol.prepare_run(
+        sd3, PROMPT, [control], num_inference_steps=3, guidance_scale=1.0, generator=seeded(0), **KW["sd3"]
+    )
     latents = run.draw_latents()
     key = run.controls[0].maps.key
     names = run.engine.layer_names[key]
@@ -230,8 +245,9 @@ def test_an_sd3_token_index_is_a_clip_index_and_the_same_word_in_t5(sd3):
 
 
 def test_flux_subjects_use_the_t5_word_rule(flux):
-    run = attncontrol.prepare_run(flux, "a cat resting on grass", [AttendExcite(subjects=["resting", "cat"])],
-                                  **KW["flux"])  # fmt: skip
+    run = attncontrol.prepare_run(
+        flux, "a cat resting on grass", [AttendExcite(subjects=["resting", "cat"])], **KW["flux"]
+    )
     table = attncontrol.tokenize(flux.tokenizer_2, "a cat resting on grass", 16)
     rows = table.rows()
     resting = [r.index for r in rows if r.word == "resting"]
@@ -263,8 +279,9 @@ CONTROLS = {
 def test_each_control_lowers_its_loss(family, name, request):
     pipe = request.getfixturevalue(family)
     control = CONTROLS[name]()
-    run = attncontrol.prepare_run(pipe, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0,
-                                  generator=seeded(0), **KW[family])  # fmt: skip
+    run = attncontrol.prepare_run(
+        pipe, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0, generator=seeded(0), **KW[family]
+    )
     z = run.draw_latents()  # the step sizes lower the loss from each of the noises of seeds 0-7, not only this one
     with run.installed():
         before = run.engine.evaluate(z, 1).losses[control.method]
@@ -290,8 +307,12 @@ def test_regulate_raises_the_targets_attention_and_edits_only_the_conditional_br
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_all_controls_compose_and_the_observer_records(family, request):
     pipe = request.getfixturevalue(family)
-    controls = [AttendExcite(subjects=["cat", "dog"]), AStar(subjects=["cat", "dog"]), Refocus(boxes=BOXES),
-                Regulate(subjects=["cat", "dog"], iterations=3)]  # fmt: skip
+    controls = [
+        AttendExcite(subjects=["cat", "dog"]),
+        AStar(subjects=["cat", "dog"]),
+        Refocus(boxes=BOXES),
+        Regulate(subjects=["cat", "dog"], iterations=3),
+    ]
     out = _run(pipe, family, controls, steps=3, attention=True)
     assert set(out.trace[0].losses) == {"attend-excite", "astar", "refocus"} and out.trace[0].edits["regulate"]
     assert out.attention.maps.shape == (3, 1, 2, 8, 8) and torch.isfinite(out.attention.maps).all()
@@ -310,8 +331,13 @@ def test_blocks_choose_the_layers_and_the_guidance_pass_stops_after_the_last(sd3
     calls = []
     hook = sd3.transformer.transformer_blocks[2].register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
     try:
-        out = _run(sd3, "sd3", [AttendExcite(subjects=["cat", "dog"], blocks=(0, 1), thresholds={})], steps=2,
-                   guidance_scale=1.0)  # fmt: skip
+        out = _run(
+            sd3,
+            "sd3",
+            [AttendExcite(subjects=["cat", "dog"], blocks=(0, 1), thresholds={})],
+            steps=2,
+            guidance_scale=1.0,
+        )
     finally:
         hook.remove()
     assert out.guided_steps and calls == [False, False]  # the two denoising forwards only
@@ -328,8 +354,12 @@ def test_processors_restored_after_an_error(sd3, flux):
             raise RuntimeError("boom")
 
         with pytest.raises(RuntimeError, match="boom"):
-            _run(pipe, family, [AttendExcite(subjects=["cat", "dog"]), Regulate(subjects=["cat"])],
-                 callback_on_step_end=boom)  # fmt: skip
+            _run(
+                pipe,
+                family,
+                [AttendExcite(subjects=["cat", "dog"]), Regulate(subjects=["cat"])],
+                callback_on_step_end=boom,
+            )
         assert processor_snapshot(pipe.transformer) == before
         assert [p.requires_grad for p in pipe.transformer.parameters()] == grads
 
@@ -345,8 +375,10 @@ def test_checkpointing_gives_the_same_images(family, request):
     """Checkpointed guidance passes (joint blocks before the last captured one recomputed in the backward):
     the same latents as without."""
     pipe = request.getfixturevalue(family)
-    controls = [AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.9}, max_refinement_steps=2),
-                Refocus(boxes=BOXES)]  # fmt: skip
+    controls = [
+        AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.9}, max_refinement_steps=2),
+        Refocus(boxes=BOXES),
+    ]
     plain = _run(pipe, family, controls, steps=2).images
     ckpt = _run(pipe, family, controls, steps=2, checkpointing=True).images
     torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-6)

@@ -434,12 +434,15 @@ class _Draws:
         ([(0.1, True)], 100.0, [(0.0, 10)]),  # the seed's noise succeeds: kept
         ([(0.9, False), (0.6, False), (0.15, True)], 102.0, [(0.0, 10), (1.0, 10), (2.0, 10)]),
         # every round fails: the best-scored round's original noise is re-optimised for 50 steps
-        ([(0.9, False), (0.4, False), (0.7, False), (0.8, False), (0.6, False), (0.5, False)], 101.0,
-         [(0.0, 10), (1.0, 10), (2.0, 10), (3.0, 10), (4.0, 10), (1.0, 50)]),
+        (
+            [(0.9, False), (0.4, False), (0.7, False), (0.8, False), (0.6, False), (0.5, False)],
+            101.0,
+            [(0.0, 10), (1.0, 10), (2.0, 10), (3.0, 10), (4.0, 10), (1.0, 50)],
+        ),
         # the official quirk: a failed round that scores lower than the successful one wins, then re-runs
         ([(0.05, False), (0.15, True), (0.5, False)], 100.0, [(0.0, 10), (1.0, 10), (0.0, 50)]),
     ],
-)  # fmt: skip
+)
 def test_initno_rounds_and_selection(tokenizer, monkeypatch, results, chosen, calls):
     control = InitNO(subjects=["cat", "dog"]).prepare(_ctx(tokenizer, "a cat and a dog"))
     script = _Scripted(results)
@@ -556,13 +559,20 @@ def test_each_method_runs_end_to_end_and_restores_the_processors(sd1):
         Conform(subjects=["red cat", "blue dog"], refinement_iterations=2, refinement_steps=(0, 4)),
         SynGen(subjects=["red cat", "blue dog"], stop=4),
         BoxDiff(boxes={"cat": (0, 0, 0.5, 1), "dog": (0.5, 0, 1, 1)}, max_refinement_steps=2),
-        InitNO(subjects=["cat", "dog"], rounds=1, round_steps=2, final_steps=1, refinement_steps=(2,),
-               max_refinement_steps=1),
-    ]  # fmt: skip
+        InitNO(
+            subjects=["cat", "dog"],
+            rounds=1,
+            round_steps=2,
+            final_steps=1,
+            refinement_steps=(2,),
+            max_refinement_steps=1,
+        ),
+    ]
     outs = {}
     for control in controls:
-        out = attncontrol.generate(sd1, PROMPT, [control], num_inference_steps=6, generator=seeded(0),
-                                   output_type="latent")  # fmt: skip
+        out = attncontrol.generate(
+            sd1, PROMPT, [control], num_inference_steps=6, generator=seeded(0), output_type="latent"
+        )
         guided = [r.index for r in out.guided_steps]
         first, stop = control.window(6)
         assert guided == list(range(first, min(stop, 6))), control.method
@@ -655,8 +665,9 @@ def test_each_method_runs_on_joint_attention(family, request):
     ]
     size = dict(height=128, width=128)  # an 8x8 grid of image tokens (FLUX's own default is 1024 px, 64x64)
     for control in controls:
-        out = attncontrol.generate(pipe, PROMPT, [control], num_inference_steps=3, generator=seeded(0),
-                                   output_type="latent", **size)  # fmt: skip
+        out = attncontrol.generate(
+            pipe, PROMPT, [control], num_inference_steps=3, generator=seeded(0), output_type="latent", **size
+        )
         assert [r.index for r in out.guided_steps] == [0, 1, 2], control.method
         assert all(math.isfinite(r.loss[0]) for r in out.guided_steps)
     assert out.noise_search["initno"][0]["rounds"] == 1

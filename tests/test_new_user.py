@@ -55,25 +55,44 @@ def _one_error(code: int, err: str, message: str) -> None:
 # ---------------------------------------------------------------- CLI: generate and tokens, before the model loads
 
 GENERATE_CASES = {
-    "invalid-set-beside-no-refinement": (PROMPT, ["--subjects", "cat", "--set", "attend-excite.thresholds=xyz",
-                                                  "--no-refinement"],
-                                         "attend-excite.thresholds must be KEY:VALUE pairs (e.g. 0:0.05,10:0.5) or a "
-                                         "JSON object, got 'xyz'"),
-    "unbounded-refinement": (PROMPT, ["--subjects", "cat", "--max-refinement-steps", "1000000000"],
-                             "max_refinement_steps must be between 0 and 1000, got 1000000000"),
-    "unbounded-set-count": (PROMPT, ["--subjects", "cat", "--methods", "initno", "--set", "initno.round_steps=99999"],
-                            "round_steps must be between 1 and 1000, got 99999"),
-    "huge-side": (PROMPT, ["--subjects", "cat", "--height", "1000000", "--width", "1000000"],
-                  "--height 1000000 is larger than 8192 px"),
-    "huge-image": (PROMPT, ["--subjects", "cat", "--height", "8192", "--width", "8192"],
-                   "--height 8192 x --width 8192 is 67108864 pixels; attncontrol makes at most 16777216"),
-    "prompt-not-utf8": ("a cat \udcff and a dog", ["--subjects", "cat"],
-                        "the prompt is not valid text: the byte 0xff, which is not UTF-8, at character 6"),
+    "invalid-set-beside-no-refinement": (
+        PROMPT,
+        ["--subjects", "cat", "--set", "attend-excite.thresholds=xyz", "--no-refinement"],
+        "attend-excite.thresholds must be KEY:VALUE pairs (e.g. 0:0.05,10:0.5) or a JSON object, got 'xyz'",
+    ),
+    "unbounded-refinement": (
+        PROMPT,
+        ["--subjects", "cat", "--max-refinement-steps", "1000000000"],
+        "max_refinement_steps must be between 0 and 1000, got 1000000000",
+    ),
+    "unbounded-set-count": (
+        PROMPT,
+        ["--subjects", "cat", "--methods", "initno", "--set", "initno.round_steps=99999"],
+        "round_steps must be between 1 and 1000, got 99999",
+    ),
+    "huge-side": (
+        PROMPT,
+        ["--subjects", "cat", "--height", "1000000", "--width", "1000000"],
+        "--height 1000000 is larger than 8192 px",
+    ),
+    "huge-image": (
+        PROMPT,
+        ["--subjects", "cat", "--height", "8192", "--width", "8192"],
+        "--height 8192 x --width 8192 is 67108864 pixels; attncontrol makes at most 16777216",
+    ),
+    "prompt-not-utf8": (
+        "a cat \udcff and a dog",
+        ["--subjects", "cat"],
+        "the prompt is not valid text: the byte 0xff, which is not UTF-8, at character 6",
+    ),
     "prompt-not-utf8-no-control": ("a cat \udcff and a dog", ["--no-control"], "the prompt is not valid text"),
-    "negative-prompt-not-utf8": (PROMPT, ["--subjects", "cat", "--negative-prompt", "blurr\udce9"],
-                                 "--negative-prompt is not valid text: the byte 0xe9"),
+    "negative-prompt-not-utf8": (
+        PROMPT,
+        ["--subjects", "cat", "--negative-prompt", "blurr\udce9"],
+        "--negative-prompt is not valid text: the byte 0xe9",
+    ),
     "subject-not-utf8": (PROMPT, ["--subjects", "c\udcffat"], "the subject is not valid text: the byte 0xff"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(GENERATE_CASES))
@@ -81,8 +100,19 @@ def test_generate_mistakes_are_one_line_before_the_model(name, tiny_dirs, tmp_pa
     prompt, args, message = GENERATE_CASES[name]
     out = tmp_path / "o"
     out.mkdir()
-    argv = ["generate", prompt, "--model", str(tiny_dirs["sd1"]), "--steps", "2", "--out", str(out / "x.png"),
-            "--trace", str(out / "t.json"), *args]  # fmt: skip
+    argv = [
+        "generate",
+        prompt,
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "2",
+        "--out",
+        str(out / "x.png"),
+        "--trace",
+        str(out / "t.json"),
+        *args,
+    ]
     _one_error(*_cli(argv, capsys), message)
     assert list(out.iterdir()) == []
 
@@ -104,17 +134,19 @@ def _tokenizer_without_added_tokens(folder):
 
 
 MODEL_CASES = {
-    "no-unet": (_without_unet, "its model_index.json lists the component 'unet' (diffusers.UNet2DConditionModel), but "
-                               "the folder"),
-    "tokenizer-json-without-added-tokens": (_tokenizer_without_added_tokens,
-                                            "could not load the tokenizer of"),
-}  # fmt: skip
+    "no-unet": (
+        _without_unet,
+        "its model_index.json lists the component 'unet' (diffusers.UNet2DConditionModel), but the folder",
+    ),
+    "tokenizer-json-without-added-tokens": (_tokenizer_without_added_tokens, "could not load the tokenizer of"),
+}
 
 
 @pytest.mark.parametrize("command", ["generate", "tokens"])
 @pytest.mark.parametrize("name", list(MODEL_CASES))
-def test_an_incomplete_model_folder_is_named_before_the_model_loads(name, command, tiny_dirs, tmp_path, capsys,
-                                                                    no_model_load):  # fmt: skip
+def test_an_incomplete_model_folder_is_named_before_the_model_loads(
+    name, command, tiny_dirs, tmp_path, capsys, no_model_load
+):
     damage, message = MODEL_CASES[name]
     model = tmp_path / "model"
     shutil.copytree(tiny_dirs["sd1"], model)
@@ -145,9 +177,26 @@ def test_a_full_disk_on_any_output_leaves_none(failing, tiny_dirs, tmp_path, cap
     monkeypatch.setattr(os, "fsync", fsync)
     out = tmp_path / "o"
     out.mkdir()
-    code, err = _cli(["generate", PROMPT, "--subjects", "cat", "dog", "--model", str(tiny_dirs["sd1"]), "--steps", "1",
-                      "--out", str(out / "x.png"), "--trace", str(out / "t.json"), "--save-attention",
-                      str(out / "att")], capsys)  # fmt: skip
+    code, err = _cli(
+        [
+            "generate",
+            PROMPT,
+            "--subjects",
+            "cat",
+            "dog",
+            "--model",
+            str(tiny_dirs["sd1"]),
+            "--steps",
+            "1",
+            "--out",
+            str(out / "x.png"),
+            "--trace",
+            str(out / "t.json"),
+            "--save-attention",
+            str(out / "att"),
+        ],
+        capsys,
+    )
     name = {".x.png.": "x.png", ".t.json.": "t.json", ".att.": "att"}[failing]
     assert code == 2 and "No space left on device" in err and name in err.splitlines()[-1], err
     assert "Traceback" not in err
@@ -163,8 +212,14 @@ def _batch_folder(tmp_path):
     out = tmp_path / "batch"
     out.mkdir()
     Image.new("RGB", (8, 8)).save(out / "a.png")
-    record = {"key": "k1", "file": "a.png", "prompt": "a photo of a bench", "method": "none", "seed": 0,
-              "source": "geneval:1"}  # fmt: skip
+    record = {
+        "key": "k1",
+        "file": "a.png",
+        "prompt": "a photo of a bench",
+        "method": "none",
+        "seed": 0,
+        "source": "geneval:1",
+    }
     (out / "manifest.jsonl").write_text(json.dumps(record) + "\n")
     return out
 
@@ -188,19 +243,39 @@ def test_export_to_a_file_or_a_read_only_place(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------- CLI: batch
 
 BATCH_CASES = {
-    "methods-none-twice": ("p.txt", "a cat and a dog | cat, dog\n", ["--methods", "none,none"],
-                           "--methods none,none: each run may be given once, got none more than once"),
+    "methods-none-twice": (
+        "p.txt",
+        "a cat and a dog | cat, dog\n",
+        ["--methods", "none,none"],
+        "--methods none,none: each run may be given once, got none more than once",
+    ),
     "methods-comma": ("p.txt", "a cat and a dog | cat, dog\n", ["--methods", ","], "--methods: no method named in ','"),
-    "seed-negative": ("p.jsonl", '{"prompt": "a cat", "subjects": ["cat"], "seeds": [-1]}\n', [],
-                      "p.jsonl:1: seeds must be integers between 0 and 18446744073709551615, got -1"),
-    "seed-1e400": ("p.jsonl", '{"prompt": "a cat", "subjects": ["cat"], "seeds": [1e400]}\n', [],
-                   "p.jsonl:1: seeds must be integers between 0 and 18446744073709551615, got inf"),
-    "seed-range-too-long": ("p.txt", "a cat and a dog | cat, dog\n", ["--seeds", "0-1000000000000"],
-                            "--seeds: '0-1000000000000' asks for 1000000000001 seeds; one batch takes at most 1000000"),
-    "csv-unbalanced-quote": ("p.csv", 'prompt,subjects\n"a cat and a dog,cat\na bird,bird\na fish,fish\n', [],
-                             "p.csv:2: unexpected end of data (a quote opened on this line is never closed?)"),
+    "seed-negative": (
+        "p.jsonl",
+        '{"prompt": "a cat", "subjects": ["cat"], "seeds": [-1]}\n',
+        [],
+        "p.jsonl:1: seeds must be integers between 0 and 18446744073709551615, got -1",
+    ),
+    "seed-1e400": (
+        "p.jsonl",
+        '{"prompt": "a cat", "subjects": ["cat"], "seeds": [1e400]}\n',
+        [],
+        "p.jsonl:1: seeds must be integers between 0 and 18446744073709551615, got inf",
+    ),
+    "seed-range-too-long": (
+        "p.txt",
+        "a cat and a dog | cat, dog\n",
+        ["--seeds", "0-1000000000000"],
+        "--seeds: '0-1000000000000' asks for 1000000000001 seeds; one batch takes at most 1000000",
+    ),
+    "csv-unbalanced-quote": (
+        "p.csv",
+        'prompt,subjects\n"a cat and a dog,cat\na bird,bird\na fish,fish\n',
+        [],
+        "p.csv:2: unexpected end of data (a quote opened on this line is never closed?)",
+    ),
     "prompt-file-is-a-folder": ("folder", None, [], "is a folder; give a .txt, .jsonl or .csv file"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(BATCH_CASES))
@@ -209,8 +284,9 @@ def test_batch_mistakes_are_one_line_before_the_model(name, tiny_dirs, tmp_path,
     source = tmp_path / filename
     source.mkdir() if text is None else source.write_text(text)
     out = tmp_path / "out"
-    _one_error(*_cli(["batch", str(source), "--out", str(out), "--model", str(tiny_dirs["sd1"]), *args], capsys),
-               message)  # fmt: skip
+    _one_error(
+        *_cli(["batch", str(source), "--out", str(out), "--model", str(tiny_dirs["sd1"]), *args], capsys), message
+    )
     assert not out.exists()
 
 
@@ -224,20 +300,29 @@ def test_a_full_disk_in_the_manifest_merge_is_one_line(tiny_dirs, tmp_path, caps
     (tmp_path / "p.txt").write_text("a cat and a dog | cat, dog\n")
     out = tmp_path / "out"
     code, err = _cli(["batch", str(tmp_path / "p.txt"), "--out", str(out), "--model", str(tiny_dirs["sd1"])], capsys)
-    _one_error(code, err, f"cannot update {out / 'manifest.jsonl'}: No space left on device; the images and the "
-                          "per-process manifest parts are kept")  # fmt: skip
+    _one_error(
+        code,
+        err,
+        f"cannot update {out / 'manifest.jsonl'}: No space left on device; the images and the "
+        "per-process manifest parts are kept",
+    )
 
 
 def test_batch_records_a_nan_run_and_a_lone_surrogate_as_failures(tiny_dirs, tmp_path, capsys):
     """A run whose latents turn NaN is a failure, not a black image (earlier fix); a prompt with a lone surrogate
     fails its item, and the failures log is still written (escaped), not lost to a UnicodeEncodeError."""
-    nan = {"prompt": PROMPT, "subjects": ["cat", "dog"], "methods": ["attend-excite"],
-           "options": {"attend-excite": {"scale_factor": 1e30, "thresholds": {}}}}  # fmt: skip
+    nan = {
+        "prompt": PROMPT,
+        "subjects": ["cat", "dog"],
+        "methods": ["attend-excite"],
+        "options": {"attend-excite": {"scale_factor": 1e30, "thresholds": {}}},
+    }
     lines = json.dumps(nan) + "\n" + '{"prompt": "a cat \\ud800 and a dog", "methods": ["none"]}\n'
     (tmp_path / "p.jsonl").write_text(lines)
     out = tmp_path / "out"
-    code = main(["batch", str(tmp_path / "p.jsonl"), "--out", str(out), "--model", str(tiny_dirs["sd1"]), "--steps",
-                 "3"])  # fmt: skip
+    code = main(
+        ["batch", str(tmp_path / "p.jsonl"), "--out", str(out), "--model", str(tiny_dirs["sd1"]), "--steps", "3"]
+    )
     std = capsys.readouterr()
     assert code == 1 and "failed 2 of 2" in std.out, std
     records = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
@@ -251,25 +336,49 @@ def test_batch_records_a_nan_run_and_a_lone_surrogate_as_failures(tiny_dirs, tmp
 # ---------------------------------------------------------------- Python API: typed errors naming the value
 
 CONTROL_CASES = {
-    "box-of-three": (lambda: Refocus(boxes={"cat": (0, 0, 1)}), OptionError,
-                     "box for 'cat' must be four numbers (x0, y0, x1, y1), got (0, 0, 1)"),
+    "box-of-three": (
+        lambda: Refocus(boxes={"cat": (0, 0, 1)}),
+        OptionError,
+        "box for 'cat' must be four numbers (x0, y0, x1, y1), got (0, 0, 1)",
+    ),
     "boxdiff-box-of-three": (lambda: BoxDiff(boxes={"cat": (0, 0, 1)}), OptionError, "box for 'cat' must be four"),
-    "schedule-entry-of-two": (lambda: Refocus(boxes={"cat": (0, 0, 1, 1)}, schedule=[[1, 2]]), OptionTypeError,
-                              "Refocus.schedule[0] must have 3 values, got [1, 2]"),
-    "schedule-iterations": (lambda: Refocus(boxes={"cat": (0, 0, 1, 1)}, schedule=[[1, 2.0, 10**6]]), OptionError,
-                            "schedule entries need steps >= 0, a loss scale > 0 and 1 to 1000 iterations"),
-    "ae-refinement": (lambda: AttendExcite(subjects=["cat"], max_refinement_steps=10**9), OptionError,
-                      "max_refinement_steps must be between 0 and 1000, got 1000000000"),
-    "boxdiff-refinement": (lambda: BoxDiff(boxes={"cat": (0, 0, 1, 1)}, max_refinement_steps=5000), OptionError,
-                           "max_refinement_steps must be between 0 and 1000, got 5000"),
-    "conform-iterations": (lambda: Conform(subjects=["cat"], refinement_iterations=5000), OptionError,
-                           "refinement_iterations must be between 0 and 1000"),
-    "divide-bind-first": (lambda: DivideBind(subjects=["cat"], first_refinement_steps=5000), OptionError,
-                          "first_refinement_steps must be between 0 and 1000"),
+    "schedule-entry-of-two": (
+        lambda: Refocus(boxes={"cat": (0, 0, 1, 1)}, schedule=[[1, 2]]),
+        OptionTypeError,
+        "Refocus.schedule[0] must have 3 values, got [1, 2]",
+    ),
+    "schedule-iterations": (
+        lambda: Refocus(boxes={"cat": (0, 0, 1, 1)}, schedule=[[1, 2.0, 10**6]]),
+        OptionError,
+        "schedule entries need steps >= 0, a loss scale > 0 and 1 to 1000 iterations",
+    ),
+    "ae-refinement": (
+        lambda: AttendExcite(subjects=["cat"], max_refinement_steps=10**9),
+        OptionError,
+        "max_refinement_steps must be between 0 and 1000, got 1000000000",
+    ),
+    "boxdiff-refinement": (
+        lambda: BoxDiff(boxes={"cat": (0, 0, 1, 1)}, max_refinement_steps=5000),
+        OptionError,
+        "max_refinement_steps must be between 0 and 1000, got 5000",
+    ),
+    "conform-iterations": (
+        lambda: Conform(subjects=["cat"], refinement_iterations=5000),
+        OptionError,
+        "refinement_iterations must be between 0 and 1000",
+    ),
+    "divide-bind-first": (
+        lambda: DivideBind(subjects=["cat"], first_refinement_steps=5000),
+        OptionError,
+        "first_refinement_steps must be between 0 and 1000",
+    ),
     "initno-rounds": (lambda: InitNO(subjects=["cat"], rounds=5000), OptionError, "rounds must be between 1 and 1000"),
-    "regulate-iterations": (lambda: Regulate(subjects=["cat"], iterations=5000), OptionError,
-                            "iterations must be between 1 and 1000"),
-}  # fmt: skip
+    "regulate-iterations": (
+        lambda: Regulate(subjects=["cat"], iterations=5000),
+        OptionError,
+        "iterations must be between 1 and 1000",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(CONTROL_CASES))
@@ -295,17 +404,29 @@ def pipe(tiny_dirs):
 
 API_CASES = {
     "generator-int": (dict(generator=0), OptionTypeError, "generator must be a torch.Generator"),
-    "numpy-latents": (dict(latents=np.zeros((1, 4, 32, 32), np.float32)), OptionTypeError,
-                      "latents must be a torch.Tensor, got ndarray"),
+    "numpy-latents": (
+        dict(latents=np.zeros((1, 4, 32, 32), np.float32)),
+        OptionTypeError,
+        "latents must be a torch.Tensor, got ndarray",
+    ),
     "callback-int": (dict(callback_on_step_end=5), OptionTypeError, "callback_on_step_end must be callable"),
-    "steps-over-scheduler": (dict(num_inference_steps=5000), OptionError,
-                             "num_inference_steps 5000 is more than the DDIMScheduler's 1000 training timesteps"),
+    "steps-over-scheduler": (
+        dict(num_inference_steps=5000),
+        OptionError,
+        "num_inference_steps 5000 is more than the DDIMScheduler's 1000 training timesteps",
+    ),
     "huge-size": (dict(height=10**6, width=10**6), ResolutionError, "height 1000000 is larger than 8192 px"),
-    "prompt-lone-surrogate": (dict(prompt="a cat \ud800"), OptionError,
-                              "prompt is not valid text: a lone surrogate \\ud800, at character 6"),
-    "negative-prompt-not-utf8": (dict(negative_prompt="blurr\udce9"), OptionError,
-                                 "negative_prompt is not valid text: the byte 0xe9"),
-}  # fmt: skip
+    "prompt-lone-surrogate": (
+        dict(prompt="a cat \ud800"),
+        OptionError,
+        "prompt is not valid text: a lone surrogate \\ud800, at character 6",
+    ),
+    "negative-prompt-not-utf8": (
+        dict(negative_prompt="blurr\udce9"),
+        OptionError,
+        "negative_prompt is not valid text: the byte 0xe9",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(API_CASES))
@@ -331,8 +452,17 @@ def test_sdxl_size_conditioning_is_checked(sdxl, monkeypatch):
 def _request(**kw):
     from attncontrol.ui.logic import build_request
 
-    args = dict(prompt=PROMPT, subjects=["cat", "dog"], methods=["attend-excite"], boxes_text="", seed=0, steps=3,
-                guidance_scale=7.5, height=64, width=64)  # fmt: skip
+    args = dict(
+        prompt=PROMPT,
+        subjects=["cat", "dog"],
+        methods=["attend-excite"],
+        boxes_text="",
+        seed=0,
+        steps=3,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+    )
     args.update(kw)
     return build_request(**args)
 
@@ -348,14 +478,19 @@ APP_CASES = {  # what only a client of the API can send (the page's fields canno
     "seed-bool": (dict(seed=True), "seed must be a whole number, got True"),
     "seed-inf": (dict(seed=float("inf")), "seed must be a whole number, got inf"),
     "params-list": (dict(params=[1]), "the method parameters must be a mapping"),
-    "kernel-size-fraction": (dict(params={("attend-excite", "kernel_size"): 3.4}),
-                             "'attend-excite · kernel size' must be a whole number, got 3.4"),
-    "float-field-huge-int": (dict(params={("attend-excite", "scale_factor"): 10**400}),
-                             "attend-excite.scale_factor must be a finite number, got 100000000000... (401 digits)"),
-    "refocus-schedule-of-two": (dict(methods=["refocus"], boxes_text="cat=0,0,0.5,1",
-                                     params={("refocus", "schedule"): "[[1, 2]]"}),
-                                "refocus.schedule[0] must have 3 values, got [1, 2]"),
-}  # fmt: skip
+    "kernel-size-fraction": (
+        dict(params={("attend-excite", "kernel_size"): 3.4}),
+        "'attend-excite · kernel size' must be a whole number, got 3.4",
+    ),
+    "float-field-huge-int": (
+        dict(params={("attend-excite", "scale_factor"): 10**400}),
+        "attend-excite.scale_factor must be a finite number, got 100000000000... (401 digits)",
+    ),
+    "refocus-schedule-of-two": (
+        dict(methods=["refocus"], boxes_text="cat=0,0,0.5,1", params={("refocus", "schedule"): "[[1, 2]]"}),
+        "refocus.schedule[0] must have 3 values, got [1, 2]",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(APP_CASES))
@@ -404,8 +539,13 @@ def test_the_app_hands_every_input_to_the_logic_unrounded(tokenizer):
     from attncontrol.ui.app import build_demo
     from attncontrol.ui.logic import Limits
 
-    runner = SimpleNamespace(tokenizer=tokenizer, limits=Limits(), model_name="tiny", native_size=lambda: (64, 64),
-                             default_guidance=lambda: 7.5)  # fmt: skip
+    runner = SimpleNamespace(
+        tokenizer=tokenizer,
+        limits=Limits(),
+        model_name="tiny",
+        native_size=lambda: (64, 64),
+        default_guidance=lambda: 7.5,
+    )
     demo = build_demo(runner)
     handlers = {fn.name: fn.preprocess for fn in demo.fns.values() if fn.inputs and fn.name != "load_example"}
     assert set(handlers) == {"on_prompt", "on_canvas_click", "on_boxes", "run"} and not any(handlers.values())
@@ -464,8 +604,20 @@ def test_a_closed_pipe_and_a_memory_error_are_no_traceback(capsys, monkeypatch):
 def test_the_compare_table_prints_no_negative_zero():
     from attncontrol.eval import comparison_markdown
 
-    table = comparison_markdown([{"baseline": "none", "method": "astar", "metric": "clip", "n": 4, "delta": -1e-9,
-                                  "ci_low": -0.0, "ci_high": -3e-7, "p": 1.0}])  # fmt: skip
+    table = comparison_markdown(
+        [
+            {
+                "baseline": "none",
+                "method": "astar",
+                "metric": "clip",
+                "n": 4,
+                "delta": -1e-9,
+                "ci_low": -0.0,
+                "ci_high": -3e-7,
+                "p": 1.0,
+            }
+        ]
+    )
     assert "| +0.0000 | [+0.0000, +0.0000] |" in table and "-0.0000" not in table
 
 
@@ -479,7 +631,8 @@ def test_a_mistake_costs_no_torch_and_no_diffusers(tiny_dirs):
         "print(a, b, 'torch' in sys.modules, 'diffusers' in sys.modules)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=SUBPROCESS_TIMEOUT)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT
+    )
     assert res.stdout.split() == ["2", "2", "False", "False"], res.stderr
     assert "'horse' is not in the prompt" in res.stderr and "could not load the model 'some-org/any-id'" in res.stderr

@@ -35,31 +35,70 @@ TOLERANCE = {"abs": 5e-4, "rel": 5e-4}
 
 CASES = {
     # README "Python": A&E on SD 1.x, the seed of the example, thresholds at 0 and 10 reached
-    "readme_attend_excite": ("sd1", "a cat and a frog", lambda: [AttendExcite(subjects=["cat", "frog"])],
-                             dict(num_inference_steps=12, seed=6141)),
+    "readme_attend_excite": (
+        "sd1",
+        "a cat and a frog",
+        lambda: [AttendExcite(subjects=["cat", "frog"])],
+        dict(num_inference_steps=12, seed=6141),
+    ),
     # README "Methods": A&E + Refocus
-    "readme_methods": ("sd1", "a cat and a dog", lambda: [AttendExcite(subjects=["cat", "dog"]), Refocus(boxes=BOXES)],
-                       dict(num_inference_steps=6)),
+    "readme_methods": (
+        "sd1",
+        "a cat and a dog",
+        lambda: [AttendExcite(subjects=["cat", "dog"]), Refocus(boxes=BOXES)],
+        dict(num_inference_steps=6),
+    ),
     # README "Attention maps": the observer during an A&E run
-    "readme_attention": ("sd1", "a cat and a frog", lambda: [AttendExcite(subjects=["cat", "frog"])],
-                         dict(num_inference_steps=12, attention=True)),
+    "readme_attention": (
+        "sd1",
+        "a cat and a frog",
+        lambda: [AttendExcite(subjects=["cat", "frog"])],
+        dict(num_inference_steps=12, attention=True),
+    ),
     # README "SDXL": A&E on the stock SDXL pipeline (Euler)
-    "readme_sdxl": ("sdxl", "a cat and a frog", lambda: [AttendExcite(subjects=["cat", "frog"])],
-                    dict(num_inference_steps=4)),
-    "astar_sd2": ("sd2", "a cat and a dog", lambda: [AStar(subjects=["cat", "dog"], max_iter_to_alter=4)],
-                  dict(num_inference_steps=6)),
-    "regulate_sd1": ("sd1", "a cat and a dog", lambda: [Regulate(subjects=["cat", "dog"])],
-                     dict(num_inference_steps=6, attention=True)),
-    "all_four_sdxl": ("sdxl", "a cat and a dog", lambda: [AttendExcite(subjects=["cat", "dog"]),
-                      AStar(subjects=["cat", "dog"]), Refocus(boxes=BOXES), Regulate(subjects=["cat", "dog"])],
-                      dict(num_inference_steps=5, guidance_scale=6.0)),
-    "prompt_list_sd1": ("sd1", ["a cat and a dog", "a bird and a bear"],
-                        lambda: [AttendExcite(subjects=[["cat", "dog"], ["bird", "bear"]], thresholds={0: 0.3})],
-                        dict(num_inference_steps=4, num_images_per_prompt=2)),
-    "non_square_checkpointing_sd1": ("sd1", "a cat and a dog", lambda: [AttendExcite(subjects=["cat", "dog"])],
-                                     dict(num_inference_steps=4, height=48, width=80, checkpointing=True)),
+    "readme_sdxl": (
+        "sdxl",
+        "a cat and a frog",
+        lambda: [AttendExcite(subjects=["cat", "frog"])],
+        dict(num_inference_steps=4),
+    ),
+    "astar_sd2": (
+        "sd2",
+        "a cat and a dog",
+        lambda: [AStar(subjects=["cat", "dog"], max_iter_to_alter=4)],
+        dict(num_inference_steps=6),
+    ),
+    "regulate_sd1": (
+        "sd1",
+        "a cat and a dog",
+        lambda: [Regulate(subjects=["cat", "dog"])],
+        dict(num_inference_steps=6, attention=True),
+    ),
+    "all_four_sdxl": (
+        "sdxl",
+        "a cat and a dog",
+        lambda: [
+            AttendExcite(subjects=["cat", "dog"]),
+            AStar(subjects=["cat", "dog"]),
+            Refocus(boxes=BOXES),
+            Regulate(subjects=["cat", "dog"]),
+        ],
+        dict(num_inference_steps=5, guidance_scale=6.0),
+    ),
+    "prompt_list_sd1": (
+        "sd1",
+        ["a cat and a dog", "a bird and a bear"],
+        lambda: [AttendExcite(subjects=[["cat", "dog"], ["bird", "bear"]], thresholds={0: 0.3})],
+        dict(num_inference_steps=4, num_images_per_prompt=2),
+    ),
+    "non_square_checkpointing_sd1": (
+        "sd1",
+        "a cat and a dog",
+        lambda: [AttendExcite(subjects=["cat", "dog"])],
+        dict(num_inference_steps=4, height=48, width=80, checkpointing=True),
+    ),
     "plain_sdxl": ("sdxl", "a cat and a dog", lambda: [], dict(num_inference_steps=3, attention=["cat", "dog"])),
-}  # fmt: skip
+}
 
 COUNTS = ("refinement_iterations", "updated", "shapes")
 
@@ -71,9 +110,13 @@ def _run(pipe, name: str, plain: bool = False):
     if plain:
         kwargs.pop("attention", None)
     return attncontrol.generate(
-        pipe, prompt, [] if plain else controls(), generator=torch.Generator().manual_seed(seed),
-        output_type="latent", **kwargs,
-    )  # fmt: skip
+        pipe,
+        prompt,
+        [] if plain else controls(),
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        **kwargs,
+    )
 
 
 def _pooled(latents: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ COMMANDS = {
         MODEL,
         "--out",
         str(tmp / "x.png"),
-    ],  # fmt: skip
+    ],
     "eval": lambda tmp: ["eval", str(_batch_folder(tmp)), "--clip", MODEL],
     "ui": lambda tmp: ["ui", "--model", MODEL],
 }
@@ -100,9 +100,13 @@ def test_an_empty_vocabulary_is_rejected_and_a_real_one_kept(tokenizer, tmp_path
     (tmp_path / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     empty = CLIPTokenizer(
-        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), unk_token="<|endoftext|>",
-        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-    )  # fmt: skip
+        str(tmp_path / "vocab.json"),
+        str(tmp_path / "merges.txt"),
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     assert set(empty("a cat", add_special_tokens=False).input_ids) == {empty.unk_token_id}  # the garbage
     with pytest.raises(ModelLoadError, match=r"some-org/any-id.*not reachable|some-org/any-id.*could not be fetched"):
         check_tokenizer(empty, MODEL)

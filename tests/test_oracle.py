@@ -86,8 +86,9 @@ def test_float32_equals_diffusers(sd1, scheduler, subjects, thresholds):
 @pytest.mark.slow
 def test_float64_equals_diffusers_to_rounding(scheduler):
     pipe = narrow(scheduler=scheduler)
-    ours, ref, plain = _both(pipe, "a cat and a dog", [2, 5], ["cat", "dog"], thresholds=REFINE_20,
-                             max_iter_to_alter=10, plain=True)  # fmt: skip
+    ours, ref, plain = _both(
+        pipe, "a cat and a dog", [2, 5], ["cat", "dog"], thresholds=REFINE_20, max_iter_to_alter=10, plain=True
+    )
     assert (ref - plain).abs().max() > 1e-2
     assert (ours.images - ref).abs().max() < 1e-9
     assert sum(ours.trace[i].refinement_iterations[0] for i in REFINE_20) > 0  # refinement was exercised
@@ -163,8 +164,16 @@ def test_float64_refinement_that_stops_at_its_threshold():
     """On random weights a subject's peak stays near 0.017, so the usual thresholds run refinement to its cap.
     Here step 0's threshold (0.0169) is reached after a few iterations: the stopping test itself (loss > 1 - T)
     is compared, not only the cap (a target moved by 1e-4 fails here)."""
-    ours, ref, plain = _both(narrow(), "a cat and a dog", [2, 5], ["cat", "dog"], steps=8,
-                             thresholds={0: 0.0169, 3: 0.0181}, max_iter_to_alter=6, plain=True)  # fmt: skip
+    ours, ref, plain = _both(
+        narrow(),
+        "a cat and a dog",
+        [2, 5],
+        ["cat", "dog"],
+        steps=8,
+        thresholds={0: 0.0169, 3: 0.0181},
+        max_iter_to_alter=6,
+        plain=True,
+    )
     assert 0 < ours.trace[0].refinement_iterations[0] < 20
     assert (ref - plain).abs().max() > 1e-2
     assert (ours.images - ref).abs().max() < 1e-9
@@ -206,10 +215,17 @@ def _unseen_case(dtype, scheduler, steps, num_images=1, **ae):
     else:
         pipe = make_tiny_sd_pipeline("sd1", seed=11, sample_size=32, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=steps, guidance_scale=7.5, output_type="latent", height=64, width=64,
-              num_images_per_prompt=num_images)  # fmt: skip
-    ref = ae_reference(pipe)(BIRD_CAR, token_indices=_bird_car_indices(pipe), generator=seeded(5), attn_res=(16, 16),
-                             **ae, **kw).images  # fmt: skip
+    kw = dict(
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        output_type="latent",
+        height=64,
+        width=64,
+        num_images_per_prompt=num_images,
+    )
+    ref = ae_reference(pipe)(
+        BIRD_CAR, token_indices=_bird_car_indices(pipe), generator=seeded(5), attn_res=(16, 16), **ae, **kw
+    ).images
     control = attncontrol.AttendExcite(subjects=["bird", "car"], attn_res=16, **ae)
     ours = attncontrol.generate(pipe, BIRD_CAR, [control], generator=seeded(5), **kw)
     return pipe, ours, ref, kw
@@ -235,8 +251,9 @@ def test_float64_pndm_50_steps_default_thresholds_full_refinement():
 
 @pytest.mark.slow
 def test_float64_ddim_custom_thresholds_two_images_per_prompt():
-    pipe, ours, ref, kw = _unseen_case(torch.float64, "ddim", 30, num_images=2, thresholds={0: 0.05, 6: 0.5},
-                                       max_iter_to_alter=12, scale_factor=15)  # fmt: skip
+    pipe, ours, ref, kw = _unseen_case(
+        torch.float64, "ddim", 30, num_images=2, thresholds={0: 0.05, 6: 0.5}, max_iter_to_alter=12, scale_factor=15
+    )
     assert (ref - pipe(BIRD_CAR, generator=seeded(5), **kw).images).abs().max() > 1e-2
     assert ours.images.shape[0] == 2
     assert ours.trace[6].refinement_iterations == [20, 20]

@@ -16,9 +16,14 @@ PROMPT = "a cat and a dog"
 
 def _run(pipe, controls, checkpointing, n_images=1):
     return attncontrol.prepare_run(
-        pipe, PROMPT, controls, num_inference_steps=10, guidance_scale=1.0, num_images_per_prompt=n_images,
+        pipe,
+        PROMPT,
+        controls,
+        num_inference_steps=10,
+        guidance_scale=1.0,
+        num_images_per_prompt=n_images,
         checkpointing=checkpointing,
-    )  # fmt: skip
+    )
 
 
 def _pass(pipe, controls, checkpointing, latents):
@@ -105,9 +110,16 @@ def test_generate_with_checkpointing_equals_without(family, request, monkeypatch
 
     def run():
         return attncontrol.generate(
-            pipe, PROMPT, controls, num_inference_steps=4, num_images_per_prompt=2, generator=seeded(0),
-            output_type="latent", height=64, width=64,
-        )  # fmt: skip
+            pipe,
+            PROMPT,
+            controls,
+            num_inference_steps=4,
+            num_images_per_prompt=2,
+            generator=seeded(0),
+            output_type="latent",
+            height=64,
+            width=64,
+        )
 
     class Checkpointed(GuidanceEngine):  # forces the option, whatever generate() passes
         def __init__(self, *args, **kwargs):
@@ -136,8 +148,9 @@ def test_public_option_and_cli_flag(sd1, tiny_dirs, tmp_path):
     controls = [AttendExcite(subjects=["cat", "dog"], thresholds={}, max_iter_to_alter=2)]
 
     def run(**kw):
-        return attncontrol.generate(sd1, PROMPT, controls, num_inference_steps=3, generator=seeded(0),
-                                    output_type="latent", **kw)  # fmt: skip
+        return attncontrol.generate(
+            sd1, PROMPT, controls, num_inference_steps=3, generator=seeded(0), output_type="latent", **kw
+        )
 
     calls, handle = _counting_calls(sd1.unet.down_blocks[0].resnets[0].conv1)
     try:

@@ -23,8 +23,14 @@ def test_geneval_is_the_upstream_file_byte_for_byte():
 def test_geneval_counts_per_task_as_upstream():
     entries = prompt_set("geneval")
     assert len(entries) == 553
-    assert Counter(e.task for e in entries) == {"position": 100, "color_attr": 100, "two_object": 99, "colors": 94,
-                                                "single_object": 80, "counting": 80}  # fmt: skip
+    assert Counter(e.task for e in entries) == {
+        "position": 100,
+        "color_attr": 100,
+        "two_object": 99,
+        "colors": 94,
+        "single_object": 80,
+        "counting": 80,
+    }
     assert len(prompt_set("geneval-color-attr")) == 100 and len(prompt_set("geneval-two-object")) == 99
 
 
@@ -56,14 +62,22 @@ def test_t2i_compbench_spatial():
     entries = prompt_set("t2i-compbench-spatial")
     assert len(entries) == 300
     first, last = entries[0], entries[-1]
-    assert (first.prompt, first.subjects, first.metadata["relation"]) == ("a giraffe next to a lamp",
-                                                                         ["giraffe", "lamp"], "next to")  # fmt: skip
+    assert (first.prompt, first.subjects, first.metadata["relation"]) == (
+        "a giraffe next to a lamp",
+        ["giraffe", "lamp"],
+        "next to",
+    )
     expected = ("a pig on the bottom of a wallet", ["pig", "wallet"], "on the bottom of")
     assert (last.prompt, last.subjects, last.metadata["relation"]) == expected
     assert Counter(e.metadata["relation"] for e in entries) == {
-        "on the top of": 56, "on the right of": 56, "on the bottom of": 52, "on the left of": 51, "on side of": 37,
-        "next to": 24, "near": 24,
-    }  # fmt: skip
+        "on the top of": 56,
+        "on the right of": 56,
+        "on the bottom of": 52,
+        "on the left of": 51,
+        "on side of": 37,
+        "next to": 24,
+        "near": 24,
+    }
 
 
 @pytest.mark.parametrize("name", [n for n in PROMPT_SETS if not n.startswith("ae-")])
@@ -95,23 +109,33 @@ T2I_FILES = {
     "t2i-compbench-color-2023": ("t2i_compbench_color_val_2023.txt", "a green bench and a blue bowl"),
     "t2i-compbench-shape": ("t2i_compbench_shape_val.txt", "an oblong cucumber and a teardrop plum"),
     "t2i-compbench-texture": ("t2i_compbench_texture_val.txt", "a plastic toy and a glass bottle"),
-    "t2i-compbench-non-spatial": ("t2i_compbench_non_spatial_val.txt",
-                                  "A person is looking at a rainbow and marveling at its beauty."),
-}  # fmt: skip
+    "t2i-compbench-non-spatial": (
+        "t2i_compbench_non_spatial_val.txt",
+        "A person is looking at a rainbow and marveling at its beauty.",
+    ),
+}
 
 
 # lines 150 and 300 of the upstream files (Karine-Huang/T2I-CompBench @ 1b70949, examples/dataset/*_val.txt),
 # read with `git show` when the sets were copied
 T2I_LINES = {
-    "t2i-compbench-color": ("a black dove and a white feather",
-                            "a black bathroom with a black and white shower curtain"),
-    "t2i-compbench-shape": ("a tall lighthouse and a short bench",
-                            "The big house and the small cabin provided different types of accommodations."),
-    "t2i-compbench-texture": ("a plastic bag and a wooden table",
-                              "The metallic pen and fluffy notebook jot down ideas on the wooden desk."),
-    "t2i-compbench-non-spatial": ("A dog is jumping over a hurdle and competing in an agility course.",
-                                  "A child is playing with a toy construction set and building a tower."),
-}  # fmt: skip
+    "t2i-compbench-color": (
+        "a black dove and a white feather",
+        "a black bathroom with a black and white shower curtain",
+    ),
+    "t2i-compbench-shape": (
+        "a tall lighthouse and a short bench",
+        "The big house and the small cabin provided different types of accommodations.",
+    ),
+    "t2i-compbench-texture": (
+        "a plastic bag and a wooden table",
+        "The metallic pen and fluffy notebook jot down ideas on the wooden desk.",
+    ),
+    "t2i-compbench-non-spatial": (
+        "A dog is jumping over a hurdle and competing in an agility course.",
+        "A child is playing with a toy construction set and building a tower.",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(T2I_LINES))
@@ -147,18 +171,30 @@ def test_t2i_compbench_color_versions_differ_where_upstream_changed_them():
         ("a green bench and a red car", ["a green bench", "a red car"], ["bench", "car"]),
         ("a blue cup and a green cell phone", ["a blue cup", "a green cell phone"], ["cup", "phone"]),
         ("rubber sole shoes and fluffy clouds", ["rubber sole shoes", "fluffy clouds"], ["shoes", "clouds"]),
-        ("A person is looking at a rainbow and marveling at its beauty.",
-         ["A person", "a rainbow", "its beauty"], ["person", "rainbow", "beauty"]),
+        (
+            "A person is looking at a rainbow and marveling at its beauty.",
+            ["A person", "a rainbow", "its beauty"],
+            ["person", "rainbow", "beauty"],
+        ),
         ("A cat is lazily lounging in a sunny windowsill.", ["A cat", "a sunny windowsill"], ["cat", "windowsill"]),
-        ("a triangular slice of cheese and a rectangular cheese board",
-         ["a triangular slice", "cheese", "a rectangular cheese board"], ["slice", "cheese#1", "board"]),
+        (
+            "a triangular slice of cheese and a rectangular cheese board",
+            ["a triangular slice", "cheese", "a rectangular cheese board"],
+            ["slice", "cheese#1", "board"],
+        ),
         ("a red cup and a red cup", ["a red cup", "a red cup"], ["cup#1", "cup#2"]),
-        ("A group of people are cheering at a sports game.", ["A group", "people", "a sports game"],
-         ["group", "people", "game"]),
-        ("A scientist is conducting experiments in a high-tech lab.", ["A scientist", "a high-tech lab"],
-         ["scientist", "lab"]),
+        (
+            "A group of people are cheering at a sports game.",
+            ["A group", "people", "a sports game"],
+            ["group", "people", "game"],
+        ),
+        (
+            "A scientist is conducting experiments in a high-tech lab.",
+            ["A scientist", "a high-tech lab"],
+            ["scientist", "lab"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_noun_phrase_rule_on_hand_made_prompts(prompt, phrases, subjects):
     from attncontrol.phrases import noun_phrases
 

@@ -166,8 +166,14 @@ def test_the_docs_example_method_runs_end_to_end(sd1):
         assert control.step_size == 5.0
         with pytest.raises(OptionError, match="step_size must be > 0"):
             build_request("weakest-mean", ["cat"], options={"weakest-mean": {"step_size": 0}})
-        out = attncontrol.generate(sd1, "a cat and a dog", [control], num_inference_steps=3, output_type="latent",
-                                   generator=__import__("torch").Generator().manual_seed(0))  # fmt: skip
+        out = attncontrol.generate(
+            sd1,
+            "a cat and a dog",
+            [control],
+            num_inference_steps=3,
+            output_type="latent",
+            generator=__import__("torch").Generator().manual_seed(0),
+        )
         assert out.trace[0].losses["weakest-mean"] and out.trace[0].updated == [True]
     finally:
         METHODS.pop("weakest-mean", None)

@@ -93,9 +93,15 @@ def test_step_zero_guides_the_model_input(sd1):
         hook = sd1.unet.conv_in.register_forward_pre_hook(grab)
         try:
             attncontrol.generate(
-                sd1, PROMPT, [control], num_inference_steps=10, latents=noise.clone(), guidance_scale=1.0,
-                output_type="latent", callback_on_step_end=_stop_after_first,
-            )  # fmt: skip
+                sd1,
+                PROMPT,
+                [control],
+                num_inference_steps=10,
+                latents=noise.clone(),
+                guidance_scale=1.0,
+                output_type="latent",
+                callback_on_step_end=_stop_after_first,
+            )
         finally:
             hook.remove()
         assert [grad for grad, _ in seen] == [True, False]  # step 0's guidance pass, then its denoising forward

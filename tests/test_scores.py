@@ -75,10 +75,17 @@ def test_t2i_spatial_position_and_score():
 
 
 COUNTING = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]}
-POSITION = {"tag": "position", "include": [{"class": "couch", "count": 1},
-                                           {"class": "bird", "count": 1, "position": ["left of", 0]}]}  # fmt: skip
-COLOURS = {"tag": "color_attr", "include": [{"class": "wine glass", "count": 1, "color": "purple"},
-                                            {"class": "apple", "count": 1, "color": "black"}]}  # fmt: skip
+POSITION = {
+    "tag": "position",
+    "include": [{"class": "couch", "count": 1}, {"class": "bird", "count": 1, "position": ["left of", 0]}],
+}
+COLOURS = {
+    "tag": "color_attr",
+    "include": [
+        {"class": "wine glass", "count": 1, "color": "purple"},
+        {"class": "apple", "count": 1, "color": "black"},
+    ],
+}
 
 
 def test_geneval_rule_on_hand_made_detections():
@@ -116,8 +123,10 @@ def test_subject_box_iou():
 def test_sign_flip_p_is_the_exact_permutation_share():
     diffs = [0.3, -0.1, 0.25, 0.4, 0.05, -0.2, 0.15, 0.3]
     observed = abs(sum(diffs) / len(diffs))
-    flips = [abs(sum(s * d for s, d in zip(signs, diffs)) / len(diffs)) for signs in
-             itertools.product((1, -1), repeat=len(diffs))]  # fmt: skip
+    flips = [
+        abs(sum(s * d for s, d in zip(signs, diffs)) / len(diffs))
+        for signs in itertools.product((1, -1), repeat=len(diffs))
+    ]
     assert sign_flip_p(diffs) == pytest.approx(sum(f >= observed - 1e-12 for f in flips) / len(flips))
     assert sign_flip_p([0.0] * 5) == 1.0
     assert sign_flip_p([1.0] * 6) == pytest.approx(2 / 64)  # only all-plus and all-minus reach the mean
@@ -143,8 +152,11 @@ def eval_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoremodels")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {"vqa": save_tiny_blip_vqa(root / "vqa"), "det": save_tiny_owlv2(root / "owl"),
-                "clip": save_tiny_clip(root / "clip")}  # fmt: skip
+        return {
+            "vqa": save_tiny_blip_vqa(root / "vqa"),
+            "det": save_tiny_owlv2(root / "owl"),
+            "clip": save_tiny_clip(root / "clip"),
+        }
 
 
 COLOURS_RGB = [(200, 30, 30), (30, 30, 200), (30, 160, 60), (128, 128, 128), (240, 220, 40), (20, 20, 20)]
@@ -175,8 +187,9 @@ def _vqa_reference(folder, image, phrases):
     probs = []
     for phrase in phrases:
         inputs = proc(images=image, text=phrase.lower() + "?", return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
-                             do_sample=False)  # fmt: skip
+        out = model.generate(
+            **inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True, do_sample=False
+        )
         p = out.scores[0][0].float().softmax(-1)
         probs.append(float(p[yes] / (p[yes] + p[no])))
     product = 1.0
@@ -253,10 +266,14 @@ SOURCES = [  # (source, prompt, subjects, boxes)
     ("geneval:454", "a photo of a purple wine glass and a black apple", ["wine glass", "apple"], None),
     ("t2i-compbench-color:1", "a green bench and a blue bowl", ["bench", "bowl"], None),
     ("t2i-compbench-spatial:1", "a giraffe next to a lamp", ["giraffe", "lamp"], None),
-    ("t2i-compbench-non-spatial:1", "A person is looking at a rainbow and marveling at its beauty.",
-     ["person", "rainbow", "beauty"], None),
+    (
+        "t2i-compbench-non-spatial:1",
+        "A person is looking at a rainbow and marveling at its beauty.",
+        ["person", "rainbow", "beauty"],
+        None,
+    ),
     ("mine.txt:1", "a cat and a dog", ["cat", "dog"], {"cat": [[0.0, 0.0, 0.5, 0.5]], "dog": [[0.5, 0.5, 1.0, 1.0]]}),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -269,11 +286,25 @@ def bench_dir(tmp_path_factory):
             for source, prompt, subjects, boxes in SOURCES:
                 name = f"{k:04d}.png"
                 _image(k).save(out / name)
-                lines.append(json.dumps({"key": f"k{k}", "file": name, "prompt": prompt, "method": method,
-                                         "seed": seed, "source": source, "boxes": boxes,
-                                         "subjects": subjects if method != "none" else None,
-                                         "attention": {"subjects": subjects, "min_subject_attention": 0.1 * k,
-                                                       "subject_overlap": 0.5}}))  # fmt: skip
+                lines.append(
+                    json.dumps(
+                        {
+                            "key": f"k{k}",
+                            "file": name,
+                            "prompt": prompt,
+                            "method": method,
+                            "seed": seed,
+                            "source": source,
+                            "boxes": boxes,
+                            "subjects": subjects if method != "none" else None,
+                            "attention": {
+                                "subjects": subjects,
+                                "min_subject_attention": 0.1 * k,
+                                "subject_overlap": 0.5,
+                            },
+                        }
+                    )
+                )
                 k += 1
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return out
@@ -294,8 +325,20 @@ def test_eval_benchmark_scores_end_to_end(bench_dir, eval_models, capsys):
     from attncontrol.eval import ClipScorer
     from attncontrol.scores.images import GENEVAL_COLOUR_TEMPLATES, GENEVAL_COLOURS
 
-    args = ["eval", str(bench_dir), "--vqa", str(eval_models["vqa"]), "--detector", str(eval_models["det"]),
-            "--clip", str(eval_models["clip"]), "--compare", "none", "--bootstrap", "500"]  # fmt: skip
+    args = [
+        "eval",
+        str(bench_dir),
+        "--vqa",
+        str(eval_models["vqa"]),
+        "--detector",
+        str(eval_models["det"]),
+        "--clip",
+        str(eval_models["clip"]),
+        "--compare",
+        "none",
+        "--bootstrap",
+        "500",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     rows = _csv(bench_dir / "eval" / "per_image.csv")
@@ -336,8 +379,9 @@ def test_eval_benchmark_scores_end_to_end(bench_dir, eval_models, capsys):
             assert _num(r["objects_found"]) == sum(1 for n in ("cat", "dog") if above[n]) / 2
             checked["box"] += 1
         # T2I-CompBench's non-spatial CLIPScore: the plain cosine of normalised embeddings
-        assert _num(r["clip_score"]) == pytest.approx(float(clip.images([image])[0] @ clip.text(r["prompt"], False)),
-                                                      abs=1e-5)  # fmt: skip
+        assert _num(r["clip_score"]) == pytest.approx(
+            float(clip.images([image])[0] @ clip.text(r["prompt"], False)), abs=1e-5
+        )
     assert checked == {"vqa": 4, "geneval": 12, "spatial": 4, "box": 4}
     # the per-task tables are the means of the rows, in the benchmarks' layouts
     bench = (bench_dir / "eval" / "benchmarks.md").read_text()
@@ -460,16 +504,31 @@ MID = (20, 40, 30, 50)
         (["dog", "cat", "car"], "on the left of", "above", {"dog": L, "cat": R, "car": BOTTOM}, True),
         (["dog", "cat", "car"], "on the left of", "below", {"dog": L, "cat": R, "car": BOTTOM}, False),
         # hard: both of the first two between the others
-        (["dog", "cat", "car", "horse"], "among", "", {"dog": MID, "cat": (22, 42, 28, 48), "car": L, "horse": R},
-         True),
+        (
+            ["dog", "cat", "car", "horse"],
+            "among",
+            "",
+            {"dog": MID, "cat": (22, 42, 28, 48), "car": L, "horse": R},
+            True,
+        ),
         # hard with two relations (our reading): dog and cat left of the car and above the horse
-        (["dog", "cat", "car", "horse"], "on the left of", "above",
-         {"dog": (0, 0, 5, 5), "cat": (5, 0, 10, 5), "car": R, "horse": BOTTOM}, True),
-        (["dog", "cat", "car", "horse"], "on the left of", "above",
-         {"dog": (0, 0, 5, 5), "cat": (45, 0, 60, 5), "car": R, "horse": BOTTOM}, False),
+        (
+            ["dog", "cat", "car", "horse"],
+            "on the left of",
+            "above",
+            {"dog": (0, 0, 5, 5), "cat": (5, 0, 10, 5), "car": R, "horse": BOTTOM},
+            True,
+        ),
+        (
+            ["dog", "cat", "car", "horse"],
+            "on the left of",
+            "above",
+            {"dog": (0, 0, 5, 5), "cat": (45, 0, 60, 5), "car": R, "horse": BOTTOM},
+            False,
+        ),
         (["dog", "cat"], "inside", "", {"dog": L, "cat": R}, None),  # not a relation HRS-Bench names
     ],
-)  # fmt: skip
+)
 def test_hrs_rule_on_hand_made_boxes(objects, rel1, rel2, boxes, expected):
     from attncontrol.scores import hrs_spatial_correct
 
@@ -501,12 +560,19 @@ def test_hrs_and_drawbench_csv(tmp_path):
 
     (tmp_path / "hrs.csv").write_text(HRS_CSV)
     easy, medium, hard = read_entries(tmp_path / "hrs.csv")
-    assert (easy.prompt, easy.subjects, easy.task, easy.source) == ("a dog on the left of a cat.", ["dog", "cat"],
-                                                                    "easy", "hrs.csv:2")  # fmt: skip
+    assert (easy.prompt, easy.subjects, easy.task, easy.source) == (
+        "a dog on the left of a cat.",
+        ["dog", "cat"],
+        "easy",
+        "hrs.csv:2",
+    )
     assert medium.task == "medium" and medium.metadata["rel1"] == "in the middle of"
     assert hard.subjects == ["person", "horse", "chair", "airplane"] and hard.metadata["rel2"] == "under"
-    assert hard.benchmark_record() == {"benchmark": "hrs", "task": "hard", "metadata": {
-        "objects": ["person", "horse", "chair", "airplane"], "rel1": "on", "rel2": "under"}}  # fmt: skip
+    assert hard.benchmark_record() == {
+        "benchmark": "hrs",
+        "task": "hard",
+        "metadata": {"objects": ["person", "horse", "chair", "airplane"], "rel1": "on", "rel2": "under"},
+    }
     (tmp_path / "db.csv").write_text(DRAWBENCH_CSV)
     car, apple = read_entries(tmp_path / "db.csv")
     assert (car.subjects, car.task, car.benchmark) == (["car"], "Colors", "drawbench")
@@ -526,8 +592,20 @@ def test_hrs_batch_records_its_benchmark_and_eval_scores_it(tiny_dirs, eval_mode
 
     (tmp_path / "hrs.csv").write_text(HRS_CSV)
     out = tmp_path / "out"
-    args = ["batch", str(tmp_path / "hrs.csv"), "--out", str(out), "--seeds", "0-1", "--methods", "none",
-            "--model", str(tiny_dirs["sd1"]), "--steps", "2"]  # fmt: skip
+    args = [
+        "batch",
+        str(tmp_path / "hrs.csv"),
+        "--out",
+        str(out),
+        "--seeds",
+        "0-1",
+        "--methods",
+        "none",
+        "--model",
+        str(tiny_dirs["sd1"]),
+        "--steps",
+        "2",
+    ]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 6 and {r["benchmark"]["task"] for r in records} == {"easy", "medium", "hard"}
@@ -559,8 +637,9 @@ def test_export_to_the_benchmarks_layouts(bench_dir, tmp_path, capsys):
     for method in ("none", "attend-excite"):
         folder = dest / method / "geneval" / "00400"  # line 401 of GenEval's metadata file
         assert (folder / "metadata.jsonl").read_text() == upstream[400] + "\n"
-        mine = sorted((r for r in records if r["method"] == method and r["source"] == "geneval:401"),
-                      key=lambda r: r["seed"])  # fmt: skip
+        mine = sorted(
+            (r for r in records if r["method"] == method and r["source"] == "geneval:401"), key=lambda r: r["seed"]
+        )
         for k, rec in enumerate(mine):
             assert (folder / "samples" / f"{k:05d}.png").read_bytes() == (bench_dir / rec["file"]).read_bytes()
         color = dest / method / "t2i-compbench" / "color" / "samples"

@@ -18,8 +18,18 @@ import pytest
 import torch
 
 PACKAGE = Path(__file__).resolve().parents[1] / "attncontrol"
-GENERIC = ["pipeline.py", "run.py", "guidance.py", "processors", "store.py", "checkpointing.py", "controls",
-           "losses", "text.py", "attention.py"]  # fmt: skip
+GENERIC = [
+    "pipeline.py",
+    "run.py",
+    "guidance.py",
+    "processors",
+    "store.py",
+    "checkpointing.py",
+    "controls",
+    "losses",
+    "text.py",
+    "attention.py",
+]
 FAMILY_WORDS = ["unet", "down_blocks", "up_blocks", "mid_block", "attn1", "attn2", "</w>", "init_noise_sigma"]
 
 
@@ -55,9 +65,24 @@ SD3_TEXT_WORDS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "nor
 FLUX_WORDS = ("head_dim", "to_q", "to_k", "to_v", "norm_q", "norm_k", "added_kv_proj_dim", "fused_projections")
 FLUX_TEXT_WORDS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k", "to_out")
 FUSED_WORDS = ("to_qkv", "to_added_qkv")  # after fuse_projections(); the second with a text stream only
-CLASSIC_WORDS = ("heads", "scale", "to_q", "to_k", "to_v", "to_out", "group_norm", "spatial_norm", "norm_cross",
-                 "residual_connection", "rescale_output_factor", "prepare_attention_mask", "head_to_batch_dim",
-                 "batch_to_head_dim", "get_attention_scores", "norm_encoder_hidden_states")  # fmt: skip
+CLASSIC_WORDS = (
+    "heads",
+    "scale",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "group_norm",
+    "spatial_norm",
+    "norm_cross",
+    "residual_connection",
+    "rescale_output_factor",
+    "prepare_attention_mask",
+    "head_to_batch_dim",
+    "batch_to_head_dim",
+    "get_attention_scores",
+    "norm_encoder_hidden_states",
+)
 JOINT_ARGUMENTS = ("hidden_states", "encoder_hidden_states")
 FLUX_ARGUMENTS = (*JOINT_ARGUMENTS, "image_rotary_emb")
 # name: (the layer's words, the processor parameters read by name, the ops that serve it, its token streams)
@@ -80,8 +105,13 @@ def _diffusers_layer(name: str):
 
     torch.manual_seed(0)
     if name.startswith("sd3"):
-        block = JointTransformerBlock(16, 2, 8, qk_norm="rms_norm" if "qk-norm" in name or "image" in name else None,
-                                      use_dual_attention=name.startswith("sd35"))  # fmt: skip
+        block = JointTransformerBlock(
+            16,
+            2,
+            8,
+            qk_norm="rms_norm" if "qk-norm" in name or "image" in name else None,
+            use_dual_attention=name.startswith("sd35"),
+        )
         attn = block.attn2 if "image-only" in name else block.attn
     elif name.startswith("flux"):
         block = (FluxTransformerBlock if "double" in name else FluxSingleTransformerBlock)(16, 2, 8)
@@ -134,9 +164,14 @@ def _attention_words_read(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "attn":
             words.add(node.attr)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
-              and isinstance(node.args[0], ast.Name) and node.args[0].id == "attn"
-              and isinstance(node.args[1], ast.Constant)):  # fmt: skip
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "getattr"
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id == "attn"
+            and isinstance(node.args[1], ast.Constant)
+        ):
             words.add(node.args[1].value)
     return words
 
@@ -166,8 +201,9 @@ def test_the_joint_ops_read_the_words_as_diffusers_means_them(name):
     if streams == "text":
         args["encoder_hidden_states"] = torch.randn(2, 4, 16, generator=g, dtype=torch.float64)
     if name.startswith("flux"):
-        args["image_rotary_emb"] = tuple(torch.randn(2, 6 + (4 if streams == "text" else 0), 8, generator=g,
-                                                     dtype=torch.float64))  # fmt: skip
+        args["image_rotary_emb"] = tuple(
+            torch.randn(2, 6 + (4 if streams == "text" else 0), 8, generator=g, dtype=torch.float64)
+        )
     with torch.no_grad():
         theirs = attn.processor(attn, **args)
         q, k, text_len = ops.query_key(attn, args)
@@ -181,6 +217,13 @@ def test_the_joint_ops_read_the_words_as_diffusers_means_them(name):
     theirs = theirs if isinstance(theirs, tuple) else (theirs,)
     assert len(theirs) == len(ours), f"diffusers {diffusers.__version__}: {name} returns {len(theirs)} outputs"
     for a, b, what in zip(ours, theirs, ("image", "text")):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, what=what: (
-            f"diffusers {diffusers.__version__}, {name}: the {what} output differs from the attention the ops "
-            f"form: {m}"))  # fmt: skip
+        torch.testing.assert_close(
+            a,
+            b,
+            rtol=1e-10,
+            atol=1e-12,
+            msg=lambda m, what=what: (
+                f"diffusers {diffusers.__version__}, {name}: the {what} output differs from the attention the ops "
+                f"form: {m}"
+            ),
+        )

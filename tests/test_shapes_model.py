@@ -54,8 +54,9 @@ def test_loads_by_name_offline_as_a_stock_pipeline(shapes_pipe, monkeypatch):
 
 
 def _generate(pipe, prompt, controls, seed, steps):
-    return attncontrol.generate(pipe, prompt, controls, num_inference_steps=steps,
-                                generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
+    return attncontrol.generate(
+        pipe, prompt, controls, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
+    ).images[0]
 
 
 @pytest.mark.slow

@@ -23,8 +23,11 @@ def _match(found: list[Found], scene: world.Scene) -> tuple[int, int, int]:
     """(objects drawn, objects detected in their colour and shape at IoU > 0.5 with the drawn box, extra detections)."""
     used, right = set(), 0
     for thing in scene.things:
-        hits = [j for j, f in enumerate(found) if j not in used and f.colour == thing.colour
-                and box_iou(f.box, thing.box) > 0.5]  # fmt: skip
+        hits = [
+            j
+            for j, f in enumerate(found)
+            if j not in used and f.colour == thing.colour and box_iou(f.box, thing.box) > 0.5
+        ]
         if hits:
             used.add(hits[0])
             right += found[hits[0]].shape == thing.shape
@@ -220,9 +223,21 @@ def test_eval_scores_a_shapes_batch_with_no_model(tmp_path):
             n = e.metadata.get("count") or len(e.metadata["objects"])
             name = f"{k:04d}.png"
             world.draw(_at_layout(e, n if full else n - 1, rng)).save(tmp_path / name)
-            lines.append(json.dumps({"key": f"k{k}", "file": name, "prompt": e.prompt, "method": method, "seed": 0,
-                                     "source": e.source, "boxes": None, "subjects": e.subjects,
-                                     "benchmark": e.benchmark_record()}))  # fmt: skip
+            lines.append(
+                json.dumps(
+                    {
+                        "key": f"k{k}",
+                        "file": name,
+                        "prompt": e.prompt,
+                        "method": method,
+                        "seed": 0,
+                        "source": e.source,
+                        "boxes": None,
+                        "subjects": e.subjects,
+                        "benchmark": e.benchmark_record(),
+                    }
+                )
+            )
             k += 1
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     assert main(["eval", str(tmp_path), "--compare", "none", "--bootstrap", "200"]) == 0
@@ -286,8 +301,21 @@ def test_set_options_batch_limit_and_precedence(tmp_path):
     assert json.loads(item.options) == {"syngen": {"bindings": {"square": ["red"]}}}
     (item,) = expand(entries, [0], ["attend-excite"])
     assert json.loads(item.options) == {"attend-excite": {}}  # other methods get nothing from the set
-    args = build_parser().parse_args(["batch", "--prompt-set", "shapes-count", "--limit", "3", "--model", "shapes",
-                                      "--methods", "none,refocus", "--out", str(tmp_path)])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "batch",
+            "--prompt-set",
+            "shapes-count",
+            "--limit",
+            "3",
+            "--model",
+            "shapes",
+            "--methods",
+            "none,refocus",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     items, settings = _batch_items(args)
     assert sorted({i.source for i in items}) == ["shapes-count:1", "shapes-count:2", "shapes-count:3"]
     assert settings.model == "shapes"  # the name, not an install path: the items' keys do not move with the install

@@ -142,10 +142,13 @@ CASES = [
         {"subjects": ["red car", "bird"], "bindings": {"car": ["shiny"], "bird": ["blue"]}},
         [[3, 2, 4], [7, 8]],
     ),
-    ("a glittery hippogriff and a blue bowl", {"subjects": ["glittery hippogriff", "blue bowl"]},
-     [[[2, 3], [4, 5]], [8, 9]]),
+    (
+        "a glittery hippogriff and a blue bowl",
+        {"subjects": ["glittery hippogriff", "blue bowl"]},
+        [[[2, 3], [4, 5]], [8, 9]],
+    ),
     ("a red car and a bowl", {"subjects": ["red car", "bowl"]}, [[2, 3], [6]]),  # a noun alone
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("prompt,options,subtrees", CASES, ids=[c[0] for c in CASES])

@@ -38,8 +38,17 @@ CHROMIUM = os.environ.get("ATTNCONTROL_CHROMIUM", "/usr/bin/chromium")
 
 
 def _request(**kw):
-    args = dict(prompt="a cat and a dog", subjects=["cat", "dog"], methods=["attend-excite"], boxes_text="",
-                seed=0, steps=3, guidance_scale=7.5, height=64, width=64)  # fmt: skip
+    args = dict(
+        prompt="a cat and a dog",
+        subjects=["cat", "dog"],
+        methods=["attend-excite"],
+        boxes_text="",
+        seed=0,
+        steps=3,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+    )
     args.update(kw)
     return build_request(**args)
 
@@ -110,8 +119,11 @@ def test_user_mistakes_are_named(change, message):
 
 
 def test_request_options_and_limits():
-    req = _request(methods=["attend-excite", "refocus"], boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1",
-                   params={("attend-excite", "stop"): 2, ("astar", "mask_threshold"): 0.3})  # fmt: skip
+    req = _request(
+        methods=["attend-excite", "refocus"],
+        boxes_text="cat=0,0,0.5,1; dog=0.5,0,1,1",
+        params={("attend-excite", "stop"): 2, ("astar", "mask_threshold"): 0.3},
+    )
     assert req.options == {"attend-excite": {"stop": 2}, "refocus": {}}  # unticked methods ignored
     assert req.observed == ["cat", "dog"]
     assert _request(methods=["refocus"], subjects=[], boxes_text="cat=0,0,0.5,1").observed == ["cat"]
@@ -158,12 +170,18 @@ def test_runner_compares_with_the_baseline_and_restores(sd1):
     assert [c[0] for c in calls] == list(range(1, 7)) and calls[-1][1] == 6
     assert [c[2] for c in calls] == ["baseline"] * 3 + ["controlled"] * 3
     assert [cap for _, cap in result.heatmaps] == [
-        "baseline · cat", "baseline · dog", "controlled · cat", "controlled · dog"
-    ]  # fmt: skip
+        "baseline · cat",
+        "baseline · dog",
+        "controlled · cat",
+        "controlled · dog",
+    ]
     assert all(img.size == (64, 64) for img, _ in result.heatmaps)
     series = {row["series"] for row in result.curves}
-    assert series == {"attend-excite loss", "weakest subject attention (baseline)",
-                      "weakest subject attention (controlled)"}  # fmt: skip
+    assert series == {
+        "attend-excite loss",
+        "weakest subject attention (baseline)",
+        "weakest subject attention (controlled)",
+    }
     assert "weakest subject attention" in result.summary
     with pytest.raises(DemoError, match="'horse' is not in the prompt"):
         runner.run(_request(subjects=["cat", "horse"]))
@@ -207,8 +225,20 @@ def test_closing_the_handler_cancels_its_run(sd1):
     demo = build_demo(runner)
     handler = next(fn for fn in demo.fns.values() if fn.api_name == "run").fn
     values = [p.default if p.kind in ("bool", "int", "float") else p.shown() for p in method_params()]  # as shown
-    gen = handler("a cat and a dog", [], "cat, dog", ["attend-excite"], "", 0, 3, 7.5, 64, 64, *values,
-                  progress=lambda *a, **k: None)  # fmt: skip
+    gen = handler(
+        "a cat and a dog",
+        [],
+        "cat, dog",
+        ["attend-excite"],
+        "",
+        0,
+        3,
+        7.5,
+        64,
+        64,
+        *values,
+        progress=lambda *a, **k: None,
+    )
     assert len(next(gen)) == 5  # still running: a keep-alive update for the five outputs
     assert not seen["cancel"].is_set()
     gen.close()  # what gradio does for a client that left
@@ -259,8 +289,9 @@ def test_gradio_client_end_to_end(app, capfd):
     client = Client(url, verbose=False)
 
     def call(subjects):
-        return client.predict("a red circle and a blue square", [], subjects, ["attend-excite"], "", 0, 3, 7.5, 64,
-                              64, api_name="/run")  # fmt: skip
+        return client.predict(
+            "a red circle and a blue square", [], subjects, ["attend-excite"], "", 0, 3, 7.5, 64, 64, api_name="/run"
+        )
 
     baseline, controlled, gallery, curve, summary = call("circle, square")
     with Image.open(baseline) as b, Image.open(controlled) as c:
@@ -294,9 +325,15 @@ def _chromium_context(playwright, data_dir):
         executable_path=CHROMIUM,
         headless=True,
         viewport={"width": 1400, "height": 1800},
-        args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync"],
-    )  # fmt: skip
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -345,9 +382,7 @@ def test_browser_pick_subjects_run_and_see_maps(app):
             box = canvas.bounding_box()
             canvas.click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.3})
             canvas.click(position={"x": box["width"] * 0.6, "y": box["height"] * 0.9})
-            expect(page.locator("#boxes textarea")).to_have_value(
-                re.compile(r"^circle=0\.\d+,0\.\d+,0\.\d+,0\.\d+$")
-            )
+            expect(page.locator("#boxes textarea")).to_have_value(re.compile(r"^circle=0\.\d+,0\.\d+,0\.\d+,0\.\d+$"))
             page.locator("#prompt textarea").fill("a green triangle above a yellow square")  # still reacting
             expect(page.get_by_label("triangle", exact=True)).to_be_visible(timeout=30_000)
             ctx.close()

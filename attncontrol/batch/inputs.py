@@ -155,8 +155,10 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
         options = raw.get("options") or {}
         if not isinstance(options, dict):
             raise ValueError(f"'options' must map method names to their settings, got {options!r}")
-        options = {method_key(k): ({field_key(f): v for f, v in fields.items()} if isinstance(fields, dict) else fields)
-                   for k, fields in options.items()}  # fmt: skip
+        options = {
+            method_key(k): ({field_key(f): v for f, v in fields.items()} if isinstance(fields, dict) else fields)
+            for k, fields in options.items()
+        }
     except (ValueError, TypeError) as err:
         raise BatchInputError(f"{source}: {err}") from None
     return Entry(prompt.strip(), source, subjects, boxes, seeds, methods, options, raw.get("negative_prompt"))
@@ -174,8 +176,9 @@ def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark is not part of the first prompt
     except UnicodeDecodeError as err:
-        raise BatchInputError(f"prompt file {path.name!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
-                              "save it as UTF-8") from None  # fmt: skip
+        raise BatchInputError(
+            f"prompt file {path.name!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
     if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -219,8 +222,10 @@ def _check_csv_quotes(text: str, name: str) -> None:
         for _ in reader:
             start = reader.line_num + 1
     except csv.Error as err:
-        raise BatchInputError(f"{name}:{start}: {err} (a quote opened on this line is never closed?); close it, "
-                              'or double a quote inside a quoted field ("")') from None  # fmt: skip
+        raise BatchInputError(
+            f"{name}:{start}: {err} (a quote opened on this line is never closed?); close it, "
+            'or double a quote inside a quoted field ("")'
+        ) from None
 
 
 def prompt_set(name: str) -> list[Entry]:
@@ -293,8 +298,11 @@ def _geneval() -> list[BenchmarkEntry]:
     out = []
     for n, line in enumerate(_data("geneval_metadata.jsonl").splitlines(), 1):
         record = json.loads(line)
-        out.append(BenchmarkEntry(record["prompt"], f"geneval:{n}", geneval_subjects(record), task=record["tag"],
-                                  metadata=record))  # fmt: skip
+        out.append(
+            BenchmarkEntry(
+                record["prompt"], f"geneval:{n}", geneval_subjects(record), task=record["tag"], metadata=record
+            )
+        )
     return out
 
 
@@ -303,10 +311,19 @@ def _shapes(name: str) -> list[BenchmarkEntry]:
     from ..shapes.prompts import prompt_specs
 
     specs = [s for task in PROMPT_SETS[name] for s in prompt_specs(task)]
-    return [BenchmarkEntry(s["prompt"], f"{name}:{n}", s["subjects"], s["boxes"], task=s["task"],
-                           metadata=s["metadata"], benchmark="shapes",
-                           method_defaults={"syngen": {"bindings": s["bindings"]}})
-            for n, s in enumerate(specs, 1)]  # fmt: skip
+    return [
+        BenchmarkEntry(
+            s["prompt"],
+            f"{name}:{n}",
+            s["subjects"],
+            s["boxes"],
+            task=s["task"],
+            metadata=s["metadata"],
+            benchmark="shapes",
+            method_defaults={"syngen": {"bindings": s["bindings"]}},
+        )
+        for n, s in enumerate(specs, 1)
+    ]
 
 
 def _t2i_spatial() -> list[BenchmarkEntry]:
@@ -316,8 +333,15 @@ def _t2i_spatial() -> list[BenchmarkEntry]:
         if m is None:
             raise BatchInputError(f"t2i-compbench-spatial:{n}: {prompt!r} does not fit 'a OBJ1 RELATION a OBJ2'")
         obj1, relation, obj2 = m.groups()
-        out.append(BenchmarkEntry(prompt, f"t2i-compbench-spatial:{n}", [obj1, obj2], task="spatial",
-                                  metadata={"obj1": obj1, "relation": relation, "obj2": obj2}))  # fmt: skip
+        out.append(
+            BenchmarkEntry(
+                prompt,
+                f"t2i-compbench-spatial:{n}",
+                [obj1, obj2],
+                task="spatial",
+                metadata={"obj1": obj1, "relation": relation, "obj2": obj2},
+            )
+        )
     return out
 
 
@@ -330,8 +354,15 @@ def _t2i_phrases(name: str, task: str) -> list[BenchmarkEntry]:
         phrases = noun_phrases(prompt)
         if not phrases:
             raise BatchInputError(f"{name}:{n}: no noun phrase found in {prompt!r}")
-        out.append(BenchmarkEntry(prompt, f"{name}:{n}", [p.subject for p in phrases], task=task.removesuffix("_2023"),
-                                  metadata={"phrases": [p.text for p in phrases]}))  # fmt: skip
+        out.append(
+            BenchmarkEntry(
+                prompt,
+                f"{name}:{n}",
+                [p.subject for p in phrases],
+                task=task.removesuffix("_2023"),
+                metadata={"phrases": [p.text for p in phrases]},
+            )
+        )
     return out
 
 
@@ -340,9 +371,14 @@ def record_entry(record: dict) -> BenchmarkEntry | None:
     set's entry its ``source`` names (records written before the copy was kept), else None."""
     bench = record.get("benchmark")
     if isinstance(bench, dict) and isinstance(bench.get("metadata"), dict):
-        return BenchmarkEntry(record.get("prompt", ""), str(record.get("source") or ""), None,
-                              task=str(bench.get("task", "")), metadata=bench["metadata"],
-                              benchmark=str(bench.get("benchmark", "")))  # fmt: skip
+        return BenchmarkEntry(
+            record.get("prompt", ""),
+            str(record.get("source") or ""),
+            None,
+            task=str(bench.get("task", "")),
+            metadata=bench["metadata"],
+            benchmark=str(bench.get("benchmark", "")),
+        )
     return benchmark_entry(record.get("source"))
 
 
@@ -373,11 +409,13 @@ def _hrs_entries(reader: csv.DictReader, name: str) -> list[Entry]:
         prompt = (row.get("meta_prompt") or "").strip()
         objects = [row[k].strip() for k in ("obj1", "obj2", "obj3", "obj4") if (row.get(k) or "").strip()]
         if not prompt or len(objects) not in HRS_LEVELS:
-            raise BatchInputError(f"{source}: an HRS-Bench row needs a meta_prompt and 2 to 4 objects, got "
-                                  f"{prompt!r} with {objects}")  # fmt: skip
+            raise BatchInputError(
+                f"{source}: an HRS-Bench row needs a meta_prompt and 2 to 4 objects, got {prompt!r} with {objects}"
+            )
         meta = {"objects": objects, "rel1": (row.get("rel1") or "").strip(), "rel2": (row.get("rel2") or "").strip()}
-        entries.append(BenchmarkEntry(prompt, source, objects, task=HRS_LEVELS[len(objects)], metadata=meta,
-                                      benchmark="hrs"))  # fmt: skip
+        entries.append(
+            BenchmarkEntry(prompt, source, objects, task=HRS_LEVELS[len(objects)], metadata=meta, benchmark="hrs")
+        )
     if not entries:
         raise BatchInputError(f"{name}: no prompts")
     return entries
@@ -397,8 +435,9 @@ def _drawbench_entries(reader: csv.DictReader, name: str) -> list[Entry]:
         meta = {"phrases": [p.text for p in phrases]}
         subjects = [p.subject for p in phrases] or None
         category = (row.get("Category") or "").strip()
-        entries.append(BenchmarkEntry(prompt, f"{name}:{n}", subjects, task=category, metadata=meta,
-                                      benchmark="drawbench"))  # fmt: skip
+        entries.append(
+            BenchmarkEntry(prompt, f"{name}:{n}", subjects, task=category, metadata=meta, benchmark="drawbench")
+        )
     if not entries:
         raise BatchInputError(f"{name}: no prompts")
     return entries

@@ -81,14 +81,18 @@ def expand(
         run = {n for text in e.methods or methods for n in _method_names(text, e.source)}
         stray = sorted(set(e.options) - run)
         if stray:
-            raise BatchInputError(f"{e.source}: options for {', '.join(stray)}, which is not among the methods "
-                                  f"{', '.join(sorted(run)) or 'none'}")  # fmt: skip
+            raise BatchInputError(
+                f"{e.source}: options for {', '.join(stray)}, which is not among the methods "
+                f"{', '.join(sorted(run)) or 'none'}"
+            )
         for method_text in e.methods or methods:
             names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"
             defaults = getattr(e, "method_defaults", {})  # a built-in set's options for methods that run (< --set)
-            merged = {name: {**defaults.get(name, {}), **(options or {}).get(name, {}), **e.options.get(name, {})}
-                      for name in names}  # fmt: skip
+            merged = {
+                name: {**defaults.get(name, {}), **(options or {}).get(name, {}), **e.options.get(name, {})}
+                for name in names
+            }
             item_boxes = e.boxes if any(takes_boxes(METHODS[n]) for n in names) else None
             checked_controls(names, e.subjects, item_boxes, merged, e.source)  # validates before any generation
             for seed in e.seeds or seeds:

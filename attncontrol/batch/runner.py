@@ -135,11 +135,18 @@ class BatchRun:
         negative = [it.negative_prompt or "" for it in group] if any(it.negative_prompt for it in group) else None
         s = self.settings
         return generate(
-            self.pipe, [it.prompt for it in group], controls, negative_prompt=negative, num_inference_steps=s.steps,
-            guidance_scale=self.guidance_scale, height=s.height, width=s.width,
+            self.pipe,
+            [it.prompt for it in group],
+            controls,
+            negative_prompt=negative,
+            num_inference_steps=s.steps,
+            guidance_scale=self.guidance_scale,
+            height=s.height,
+            width=s.width,
             generator=[torch.Generator(self.gen_device).manual_seed(it.seed) for it in group],
-            attention=observed if observed is not None else False, checkpointing=s.checkpointing,
-        )  # fmt: skip
+            attention=observed if observed is not None else False,
+            checkpointing=s.checkpointing,
+        )
 
     def record(self, it: Item, k: int, result, seconds: float, group_size: int) -> dict:
         metrics = result.attention.metrics(k) if result.attention is not None else None
@@ -190,9 +197,15 @@ class BatchRun:
         with contextlib.suppress(OSError):
             append_json_line(
                 self.failures.path,
-                {"key": it.key, "prompt": it.prompt, "method": it.method, "seed": it.seed, "source": it.source,
-                 "error": message},
-            )  # fmt: skip
+                {
+                    "key": it.key,
+                    "prompt": it.prompt,
+                    "method": it.method,
+                    "seed": it.seed,
+                    "source": it.source,
+                    "error": message,
+                },
+            )
         self.claims.release(it.key)
         self.failed += 1
         self.status["failed"] = self.status.get("failed", 0) + 1

@@ -17,9 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import commands, runs
 
-    handlers = {"generate": commands.cmd_generate, "tokens": commands.cmd_tokens, "methods": commands.cmd_methods,
-                "batch": runs.cmd_batch, "eval": runs.cmd_eval, "export": runs.cmd_export,
-                "ui": runs.cmd_ui}  # fmt: skip
+    handlers = {
+        "generate": commands.cmd_generate,
+        "tokens": commands.cmd_tokens,
+        "methods": commands.cmd_methods,
+        "batch": runs.cmd_batch,
+        "eval": runs.cmd_eval,
+        "export": runs.cmd_export,
+        "ui": runs.cmd_ui,
+    }
     try:
         return handlers[args.command](args)
     except AttnControlError as err:
@@ -37,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"error: {args.command} ran out of memory (smaller --height/--width, fewer images or seeds?)",
-              file=sys.stderr)
+        print(
+            f"error: {args.command} ran out of memory (smaller --height/--width, fewer images or seeds?)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {args.command} stopped{runs.progress_note()}", file=sys.stderr)

@@ -24,8 +24,16 @@ def controls_from_args(args) -> list:
         raise OptionError("--methods: use --no-control for the baseline")
     names = method_names(args.methods or default or "attend-excite")
     options, sources = options_from_args(args, names)
-    request = build_request(names, args.subjects, args.boxes, options, sources=sources, methods_from="--methods",
-                            subjects_from="--subjects", boxes_from="--boxes")  # fmt: skip
+    request = build_request(
+        names,
+        args.subjects,
+        args.boxes,
+        options,
+        sources=sources,
+        methods_from="--methods",
+        subjects_from="--subjects",
+        boxes_from="--boxes",
+    )
     return request.controls
 
 
@@ -106,7 +114,6 @@ def cmd_generate(args) -> int:
     from ..loading import load_pipeline
     from ..metadata import strict_json
     from ..models import get_adapter
-    from ..pipeline import generate
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(desc="sampling", leave=True)
@@ -115,20 +122,12 @@ def cmd_generate(args) -> int:
     if args.guidance_scale is None:
         args.guidance_scale = get_adapter(pipe).default_guidance_scale()
     start = time.perf_counter()
-    result = generate(
-        pipe, args.prompt, controls, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, attention=attention,
-        checkpointing=args.checkpointing,
-    )  # fmt: skip
+    result = _sample(pipe, args, controls, generator, attention)
     seconds = time.perf_counter() - start
     parameters = strict_json(_params(args, pipe, result, controls, seconds))
     pair = None
     if args.side_by_side:
-        plain = generate(
-            pipe, args.prompt, [], negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            generator=torch.Generator(generator.device).manual_seed(args.seed), checkpointing=args.checkpointing,
-        )  # fmt: skip
+        plain = _sample(pipe, args, [], torch.Generator(generator.device).manual_seed(args.seed))
         label = "+".join(c.method for c in controls)
         pair = side_by_side([(plain.images[0], "plain"), (result.images[0], label)])
     # every output goes to a temporary first and all are renamed together: a write that fails (a full disk) leaves
@@ -151,6 +150,25 @@ def cmd_generate(args) -> int:
         print(f"wrote {len(written)} attention files to {args.save_attention} ({metrics})", file=sys.stderr)
     print(f"wrote {out} in {seconds:.1f}s" + (f" and {args.side_by_side}" if pair is not None else ""))
     return 0
+
+
+def _sample(pipe, args, controls: list, generator, attention=None):
+    """One generation with the command line's prompt and settings (the side-by-side's plain run: no controls)."""
+    from ..pipeline import generate
+
+    return generate(
+        pipe,
+        args.prompt,
+        controls,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=generator,
+        attention=attention,
+        checkpointing=args.checkpointing,
+    )
 
 
 def side_by_side(images: list, cell: int = 256):
@@ -186,8 +204,10 @@ def cmd_tokens(args) -> int:
             print(f"{label} tokens ({where}):")
         print(tokenize(tokenizer, args.prompt).format())
     if len(streams) > 1:
-        print(f"A subject given as an index is an index into the {streams[0][0]} table; in the other tables it means "
-              "the same word.")
+        print(
+            f"A subject given as an index is an index into the {streams[0][0]} table; in the other tables it means "
+            "the same word."
+        )
     return 0
 
 

@@ -43,8 +43,10 @@ def options_from_args(args, names: list[str]) -> tuple[dict, dict]:
         if "attend-excite" not in names:
             others = [m for m in names if field in {f for f in METHODS[m].__dataclass_fields__}]
             hint = f"; for {others[0]} use --set {others[0]}.{field}=..." if others else ""
-            raise OptionError(f"{flag} is an attend-excite option, and attend-excite is not among the methods "
-                              f"{', '.join(names) or 'none'}{hint}")  # fmt: skip
+            raise OptionError(
+                f"{flag} is an attend-excite option, and attend-excite is not among the methods "
+                f"{', '.join(names) or 'none'}{hint}"
+            )
         put("attend-excite", field, value, flag, False)
     if args.no_refinement:
         if "attend-excite" not in names:

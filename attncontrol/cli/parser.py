@@ -12,8 +12,11 @@ CHECKPOINTING_HELP = (
     "guidance passes, same images"
 )
 # Attend-and-Excite's shortcut flags: (flag, field of attend-excite); given without attend-excite, an error
-AE_SHORTCUTS = {"max_iter_to_alter": "stop", "scale_factor": "scale_factor",
-                "max_refinement_steps": "max_refinement_steps"}  # fmt: skip
+AE_SHORTCUTS = {
+    "max_iter_to_alter": "stop",
+    "scale_factor": "scale_factor",
+    "max_refinement_steps": "max_refinement_steps",
+}
 
 
 def _parse_subject(text: str) -> str | int:
@@ -48,20 +51,30 @@ def _finite_float(text: str) -> float:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id, local folder, or `shapes` (the shipped shapes-world model, offline; default: "
-                   f"{DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"hub id, local folder, or `shapes` (the shipped shapes-world model, offline; default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickled .bin weights (trusted models only)")
 
 
 def add_method_args(p: argparse.ArgumentParser, methods_default: str | None) -> None:
-    p.add_argument("--methods", default=methods_default,
-                   help="comma-separated, combined in one run (`attncontrol methods` lists them)")  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="any option of any method, e.g. --set astar.scale_factor=5 --set refocus.tiered=false "
-                        "(repeatable; `attncontrol methods` lists the fields)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        default=methods_default,
+        help="comma-separated, combined in one run (`attncontrol methods` lists them)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="any option of any method, e.g. --set astar.scale_factor=5 --set refocus.tiered=false "
+        "(repeatable; `attncontrol methods` lists the fields)",
+    )
     ae = p.add_argument_group("Attend-and-Excite shortcuts (attend-excite only; --set for other methods)")
     ae.add_argument("--max-iter-to-alter", type=_int, default=None, help="= --set attend-excite.stop=N")
     ae.add_argument("--scale-factor", type=_finite_float, default=None)
@@ -90,8 +103,13 @@ def _generate(sub) -> None:
     add_model_args(gen)
     gen.add_argument("--out", default="out.png", help="output PNG (parameters stored in its text chunk)")
     clobber = gen.add_mutually_exclusive_group()
-    clobber.add_argument("--overwrite", dest="overwrite", action="store_true", default=True,
-                         help="replace an existing --out (the default)")  # fmt: skip
+    clobber.add_argument(
+        "--overwrite",
+        dest="overwrite",
+        action="store_true",
+        default=True,
+        help="replace an existing --out (the default)",
+    )
     clobber.add_argument("--no-clobber", dest="overwrite", action="store_false", help="refuse an existing --out")
     gen.add_argument("--seed", type=_int, default=0)
     add_sampling_args(gen)
@@ -106,8 +124,10 @@ def _generate(sub) -> None:
 
 
 def _batch(sub) -> None:
-    bat = sub.add_parser("batch", help="prompts x seeds x methods into a folder; resumable; "
-                                       "`accelerate launch -m attncontrol batch` splits it")  # fmt: skip
+    bat = sub.add_parser(
+        "batch",
+        help="prompts x seeds x methods into a folder; resumable; `accelerate launch -m attncontrol batch` splits it",
+    )
     src = bat.add_mutually_exclusive_group(required=True)
     src.add_argument("prompts", nargs="?", help=".txt ('PROMPT' or 'PROMPT | cat, dog'), .jsonl or .csv file")
     src.add_argument("--prompt-set", help="a built-in prompt set (`attncontrol batch --prompt-set list` lists them)")

@@ -94,8 +94,9 @@ def check_steps(model: str, steps: int, flag: str = "--steps") -> None:
     config = _local_json(model, "scheduler", "scheduler_config.json")
     limit = int((config or {}).get("num_train_timesteps") or 0)
     if limit and steps > limit:
-        raise OptionError(f"{flag} {steps}: the scheduler of {model!r} has {limit} training timesteps; use at most "
-                          f"{limit}")  # fmt: skip
+        raise OptionError(
+            f"{flag} {steps}: the scheduler of {model!r} has {limit} training timesteps; use at most {limit}"
+        )
 
 
 def check_size(model: str, height: int | None, width: int | None) -> None:

@@ -34,12 +34,14 @@ def _batch_items(args):
     runs = ["+".join(method_names(m, "--methods")) or "none" for m in methods]  # each run checked
     repeated = sorted({r for r in runs if runs.count(r) > 1})
     if repeated:
-        raise OptionError(f"--methods {args.methods}: each run may be given once, got {', '.join(repeated)} more than "
-                          "once")  # fmt: skip
+        raise OptionError(
+            f"--methods {args.methods}: each run may be given once, got {', '.join(repeated)} more than once"
+        )
     combined = [n for m in methods for n in method_names(m, "--methods")]
     options, _ = options_from_args(args, sorted(set(combined)))
-    settings = Settings(args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size,
-                        args.checkpointing)  # fmt: skip
+    settings = Settings(
+        args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size, args.checkpointing
+    )
     items = expand(entries, seeds, methods, options=options, settings=settings.identity())  # every line checked
     return items, settings
 
@@ -85,14 +87,17 @@ def cmd_batch(args) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     STATUS.update(done=0, failed=0)
-    done, skipped, failed, seconds = run(items, out, pipe, settings, workers.rank, workers.world,
-                                         done_keys=done_keys, status=STATUS)  # fmt: skip
+    done, skipped, failed, seconds = run(
+        items, out, pipe, settings, workers.rank, workers.world, done_keys=done_keys, status=STATUS
+    )
     done, failed = workers.total([done, failed], pipe._execution_device)
     if workers.first:
         _merge(out)
         rate = 60 * done / seconds if seconds > 0 else 0.0
-        print(f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
-              + (f"; see {out / 'failures.jsonl'}" if failed else ""))  # fmt: skip
+        print(
+            f"done {done}, skipped {skipped}, failed {failed} of {len(items)} items; {rate:.1f} images/min"
+            + (f"; see {out / 'failures.jsonl'}" if failed else "")
+        )
     return 1 if failed else 0
 
 
@@ -124,14 +129,28 @@ def cmd_eval(args) -> int:
 
     rules = DetectionRules(threshold=args.detection_threshold, counting_threshold=args.counting_threshold)
     report = evaluate(
-        args.out, args.clip, args.captioner, args.grid, device, args.batch_size, args.allow_pickle, progress=True,
-        vqa=args.vqa, detector=args.detector, rules=rules, compare_with=args.compare, bootstrap=args.bootstrap,
-    )  # fmt: skip
+        args.out,
+        args.clip,
+        args.captioner,
+        args.grid,
+        device,
+        args.batch_size,
+        args.allow_pickle,
+        progress=True,
+        vqa=args.vqa,
+        detector=args.detector,
+        rules=rules,
+        compare_with=args.compare,
+        bootstrap=args.bootstrap,
+    )
     print(report.markdown(), end="")
     tables = [f for f in report.files if f.parent.name != "grids"]
     grids = len(report.files) - len(tables)
-    print(f"{len(report.rows)} images; wrote {', '.join(str(f) for f in tables)}"
-          + (f" and {grids} grids" if grids else ""), file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(report.rows)} images; wrote {', '.join(str(f) for f in tables)}"
+        + (f" and {grids} grids" if grids else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

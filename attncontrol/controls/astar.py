@@ -14,6 +14,7 @@ from .vocabulary import Evaluation, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 
+
 def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum min(a, b) / sum (a + b)`` over the last two dims (the paper's overlap measure)."""
     return torch.minimum(a, b).sum((-2, -1)) / (a + b).sum((-2, -1)).clamp_min(1e-12)
@@ -38,6 +39,7 @@ def binarize(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     paper; our default)."""
     peak = maps.flatten(-2).amax(-1)[..., None, None]
     return maps >= threshold * peak
+
 
 # -- the options -------------------------------------------------------------------------------------------------
 

@@ -58,8 +58,9 @@ class AttendExcite(GuidanceOptions):
         "{step: T}; at those steps the latents are refined until every subject's max attention reaches T "
         "(loss <= 1 - T).",
     )
-    max_refinement_steps: int = count_field(20, "at most this many refinement iterations per threshold step "
-                                            "(diffusers: 20).", app=(0, 50))  # fmt: skip
+    max_refinement_steps: int = count_field(
+        20, "at most this many refinement iterations per threshold step (diffusers: 20).", app=(0, 50)
+    )
     stop: int | float | None = window_stop(25, "latents are updated at steps start .. stop - 1 (diffusers: 25).")
 
     def prepare(self, ctx: ControlContext) -> PreparedAttendExcite:
@@ -81,8 +82,7 @@ class PreparedAttendExcite(PreparedControl):
         # update), as diffusers' pipeline does past ``max_iter_to_alter``
         t = self.cfg.thresholds.get(step) if step >= self.first else None
         refine = None if t is None else loss_above(max(0.0, 1.0 - t))
-        return self.make_plan(step, self.step_sizes[step], refine=refine,
-                              max_refinement=self.cfg.max_refinement_steps)  # fmt: skip
+        return self.make_plan(step, self.step_sizes[step], refine=refine, max_refinement=self.cfg.max_refinement_steps)
 
     def evaluate(self, maps, images: list[int], step: StepInfo, carry: list) -> Evaluation:
         per_image = self.maps.per_image(maps, images)

@@ -251,8 +251,10 @@ def _subject_list(value, where: str) -> list:
     return subjects
 
 
-def subjects_field(help: str = "words, phrases (``\"red car\"``), occurrences (``\"cat#2\"``) or token indices; one "
-                   "list for every prompt, or one list per prompt."):  # fmt: skip
+def subjects_field(
+    help: str = 'words, phrases (``"red car"``), occurrences (``"cat#2"``) or token indices; one '
+    "list for every prompt, or one list per prompt.",
+):
     """The ``subjects`` field of a method driven by subjects (given by ``--subjects``, not as an option)."""
     return option(factory=list, help=help, check=_subject_list, user_option=False)
 
@@ -274,11 +276,19 @@ class Control:
     method: ClassVar[str] = "control"
     aliases: ClassVar[dict[str, str]] = {}
 
-    start: int | float = option(0, "the method acts from this step on: a step index (0-based loop index over the "
-                                "scheduler's timesteps) or a fraction of the schedule in [0, 1].", unit="steps",
-                                check=_step_value)  # fmt: skip
-    stop: int | float | None = option(None, "the method acts before this step (an index or a fraction, as start); "
-                                      "None = to the last step.", unit="steps", check=_step_value)  # fmt: skip
+    start: int | float = option(
+        0,
+        "the method acts from this step on: a step index (0-based loop index over the "
+        "scheduler's timesteps) or a fraction of the schedule in [0, 1].",
+        unit="steps",
+        check=_step_value,
+    )
+    stop: int | float | None = option(
+        None,
+        "the method acts before this step (an index or a fraction, as start); None = to the last step.",
+        unit="steps",
+        check=_step_value,
+    )
 
     def __post_init__(self) -> None:
         from .options import check_fields
@@ -289,8 +299,9 @@ class Control:
     def check(self) -> None:
         """Rules across fields (after each field passed its own). Default: the window has a step."""
         if self.stop is not None and type(self.stop) is type(self.start) and self.stop <= self.start:
-            raise OptionError(f"{label(type(self), 'stop')} must be after start: the window "
-                              f"{self.start}..{self.stop} has no step")  # fmt: skip
+            raise OptionError(
+                f"{label(type(self), 'stop')} must be after start: the window {self.start}..{self.stop} has no step"
+            )
 
     def window(self, num_steps: int) -> tuple[int, int]:
         first = step_index(self.start, num_steps)

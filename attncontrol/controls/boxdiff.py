@@ -23,6 +23,7 @@ from .vocabulary import Evaluation, Row, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 
+
 def grid_box(box: tuple[float, float, float, float], rows: int, cols: int) -> tuple[int, int, int, int]:
     """A normalised (x0, y0, x1, y1) box on the map grid: each edge times the grid size, rounded half to even
     (Python's ``round``, as the official ``round(pixels / 32)`` of 512-pixel boxes), end-exclusive; widened to at
@@ -72,6 +73,7 @@ def boxdiff_loss(maps: torch.Tensor, boxes: list, top: float = 0.2, window: int 
         worst = max(worst, float(terms["inner"].detach()))
     return total, worst
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 
@@ -92,11 +94,16 @@ class BoxDiff(GuidanceOptions):
         check=box_field_check(one_per_subject=True, method="BoxDiff"),
         user_option=False,
     )
-    top: float = option(0.2, "the fraction P of a region's cells whose largest values are averaged, inside and "
-                        "outside the box (official: 0.2).", range=Range(0, 1, open_low=True),
-                        unit="fraction")  # fmt: skip
-    corner_window: int = option(1, "the corner term's half-window L around each box edge (official: 1).", low=0,
-                                unit="grid cells")  # fmt: skip
+    top: float = option(
+        0.2,
+        "the fraction P of a region's cells whose largest values are averaged, inside and "
+        "outside the box (official: 0.2).",
+        range=Range(0, 1, open_low=True),
+        unit="fraction",
+    )
+    corner_window: int = option(
+        1, "the corner term's half-window L around each box edge (official: 1).", low=0, unit="grid cells"
+    )
     scale_factor: float = scale_factor_field()
     scale_range: tuple[float, float] = scale_range_field()
     thresholds: dict[int, float] = thresholds_field(
@@ -140,8 +147,7 @@ class PreparedBoxDiff(PreparedControl):
     def plan(self, step: int) -> StepPlan:
         t = self.cfg.thresholds.get(step) if self.in_window(step) else None
         refine = None if t is None else _inner_short_of(t)
-        return self.make_plan(step, self.step_sizes[step], refine=refine,
-                              max_refinement=self.cfg.max_refinement_steps)  # fmt: skip
+        return self.make_plan(step, self.step_sizes[step], refine=refine, max_refinement=self.cfg.max_refinement_steps)
 
     def evaluate(self, maps, images: list[int], step: StepInfo, carry: list) -> Evaluation:
         cfg = self.cfg

@@ -58,8 +58,9 @@ class MapOptions(Control):
         "(rows, cols) of the attention maps; None = the level 4x below the latents (16x16 at 512 px for SD 1.x/2.x), "
         "or the nearest level with cross-attention."
     )
-    kernel_size: int = option(3, "the Gaussian smoothing's kernel (the reference's 3x3).", low=1, app=(1, 9),
-                              check=_odd, unit="cells")  # fmt: skip
+    kernel_size: int = option(
+        3, "the Gaussian smoothing's kernel (the reference's 3x3).", low=1, app=(1, 9), check=_odd, unit="cells"
+    )
     sigma: float = option(0.5, "the Gaussian smoothing's sigma (reference: 0.5).", low=0, open_low=True)
     smooth_attentions: bool = option(True, "smooth each subject's map (reference: on).")
     exclude_eot: bool | None = option(
@@ -67,8 +68,13 @@ class MapOptions(Control):
         "drop end-of-text and padding from the softmax over tokens (the official SD 2.1 behaviour); None = the "
         "model family's default (True for SD 2.x-style tokenizers, padding with '!'; False otherwise, diffusers').",
     )
-    softmax_scale: float = option(100.0, "the maps are multiplied by this before the softmax over tokens "
-                                  "(reference: 100).", low=0, open_low=True, app=(0.1, 1000))  # fmt: skip
+    softmax_scale: float = option(
+        100.0,
+        "the maps are multiplied by this before the softmax over tokens (reference: 100).",
+        low=0,
+        open_low=True,
+        app=(0.1, 1000),
+    )
     blocks: tuple[int, ...] | int | None = option(
         None,
         "transformer families (SD3, FLUX): the blocks whose attention is averaged (None: the family's default, see "
@@ -108,8 +114,13 @@ class GuidanceOptions(MapOptions):
         "update per step, no refinement.",
         choices=("latent", "velocity"),
     )
-    velocity_scale: float = option(4.0, "lambda of the velocity rule (FOCUS's README example: 4; its code's "
-                                   "default: 1).", low=0, open_low=True, app=(0, 1000))  # fmt: skip
+    velocity_scale: float = option(
+        4.0,
+        "lambda of the velocity rule (FOCUS's README example: 4; its code's default: 1).",
+        low=0,
+        open_low=True,
+        app=(0, 1000),
+    )
 
     def bind_update(self, prepared, ctx: ControlContext) -> None:
         """Give the prepared control its update rule (and the velocity rule's steps)."""
@@ -132,8 +143,9 @@ def velocity_steps(scale: float, timesteps: list[float], sigmas: list[float]) ->
     return out
 
 
-def scale_factor_field(help: str = "the step size's factor: alpha_i = scale_factor * sqrt(linspace(*scale_range, "
-                       "steps)[i]) (A&E: 20)."):  # fmt: skip
+def scale_factor_field(
+    help: str = "the step size's factor: alpha_i = scale_factor * sqrt(linspace(*scale_range, steps)[i]) (A&E: 20).",
+):
     return option(20.0, help, low=0, open_low=True, app=(0, 2000))
 
 

@@ -24,6 +24,7 @@ from .vocabulary import Evaluation, StepInfo, StepPlan, loss_above
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 
+
 def nt_xent(embeddings: torch.Tensor, labels: list[int], temperature: float = 0.5) -> torch.Tensor:
     """Mean over ordered positive pairs (x, y) (same label, x != y) of
     ``-log(exp(s_xy / t) / (exp(s_xy / t) + sum_{n: label n != label x} exp(s_xn / t)))``, s the cosine
@@ -42,6 +43,7 @@ def nt_xent(embeddings: torch.Tensor, labels: list[int], temperature: float = 0.
     terms = -torch.log(pos / (pos + negatives) + 1.2e-38)
     return terms[positive].mean()
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 
@@ -50,25 +52,34 @@ def nt_xent(embeddings: torch.Tensor, labels: list[int], temperature: float = 0.
 class Conform(GuidanceOptions):
     """CONFORM: NT-Xent over the subjects' token maps (``z <- z - alpha_i * grad L``)."""
 
-    subjects: list = subjects_field("each subject is one group of positives: a noun, or a phrase ('red car': red "
-                                    "and car).")  # fmt: skip
+    subjects: list = subjects_field(
+        "each subject is one group of positives: a noun, or a phrase ('red car': red and car)."
+    )
     bindings: dict[str, tuple[str, ...]] = bindings_field(
         "more attributes per noun, {'car': ['red']}, joining its group."
     )
     temperature: float = option(0.5, "of the NT-Xent loss (official: 0.5).", range=POSITIVE)
-    token_softmax: bool = option(False, "x softmax_scale softmax over the tokens before taking each token's map "
-                                 "(official pipeline default True; the official notebook, whose settings we follow, "
-                                 "False: raw averaged attention).")  # fmt: skip
-    previous_maps: bool = option(True, "each token's map of the previous step joins its group as a constant "
-                                 "positive (official).")  # fmt: skip
-    refinement_steps: tuple[int, ...] = option((0, 10, 20), "at these steps, exactly refinement_iterations extra "
-                                               "updates (official: 0, 10, 20; no threshold).", items=Range(0),
-                                               unit="steps")  # fmt: skip
+    token_softmax: bool = option(
+        False,
+        "x softmax_scale softmax over the tokens before taking each token's map "
+        "(official pipeline default True; the official notebook, whose settings we follow, "
+        "False: raw averaged attention).",
+    )
+    previous_maps: bool = option(
+        True, "each token's map of the previous step joins its group as a constant positive (official)."
+    )
+    refinement_steps: tuple[int, ...] = option(
+        (0, 10, 20),
+        "at these steps, exactly refinement_iterations extra updates (official: 0, 10, 20; no threshold).",
+        items=Range(0),
+        unit="steps",
+    )
     refinement_iterations: int = count_field(20, "the extra updates at each refinement step (official: 20).")
     scale_factor: float = scale_factor_field()
     scale_range: tuple[float, float] = scale_range_field()
-    stop: int | float | None = window_stop(30, "updates at steps start .. stop - 1 (official notebook 30; the "
-                                           "pipeline's default 25).")  # fmt: skip
+    stop: int | float | None = window_stop(
+        30, "updates at steps start .. stop - 1 (official notebook 30; the pipeline's default 25)."
+    )
 
     def prepare(self, ctx: ControlContext) -> PreparedConform:
         return PreparedConform(self, ctx)
@@ -95,8 +106,7 @@ class PreparedConform(PreparedControl):
         # exactly refinement_iterations extra updates: a test that always asks for more
         refines = step in self.cfg.refinement_steps and self.in_window(step)
         refine = loss_above(float("-inf")) if refines else None
-        return self.make_plan(step, self.step_sizes[step], refine=refine,
-                              max_refinement=self.cfg.refinement_iterations)  # fmt: skip
+        return self.make_plan(step, self.step_sizes[step], refine=refine, max_refinement=self.cfg.refinement_iterations)
 
     def _embeddings(self, maps, images: list[int]) -> list[torch.Tensor]:
         cfg = self.cfg

@@ -26,6 +26,7 @@ from .vocabulary import Evaluation, MapKey, Row, StepInfo, StepPlan
 
 # -- the loss ----------------------------------------------------------------------------------------------------
 
+
 def total_variation(x: torch.Tensor, form: str = "official") -> torch.Tensor:
     """Attendance measure of a (rows, cols) map: mean absolute horizontal neighbour difference plus a vertical
     term. ``form="official"``: as coded, the last row against every row from the second on (0 for two rows);
@@ -72,6 +73,7 @@ def divide_bind_loss(
         tvs.append(float(tv.detach()))
     return torch.stack(terms).max(), min(tvs)
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 
@@ -84,21 +86,26 @@ def _thresholds() -> dict[int, float]:
 class DivideBind(GuidanceOptions):
     """Divide & Bind: ``L = max_j (-TV(S_j) + w_i * JSD(S_j, A_j))``, ``z <- z - alpha_i * grad L``."""
 
-    subjects: list = subjects_field("nouns, or phrases whose leading words are the noun's attributes ('red car': "
-                                    "attribute red).")  # fmt: skip
+    subjects: list = subjects_field(
+        "nouns, or phrases whose leading words are the noun's attributes ('red car': attribute red)."
+    )
     bindings: dict[str, tuple[str, ...]] = bindings_field(
         "more attributes per noun, {'car': ['red', 'shiny']} (also for nouns that are subjects)."
     )
     scale_factor: float = scale_factor_field()
     scale_range: tuple[float, float] = scale_range_field()
     thresholds: dict[int, float] = thresholds_field(
-        _thresholds, "{step: T}: refine while the smallest subject TV < T (official: {0: 0.05, 10: 0.2, 20: 0.3}).",
+        _thresholds,
+        "{step: T}: refine while the smallest subject TV < T (official: {0: 0.05, 10: 0.2, 20: 0.3}).",
         high=None,
     )
     max_refinement_steps: int = count_field(20, "refinement cap after step 0 (official: 20).", app=(0, 50))
     first_refinement_steps: int = count_field(50, "refinement cap at step 0 (official: 50).")
-    tv: str = option("official", "'official' (as coded: the vertical term compares the last row with every row) or "
-                     "'neighbour'.", choices=("official", "neighbour"))  # fmt: skip
+    tv: str = option(
+        "official",
+        "'official' (as coded: the vertical term compares the last row with every row) or 'neighbour'.",
+        choices=("official", "neighbour"),
+    )
     attribute_levels: str = option(
         "finer",
         "'finer': attribute maps from the cross-attention levels finer than the subject maps (64x64 and 32x32 at "

@@ -108,8 +108,18 @@ def option(
     """
     if range is None and (low is not None or high is not None):
         range = Range(low, high, open_low, open_high)
-    meta = Meta(help=" ".join(help.split()), range=range, items=items, keys=keys, choices=choices, unit=unit,
-                aliases=tuple(aliases), app=app, check=check, option=user_option)  # fmt: skip
+    meta = Meta(
+        help=" ".join(help.split()),
+        range=range,
+        items=items,
+        keys=keys,
+        choices=choices,
+        unit=unit,
+        aliases=tuple(aliases),
+        app=app,
+        check=check,
+        option=user_option,
+    )
     kwargs: dict[str, Any] = {"metadata": {META: meta}}
     if factory is not None:
         kwargs["default_factory"] = factory

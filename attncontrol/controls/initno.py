@@ -23,6 +23,7 @@ KL_STEPS_CAP = 1000
 
 # -- the loss terms ----------------------------------------------------------------------------------------------
 
+
 def cross_response(maps: torch.Tensor) -> torch.Tensor:
     """``max_s (1 - max_pixels C_s)``, clamped at 0: the weakest subject's peak (A&E's loss)."""
     return torch.clamp(1.0 - maps.flatten(1).amax(1), min=0.0).max()
@@ -45,8 +46,9 @@ def self_conflict(self_maps: torch.Tensor) -> torch.Tensor:
     pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
     if not pairs:
         return self_maps.new_zeros(())
-    overlaps = [torch.minimum(self_maps[a], self_maps[b]).sum() / ((self_maps[a] + self_maps[b]).sum() + 1e-6)
-                for a, b in pairs]  # fmt: skip
+    overlaps = [
+        torch.minimum(self_maps[a], self_maps[b]).sum() / ((self_maps[a] + self_maps[b]).sum() + 1e-6) for a, b in pairs
+    ]
     return torch.stack(overlaps).mean()
 
 
@@ -102,6 +104,7 @@ def gaussian_kl(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(log_var)) || N(0, 1)) per element, averaged: ``mean(0.5 (e^lv + mu^2 - 1 - lv))``."""
     return (0.5 * (log_var.exp() + mean**2 - 1 - log_var)).mean()
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 
@@ -119,34 +122,55 @@ class InitNO(GuidanceOptions):
 
     subjects: list = subjects_field("as for attend-excite.")
     optimise: bool = option(True, "run the noise optimisation (official: always).")
-    rounds: int = count_field(5, "up to this many noises (the seed's, then fresh draws from the same generator), "
-                              "each optimised for round_steps Adam steps, until one succeeds (official: 5).", low=1)
+    rounds: int = count_field(
+        5,
+        "up to this many noises (the seed's, then fresh draws from the same generator), "
+        "each optimised for round_steps Adam steps, until one succeeds (official: 5).",
+        low=1,
+    )
     round_steps: int = count_field(10, "Adam steps per round (official: 10).", low=1)
-    final_steps: int = count_field(50, "when the best-scored round failed, the optimisation re-run from that "
-                                   "round's noise for this many steps (official: 50).")  # fmt: skip
+    final_steps: int = count_field(
+        50,
+        "when the best-scored round failed, the optimisation re-run from that "
+        "round's noise for this many steps (official: 50).",
+    )
     lr: float = option(1e-2, "Adam's learning rate (official: 1e-2).", range=POSITIVE, app=(0, 1e4))
     adam_eps: float = option(1e-3, "Adam's eps (official: 1e-3).", range=POSITIVE)
-    kl_bound: float = option(1e-3, "after each step, Adam steps on the KL alone while KL > bound (official: 1e-3).",
-                             range=POSITIVE)  # fmt: skip
-    cross_target: float = option(0.2, "success when S_cross < cross_target (and S_self < self_target); also the "
-                                 "sampling refinement's target (official: 0.2).")  # fmt: skip
-    self_target: float = option(0.3, "success when S_self < self_target; also the sampling refinement's "
-                                "(official: 0.3).")  # fmt: skip
-    self_gate: float = option(0.5, "during the optimisation S_self counts only once S_cross <= self_gate "
-                              "(official: 0.5).")  # fmt: skip
-    clean_weight: float = option(1.0, "weight of the clean term (a second blob of a subject's map) in the "
-                                 "optimisation (official: 1).")  # fmt: skip
-    guide: bool = option(True, "after the optimisation, sample with the A&E-style guidance below (official "
-                         "script: on).")  # fmt: skip
-    refinement_steps: tuple[int, ...] = option((10, 20), "refinement at these steps while S_cross > cross_target "
-                                               "or S_self > self_target (official: (10, 20)).", items=Range(0),
-                                               unit="steps")  # fmt: skip
-    max_refinement_steps: int = count_field(20, "at most this many refinement iterations (official: 20).",
-                                            app=(0, 50))  # fmt: skip
-    sampling_clean_weight: float = option(0.1, "the refinement's score S_cross + S_self + 0.1 S_clean + 0.1 "
-                                          "S_align: the weight of S_clean (official).")  # fmt: skip
-    align_weight: float = option(0.1, "the weight of S_align, the L1 distance of each subject's map to an "
-                                 "exponential average of its earlier maps (official).")  # fmt: skip
+    kl_bound: float = option(
+        1e-3, "after each step, Adam steps on the KL alone while KL > bound (official: 1e-3).", range=POSITIVE
+    )
+    cross_target: float = option(
+        0.2,
+        "success when S_cross < cross_target (and S_self < self_target); also the "
+        "sampling refinement's target (official: 0.2).",
+    )
+    self_target: float = option(
+        0.3, "success when S_self < self_target; also the sampling refinement's (official: 0.3)."
+    )
+    self_gate: float = option(
+        0.5, "during the optimisation S_self counts only once S_cross <= self_gate (official: 0.5)."
+    )
+    clean_weight: float = option(
+        1.0, "weight of the clean term (a second blob of a subject's map) in the optimisation (official: 1)."
+    )
+    guide: bool = option(
+        True, "after the optimisation, sample with the A&E-style guidance below (official script: on)."
+    )
+    refinement_steps: tuple[int, ...] = option(
+        (10, 20),
+        "refinement at these steps while S_cross > cross_target or S_self > self_target (official: (10, 20)).",
+        items=Range(0),
+        unit="steps",
+    )
+    max_refinement_steps: int = count_field(20, "at most this many refinement iterations (official: 20).", app=(0, 50))
+    sampling_clean_weight: float = option(
+        0.1, "the refinement's score S_cross + S_self + 0.1 S_clean + 0.1 S_align: the weight of S_clean (official)."
+    )
+    align_weight: float = option(
+        0.1,
+        "the weight of S_align, the L1 distance of each subject's map to an "
+        "exponential average of its earlier maps (official).",
+    )
     align_decay: float = option(0.9, "that average's decay (official: 0.9).", range=Range(0, 1, open_high=True))
     scale_factor: float = scale_factor_field()
     scale_range: tuple[float, float] = scale_range_field()
@@ -198,8 +222,14 @@ class Optimised:
         return self.cross + (self.self_ + 1.0 if self.self_ <= 1e-6 else self.self_)
 
     def summary(self) -> dict:
-        return {"success": self.success, "score": self.score, "cross": self.cross, "self": self.self_,
-                "steps": self.steps, "kl": self.kl}  # fmt: skip
+        return {
+            "success": self.success,
+            "score": self.score,
+            "cross": self.cross,
+            "self": self.self_,
+            "steps": self.steps,
+            "kl": self.kl,
+        }
 
 
 class PreparedInitNO(PreparedControl):

@@ -276,8 +276,10 @@ def option_value(methods: dict, method: str, name: str, value, where: str, text:
     name = getattr(cls, "aliases", {}).get(name, name)
     specs = {s.name: s for s in method_fields(cls)}
     if name not in specs:
-        raise OptionError(f"{where}: {method} has no option {name!r}; its options: {', '.join(specs)} "
-                          f"(`attncontrol methods` lists them)")  # fmt: skip
+        raise OptionError(
+            f"{where}: {method} has no option {name!r}; its options: {', '.join(specs)} "
+            f"(`attncontrol methods` lists them)"
+        )
     return name, coerce(value, specs[name].type, f"{where}: {method}.{name}", text)
 
 

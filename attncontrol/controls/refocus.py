@@ -116,6 +116,7 @@ def sar_loss(self_attn: torch.Tensor, boxes: list[list[Box]]) -> torch.Tensor:
             total = total + flat[inside][:, ~inside].sum(-1).mean()
     return total / len(boxes)
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 # The official SAR_CAR schedule (``update_loss_self_cross``): (steps below, loss scale, max iterations).
@@ -128,8 +129,9 @@ def _schedule_entries(value, where: str):
     for entry in entries:
         below, (scale, iterations) = entry[:-2], entry[-2:]
         if any(b < 0 for b in below) or scale <= 0 or not 1 <= iterations <= MAX_ITERATIONS:
-            raise OptionError(f"{where} entries need steps >= 0, a loss scale > 0 and 1 to {MAX_ITERATIONS} "
-                              f"iterations, got {entry}")  # fmt: skip
+            raise OptionError(
+                f"{where} entries need steps >= 0, a loss scale > 0 and 1 to {MAX_ITERATIONS} iterations, got {entry}"
+            )
     return value
 
 
@@ -157,14 +159,25 @@ class Refocus(GuidanceOptions):
         "1000.",
         check=_schedule_entries,
     )
-    late: tuple[float, int] = option(DEFAULT_LATE, "(loss scale, max iterations) of the steps past the schedule "
-                                     "(official: (1, 2)).", check=_schedule_entries)  # fmt: skip
-    early_steps: int = option(10, "steps 0 .. early_steps - 1 iterate while the scaled loss > loss_threshold and "
-                              "the weakest box peak < inside_threshold (official: 10).", low=0, unit="steps",
-                              app=(0, 1000))  # fmt: skip
-    late_steps: tuple[int, ...] = option((10, 15, 20, 25, 30, 35), "later steps guided (while the weakest box peak "
-                                         "< inside_threshold); official: every 5th step from 10 to 35.",
-                                         items=Range(0), unit="steps")  # fmt: skip
+    late: tuple[float, int] = option(
+        DEFAULT_LATE,
+        "(loss scale, max iterations) of the steps past the schedule (official: (1, 2)).",
+        check=_schedule_entries,
+    )
+    early_steps: int = option(
+        10,
+        "steps 0 .. early_steps - 1 iterate while the scaled loss > loss_threshold and "
+        "the weakest box peak < inside_threshold (official: 10).",
+        low=0,
+        unit="steps",
+        app=(0, 1000),
+    )
+    late_steps: tuple[int, ...] = option(
+        (10, 15, 20, 25, 30, 35),
+        "later steps guided (while the weakest box peak < inside_threshold); official: every 5th step from 10 to 35.",
+        items=Range(0),
+        unit="steps",
+    )
     loss_threshold: float = option(0.1, "see early_steps (official: 0.1).")
     inside_threshold: float = option(0.2, "see early_steps and late_steps (official: 0.2).")
 

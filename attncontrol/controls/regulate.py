@@ -15,6 +15,7 @@ from .vocabulary import MapKey
 
 # -- the objective -----------------------------------------------------------------------------------------------
 
+
 def gaussian_bumps(rows: int, cols: int, device=None) -> torch.Tensor:
     """(C, rows, cols) Gaussian bumps with sigma = cols // 16 (at least 1), centred every 2 sigma from 2 sigma
     (49 bumps on 16x16, as the official code)."""
@@ -51,6 +52,7 @@ def regulation_objective(
         + weight_penalty * (weights**2).mean()
     )
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 
@@ -61,29 +63,46 @@ class Regulate(Control):
     unconditional half is not. The objective is ``quantile_weight * mean((q_quantile - quantile_target)^2) +
     mean_weight * mean((mean - min(1, 0.2K)/K)^2) + weight_penalty * mean(w^2)`` (official: 1, 80, 0.09)."""
 
-    subjects: list = subjects_field("words, phrases, occurrences or token indices; every token of every subject is "
-                                    "a target.")  # fmt: skip
-    iterations: int = count_field(20, "in-layer gradient steps on the bump weights, w <- w - N * lr * grad with N "
-                                  "the rows averaged over (official: 20, plain gradient descent), the best-loss bias "
-                                  "kept.", low=1, app=(1, 100))  # fmt: skip
+    subjects: list = subjects_field(
+        "words, phrases, occurrences or token indices; every token of every subject is a target."
+    )
+    iterations: int = count_field(
+        20,
+        "in-layer gradient steps on the bump weights, w <- w - N * lr * grad with N "
+        "the rows averaged over (official: 20, plain gradient descent), the best-loss bias "
+        "kept.",
+        low=1,
+        app=(1, 100),
+    )
     lr: float = option(100.0, "the in-layer step's rate (official: 100).", range=NON_NEGATIVE, app=(0, 1e4))
     quantile: float = option(0.9, "the attention quantile the objective raises (official: 0.9).", range=UNIT)
     quantile_target: float = option(0.9, "its target (official: 0.9).", range=UNIT)
     quantile_weight: float = option(1.0, "the quantile term's weight (official: 1).", range=NON_NEGATIVE)
     mean_weight: float = option(80.0, "the mean term's weight (official: 80).", range=NON_NEGATIVE)
     weight_penalty: float = option(0.09, "the weights' L2 penalty (official: 0.09).", range=NON_NEGATIVE)
-    blend: float = option(0.25, "applied bias decay**step * ((1 - blend) * best + blend * previous step's best) "
-                          "(official: 0.25).", range=UNIT)  # fmt: skip
+    blend: float = option(
+        0.25,
+        "applied bias decay**step * ((1 - blend) * best + blend * previous step's best) (official: 0.25).",
+        range=UNIT,
+    )
     decay: float = option(0.99, "see blend (official: 0.99).", range=UNIT)
     attn_res: tuple[int, int] | int | None = attn_res_field(
         "layers edited: all cross-attention layers at this token grid (default 16x16 at 512 px: the official code's "
         "two 16x16 levels of SD; the 8x8 level is left alone)."
     )
     restore_special: bool = option(True, "keep the unedited start- and end-of-text probabilities (official).")
-    seed: int = option(0, "seed of the random initial weights (uniform [0, 1)), so runs are reproducible.",
-                       low=0, high=2**64 - 1, app=(0, 2**31 - 1))  # fmt: skip
-    stop: int | float | None = window_stop(0.5, "edit at steps start .. stop - 1; a float is a fraction of the "
-                                           "steps (official: the first 25 of 50 -> 0.5).", aliases=("end",))
+    seed: int = option(
+        0,
+        "seed of the random initial weights (uniform [0, 1)), so runs are reproducible.",
+        low=0,
+        high=2**64 - 1,
+        app=(0, 2**31 - 1),
+    )
+    stop: int | float | None = window_stop(
+        0.5,
+        "edit at steps start .. stop - 1; a float is a fraction of the steps (official: the first 25 of 50 -> 0.5).",
+        aliases=("end",),
+    )
 
     def prepare(self, ctx: ControlContext) -> PreparedRegulate:
         return PreparedRegulate(self, ctx)
@@ -167,9 +186,14 @@ class PreparedRegulate(PreparedEditor):
                 shifted = logits.index_add(2, torch.tensor(targets, device=logits.device), bias)
                 target_probs = torch.softmax(shifted, dim=-1)[..., targets]
                 loss = regulation_objective(
-                    target_probs, weights, cfg.quantile, cfg.quantile_target, cfg.quantile_weight, cfg.mean_weight,
+                    target_probs,
+                    weights,
+                    cfg.quantile,
+                    cfg.quantile_target,
+                    cfg.quantile_weight,
+                    cfg.mean_weight,
                     cfg.weight_penalty,
-                )  # fmt: skip
+                )
                 if before is None:
                     plain = torch.softmax(logits, dim=-1)[..., targets]
                     before = float(torch.quantile(plain, cfg.quantile, dim=1).mean())

@@ -55,6 +55,7 @@ def syngen_group_loss(
         total = total + _word_distance(m, noun) + 0.5 * (-outside(m) - outside(noun))
     return total
 
+
 # -- the options -------------------------------------------------------------------------------------------------
 
 
@@ -66,9 +67,11 @@ class SynGen(GuidanceOptions):
     start/end token, no padding); ``z <- z - step_size * grad L``. The map options choose the maps' level and
     layers; SynGen itself reads the raw averaged attention (no token softmax, no smoothing), as the official code."""
 
-    subjects: list = subjects_field("phrases whose leading words modify their last word ('red car': red -> car); a "
-                                    "single word is a noun without modifiers (only the push away from the other "
-                                    "tokens).")  # fmt: skip
+    subjects: list = subjects_field(
+        "phrases whose leading words modify their last word ('red car': red -> car); a "
+        "single word is a noun without modifiers (only the push away from the other "
+        "tokens)."
+    )
     bindings: dict[str, tuple[str, ...]] = bindings_field("more modifiers per noun, {'car': ['red', 'shiny']}.")
     step_size: float = option(20.0, "constant step (official: 20; no sqrt schedule, no refinement).", range=POSITIVE)
     stop: int | float | None = window_stop(25, "updates at steps start .. stop - 1 (official: 25 of 50).")

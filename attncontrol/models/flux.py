@@ -129,27 +129,38 @@ class FluxAdapter(ModelAdapter):
         if config.get("use_flow_sigmas", False):
             sigmas = None
         seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        mu = calculate_shift(seq, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+        mu = calculate_shift(
+            seq,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
         return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
 
     def encode(self, batch: PromptBatch, device) -> Encoded:
         pipe, max_len = self.pipe, self.max_sequence_length(batch.extra)
         pe, ppe, self.text_ids = pipe.encode_prompt(
-            prompt=batch.prompts, prompt_2=batch.extra.get("prompt_2"), device=device,
-            num_images_per_prompt=batch.num_images_per_prompt, max_sequence_length=max_len,
+            prompt=batch.prompts,
+            prompt_2=batch.extra.get("prompt_2"),
+            device=device,
+            num_images_per_prompt=batch.num_images_per_prompt,
+            max_sequence_length=max_len,
             lora_scale=batch.lora_scale,
-        )  # fmt: skip
+        )
         self.guidance_scale = batch.guidance_scale
         to_pipe = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
         if batch.do_cfg:
             negative = batch.negative_prompt
             negative = [negative] * len(batch.prompts) if isinstance(negative, str) else negative
             npe, nppe, _ = pipe.encode_prompt(
-                prompt=negative, prompt_2=batch.extra.get("negative_prompt_2"), device=device,
-                num_images_per_prompt=batch.num_images_per_prompt, max_sequence_length=max_len,
+                prompt=negative,
+                prompt_2=batch.extra.get("negative_prompt_2"),
+                device=device,
+                num_images_per_prompt=batch.num_images_per_prompt,
+                max_sequence_length=max_len,
                 lora_scale=batch.lora_scale,
-            )  # fmt: skip
+            )
             to_pipe.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
         return Encoded({"encoder_hidden_states": pe, "pooled_projections": ppe}, to_pipe)
 
@@ -166,10 +177,16 @@ class FluxAdapter(ModelAdapter):
         img_ids = self.pipe._prepare_latent_image_ids(b, *grid, model_input.device, model_input.dtype)
         with contextlib.suppress(EarlyExit):
             transformer(
-                hidden_states=model_input, timestep=timestep / 1000, guidance=guidance,
-                pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
-                txt_ids=self.text_ids, img_ids=img_ids, joint_attention_kwargs=attention_kwargs, return_dict=False,
-            )  # fmt: skip
+                hidden_states=model_input,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=cond["pooled_projections"],
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                txt_ids=self.text_ids,
+                img_ids=img_ids,
+                joint_attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )
 
     def _grid_of(self, seq: int) -> tuple[int, int]:
         rows, cols = self.token_grid

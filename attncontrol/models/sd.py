@@ -75,9 +75,14 @@ class SDAdapter(ModelAdapter):
         if isinstance(negative, str):  # the prompts are a list here; SD's encode_prompt wants the same type
             negative = [negative] * len(batch.prompts)
         cond, uncond = self.pipe.encode_prompt(
-            batch.prompts, device, batch.num_images_per_prompt, batch.do_cfg, negative,
-            lora_scale=batch.lora_scale, clip_skip=batch.clip_skip,
-        )  # fmt: skip
+            batch.prompts,
+            device,
+            batch.num_images_per_prompt,
+            batch.do_cfg,
+            negative,
+            lora_scale=batch.lora_scale,
+            clip_skip=batch.clip_skip,
+        )
         return Encoded({"encoder_hidden_states": cond}, {"prompt_embeds": cond, "negative_prompt_embeds": uncond})
 
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):

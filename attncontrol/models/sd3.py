@@ -68,8 +68,10 @@ class SD3Adapter(ModelAdapter):
                 second = f"transformer_blocks.{i}.attn2.processor"
                 layers.append(AttnLayer(second, "self", label, 1, 2 * i + 1, JOINT, second, i))
         if not any(la.kind == "self" for la in layers):  # SD3: the joint attention's image->image part
-            layers += [AttnLayer(f"{la.name}#self", "self", la.block, 1, la.order, JOINT, la.processor, la.block_index)
-                       for la in list(layers)]  # fmt: skip
+            layers += [
+                AttnLayer(f"{la.name}#self", "self", la.block, 1, la.order, JOINT, la.processor, la.block_index)
+                for la in list(layers)
+            ]
         return sorted(layers, key=lambda la: (la.order, la.kind))
 
     @property
@@ -129,31 +131,49 @@ class SD3Adapter(ModelAdapter):
             kwargs["mu"] = extra["mu"]
         elif config.get("use_dynamic_shifting", None):
             seq = (latent_hw[0] // self.patch_size) * (latent_hw[1] // self.patch_size)
-            kwargs["mu"] = calculate_shift(seq, config.get("base_image_seq_len", 256),
-                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                           config.get("max_shift", 1.16))  # fmt: skip
+            kwargs["mu"] = calculate_shift(
+                seq,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
         return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, sigmas=sigmas, **kwargs)
 
     def encode(self, batch: PromptBatch, device) -> Encoded:
         pe, npe, ppe, nppe = self.pipe.encode_prompt(
-            prompt=batch.prompts, prompt_2=batch.extra.get("prompt_2"), prompt_3=batch.extra.get("prompt_3"),
-            device=device, num_images_per_prompt=batch.num_images_per_prompt, do_classifier_free_guidance=batch.do_cfg,
-            negative_prompt=batch.negative_prompt, negative_prompt_2=batch.extra.get("negative_prompt_2"),
-            negative_prompt_3=batch.extra.get("negative_prompt_3"), clip_skip=batch.clip_skip,
-            max_sequence_length=self.max_sequence_length(batch.extra), lora_scale=batch.lora_scale,
-        )  # fmt: skip
-        to_pipe = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
-                   "negative_pooled_prompt_embeds": nppe}  # fmt: skip
+            prompt=batch.prompts,
+            prompt_2=batch.extra.get("prompt_2"),
+            prompt_3=batch.extra.get("prompt_3"),
+            device=device,
+            num_images_per_prompt=batch.num_images_per_prompt,
+            do_classifier_free_guidance=batch.do_cfg,
+            negative_prompt=batch.negative_prompt,
+            negative_prompt_2=batch.extra.get("negative_prompt_2"),
+            negative_prompt_3=batch.extra.get("negative_prompt_3"),
+            clip_skip=batch.clip_skip,
+            max_sequence_length=self.max_sequence_length(batch.extra),
+            lora_scale=batch.lora_scale,
+        )
+        to_pipe = {
+            "prompt_embeds": pe,
+            "negative_prompt_embeds": npe,
+            "pooled_prompt_embeds": ppe,
+            "negative_pooled_prompt_embeds": nppe,
+        }
         return Encoded({"encoder_hidden_states": pe, "pooled_projections": ppe}, to_pipe)
 
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
         timestep = torch.as_tensor(t, device=model_input.device).expand(model_input.shape[0])
         with contextlib.suppress(EarlyExit):
             self.pipe.transformer(
-                hidden_states=model_input, timestep=timestep, encoder_hidden_states=cond["encoder_hidden_states"],
-                pooled_projections=cond["pooled_projections"], joint_attention_kwargs=attention_kwargs,
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"],
+                joint_attention_kwargs=attention_kwargs,
                 return_dict=False,
-            )  # fmt: skip
+            )
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The joint blocks before the one holding ``last_layer``."""

@@ -43,8 +43,14 @@ class SDXLAdapter(SDAdapter):
         return False
 
     # SDXL's size conditioning: (height, width) pairs, or (top, left) for the crops
-    SIZE_KWARGS = ("original_size", "target_size", "crops_coords_top_left", "negative_original_size",
-                   "negative_target_size", "negative_crops_coords_top_left")  # fmt: skip
+    SIZE_KWARGS = (
+        "original_size",
+        "target_size",
+        "crops_coords_top_left",
+        "negative_original_size",
+        "negative_target_size",
+        "negative_crops_coords_top_left",
+    )
 
     def check_pipe_kwargs(self, pipe_kwargs: dict[str, Any]) -> None:
         for name in self.SIZE_KWARGS:
@@ -52,9 +58,11 @@ class SDXLAdapter(SDAdapter):
             if value is None:
                 continue
             low = 0 if "crops" in name else 1
-            if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value
-            ):  # fmt: skip
+            if (
+                not isinstance(value, (tuple, list))
+                or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
+            ):
                 what = "(top, left) ints >= 0" if low == 0 else "(height, width) ints >= 1"
                 raise OptionTypeError(f"{name} must be a pair {what}, got {value!r}")
 
@@ -67,9 +75,13 @@ class SDXLAdapter(SDAdapter):
         parallel: tuple[tuple[Any, tuple[str, ...]], ...] = ()
         if self.pipe.tokenizer is not None and self.pipe.tokenizer_2 is not None:
             prompt_2 = pipe_kwargs.get("prompt_2")
-            prompts_2 = prompts if prompt_2 is None else [prompt_2] * len(prompts) if isinstance(prompt_2, str) else (
-                list(prompt_2)
-            )  # fmt: skip
+            prompts_2 = (
+                prompts
+                if prompt_2 is None
+                else [prompt_2] * len(prompts)
+                if isinstance(prompt_2, str)
+                else (list(prompt_2))
+            )
             if len(prompts_2) != len(prompts):
                 raise OptionError(f"prompt_2 has {len(prompts_2)} prompts for {len(prompts)} prompts")
             parallel = ((self.pipe.tokenizer_2, tuple(prompts_2)),)

@@ -33,8 +33,9 @@ class CaptureProcessor:
     ``layers``: the adapter's entries that this processor serves (a joint layer has a "cross" and a "self" one).
     """
 
-    def __init__(self, original, store: AttentionStore | None, layers: list[AttnLayer], captured=(), editors=(),
-                 observer=None):  # fmt: skip
+    def __init__(
+        self, original, store: AttentionStore | None, layers: list[AttnLayer], captured=(), editors=(), observer=None
+    ):
         self.original = original
         self.store = store
         self.layers = list(layers)
@@ -89,8 +90,15 @@ class CaptureProcessor:
         recorder.record_maps(form.maps(attn, named, recorder.n_image, recorder.kinds, recorder.columns))
         return own()
 
-    def _edit(self, form: AttentionForm, attn, named: dict, own: Callable[[], Any], edits: ActiveEdits,
-              watch: LayerObserver | None):  # fmt: skip
+    def _edit(
+        self,
+        form: AttentionForm,
+        attn,
+        named: dict,
+        own: Callable[[], Any],
+        edits: ActiveEdits,
+        watch: LayerObserver | None,
+    ):
         """Job 2, the ordinary forward: the layer's output with the editors' probabilities (observed, if ``watch``)."""
         if form.explicit_scores:
             on_probs = watch.record_explicit if watch is not None else None
@@ -104,8 +112,13 @@ class CaptureProcessor:
         watch = self.watch
         assert watch is not None  # only an active observer observes
         if form.observes:
-            probs = form.observe(attn, named["hidden_states"], named.get("encoder_hidden_states"),
-                                 named.get("attention_mask"), watch.cond_half)  # fmt: skip
+            probs = form.observe(
+                attn,
+                named["hidden_states"],
+                named.get("encoder_hidden_states"),
+                named.get("attention_mask"),
+                watch.cond_half,
+            )
             watch.record_conditional(probs, attn.heads)
             return
         maps = form.maps(attn, named, watch.n_image, {"cross"}, watch.columns)
@@ -114,8 +127,15 @@ class CaptureProcessor:
 
 def _explicit(form: AttentionForm, attn, named: dict, on_probs=None, on_scores=None) -> torch.Tensor:
     """``form.explicit`` on the call's arguments by name."""
-    return form.explicit(attn, named["hidden_states"], named.get("encoder_hidden_states"), named.get("attention_mask"),
-                         named.get("temb"), on_probs=on_probs, on_scores=on_scores)  # fmt: skip
+    return form.explicit(
+        attn,
+        named["hidden_states"],
+        named.get("encoder_hidden_states"),
+        named.get("attention_mask"),
+        named.get("temb"),
+        on_probs=on_probs,
+        on_scores=on_scores,
+    )
 
 
 class _SignatureProxy:
@@ -164,9 +184,13 @@ def capture_layers(
         entries = per_processor[key]
         names = {la.name for la in entries}
         procs[key] = CaptureProcessor(
-            proc, store, entries, captured & names, [e for n in names for e in editors.get(n, ())],
+            proc,
+            store,
+            entries,
+            captured & names,
+            [e for n in names for e in editors.get(n, ())],
             observer if observed & names else None,
-        )  # fmt: skip
+        )
     try:
         denoiser.set_attn_processor(dict(procs))  # set_attn_processor pops from the dict it is given
         yield procs

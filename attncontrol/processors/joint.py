@@ -214,8 +214,11 @@ class RotaryJointAttention(JointAttention):
         v = attn.to_qkv(hidden).chunk(3, dim=-1)[2] if getattr(attn, "fused_projections", False) else attn.to_v(hidden)
         v = v.unflatten(-1, (-1, attn.head_dim))
         if context is not None and attn.added_kv_proj_dim is not None:
-            cv = (attn.to_added_qkv(context).chunk(3, dim=-1)[2] if getattr(attn, "fused_projections", False)
-                  else attn.add_v_proj(context))  # fmt: skip
+            cv = (
+                attn.to_added_qkv(context).chunk(3, dim=-1)[2]
+                if getattr(attn, "fused_projections", False)
+                else attn.add_v_proj(context)
+            )
             v = torch.cat([cv.unflatten(-1, (-1, attn.head_dim)), v], dim=1)
         return v.transpose(1, 2)
 

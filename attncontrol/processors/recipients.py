@@ -125,5 +125,9 @@ class LayerObserver:
         """``probs``: (batch, heads, image queries, text keys) of an edited layer without explicit scores."""
         obs = self.observer
         cols = obs.columns
-        obs.record_heads(obs.cond_half(probs.detach())[..., cols.to(probs.device)] if cols is not None
-                         else obs.cond_half(probs.detach()), self.name)  # fmt: skip
+        obs.record_heads(
+            obs.cond_half(probs.detach())[..., cols.to(probs.device)]
+            if cols is not None
+            else obs.cond_half(probs.detach()),
+            self.name,
+        )

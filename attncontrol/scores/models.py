@@ -70,8 +70,9 @@ class VqaScorer:
             start = torch.full((1, 1), m.decoder_start_token_id, device=self.device)
             for q in questions:
                 ids = self.processor.tokenizer(q, return_tensors="pt")["input_ids"].to(self.device)
-                question = m.text_encoder(input_ids=ids, encoder_hidden_states=image_embeds,
-                                          encoder_attention_mask=image_mask).last_hidden_state  # fmt: skip
+                question = m.text_encoder(
+                    input_ids=ids, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+                ).last_hidden_state
                 logits = m.text_decoder(input_ids=start, encoder_hidden_states=question).logits
                 probs = logits[0, -1].float().softmax(-1)
                 out.append(float(probs[self.yes] / (probs[self.yes] + probs[self.no])))
@@ -102,8 +103,13 @@ class Detector:
                 "folder (e.g. a downloaded google/owlv2-base-patch16-ensemble)"
             )
         safe = None if allow_pickle else True
-        self.model = load_pretrained(AutoModelForZeroShotObjectDetection, path, "detector", flag="--detector",
-                                     use_safetensors=safe).to(self.device).eval()  # fmt: skip
+        self.model = (
+            load_pretrained(
+                AutoModelForZeroShotObjectDetection, path, "detector", flag="--detector", use_safetensors=safe
+            )
+            .to(self.device)
+            .eval()
+        )
         self.processor = load_pretrained(AutoProcessor, path, "detector processor", flag="--detector")
 
     def detect(self, image, names: list[str], threshold: float) -> dict[str, list[tuple[float, list[float]]]]:

@@ -129,12 +129,21 @@ def geneval_correct(
     return correct, "; ".join(reasons)
 
 
-T2I_RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of", "on the bottom of",
-                 "on the top of", "on top of")  # fmt: skip
+T2I_RELATIONS = (
+    "on side of",
+    "next to",
+    "near",
+    "on the left of",
+    "on the right of",
+    "on the bottom of",
+    "on the top of",
+    "on top of",
+)
 
 
-def t2i_spatial_position(relation: str, box1: Box, box2: Box, iou_threshold: float = 0.1,
-                         distance_threshold: float = 150.0) -> float:  # fmt: skip
+def t2i_spatial_position(
+    relation: str, box1: Box, box2: Box, iou_threshold: float = 0.1, distance_threshold: float = 150.0
+) -> float:
     """T2I-CompBench's ``determine_position``: how well ``box1`` stands in ``relation`` to ``box2`` (0..1).
     "next to"/"near"/"on side of": 1 when the centres are within ``distance_threshold`` on either axis, else that
     threshold over the larger offset. Left/right/top/bottom: the offset must point that way and dominate the other
@@ -171,8 +180,9 @@ def t2i_spatial_score(relation: str, det1: Detection | None, det2: Detection | N
     return score if score >= 0.5 else 0.0
 
 
-def subject_box_iou(boxes: dict[str, list[Box]], detections: dict[str, list[Detection]], width: int,
-                    height: int) -> dict[str, float]:  # fmt: skip
+def subject_box_iou(
+    boxes: dict[str, list[Box]], detections: dict[str, list[Detection]], width: int, height: int
+) -> dict[str, float]:
     """Per subject: the mean over its layout boxes (normalised ``[x0, y0, x1, y1]``) of the best IoU with any of the
     subject's detections above threshold (0 when none was found)."""
     out = {}
@@ -204,19 +214,32 @@ def _below(a: Box, b: Box) -> bool:
 
 
 def _between(a: Box, b: Box, c: Box) -> bool:
-    return ((_right(a, b) and _left(a, c)) or (_left(a, b) and _right(a, c))
-            or (_below(a, b) and _above(a, c)) or (_above(a, b) and _below(a, c)))  # fmt: skip
+    return (
+        (_right(a, b) and _left(a, c))
+        or (_left(a, b) and _right(a, c))
+        or (_below(a, b) and _above(a, c))
+        or (_above(a, b) and _below(a, c))
+    )
 
 
 HRS_RELATIONS = {
-    "on the left of": _left, "left of": _left, "on the right of": _right, "right of": _right,
-    "on": _above, "above": _above, "over": _above, "below": _below, "beneath": _below, "under": _below,
-}  # fmt: skip
+    "on the left of": _left,
+    "left of": _left,
+    "on the right of": _right,
+    "right of": _right,
+    "on": _above,
+    "above": _above,
+    "over": _above,
+    "below": _below,
+    "beneath": _below,
+    "under": _below,
+}
 HRS_BETWEEN = ("among", "in the middle of", "between")
 
 
-def hrs_spatial_correct(objects: list[str], rel1: str, rel2: str,
-                        detections: dict[str, list[Detection]]) -> bool | None:  # fmt: skip
+def hrs_spatial_correct(
+    objects: list[str], rel1: str, rel2: str, detections: dict[str, list[Detection]]
+) -> bool | None:
     """HRS-Bench's spatial check of one image: every object must be detected (when a class is detected more than
     once, its last detection counts, as in ``_sort_pred_obj``; detections are best first here); then
     easy (2 objects) ``rel1(o1, o2)``; medium (3) ``rel1(o1, o2) and rel2(o1, o3)``, or ``between(o1, o2, o3)``

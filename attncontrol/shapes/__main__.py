@@ -29,8 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train
 
         try:
-            out = train(args.out, images=args.images, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch,
-                        seed=args.seed, threads=args.threads)  # fmt: skip
+            out = train(
+                args.out,
+                images=args.images,
+                vae_steps=args.vae_steps,
+                steps=args.steps,
+                batch=args.batch,
+                seed=args.seed,
+                threads=args.threads,
+            )
         except FileExistsError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

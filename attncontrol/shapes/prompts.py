@@ -55,8 +55,16 @@ def prompt_specs(task: str | None = None) -> list[dict]:
                 meta = {"objects": [{"colour": obj[0], "shape": obj[1]}], "count": n}
                 noun = world.PLURALS[obj[1]]
                 boxes = {noun: [COUNT_LAYOUTS[n]]}  # BoxDiff takes one box per subject: one for the whole row
-                out.append({"prompt": prompt, "subjects": [noun], "boxes": boxes, "task": "count", "metadata": meta,
-                            "bindings": {noun: [obj[0]]}})  # fmt: skip
+                out.append(
+                    {
+                        "prompt": prompt,
+                        "subjects": [noun],
+                        "boxes": boxes,
+                        "task": "count",
+                        "metadata": meta,
+                        "bindings": {noun: [obj[0]]},
+                    }
+                )
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     return out
@@ -72,5 +80,11 @@ def _spec(task: str, objs: list[world.Obj], relation: str, held_out: bool) -> di
         "boxes": boxes,
         "held_out": held_out,
     }
-    return {"prompt": prompt, "subjects": subjects, "boxes": {s: [tuple(b)] for s, b in zip(subjects, boxes)},
-            "task": task, "metadata": meta, "bindings": {s: [c] for (c, s) in objs}}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "subjects": subjects,
+        "boxes": {s: [tuple(b)] for s, b in zip(subjects, boxes)},
+        "task": task,
+        "metadata": meta,
+        "bindings": {s: [c] for (c, s) in objs},
+    }

@@ -80,10 +80,18 @@ def write_tokenizer(folder: str | Path):
     base = _byte_chars()
     vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [SOT, EOT]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, indent=0), encoding="utf-8")
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + [" ".join(m) for m in merges]) + "\n",
-                                       encoding="utf-8")  # fmt: skip
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                        bos_token=SOT, eos_token=EOT, pad_token=EOT, unk_token=EOT)  # fmt: skip
+    (folder / "merges.txt").write_text(
+        "\n".join(["#version: 0.2"] + [" ".join(m) for m in merges]) + "\n", encoding="utf-8"
+    )
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=77,
+        bos_token=SOT,
+        eos_token=EOT,
+        pad_token=EOT,
+        unk_token=EOT,
+    )
     tok.save_pretrained(str(folder))
     return tok
 
@@ -109,10 +117,20 @@ def make_models(vocab_size: int, bos: int, eos: int, seed: int = 0):
         norm_num_groups=8,
         sample_size=world.SIZE,
     )
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-    ))  # fmt: skip
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
     unet = UNet2DConditionModel(
         sample_size=world.SIZE // 4,
         in_channels=4,
@@ -130,8 +148,16 @@ def make_models(vocab_size: int, bos: int, eos: int, seed: int = 0):
 
 def scheduler_config() -> dict:
     """SD 1.5's noise schedule (the shipped scheduler is PNDM, as SD 1.5's)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon")  # fmt: skip
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -188,8 +214,16 @@ def _ema_update(ema, model, decay: float) -> None:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
-def train_vae(vae, images: np.ndarray, steps: int, batch: int, rng: np.random.Generator, log: _Log,
-              progress: bool = True, lr: float = 1e-3):  # fmt: skip
+def train_vae(
+    vae,
+    images: np.ndarray,
+    steps: int,
+    batch: int,
+    rng: np.random.Generator,
+    log: _Log,
+    progress: bool = True,
+    lr: float = 1e-3,
+):
     import torch
     from tqdm.auto import tqdm
 
@@ -227,27 +261,62 @@ def encode_all(vae, images: np.ndarray, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_denoiser(unet, text, tokenizer, means, stds, captions: list[str], scaling: float, steps: int, batch: int,
-                   rng: np.random.Generator, log: _Log, progress: bool = True, lr: float = 1e-3,
-                   drop: float = 0.1, ema_decay: float = 0.999, checkpoint=None, every: int = 1000):  # fmt: skip
+def _noise_schedule():
+    """The training noise schedule (DDPM on the sampler's betas), its cumulative alphas, and min-SNR-5 loss weights
+    for epsilon prediction."""
     import torch
     from diffusers.schedulers.scheduling_ddpm import (
         DDPMScheduler,  # its module: diffusers' top level is typed as a dummy
     )
-    from tqdm.auto import tqdm
 
     ddpm_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
     sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k in ddpm_keys})
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids  # fmt: skip
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids  # fmt: skip
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    for m in (ema_unet, ema_text):
-        m.requires_grad_(False)
+    return sched, alphas, torch.clamp(snr, max=5.0) / snr
+
+
+def _caption_ids(tokenizer, captions: list[str]):
+    """The captions' token ids, padded to the tokenizer's length, and the empty caption's (caption dropout)."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    return ids, empty
+
+
+def _frozen_copy(model):
+    """A copy for the exponential moving average: in eval mode, no gradients."""
+    copied = copy.deepcopy(model).eval()
+    copied.requires_grad_(False)
+    return copied
+
+
+def train_denoiser(
+    unet,
+    text,
+    tokenizer,
+    means,
+    stds,
+    captions: list[str],
+    scaling: float,
+    steps: int,
+    batch: int,
+    rng: np.random.Generator,
+    log: _Log,
+    progress: bool = True,
+    lr: float = 1e-3,
+    drop: float = 0.1,
+    ema_decay: float = 0.999,
+    checkpoint=None,
+    every: int = 1000,
+):
+    import torch
+    from tqdm.auto import tqdm
+
+    sched, alphas, weights = _noise_schedule()
+    ids, empty = _caption_ids(tokenizer, captions)
+    ema_unet, ema_text = _frozen_copy(unet), _frozen_copy(text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     unet.train()
@@ -283,22 +352,74 @@ def train_denoiser(unet, text, tokenizer, means, stds, captions: list[str], scal
     return ema_unet, ema_text
 
 
-def train(out: str | Path, images: int = 30000, vae_steps: int = 400, steps: int = 4000, batch: int = 32,
-          seed: int = 0, threads: int | None = None, progress: bool = True) -> Path:  # fmt: skip
-    """Train the shapes model into ``out`` (a diffusers pipeline folder, safetensors). Returns the folder."""
-    import torch
+def _work_folder(out: Path) -> Path:
+    """``out.partial``, where training writes until it renames it to ``out``; refuses a used ``out`` and a
+    ``.partial`` left by another training (running, or stopped)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists (and is a file or not empty); pick a new --out")
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        raise FileExistsError(
+            f"{work} exists: another training into {out} is running, or one stopped; delete that folder to start again"
+        )
+    return work
+
+
+def _save_pipeline(work: Path, vae, text, tokenizer, unet) -> None:
+    """The trained parts as a diffusers pipeline folder (safetensors), sampling with PNDM."""
     from diffusers import PNDMScheduler
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,  # its module: diffusers' top level is typed as a dummy
     )
 
+    # diffusers annotates scheduler as the KarrasDiffusionSchedulers enum (it takes a scheduler instance) and the
+    # safety checker and feature extractor as required (its docs and requires_safety_checker=False allow None)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**scheduler_config()),  # type: ignore[arg-type]
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(work), safe_serialization=True)
+
+
+def _write_recipe(work: Path, recipe: dict, seconds: float, scaling: float) -> None:
+    """training.json: the arguments, the threads and time it took, torch's version, the VAE's scaling factor, the
+    training mix and the held-out pairs."""
+    import torch
+
+    held = sorted(sorted(world.object_name(o) for o in p) for p in world.held_out_pairs())
+    recipe = dict(
+        recipe,
+        threads=torch.get_num_threads(),
+        seconds=seconds,
+        torch=torch.__version__,
+        scaling_factor=scaling,
+        mix=world.TRAINING_MIX,
+        held_out_pairs=held,
+    )
+    (work / "training.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+
+
+def train(
+    out: str | Path,
+    images: int = 30000,
+    vae_steps: int = 400,
+    steps: int = 4000,
+    batch: int = 32,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train the shapes model into ``out`` (a diffusers pipeline folder, safetensors). Returns the folder."""
+    import torch
+
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists (and is a file or not empty); pick a new --out")
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        raise FileExistsError(f"{work} exists: another training into {out} is running, or one stopped; delete that "
-                              "folder to start again")  # fmt: skip
+    work = _work_folder(out)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -319,25 +440,14 @@ def train(out: str | Path, images: int = 30000, vae_steps: int = 400, steps: int
         ema_unet.save_pretrained(str(work / f"checkpoint-{step}" / "unet"), safe_serialization=True)
         ema_text.save_pretrained(str(work / f"checkpoint-{step}" / "text_encoder"), safe_serialization=True)
 
-    unet, text = train_denoiser(unet, text, tokenizer, means, stds, captions, scaling, steps, batch, rng, log,
-                                progress, checkpoint=checkpoint)  # fmt: skip
+    unet, text = train_denoiser(
+        unet, text, tokenizer, means, stds, captions, scaling, steps, batch, rng, log, progress, checkpoint=checkpoint
+    )
     for old in work.glob("checkpoint-*"):
         shutil.rmtree(old)
-    # diffusers annotates scheduler as the KarrasDiffusionSchedulers enum (it takes a scheduler instance) and the
-    # safety checker and feature extractor as required (its docs and requires_safety_checker=False allow None)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**scheduler_config()),  # type: ignore[arg-type]
-        safety_checker=None, feature_extractor=None,  # type: ignore[arg-type]
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(str(work), safe_serialization=True)
-    held = sorted(sorted(world.object_name(o) for o in p) for p in world.held_out_pairs())
-    recipe = dict(images=images, vae_steps=vae_steps, steps=steps, batch=batch, seed=seed,
-                  threads=torch.get_num_threads(), seconds=round(time.perf_counter() - started, 1),
-                  torch=torch.__version__, scaling_factor=scaling, mix=world.TRAINING_MIX,
-                  held_out_pairs=held)  # fmt: skip
-    (work / "training.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    _save_pipeline(work, vae, text, tokenizer, unet)
+    recipe = dict(images=images, vae_steps=vae_steps, steps=steps, batch=batch, seed=seed)
+    _write_recipe(work, recipe, round(time.perf_counter() - started, 1), scaling)
     log.fh.close()
     if out.exists():
         out.rmdir()

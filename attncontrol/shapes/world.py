@@ -144,8 +144,9 @@ def overlap_fraction(a, b) -> float:
     return w * h / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
-def place(rng: np.random.Generator, n: int, relation: str | None = None, contact: str = "apart",
-          tries: int = 1000) -> list[tuple[float, float, float, float]]:  # fmt: skip
+def place(
+    rng: np.random.Generator, n: int, relation: str | None = None, contact: str = "apart", tries: int = 1000
+) -> list[tuple[float, float, float, float]]:
     """``n`` boxes. ``contact``: ``apart`` (GAP pixels between boxes), ``touching`` (the boxes of the first two
     objects share an edge) or ``overlap`` (the first two boxes overlap by 5-20% of the smaller box's area; the
     second is drawn over the first). With ``relation``, box 0 is ``relation`` box 1 with a 6-pixel margin."""
@@ -229,8 +230,14 @@ def draw(scene: Scene, size: int = SIZE, supersample: int = 4):
     return img.resize((size, size), Image.Resampling.BOX) if supersample > 1 else img
 
 
-def make_scene(rng: np.random.Generator, kind: str, objs: list[Obj] | None = None, relation: str | None = None,
-               contact: str = "apart", exclude: set[frozenset] | None = None) -> Scene:  # fmt: skip
+def make_scene(
+    rng: np.random.Generator,
+    kind: str,
+    objs: list[Obj] | None = None,
+    relation: str | None = None,
+    contact: str = "apart",
+    exclude: set[frozenset] | None = None,
+) -> Scene:
     """A random scene of ``kind`` (one, two, spatial, count); ``objs``/``relation`` fix its content, ``exclude``
     (pairs) keeps given object pairs out of two-object and spatial scenes."""
     everything = all_objects()

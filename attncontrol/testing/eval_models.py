@@ -57,14 +57,27 @@ def _tiny_blip_config(vocab_size: int):
     from transformers import BlipConfig
 
     text = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, encoder_hidden_size=32, pad_token_id=0, sep_token_id=3, eos_token_id=3,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        encoder_hidden_size=32,
+        pad_token_id=0,
+        sep_token_id=3,
+        eos_token_id=3,
         bos_token_id=5,
-    )  # fmt: skip
+    )
     vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
         initializer_range=0.02,  # BLIP's vision default (1e-10) would make every image look the same
-    )  # fmt: skip
+    )
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
 
 

@@ -121,6 +121,10 @@ def make_t5_tokenizer(max_length: int = 256):
     from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
     return T5TokenizerFast(
-        tokenizer_file=str(_t5_tokenizer_file()), eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_ids=0, model_max_length=max_length,
-    )  # fmt: skip
+        tokenizer_file=str(_t5_tokenizer_file()),
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )

@@ -84,8 +84,9 @@ def build_demo(runner: Runner, limits: Limits | None = None):
             with gr.Column(scale=2):
                 ui.update(_token_and_box_inputs(gr, native))
         ui.update(_outputs(gr))
-        gr.Examples(examples=example_prompts(), inputs=[ui["prompt"], ui["typed"]],
-                    label="Examples (Attend-and-Excite set)")  # fmt: skip
+        gr.Examples(
+            examples=example_prompts(), inputs=[ui["prompt"], ui["typed"]], label="Examples (Attend-and-Excite set)"
+        )
         _wire(ui, runner, limits, params, native)
     return demo
 
@@ -179,10 +180,20 @@ def _outputs(gr) -> dict:
 def _wire(ui: dict, runner: Runner, limits: Limits, params: list[Param], native: tuple[int, int]) -> None:
     """The events: a prompt change updates the tokens and the words to tick, the canvas draws boxes, Run runs."""
     on_prompt, on_canvas_click, on_boxes = _token_and_box_handlers(runner, limits, native)
-    ui["prompt"].change(on_prompt, [ui["prompt"], ui["subjects"]], [ui["tokens"], ui["subjects"], ui["box_subject"]],
-                        queue=False, preprocess=False)  # fmt: skip
-    ui["canvas"].select(on_canvas_click, [ui["pending"], ui["box_subject"], ui["boxes"], ui["height"], ui["width"]],
-                        [ui["pending"], ui["boxes"]], queue=False, preprocess=False)  # fmt: skip
+    ui["prompt"].change(
+        on_prompt,
+        [ui["prompt"], ui["subjects"]],
+        [ui["tokens"], ui["subjects"], ui["box_subject"]],
+        queue=False,
+        preprocess=False,
+    )
+    ui["canvas"].select(
+        on_canvas_click,
+        [ui["pending"], ui["box_subject"], ui["boxes"], ui["height"], ui["width"]],
+        [ui["pending"], ui["boxes"]],
+        queue=False,
+        preprocess=False,
+    )
     ui["clear_boxes"].click(lambda: (None, ""), None, [ui["pending"], ui["boxes"]], queue=False)
     for trigger in (ui["boxes"].change, ui["height"].change, ui["width"].change):
         trigger(on_boxes, [ui["boxes"], ui["height"], ui["width"]], ui["canvas"], queue=False, preprocess=False)

@@ -141,9 +141,11 @@ def _text(value, where: str) -> str:
 
 def _whole(label: str, value, lo: int, hi: int) -> int:
     """A whole number as a number field sends it (3 or 3.0), within ``lo..hi``; 3.4, "3", True are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not (math.isfinite(value) and value.is_integer())
-    ):  # fmt: skip
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))
+    ):
         raise DemoError(f"{label} must be a whole number, got {value!r}")
     number = int(value)
     if not lo <= number <= hi:
@@ -244,8 +246,19 @@ def build_request(
         controls = build_control_request(methods, subjects, boxes, options, sources=sources).controls
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from None
-    return Request(prompt, subjects, methods, boxes, ints["seed"], ints["steps"], guidance, ints["height"],
-                   ints["width"], options, controls)  # fmt: skip
+    return Request(
+        prompt,
+        subjects,
+        methods,
+        boxes,
+        ints["seed"],
+        ints["steps"],
+        guidance,
+        ints["height"],
+        ints["width"],
+        options,
+        controls,
+    )
 
 
 def _checked_prompt(prompt, limits: Limits) -> str:
@@ -260,8 +273,9 @@ def _checked_prompt(prompt, limits: Limits) -> str:
 
 def _check_input_types(subjects, methods, boxes_text, params) -> None:
     """The types of the request's lists and texts (what the page sends, whatever an API client sends)."""
-    if not isinstance(subjects, list) or not all(isinstance(s, (str, int)) and not isinstance(s, bool)
-                                                 for s in subjects):  # fmt: skip
+    if not isinstance(subjects, list) or not all(
+        isinstance(s, (str, int)) and not isinstance(s, bool) for s in subjects
+    ):
         raise DemoError(f"subjects must be a list of words or token indices, got {subjects!r}")
     if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
         raise DemoError(f"methods must be a list of method names ({', '.join(METHODS)}), got {methods!r}")
@@ -365,18 +379,21 @@ def boxes_canvas(text, height, width, default: tuple[int, int], limits: Limits =
     return draw_boxes(boxes, canvas_size(height, width, default, limits))
 
 
-def canvas_click(pending, event, subject, boxes_text, height, width, default: tuple[int, int],
-                 limits: Limits = Limits()):  # fmt: skip
+def canvas_click(
+    pending, event, subject, boxes_text, height, width, default: tuple[int, int], limits: Limits = Limits()
+):
     """A click on the box canvas (``event``: Gradio's select data, None when the call came without one, e.g.
     through the API): :func:`click_box` at the clicked point. Returns ``(pending, boxes_text)``."""
     point = getattr(event, "index", None)
-    if not isinstance(point, (list, tuple)) or len(point) != 2 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point
-    ):  # fmt: skip
+    if (
+        not isinstance(point, (list, tuple))
+        or len(point) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point)
+    ):
         raise DemoError("click two opposite corners of the box on the canvas (no point came with this click)")
     if pending is not None and not (
         isinstance(pending, (list, tuple)) and len(pending) == 2 and all(isinstance(v, float) for v in pending)
-    ):  # fmt: skip
+    ):
         pending = None
     if subject is not None and not isinstance(subject, str):
         raise DemoError(f"the subject a box is for must be a word, got {subject!r}")
@@ -459,8 +476,9 @@ class Runner:
         ``cancel`` (the client left) stops the run at the end of the current step, the pipeline restored."""
         outputs = self._generate_pair(req, progress, cancel)
         base, ctrl = outputs["baseline"], outputs["controlled"]
-        return DemoResult(base.images[0], ctrl.images[0], _heatmaps(req, base, ctrl), _curves(base, ctrl),
-                          _summary(req, base, ctrl))  # fmt: skip
+        return DemoResult(
+            base.images[0], ctrl.images[0], _heatmaps(req, base, ctrl), _curves(base, ctrl), _summary(req, base, ctrl)
+        )
 
     def _generate_pair(self, req: Request, progress, cancel: threading.Event | None) -> dict[str, GenerationResult]:
         """The baseline (no control) and the controlled generation of ``req``, by label, one request at a time on
@@ -480,8 +498,10 @@ class Runner:
             def check_time(where: str) -> None:
                 # the run stops here (the pipeline is restored): before a run, or at the end of a step
                 if self.clock() - start > self.limits.time_limit:
-                    raise DemoError(f"this request ran past the app's limit of {self.limits.time_limit:g} s ({where});"
-                                    " use fewer steps, a smaller size or fewer refinement steps")  # fmt: skip
+                    raise DemoError(
+                        f"this request ran past the app's limit of {self.limits.time_limit:g} s ({where});"
+                        " use fewer steps, a smaller size or fewer refinement steps"
+                    )
 
             for offset, (label, ctl) in enumerate((("baseline", []), ("controlled", controls))):
                 check_time(f"before the {label} image")
@@ -496,10 +516,17 @@ class Runner:
 
                 try:
                     outputs[label] = generate(
-                        self.pipe, req.prompt, ctl, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                        height=req.height, width=req.width, generator=torch.Generator(gen_device).manual_seed(req.seed),
-                        attention=req.observed, callback_on_step_end=step_done,
-                    )  # fmt: skip
+                        self.pipe,
+                        req.prompt,
+                        ctl,
+                        num_inference_steps=req.steps,
+                        guidance_scale=req.guidance_scale,
+                        height=req.height,
+                        width=req.width,
+                        generator=torch.Generator(gen_device).manual_seed(req.seed),
+                        attention=req.observed,
+                        callback_on_step_end=step_done,
+                    )
                 except DemoError:
                     raise  # cancelled or over the time limit: already the user's sentence, and its class matters
                 except (AttnControlError, ValueError, TypeError) as err:
