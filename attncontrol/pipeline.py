@@ -26,6 +26,7 @@ from .controls.vocabulary import MapKey
 from .errors import OptionError, OptionTypeError, UnsupportedPipelineError
 from .limits import check_image_size
 from .models import ModelAdapter, PromptBatch, get_adapter
+from .request import check_pipeline
 from .run import GenerationResult, Run
 from .tokens import check_text
 
@@ -234,16 +235,8 @@ def _check_args(adapter: ModelAdapter, args: GenerateArgs) -> tuple[int, int, fl
         or (args.num_images_per_prompt < 1)
     ):
         raise OptionError(f"num_images_per_prompt must be an int >= 1, got {args.num_images_per_prompt!r}")
-    if (
-        isinstance(args.num_inference_steps, bool)
-        or not isinstance(args.num_inference_steps, int)
-        or (args.num_inference_steps < 1)
-    ):
-        raise OptionError(f"num_inference_steps must be an int >= 1, got {args.num_inference_steps!r}")
-    if args.guidance_scale is not None and (
-        isinstance(args.guidance_scale, bool) or not isinstance(args.guidance_scale, (int, float))
-    ):
-        raise OptionTypeError(f"guidance_scale must be a number, got {args.guidance_scale!r}")
+    # the request's checks, as every front end meets them (the size: by the model's own rule, in latent_hw)
+    check_pipeline({"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale})
     if args.guidance_scale is None:  # the pipeline's own default (7.5 for SD, 5.0 for SDXL, 7.0 SD3, 3.5 FLUX)
         args.guidance_scale = adapter.default_guidance_scale()
     joint = args.pipe_kwargs.pop("joint_attention_kwargs", None)  # SD3's and FLUX's name for the same thing

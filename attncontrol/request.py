@@ -14,7 +14,9 @@ from typing import Any
 from .controls import METHODS
 from .controls.boxes import parse_boxes
 from .controls.options import build_controls, method_key, option_value, parse_methods
-from .errors import OptionError
+from .errors import OptionError, OptionTypeError
+from .limits import SEED_RANGE, check_image_size
+from .tokens import check_text
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,45 @@ class ControlRequest:
     controls: list
     sources: dict[tuple[str, str], str] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
+
+
+def check_pipeline(values: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The pipeline arguments that need no model, checked: ``prompt`` and ``negative_prompt`` (valid text, or a
+    list of texts), ``num_inference_steps`` (an int >= 1), ``guidance_scale`` (a finite number or None),
+    ``height`` and ``width`` (ints >= 1 or None, within :mod:`attncontrol.limits`) and ``seed`` (in a torch
+    generator's range or None). ``names`` says how the front end calls each (``--steps``); the model's own rules
+    (a multiple of its VAE's factor, its scheduler's timesteps) are checked when it is loaded."""
+    name = {key: key for key in values} | dict(names or {})
+    for key in ("prompt", "negative_prompt"):
+        value = values.get(key)
+        for text in [value] if isinstance(value, str) else value or []:
+            if not isinstance(text, str):
+                raise OptionTypeError(f"{name[key]} must be text or a list of texts, got {text!r}")
+            check_text(text, name[key])
+    steps = values.get("num_inference_steps")
+    if "num_inference_steps" in values and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise OptionError(f"{name['num_inference_steps']} must be an int >= 1, got {steps!r}")
+    guidance = values.get("guidance_scale")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise OptionTypeError(f"{name['guidance_scale']} must be a number, got {guidance!r}")
+        if guidance != guidance or guidance in (float("inf"), float("-inf")):
+            raise OptionError(f"{name['guidance_scale']} must be a finite number, got {guidance}")
+    for key in ("height", "width"):
+        side = values.get(key)
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+            raise OptionError(f"{name[key]} must be a positive multiple of 8, got {side!r}")
+    check_image_size(
+        values.get("height"), values.get("width"), (name.get("height", "height"), name.get("width", "width"))
+    )
+    seed = values.get("seed")
+    if seed is not None:
+        lo, hi = SEED_RANGE
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise OptionError(f"{name['seed']} must be an integer between {lo} and {hi}, got {seed!r}")
+        if not lo <= seed <= hi:
+            raise OptionError(f"{name['seed']} must be between {lo} and {hi} (a torch generator's range), got {seed}")
+    return dict(values)
 
 
 def method_list(methods: str | Sequence[str] | None, where: str = "methods") -> list[str]:
@@ -88,13 +129,17 @@ def build_request(
     boxes_from: str = "boxes",
     options_from: str = "options",
     pipeline: dict[str, Any] | None = None,
+    pipeline_from: dict[str, str] | None = None,
 ) -> ControlRequest:
     """The one way in: methods (text or a list), subjects, boxes (a dict or ``"cat=x0,y0,x1,y1;dog=..."``) and
     per-method options, checked and built into controls. ``text``: option values are text (command line, app,
     files); ``sources`` says where each (method, field) came from, ``*_from`` how the front end names its inputs,
-    ``where`` the request's own source (a file line), prefixed to every error. Raises
+    ``where`` the request's own source (a file line), prefixed to every error; ``pipeline`` the pipeline arguments
+    (:func:`check_pipeline`), ``pipeline_from`` their names in the front end. Raises
     :class:`~attncontrol.errors.OptionError` (:class:`~attncontrol.errors.OptionTypeError` for a wrong type)."""
     prefix = f"{where}: " if where else ""
+    given = {key: f"{prefix}{(pipeline_from or {}).get(key, key)}" for key in pipeline or {}}
+    checked_pipeline = check_pipeline(dict(pipeline or {}), given)
     names = method_list(methods, f"{prefix}{methods_from}")
     if isinstance(boxes, str):
         try:
@@ -114,4 +159,4 @@ def build_request(
         boxes_from=boxes_from,
     )
     subject_list = list(subjects) if subjects else None
-    return ControlRequest(tuple(names), checked, subject_list, boxes, controls, origin, dict(pipeline or {}))
+    return ControlRequest(tuple(names), checked, subject_list, boxes, controls, origin, checked_pipeline)

@@ -12,7 +12,7 @@ from attncontrol.controls.base import PreparedControl, subjects_field
 from attncontrol.controls.common import GuidanceOptions
 from attncontrol.controls.fields import Range, option
 from attncontrol.controls.options import method_fields, options_markdown
-from attncontrol.errors import OptionError, OptionTypeError
+from attncontrol.errors import OptionError, OptionTypeError, ResolutionError
 from attncontrol.request import build_request, method_list
 
 
@@ -177,3 +177,24 @@ def test_the_docs_example_method_runs_end_to_end(sd1):
         assert out.trace[0].losses["weakest-mean"] and out.trace[0].updated == [True]
     finally:
         METHODS.pop("weakest-mean", None)
+
+
+@pytest.mark.parametrize(
+    "pipeline,error,message",
+    [
+        ({"num_inference_steps": 0}, OptionError, "--steps must be an int >= 1, got 0"),
+        ({"guidance_scale": float("nan")}, OptionError, "--guidance-scale must be a finite number, got nan"),
+        ({"guidance_scale": "7"}, OptionTypeError, "--guidance-scale must be a number, got '7'"),
+        ({"seed": 2**64}, OptionError, "--seed must be between 0 and 18446744073709551615"),
+        ({"height": 9000}, ResolutionError, "--height 9000 is larger than 8192 px"),
+        ({"prompt": "a cat \ud800"}, OptionError, "the prompt is not valid text: a lone surrogate"),
+        ({"negative_prompt": ["ok", 5]}, OptionTypeError, "--negative-prompt must be text or a list of texts, got 5"),
+    ],
+)
+def test_pipeline_arguments_are_checked_by_the_request_and_named_by_the_front_end(pipeline, error, message):
+    from attncontrol.cli.commands import PIPELINE_FLAGS
+
+    with pytest.raises(error, match=message):
+        build_request("none", pipeline=pipeline, pipeline_from=PIPELINE_FLAGS)
+    good = {"prompt": "a cat", "num_inference_steps": 3, "guidance_scale": 7.5, "height": 64, "seed": 0}
+    assert build_request("none", pipeline=good).pipeline == good

@@ -49,7 +49,9 @@ class Item:
 
 
 def checked_controls(names: list[str], subjects, boxes, raw_options: dict, source: str) -> list:
-    """Controls through the one request builder, every option checked against its field; errors name ``source``."""
+    """Controls through the one request builder, every option checked against its field; errors name ``source``.
+    A line's prompt is not checked here: a prompt that is not valid text fails its own items (recorded in
+    failures.jsonl), not the whole batch."""
     from ..request import build_request
 
     return build_request(names, subjects, boxes, raw_options, text=True, where=source).controls
@@ -94,7 +96,7 @@ def expand(
                 for name in names
             }
             item_boxes = e.boxes if any(takes_boxes(METHODS[n]) for n in names) else None
-            checked_controls(names, e.subjects, item_boxes, merged, e.source)  # validates before any generation
+            checked_controls(names, e.subjects, item_boxes, merged, e.source)  # checked before any generation
             for seed in e.seeds or seeds:
                 items.append(
                     Item(

@@ -14,34 +14,60 @@ from . import preflight
 from .options import method_names, options_from_args
 from .parser import AE_SHORTCUTS
 
+# what the command line calls each pipeline argument, for the request's errors
+PIPELINE_FLAGS = {
+    "prompt": "the prompt",
+    "negative_prompt": "--negative-prompt",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "height": "--height",
+    "width": "--width",
+    "seed": "--seed",
+}
 
-def controls_from_args(args) -> list:
-    """The controls that --methods, --subjects, --boxes, --set and the shortcut flags ask for (no model needed)."""
+
+def request_from_args(args):
+    """The request that the prompt, --methods, --subjects, --boxes, --set, the shortcut flags and the sampling flags
+    make (no model needed): one :class:`~attncontrol.request.ControlRequest`, every error naming its flag."""
     from ..request import build_request
 
-    default = ",".join(n for n, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
-    if args.methods and "none" in [m.strip() for m in args.methods.replace("+", ",").split(",")]:
-        raise OptionError("--methods: use --no-control for the baseline")
-    names = method_names(args.methods or default or "attend-excite")
-    options, sources = options_from_args(args, names)
-    request = build_request(
+    names, options, sources = [], {}, {}
+    if not getattr(args, "no_control", False):
+        default = ",".join(n for n, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
+        if args.methods and "none" in [m.strip() for m in args.methods.replace("+", ",").split(",")]:
+            raise OptionError("--methods: use --no-control for the baseline")
+        names = method_names(args.methods or default or "attend-excite")
+        options, sources = options_from_args(args, names)
+    pipeline = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+    }
+    return build_request(
         names,
-        args.subjects,
-        args.boxes,
+        args.subjects if names else None,
+        args.boxes if names else None,
         options,
         sources=sources,
         methods_from="--methods",
         subjects_from="--subjects",
         boxes_from="--boxes",
+        pipeline=pipeline,
+        pipeline_from=PIPELINE_FLAGS,
     )
-    return request.controls
+
+
+def controls_from_args(args) -> list:
+    """The controls that --methods, --subjects, --boxes, --set and the shortcut flags ask for (no model needed)."""
+    return request_from_args(args).controls
 
 
 def _check(args):
     """Everything that can be checked before the model loads; returns (output path, controls, attention)."""
-    check_text(args.prompt, "the prompt")
-    if args.negative_prompt is not None:
-        check_text(args.negative_prompt, "--negative-prompt")
     out = preflight.check_png(args.out, "--out", args.overwrite)
     paths = {"--out": out.resolve()}
     side = getattr(args, "side_by_side", None)
@@ -70,8 +96,7 @@ def _check(args):
         preflight.check_writable_dir(args.save_attention, "--save-attention")
         if not args.subjects and not args.boxes:
             raise OptionError("--save-attention needs --subjects (the words whose attention to show)")
-    preflight.check_seed(args.seed)
-    controls = [] if args.no_control else controls_from_args(args)
+    controls = request_from_args(args).controls  # the prompt, the methods and options, the sampling flags
     preflight.check_device(args.device)
     preflight.check_steps(args.model, args.steps)
     preflight.check_size(args.model, args.height, args.width)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import AttnControlError, OptionError
-from ..limits import SEED_RANGE, check_image_size
+from ..limits import check_image_size
 
 
 def check_png(path: str, flag: str = "--out", overwrite: bool = True) -> Path:
@@ -51,15 +51,6 @@ def check_writable_dir(path: str, flag: str) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OptionError(f"{flag} {path!r}: no permission to write in {str(probe)!r}")
     return out
-
-
-def check_seed(seed: int, flag: str = "--seed") -> int:
-    lo, hi = SEED_RANGE
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise OptionError(f"{flag} must be an integer between {lo} and {hi}, got {seed!r}")
-    if not lo <= seed <= hi:
-        raise OptionError(f"{flag} must be between {lo} and {hi} (a torch generator's range), got {seed}")
-    return seed
 
 
 def check_device(device: str | None, flag: str = "--device") -> str | None:

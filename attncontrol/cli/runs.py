@@ -21,6 +21,8 @@ def progress_note() -> str:
 
 def _batch_items(args):
     from ..batch import Settings, expand, parse_seeds, prompt_set, read_entries
+    from ..request import check_pipeline
+    from .commands import PIPELINE_FLAGS
 
     try:
         seeds = parse_seeds(args.seeds)  # in range, and at most MAX_SEEDS (counted before a range is expanded)
@@ -39,6 +41,8 @@ def _batch_items(args):
         )
     combined = [n for m in methods for n in method_names(m, "--methods")]
     options, _ = options_from_args(args, sorted(set(combined)))
+    sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    check_pipeline({**sampling, "height": args.height, "width": args.width}, PIPELINE_FLAGS)
     settings = Settings(
         args.model, args.steps, args.guidance_scale, args.height, args.width, args.batch_size, args.checkpointing
     )

@@ -243,7 +243,13 @@ def build_request(
     # the one request builder, as for the command line and batch files (ranges, boxes in [0, 1])
     sources = {(m, n): f"the field '{m} · {n.replace('_', ' ')}'" for m, fields in options.items() for n in fields}
     try:
-        controls = build_control_request(methods, subjects, boxes, options, sources=sources).controls
+        pipeline = {"prompt": prompt, "num_inference_steps": ints["steps"], "guidance_scale": guidance}
+        pipeline.update(height=ints["height"], width=ints["width"], seed=ints["seed"])
+        names = {"num_inference_steps": "steps", "guidance_scale": "guidance scale"}
+        request = build_control_request(
+            methods, subjects, boxes, options, sources=sources, pipeline=pipeline, pipeline_from=names
+        )
+        controls = request.controls
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from None
     return Request(
