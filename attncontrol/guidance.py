@@ -67,11 +67,16 @@ class StepState:
         return c.update_rule != "velocity"
 
     def record(self, name: str, images: list[int], evaluation: Evaluation) -> None:
-        """Keep ``evaluation`` (rows = ``images``) as the images' latest, one device sync for the losses."""
+        """Keep ``evaluation`` (rows = ``images``) as the images' latest: its rows and losses."""
+        self.keep_rows(name, images, evaluation)
+        for row, b in enumerate(images):
+            self.final[name][b] = evaluation.loss[row].detach().float()
+
+    def keep_rows(self, name: str, images: list[int], evaluation: Evaluation) -> None:
+        """The rows the plans' tests read, one device sync for the losses."""
         values = evaluation.loss.detach().tolist()
         for row, b in enumerate(images):
             self.rows[name][b] = Row(values[row], evaluation.stats[row] if evaluation.stats else {})
-            self.final[name][b] = evaluation.loss[row].detach().float()
 
 
 class GuidanceEngine:
@@ -279,8 +284,8 @@ class GuidanceEngine:
             [0] * n,
             [False] * n,
         )
-        for name, evaluation in evaluations.items():
-            state.record(name, list(range(n)), evaluation)
+        for name, evaluation in evaluations.items():  # the losses are already in ``final``
+            state.keep_rows(name, list(range(n)), evaluation)
         record.initial_loss = _total(state.final, n)
         self._velocity(leaf, losses, i, n, state)
         for c in acting:

@@ -257,7 +257,8 @@ def cmd_methods(args) -> int:
         print(f"{name}  ({label})")
         for spec in method_fields(cls):
             alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""
-            bounds = f"  [{spec.range_text()}]" if spec.range_text() else ""
+            text = spec.range_text()
+            bounds = f"  [{text}]" if text else ""
             print(f"  {spec.name}{alias}: {spec.type_text} = {json.dumps(show_value(spec.default))}{bounds}")
             print(f"      {spec.help}")
         print()

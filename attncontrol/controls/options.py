@@ -46,14 +46,6 @@ class FieldSpec:
             return arms[0].__name__
         return None
 
-    @property
-    def bounds(self) -> tuple[float, float] | None:
-        """The numbers a scalar option takes, as (low, high) with None ends; the app's own where it caps more."""
-        if self.meta.app is not None:
-            return self.meta.app
-        r = self.meta.range
-        return None if r is None else (r.low, r.high)  # type: ignore[return-value]
-
     def range_text(self) -> str:
         """The range and unit in words, for help and tables (e.g. ">= 0 steps", "one of 'all', 'text'")."""
         m = self.meta

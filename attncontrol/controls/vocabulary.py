@@ -76,9 +76,6 @@ class StepPlan:
         return self.update if self.final is None else self.final(row, refined)
 
 
-IDLE = StepPlan()
-
-
 @dataclass
 class Evaluation:
     """What a control's evaluation of some images returns: per image its loss (differentiable w.r.t. the
