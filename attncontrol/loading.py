@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 from .shapes import resolve_model
+from .tokens import PromptTemplate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -128,6 +129,10 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
 }
+# The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
+# tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
+# the family adapters read the positions the denoiser attends to.
+STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {}
 
 
 def check_pipeline_folder(model: str, check_class: bool = True) -> dict:
@@ -197,10 +202,11 @@ def model_index(model: str) -> dict:
         raise ModelLoadError(unavailable_message(model, "model", str(err))) from err
 
 
-def load_token_streams(model: str) -> list[tuple[str, int, PreTrainedTokenizerBase]]:
+def load_token_streams(model: str) -> list[tuple[str, int, Any]]:
     """The tokenizers a user picks subjects with, without loading the model: ``(label, first map position,
     tokenizer)`` per text stream of the pipeline's family (SD: CLIP; SD3: CLIP then T5 from position 77; FLUX:
-    T5), each checked for a real vocabulary."""
+    T5), each checked for a real vocabulary; a templated stream's tokenizer is wrapped in its template
+    (:data:`STREAM_TEMPLATES`), so its positions are the encoder's."""
     model = resolve_model(model)
     index = model_index(model)
     streams = TOKEN_STREAMS.get(str(index.get("_class_name", "")), (("tokenizer", "CLIP", 0),))
@@ -221,7 +227,9 @@ def load_token_streams(model: str) -> list[tuple[str, int, PreTrainedTokenizerBa
                 f"could not load the {subfolder} of {model!r}: {what} ({type(err).__name__}); is "
                 f"{str(local / subfolder)!r} complete?"
             ) from err
-        out.append((label, offset, check_tokenizer(tok, model, subfolder.replace("_", " "))))
+        tok = check_tokenizer(tok, model, subfolder.replace("_", " "))
+        template = STREAM_TEMPLATES.get(str(index.get("_class_name", "")), {}).get(subfolder)
+        out.append((label, offset, tok if template is None else template.wrap(tok)))
     if not out:
         raise ModelLoadError(f"{model!r} has no tokenizer: is it a text-to-image pipeline?")
     return out

@@ -6,13 +6,22 @@ CLIP: 0 is start-of-text, ``1..n`` the prompt's tokens, ``n + 1`` end-of-text, t
 start token, ``0..n-1`` the prompt's tokens, then ``</s>`` and ``<pad>``.
 
 Words are grouped by a small rule per tokenizer (:class:`WordRule`): CLIP's BPE marks a word's last piece with
-``</w>``; sentencepiece (T5) marks a word's first piece with ``▁``.
+``</w>``; sentencepiece (T5, Gemma) marks a word's first piece with ``▁``; byte-level BPE (the LLM encoders: Qwen,
+Mistral) marks it with ``Ġ``, the byte table's space, and a word after a newline or a template token has no marker.
+
+Pipelines with an LLM text encoder do not tokenise the prompt alone: they render it into a template (a chat
+template, an instruction) and may drop the template's first tokens. :class:`PromptTemplate` says how, and
+:class:`TemplatedTokenizer` tokenises as the encoder then sees it, so a table's positions are the positions the
+denoiser attends to and the template's tokens are its prefix and suffix (special, never a subject).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 from .errors import (
     AmbiguousSubjectError,
@@ -81,17 +90,71 @@ class WordRule:
 
 CLIP_RULE = WordRule("</w>", at_end=True)
 SENTENCEPIECE_RULE = WordRule("\u2581", at_end=False)
+BYTE_LEVEL_RULE = WordRule("\u0120", at_end=False)  # "Ġ": the byte-level table's character for a space
 NO_RULE = WordRule("\0", at_end=True)  # every token is its own word (unknown conventions)
 
 
 def word_rule(tokenizer) -> WordRule:
     """The word rule of ``tokenizer``, read from how it tokenises two ordinary words."""
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a photo", add_special_tokens=False).input_ids)
-    if any(t.endswith(CLIP_RULE.marker) for t in tokens):
-        return CLIP_RULE
-    if any(t.startswith(SENTENCEPIECE_RULE.marker) for t in tokens):
-        return SENTENCEPIECE_RULE
+    for rule in (CLIP_RULE, SENTENCEPIECE_RULE, BYTE_LEVEL_RULE):
+        if any(t.endswith(rule.marker) if rule.at_end else t.startswith(rule.marker) for t in tokens):
+            return rule
     return NO_RULE
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a pipeline wraps a prompt before its text encoder, and which of the resulting tokens it keeps.
+
+    ``pattern``: a ``str.format`` pattern with one ``{}`` for the prompt; or ``chat``: the tokenizer's own chat
+    template is applied to the messages ``messages(prompt)`` gives, with ``chat_kwargs`` (e.g.
+    ``add_generation_prompt``). ``special``: whether the tokenizer adds its special tokens to the rendered text
+    (a chat template that writes its own BOS is tokenised without). ``drop``: leading tokens the pipeline drops
+    from the encoder's output (they never reach the denoiser)."""
+
+    pattern: str | None = None
+    messages: Callable[[str], list[dict[str, Any]]] | None = None
+    chat_kwargs: tuple[tuple[str, Any], ...] = ()
+    special: bool = True
+    drop: int = 0
+
+    def render(self, tokenizer, prompt: str) -> str:
+        if self.messages is not None:
+            return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, **dict(self.chat_kwargs))
+        return prompt if self.pattern is None else self.pattern.format(prompt)
+
+    def wrap(self, tokenizer) -> TemplatedTokenizer:
+        return TemplatedTokenizer(tokenizer, self)
+
+
+def user_message(prompt: str) -> list[dict[str, Any]]:
+    """The chat of one user turn holding the prompt (as the Qwen3-encoded pipelines build it)."""
+    return [{"role": "user", "content": prompt}]
+
+
+class TemplatedTokenizer:
+    """A tokenizer as a templated pipeline applies it: ``tok(prompt)`` gives the ids the encoder's output keeps
+    (the prompt rendered by ``template``, its first ``template.drop`` tokens dropped), ``tok(text,
+    add_special_tokens=False)`` the bare text's ids (subjects). Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer, template: PromptTemplate):
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor (a VLM's) holds its tokenizer
+        self.chat = tokenizer  # the object whose chat template the pipeline applies
+        self.template = template
+
+    def __call__(self, text: str, add_special_tokens: bool = True, truncation: bool = False, **kwargs):
+        if not add_special_tokens:
+            return self.tokenizer(text, add_special_tokens=False, truncation=False)
+        rendered = self.template.render(self.chat, text)
+        ids = self.tokenizer(rendered, add_special_tokens=self.template.special, truncation=False).input_ids
+        return SimpleNamespace(input_ids=list(ids)[self.template.drop :])
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
 
 
 @dataclass(frozen=True)
@@ -192,6 +255,28 @@ def _index_subject(table: TokenTable, subject: int) -> tuple[int, ...]:
     return (subject,)
 
 
+def _hits(tokenizer, table: TokenTable, text: str) -> list[tuple[int, int]]:
+    """(start, length) of every occurrence of ``text`` among the prompt's tokens. A word inside a sentence carries
+    its leading space in the byte-level and sentencepiece vocabularies that do not add one to a bare text (Qwen,
+    Mistral, Gemma: "cat" alone is ``cat``, after a space ``Ġcat``), so the text is looked for both ways."""
+    prompt_ids = table.ids[: len(table.ids) - table.suffix]
+    found: dict[int, int] = {}
+    for variant in (text, " " + text):
+        sub_ids = tokenizer(variant, add_special_tokens=False).input_ids
+        for start in _find(prompt_ids, sub_ids, table.prefix) if sub_ids else []:
+            if variant is text and not _starts_a_word(table, start):
+                continue  # the bare text's pieces inside a longer word ("cat" in "bob" + "cat")
+            found.setdefault(start, len(sub_ids))
+    return sorted(found.items())
+
+
+def _starts_a_word(table: TokenTable, start: int) -> bool:
+    rule = table.rule
+    if rule.at_end or rule is NO_RULE or start == table.prefix:
+        return True  # CLIP marks word ends: its bare text already ends a word, as before
+    return table.tokens[start].startswith(rule.marker) or not table.tokens[start - 1].strip()
+
+
 def resolve_subject(tokenizer, table: TokenTable, subject: str | int) -> tuple[int, ...]:
     """Positions of one subject in ``table``. Raises a :class:`SubjectError` naming it and showing the tokens."""
     if isinstance(subject, bool) or not isinstance(subject, (int, str)):
@@ -205,26 +290,26 @@ def resolve_subject(tokenizer, table: TokenTable, subject: str | int) -> tuple[i
         text, occurrence = m.group("text").strip(), int(m.group("n"))
     if not text:
         raise SubjectError(f"empty subject {subject!r}")
-    sub_ids = tokenizer(text, add_special_tokens=False).input_ids
-    hits = _find(table.ids[: len(table.ids) - table.suffix], sub_ids, table.prefix) if sub_ids else []
+    hits = _hits(tokenizer, table, text)
     if not hits:
         raise SubjectNotInPromptError(f"subject {subject!r} is not in the prompt {table.prompt!r}\n{table.format()}")
     if occurrence is None:
         if len(hits) > 1:
             raise AmbiguousSubjectError(
                 f"subject {subject!r} occurs {len(hits)} times in {table.prompt!r} (at token indices "
-                f"{hits}); name one occurrence, e.g. '{text}#1' or '{text}#{len(hits)}', or pass an index"
+                f"{[start for start, _ in hits]}); name one occurrence, e.g. '{text}#1' or '{text}#{len(hits)}', "
+                "or pass an index"
                 f"\n{table.format()}"
             )
-        start = hits[0]
+        start, length = hits[0]
     else:
         if not 1 <= occurrence <= len(hits):
             raise SubjectNotInPromptError(
                 f"subject {subject!r}: {text!r} occurs {len(hits)} time(s) in {table.prompt!r}, "
                 f"so occurrence #{occurrence} does not exist\n{table.format()}"
             )
-        start = hits[occurrence - 1]
-    positions = tuple(range(start, start + len(sub_ids)))
+        start, length = hits[occurrence - 1]
+    positions = tuple(range(start, start + length))
     if positions[-1] > table.last_index:
         raise SubjectTruncatedError(
             f"subject {subject!r} sits at token {positions[-1]}, beyond the text encoder's limit of "

@@ -112,3 +112,50 @@ def test_subjects_per_prompt(tokenizer):
         ctx.subjects_per_image([["cat"]])
     with pytest.raises(SubjectNotInPromptError, match="bird"):
         ctx.subjects_per_image(["bird"])  # one list for all prompts: not in the first
+
+
+# ---------------------------------------------------------------- byte-level BPE and prompt templates (LLM encoders)
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    from attncontrol.testing.vocab import make_chatml_tokenizer
+
+    return make_chatml_tokenizer()
+
+
+def test_byte_level_words_are_found_with_or_without_their_leading_space(chatml):
+    from attncontrol.tokens import BYTE_LEVEL_RULE, word_rule
+
+    assert word_rule(chatml) is BYTE_LEVEL_RULE
+    prompt = "cat and a red cat beside a bobcat"
+    tokens = chatml.convert_ids_to_tokens(chatml(prompt).input_ids)
+    # the first word has no space before it, the others do: "cat" is two different tokens here
+    assert tokens[0] == "cat" and "\u0120cat" in tokens
+    first, second = resolve_subjects(chatml, prompt, ["cat#1", "red cat"])
+    assert tokens[first[0]] == "cat" and [tokens[p] for p in second] == ["\u0120red", "\u0120cat"]
+    # three whole-word occurrences would be wrong: "bob" + "cat" is one word, which "cat" does not name
+    with pytest.raises(AmbiguousSubjectError, match="occurs 2 times"):
+        resolve_subjects(chatml, prompt, ["cat"])
+    words = tokenize(chatml, prompt).rows()
+    assert {r.word for r in words if r.token == "cat"} == {"cat", "bobcat"}
+
+
+def test_a_chat_template_gives_the_positions_the_encoder_sees(chatml):
+    """The table of a templated prompt is the rendered chat, its template tokens special (prefix and suffix), and a
+    dropped prefix shifts every position: the subject's index is the encoder's output position."""
+    from attncontrol.tokens import PromptTemplate, user_message
+
+    chat = PromptTemplate(messages=user_message, chat_kwargs=(("add_generation_prompt", True),))
+    prompt = "a red cat"
+    rendered = chatml.apply_chat_template(user_message(prompt), tokenize=False, add_generation_prompt=True)
+    ids = chatml(rendered).input_ids
+    table = tokenize(chat.wrap(chatml), prompt, 64)
+    assert list(table.ids) == ids and table.prefix == 3  # <|im_start|> user \n
+    (cat,) = resolve_subjects(chat.wrap(chatml), prompt, ["cat"], 64)
+    assert chatml.convert_ids_to_tokens([ids[cat[0]]]) == ["\u0120cat"]
+    assert table.special_positions == [0, 1, 2, *range(6, len(ids))]
+    dropped = PromptTemplate(messages=user_message, chat_kwargs=(("add_generation_prompt", True),), drop=2)
+    assert resolve_subjects(dropped.wrap(chatml), prompt, ["cat"], 64) == [(cat[0] - 2,)]
+    with pytest.raises(SubjectNotInPromptError, match="assistant"):  # the template is not the prompt
+        resolve_subjects(chat.wrap(chatml), prompt, ["assistant"], 64)

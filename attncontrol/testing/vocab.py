@@ -128,3 +128,90 @@ def make_t5_tokenizer(max_length: int = 256):
         extra_ids=0,
         model_max_length=max_length,
     )
+
+
+# ---------------------------------------------------------------- byte-level BPE with a chat template (LLM encoders)
+
+# A Qwen-style chat template (ChatML turns; with add_generation_prompt, the assistant's turn is opened, and with
+# enable_thinking false an empty thinking block follows, as Qwen3's own template writes it). Written for these tiny
+# tokenizers: it renders the user/system turns the image pipelines send, nothing more.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}{{ part['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# A Mistral-style template: BOS, the system prompt in its markers, each user turn in [INST] ... [/INST]; message
+# contents are lists of {"type": "text", "text": ...} parts, as a VLM processor takes them.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['content'] is string %}{% set text = m['content'] %}"
+    "{% else %}{% set text = m['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+_BYTE_SPECIALS = {
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+    "mistral": ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
+}
+
+
+@lru_cache(maxsize=2)
+def _byte_bpe_file(style: str) -> Path:
+    """Train (once per process, a few seconds) a byte-level BPE on CLIP's words, each seen with and without its
+    leading space, as GPT-2-style vocabularies hold them (``cat`` and ``Ġcat``); save its JSON."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=6000,
+        special_tokens=_BYTE_SPECIALS[style],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    words = _clip_words()
+    tok.train_from_iterator((f"{w} {w}" if i % 2 else f"a {w}\n{w}" for i, w in enumerate(words)), trainer=trainer)
+    path = Path(tempfile.mkdtemp(prefix=f"attncontrol-{style}-tok-")) / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def make_chatml_tokenizer(max_length: int = 512):
+    """A Qwen-style tokenizer built offline (the Qwen2.5-VL and Qwen3 encoders' kind): byte-level BPE learnt on
+    CLIP's words (``Ġ`` marks a word after a space), no BOS or EOS added, ``<|endoftext|>`` padding, ChatML special
+    tokens and a chat template with Qwen3's ``enable_thinking`` switch."""
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]
+
+    return Qwen2TokenizerFast(
+        tokenizer_file=str(_byte_bpe_file("chatml")),
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=max_length,
+        chat_template=CHATML_TEMPLATE,
+        padding_side="right",
+    )
+
+
+def make_mistral_tokenizer(max_length: int = 512):
+    """A Mistral-style tokenizer built offline (the Mistral-3 encoder's kind): byte-level BPE learnt on CLIP's words,
+    ``<s>`` written by the chat template (``[SYSTEM_PROMPT]``, ``[INST]`` markers), ``<pad>`` padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(_byte_bpe_file("mistral")),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=max_length,
+        chat_template=MISTRAL_TEMPLATE,
+        padding_side="right",
+    )
