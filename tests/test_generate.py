@@ -364,14 +364,20 @@ def test_a_negative_prompt_works_on_sd1_and_sd2_with_and_without_controls(family
 
 
 def test_attend_excite_does_nothing_before_its_window_not_even_refinement(sd1):
-    """start=10 on a 2-step run: A&E must not act, though step 0 is a threshold step (issue #31)."""
+    """start=1 on a 2-step run with a threshold at step 0: A&E must not act at step 0, not even refine (issue #31);
+    a window wholly past the schedule (start=10 of 2 steps) is refused, as a method that never acts (#26)."""
+    from attncontrol import OptionError
+
     kw = dict(num_inference_steps=2, output_type="latent")
-    plain = attncontrol.generate(sd1, "a cat and a dog", [], generator=seeded(0), **kw).images
-    late = attncontrol.AttendExcite(subjects=["cat", "dog"], start=10, stop=20)
+    late = attncontrol.AttendExcite(subjects=["cat", "dog"], start=1, stop=2, thresholds={0: 0.99})
     out = attncontrol.generate(sd1, "a cat and a dog", [late], generator=seeded(0), **kw)
-    assert torch.equal(out.images, plain)
-    assert all(not r.refinement_iterations or not any(r.refinement_iterations) for r in out.trace)
+    assert out.trace[0].loss is None and not out.trace[0].refinement_iterations
+    assert out.trace[1].loss is not None
+    never = attncontrol.AttendExcite(subjects=["cat", "dog"], start=10, stop=20)
+    with pytest.raises(OptionError, match="start is step 10 .* this schedule has 2 steps"):
+        attncontrol.generate(sd1, "a cat and a dog", [never], generator=seeded(0), **kw)
     inside = attncontrol.AttendExcite(subjects=["cat", "dog"], start=0, stop=1, thresholds={0: 0.99})
+    plain = attncontrol.generate(sd1, "a cat and a dog", [], generator=seeded(0), **kw).images
     acted = attncontrol.generate(sd1, "a cat and a dog", [inside], generator=seeded(0), **kw)
     assert acted.trace[0].refinement_iterations[0] > 0 and not torch.equal(acted.images, plain)
 

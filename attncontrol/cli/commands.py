@@ -236,6 +236,26 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def _print_steps(methods: dict, num_steps: int, markdown: bool) -> int:
+    """``attncontrol methods --steps N``: each method's window and step options on an N-step schedule."""
+    from ..controls.steps import default_control, step_rules, steps_markdown, window_text
+
+    if num_steps < 1:
+        raise OptionError(f"--steps must be >= 1, got {num_steps}")
+    if markdown:
+        print(steps_markdown(methods))
+        return 0
+    print(f"On a {num_steps}-step schedule (the methods' step indices were chosen for 50 steps):")
+    for name, cls in methods.items():
+        cfg = default_control(cls)
+        if cfg is None:
+            continue
+        rules = "".join(f"; {r.text()}" for r in step_rules(cfg, num_steps))
+        print(f"  {name}: {window_text(cfg, num_steps)}{rules}")
+    print("start/stop also take a fraction of the schedule: --set METHOD.stop=0.5 is the first half at any length.")
+    return 0
+
+
 def cmd_methods(args) -> int:
     """Every method, every option: name, type, default, range, meaning (from the fields' metadata); with
     ``--markdown`` the README's option tables."""
@@ -244,6 +264,8 @@ def cmd_methods(args) -> int:
     from ..request import method_list
 
     names = method_list(args.method, "attncontrol methods") if args.method else list(METHODS)
+    if getattr(args, "steps", None) is not None:
+        return _print_steps({name: METHODS[name] for name in names}, args.steps, getattr(args, "markdown", False))
     if getattr(args, "markdown", False):
         from ..controls.common import GuidanceOptions
 

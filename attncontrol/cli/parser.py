@@ -226,4 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     met = sub.add_parser("methods", help="list every method, its options, their types, defaults and meaning")
     met.add_argument("method", nargs="?", help="only this method")
     met.add_argument("--markdown", action="store_true", help="the options as the README's Markdown tables")
+    met.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="what each method's step options do on an N-step schedule (few-step models: 4, 8); with --markdown, "
+        "the README's table at 50, 8 and 4 steps",
+    )
     return parser

@@ -132,6 +132,7 @@ class Prepared:
     stop: int = 1 << 30
 
     def bind_window(self, cfg: Control, num_steps: int) -> None:
+        cfg.check_window(num_steps)
         self.name = cfg.method
         self.first, self.stop = cfg.window(num_steps)
 
@@ -307,6 +308,17 @@ class Control:
         first = step_index(self.start, num_steps)
         stop = num_steps if self.stop is None else step_index(self.stop, num_steps, at_least_one=True)
         return first, stop
+
+    def check_window(self, num_steps: int) -> None:
+        """Refuse a window with no step in this schedule (a start past a few-step model's last step): the method
+        would never act, and a run that silently does nothing is worse than an error."""
+        first, stop = self.window(num_steps)
+        if first >= min(stop, num_steps):
+            raise OptionError(
+                f"{label(type(self), 'start')} is step {first} (start={self.start!r}), but this schedule has "
+                f"{num_steps} steps (0..{num_steps - 1}): the method would never act; give an earlier start, or "
+                "a fraction of the schedule (start=0.0, stop=0.5: the first half at any length)"
+            )
 
     def prepare(self, ctx: ControlContext) -> Prepared:
         raise NotImplementedError
