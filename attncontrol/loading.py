@@ -126,6 +126,25 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
 }
+# How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
+# packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.
+PATCH_SIZE: dict[str, int] = {"StableDiffusion3Pipeline": 2, "FluxPipeline": 2}
+
+
+def vae_factor(vae_config: dict | None) -> int:
+    """The VAE's spatial downsampling, read from its config as each VAE class states it (default 8)."""
+    config = vae_config or {}
+    for key, levels in (("block_out_channels", -1), ("encoder_block_out_channels", -1), ("temperal_downsample", 0)):
+        if isinstance(config.get(key), list) and config[key]:
+            return 2 ** (len(config[key]) + levels)
+    return 8
+
+
+def size_multiple(index: dict, vae_config: dict | None) -> int:
+    """Heights and widths must be multiples of this: the VAE's factor times the family's patch (at least 8)."""
+    return max(8, vae_factor(vae_config) * PATCH_SIZE.get(str(index.get("_class_name", "")), 1))
+
+
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.

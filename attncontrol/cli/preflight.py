@@ -92,11 +92,9 @@ def check_steps(model: str, steps: int, flag: str = "--steps") -> None:
 
 def check_size(model: str, height: int | None, width: int | None) -> None:
     """Positive multiples of what the family needs (the VAE's factor, times the patch of transformer families)."""
-    vae = _local_json(model, "vae", "config.json")
-    index = _local_json(model, "model_index.json") or {}
-    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae and vae.get("block_out_channels") else 8
-    patch = 2 if index.get("_class_name") in ("StableDiffusion3Pipeline", "FluxPipeline") else 1
-    step = max(8, factor * patch)
+    from ..loading import size_multiple
+
+    step = size_multiple(_local_json(model, "model_index.json") or {}, _local_json(model, "vae", "config.json"))
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None and (value <= 0 or value % step):
             raise OptionError(f"{flag} must be a positive multiple of {step} for this model, got {value}")
