@@ -125,6 +125,7 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusionXLPipeline": (("tokenizer", "CLIP", 0),),
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
+    "PixArtSigmaPipeline": (("tokenizer", "T5", 0),),
 }
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
