@@ -80,6 +80,6 @@ def make_tiny_pixart_pipeline(seed: int = 0, num_layers: int = 4):
         tokenizer=make_t5_tokenizer(max_length=300),
         text_encoder=_tiny_t5(),
         vae=_tiny_vae_4(),
-        transformer=transformer.eval(),
+        transformer=transformer,  # no dropout: train and eval mode agree
         scheduler=scheduler,
     )
