@@ -125,6 +125,7 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusionXLPipeline": (("tokenizer", "CLIP", 0),),
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
+    "PixArtSigmaPipeline": (("tokenizer", "T5", 0),),
 }
 # How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
 # packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.

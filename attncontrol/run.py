@@ -168,7 +168,8 @@ class Run:
         """Sample with the stock pipeline; the processors are installed for the whole call."""
         driver = StepDriver(self, self.call_kwargs.pop("callback_on_step_end", None))
         with self.installed():
-            kwargs = dict(self.call_kwargs, latents=self.initial_latents(driver), callback_on_step_end=driver)
+            kwargs = dict(self.call_kwargs, latents=self.initial_latents(driver))
+            kwargs = self.adapter.with_step_callback(kwargs, driver)
             out = self.pipe(**kwargs)
         maps = None
         if self.observer is not None:

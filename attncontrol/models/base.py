@@ -17,6 +17,7 @@ Members, and what each answers:
 - ``schedule``: the pipeline's own timestep schedule; ``uses_cfg`` / ``cfg_batched``: the pipeline's
   classifier-free-guidance rule and whether it batches the two branches.
 - ``encode`` / ``guidance_forward``: prompt encoding (once per run) and the cond-only guidance forward.
+- ``with_step_callback``: how the run's per-step callback reaches the pipeline.
 - ``text_layout``: which key positions of the maps are text, from which tokenizer; ``exclude_eot_default``.
 - ``checkpoint_modules``: which modules gradient checkpointing wraps in a guidance pass.
 """
@@ -190,6 +191,11 @@ class ModelAdapter(ABC):
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
         return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+
+    def with_step_callback(self, call_kwargs: dict[str, Any], on_step_end) -> dict[str, Any]:
+        """The pipeline's arguments with ``on_step_end`` (``(pipe, i, t, {"latents": ...}) -> dict``) as its
+        per-step callback (default: ``callback_on_step_end``; a pipeline with another callback adapts it here)."""
+        return {**call_kwargs, "callback_on_step_end": on_step_end}
 
     def check_pipe_kwargs(self, pipe_kwargs: dict[str, Any]) -> None:
         """The family's own pipeline arguments, checked before any model work (default: nothing to check)."""
