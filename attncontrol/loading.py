@@ -129,7 +129,7 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
 }
 # How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
 # packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.
-PATCH_SIZE: dict[str, int] = {"StableDiffusion3Pipeline": 2, "FluxPipeline": 2}
+PATCH_SIZE: dict[str, int] = {"StableDiffusion3Pipeline": 2, "FluxPipeline": 2, "PixArtSigmaPipeline": 2}
 
 
 def vae_factor(vae_config: dict | None) -> int:
