@@ -125,11 +125,20 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusionXLPipeline": (("tokenizer", "CLIP", 0),),
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
+    "QwenImagePipeline": (("tokenizer", "Qwen2.5-VL", 0),),
 }
+# QwenImagePipeline.prompt_template_encode (diffusers' pipeline_qwenimage.py:QwenImagePipeline.__init__), copied so
+# that token tables need no torch; tests/test_family_qwenimage.py checks it equals the pipeline's attribute.
+QWENIMAGE_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.
-STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {}
+STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
+    "QwenImagePipeline": {"tokenizer": PromptTemplate(pattern=QWENIMAGE_PROMPT_TEMPLATE, drop=34)},
+}
 
 
 def check_pipeline_folder(model: str, check_class: bool = True) -> dict:
