@@ -119,8 +119,12 @@ def _explicit_cross_maps(pipe, prompts, layer_names, latents, run):
         def proj(x, lin, norm, freqs):
             return apply_rotary_emb_qwen(norm(lin(x).unflatten(-1, (-1, d))), freqs, use_real=False)
 
-        q = torch.cat([proj(c, module.add_q_proj, module.norm_added_q, txt_f), proj(h, module.to_q, module.norm_q, img_f)], 1)
-        k = torch.cat([proj(c, module.add_k_proj, module.norm_added_k, txt_f), proj(h, module.to_k, module.norm_k, img_f)], 1)
+        q = torch.cat(
+            [proj(c, module.add_q_proj, module.norm_added_q, txt_f), proj(h, module.to_q, module.norm_q, img_f)], 1
+        )
+        k = torch.cat(
+            [proj(c, module.add_k_proj, module.norm_added_k, txt_f), proj(h, module.to_k, module.norm_k, img_f)], 1
+        )
         q, k = q.transpose(1, 2).double(), k.transpose(1, 2).double()
         scores = q @ k.transpose(-1, -2) / math.sqrt(d)
         m = c.shape[1]
@@ -175,7 +179,7 @@ def test_subjects_resolve_to_the_positions_the_transformer_attends_to(_qwen_load
     dropped tokens, and the text embedding there is the encoder's hidden state of that token."""
     pipe = _qwen_loaded
     run = attncontrol.prepare_run(pipe, PROMPT, [AttendExcite(subjects=["cat", "dog"])], num_inference_steps=2, **KW)
-    (cat, dog), = run.controls[0].maps.subjects
+    ((cat, dog),) = run.controls[0].maps.subjects
     full = pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT)).input_ids
     kept = full[pipe.prompt_template_encode_start_idx :]
     (cat_id,) = pipe.tokenizer(" cat", add_special_tokens=False).input_ids
@@ -188,7 +192,9 @@ def test_subjects_resolve_to_the_positions_the_transformer_attends_to(_qwen_load
     # the template's suffix (<|im_end|>, <|im_start|>assistant) is special: never a subject, left out of softmaxes
     table = attncontrol.tokenize(run.adapter.tokenizer, PROMPT, run.ctx.seq_len)
     assert table.suffix >= 3 and table.tokens[table.last_index + 1] == "<|im_end|>"
-    assert run.ctx.keep_mask(True)[0].nonzero().flatten().tolist() == list(range(table.first_index, table.last_index + 1))
+    assert run.ctx.keep_mask(True)[0].nonzero().flatten().tolist() == list(
+        range(table.first_index, table.last_index + 1)
+    )
 
 
 def test_a_batch_of_prompts_gets_one_stream_as_long_as_the_longest(_qwen_loaded):
@@ -229,6 +235,35 @@ def test_each_control_lowers_its_loss(_qwen_loaded, name):
         after = run.engine.evaluate(z2, 1).objective
     assert not torch.equal(z, z2)
     assert after.item() < before.item()
+
+
+@pytest.mark.slow
+def test_each_method_runs_end_to_end_and_restores_the_processors(_qwen_loaded):
+    before = processor_snapshot(_qwen_loaded.transformer)
+    controls = [
+        DivideBind(subjects=["red cat", "dog"], first_refinement_steps=2, max_refinement_steps=2),
+        Conform(subjects=["red cat", "blue dog"], refinement_iterations=2, refinement_steps=(0, 2)),
+        SynGen(subjects=["red cat", "blue dog"], stop=3),
+        BoxDiff(boxes=BOXES, max_refinement_steps=2),
+        InitNO(subjects=["cat", "dog"], rounds=1, round_steps=2, final_steps=1, refinement_steps=(1,)),
+    ]
+    for control in controls:
+        out = _run(_qwen_loaded, [control], steps=4, prompt="a red cat and a blue dog")
+        assert out.guided_steps and all(math.isfinite(r.loss[0]) for r in out.guided_steps), control.method
+        assert processor_snapshot(_qwen_loaded.transformer) == before
+    (report,) = out.noise_search["initno"]
+    assert report["rounds"] == 1
+
+
+def test_checkpointing_gives_the_same_images(_qwen_loaded):
+    controls = [
+        AttendExcite(subjects=["cat", "dog"], thresholds={0: 0.9}, max_refinement_steps=2),
+        Refocus(boxes=BOXES),
+    ]
+    plain = _run(_qwen_loaded, controls, steps=2).images
+    ckpt = _run(_qwen_loaded, controls, steps=2, checkpointing=True).images
+    torch.testing.assert_close(ckpt, plain, rtol=0, atol=1e-6)
+    assert (plain - _run(_qwen_loaded, [], steps=2).images).abs().max() > 1e-4
 
 
 @pytest.mark.slow

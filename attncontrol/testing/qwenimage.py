@@ -42,7 +42,7 @@ QWENIMAGE_SCHEDULER_CONFIG = {
 
 def _tiny_text_encoder(tokenizer):
     """A two-layer Qwen2.5-VL (its vision tower tiny too: the pipeline only runs the language model)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # type: ignore[attr-defined]
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
         text_config={
@@ -86,9 +86,9 @@ def _tiny_vae():
 
 def make_tiny_qwenimage_pipeline(seed: int = 0):
     """A tiny random ``QwenImagePipeline``: a 2-layer Qwen2.5-VL (32 wide) with the offline ChatML tokenizer, a
-    4-channel VAE (8x down, as the published one), a 2-block double-stream transformer (2 heads x 16) with RoPE and RMS q/k norms,
-    Qwen-Image's scheduler config. The pipeline's default size stays its own (1024 px): pass ``height=width=128``
-    (an 8x8 token grid) in tests."""
+    4-channel VAE (8x down, as the published one), a 2-block double-stream transformer (2 heads x 16) with RoPE and
+    RMS q/k norms, Qwen-Image's scheduler config. The pipeline's default size stays its own (1024 px): pass
+    ``height=width=128`` (an 8x8 token grid) in tests."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
     tokenizer = make_chatml_tokenizer(max_length=1024)
