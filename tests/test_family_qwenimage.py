@@ -93,9 +93,11 @@ def test_without_controls_it_is_exactly_the_stock_pipeline(_qwen_loaded, cfg):
     assert torch.equal(ours, stock)
 
 
-def test_a_padded_batch_without_controls_is_the_stock_pipeline(_qwen_loaded):
-    """Two prompts of different lengths: the encoder's mask reaches the transformer, as in the pipeline."""
-    kw = dict(num_inference_steps=2, output_type="latent", **KW)
+@pytest.mark.parametrize("per_prompt", [1, 2])
+def test_a_padded_batch_without_controls_is_the_stock_pipeline(_qwen_loaded, per_prompt):
+    """Two prompts of different lengths (and two images each): the encoder's mask reaches the transformer, as in
+    the pipeline."""
+    kw = dict(num_inference_steps=2, output_type="latent", num_images_per_prompt=per_prompt, **KW)
     stock = _qwen_loaded(TWO, generator=seeded(0), **kw).images
     ours = attncontrol.generate(_qwen_loaded, TWO, [], generator=seeded(0), **kw).images
     assert torch.equal(ours, stock)
@@ -145,6 +147,52 @@ def _explicit_cross_maps(pipe, prompts, layer_names, latents, run):
         for h in handles:
             h.remove()
     return torch.stack(found).mean(0)
+
+
+def test_masked_text_probabilities_equal_an_explicit_masked_softmax_values_and_gradients():
+    """Per batch row, masked text keys out of the denominator and at probability 0, in float64, against the
+    explicit softmax over all keys with the masked ones at -inf: values and gradients for q and every key."""
+    from attncontrol.processors.complex_rotary import masked_text_probs
+
+    g = seeded(0)
+    b, h, n, m, d = 2, 3, 10, 6, 8
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, h, m + n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False, False, False], [True, False, True, True, True, True]])
+    cols = torch.tensor([0, 2, 4])
+    weights = torch.randn(b, h, n, len(cols), generator=g, dtype=torch.float64)
+    scale = 1 / math.sqrt(d)
+
+    probs, mass = masked_text_probs(q, k, 0, cols, scale, mask)
+    keys = torch.cat([mask, torch.ones(b, n, dtype=torch.bool)], 1)[:, None, None, :]
+    explicit = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~keys, -math.inf), dim=-1)
+    torch.testing.assert_close(probs, explicit[..., cols], rtol=0, atol=1e-12)
+    torch.testing.assert_close(mass, explicit[..., :m].sum(-1), rtol=0, atol=1e-12)
+    assert probs[0, ..., 2].abs().max() == 0 and probs[1, ..., 0].min() > 0  # row 0 masks column 4 only
+    assert probs[0, ..., 0].min() > 0 and explicit[0, ..., 4].abs().max() == 0
+
+    gq, gk = torch.autograd.grad((probs * weights).sum() + mass.sum(), [q, k])
+    eq, ek = torch.autograd.grad((explicit[..., cols] * weights).sum() + explicit[..., :m].sum(), [q, k])
+    torch.testing.assert_close(gq, eq, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gk, ek, rtol=0, atol=1e-10)
+    assert gq.abs().max() > 1e-3 and gk.abs().max() > 1e-3
+
+
+def test_the_width_config_is_the_published_block_width():
+    """QWENIMAGE_WIDTH_CONFIG builds (on the meta device: no memory) and has the published model's block width,
+    which diffusers' constructor defaults are (24 heads x 128, text 3584 wide), with 2 of its 60 blocks."""
+    import inspect
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from attncontrol.testing import QWENIMAGE_WIDTH_CONFIG
+
+    defaults = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    for key in ("attention_head_dim", "num_attention_heads", "joint_attention_dim", "in_channels", "patch_size"):
+        assert QWENIMAGE_WIDTH_CONFIG[key] == defaults[key].default, key
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**QWENIMAGE_WIDTH_CONFIG)
+    assert model.inner_dim == 3072 and len(model.transformer_blocks) == 2
 
 
 @pytest.mark.parametrize("prompts", [PROMPT, TWO], ids=["one-prompt", "padded-batch"])
