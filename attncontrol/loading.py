@@ -126,10 +126,16 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
     "PixArtSigmaPipeline": (("tokenizer", "T5", 0),),
+    "QwenImagePipeline": (("tokenizer", "Qwen2.5-VL", 0),),
 }
 # How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
 # packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.
-PATCH_SIZE: dict[str, int] = {"StableDiffusion3Pipeline": 2, "FluxPipeline": 2, "PixArtSigmaPipeline": 2}
+PATCH_SIZE: dict[str, int] = {
+    "StableDiffusion3Pipeline": 2,
+    "FluxPipeline": 2,
+    "PixArtSigmaPipeline": 2,
+    "QwenImagePipeline": 2,
+}
 
 
 def vae_factor(vae_config: dict | None) -> int:
@@ -146,10 +152,18 @@ def size_multiple(index: dict, vae_config: dict | None) -> int:
     return max(8, vae_factor(vae_config) * PATCH_SIZE.get(str(index.get("_class_name", "")), 1))
 
 
+# QwenImagePipeline.prompt_template_encode (diffusers' pipeline_qwenimage.py:QwenImagePipeline.__init__), copied so
+# that token tables need no torch; tests/test_family_qwenimage.py checks it equals the pipeline's attribute.
+QWENIMAGE_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.
-STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {}
+STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
+    "QwenImagePipeline": {"tokenizer": PromptTemplate(pattern=QWENIMAGE_PROMPT_TEMPLATE, drop=34)},
+}
 
 
 def check_pipeline_folder(model: str, check_class: bool = True) -> dict:

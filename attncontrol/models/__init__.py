@@ -6,12 +6,20 @@ from ..errors import UnsupportedPipelineError
 from .base import Encoded, ModelAdapter, PromptBatch
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
-ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter, PixArtAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    SDXLAdapter,
+    SDAdapter,
+    SD3Adapter,
+    FluxAdapter,
+    PixArtAdapter,
+    QwenImageAdapter,
+]
 
 
 def adapter_class(pipeline_name: str) -> type[ModelAdapter] | None:
@@ -35,6 +43,7 @@ __all__ = [
     "ModelAdapter",
     "PixArtAdapter",
     "PromptBatch",
+    "QwenImageAdapter",
     "SD3Adapter",
     "SDAdapter",
     "SDXLAdapter",

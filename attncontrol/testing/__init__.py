@@ -3,7 +3,7 @@
 Nothing here downloads anything. The CLIP tokenizer is rebuilt from the BPE vocabulary that the
 ``open-clip-torch`` wheel ships (install it with ``pip install --no-deps open-clip-torch``); its token ids equal
 Stable Diffusion's. The T5-style tokenizer is trained offline on CLIP's words. Run
-``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux|pixart]`` to write a tiny pipeline folder
+``python -m attncontrol.testing DIR [--family NAME]`` (one of :data:`FAMILIES`) to write a tiny pipeline folder
 that ``attncontrol generate --model DIR`` can load.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from .eval_models import save_tiny_blip, save_tiny_blip_vqa, save_tiny_clip, save_tiny_owlv2
 from .mmdit import FLUX_WIDTH_CONFIG, SD35_MEDIUM_CONFIG, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 from .pixart import PIXART_SIGMA_CONFIG, make_tiny_pixart_pipeline
+from .qwenimage import QWENIMAGE_WIDTH_CONFIG, make_tiny_qwenimage_pipeline
 from .sd import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, make_scheduler, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 from .vocab import (
     EOT_TOKEN,
@@ -24,22 +25,25 @@ from .vocab import (
     write_clip_tokenizer_files,
 )
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "pixart")
+# family name -> its tiny pipeline's builder (seed -> pipeline), one line per family
+BUILDERS = {
+    "sd1": lambda seed: make_tiny_sd_pipeline(family="sd1", seed=seed),
+    "sd2": lambda seed: make_tiny_sd_pipeline(family="sd2", seed=seed),
+    "sdxl": lambda seed: make_tiny_sdxl_pipeline(seed=seed),
+    "sd3": lambda seed: make_tiny_sd3_pipeline(seed=seed),
+    "sd35": lambda seed: make_tiny_sd3_pipeline(seed=seed, dual_attention=True),
+    "flux": lambda seed: make_tiny_flux_pipeline(seed=seed),
+    "pixart": lambda seed: make_tiny_pixart_pipeline(seed=seed),
+    "qwenimage": lambda seed: make_tiny_qwenimage_pipeline(seed=seed),
+}
+FAMILIES = tuple(BUILDERS)
 
 
 def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
     """A tiny random pipeline of ``family`` (one of :data:`FAMILIES`)."""
-    if family in ("sd1", "sd2"):
-        return make_tiny_sd_pipeline(family=family, seed=seed)
-    if family == "sdxl":
-        return make_tiny_sdxl_pipeline(seed=seed)
-    if family in ("sd3", "sd35"):
-        return make_tiny_sd3_pipeline(seed=seed, dual_attention=family == "sd35")
-    if family == "flux":
-        return make_tiny_flux_pipeline(seed=seed)
-    if family == "pixart":
-        return make_tiny_pixart_pipeline(seed=seed)
-    raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    if family not in BUILDERS:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    return BUILDERS[family](seed)
 
 
 def save_tiny_pipeline(folder: str | Path, family: str = "sd1", seed: int = 0) -> Path:
@@ -56,6 +60,7 @@ __all__ = [
     "FAMILIES",
     "FLUX_WIDTH_CONFIG",
     "PIXART_SIGMA_CONFIG",
+    "QWENIMAGE_WIDTH_CONFIG",
     "SD15_UNET_CONFIG",
     "SD35_MEDIUM_CONFIG",
     "SDXL_UNET_CONFIG",
@@ -67,6 +72,7 @@ __all__ = [
     "make_tiny_flux_pipeline",
     "make_tiny_pipeline",
     "make_tiny_pixart_pipeline",
+    "make_tiny_qwenimage_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_sd_pipeline",
     "make_tiny_sdxl_pipeline",
