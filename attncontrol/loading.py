@@ -10,7 +10,7 @@ from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 from .shapes import resolve_model
-from .tokens import PromptTemplate
+from .tokens import PromptTemplate, user_message
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_NAMES = {
@@ -125,11 +125,19 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusionXLPipeline": (("tokenizer", "CLIP", 0),),
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
+    "ZImagePipeline": (("tokenizer", "Qwen3", 0),),
 }
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.
-STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {}
+STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
+    # ZImagePipeline._encode_prompt: one user turn, the assistant's turn opened, thinking on (no empty think block)
+    "ZImagePipeline": {
+        "tokenizer": PromptTemplate(
+            messages=user_message, chat_kwargs=(("add_generation_prompt", True), ("enable_thinking", True))
+        )
+    },
+}
 
 
 def check_pipeline_folder(model: str, check_class: bool = True) -> dict:

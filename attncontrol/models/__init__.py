@@ -8,9 +8,10 @@ from .flux import FluxAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
+from .zimage import ZImageAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
-ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter, ZImageAdapter]
 
 
 def adapter_class(pipeline_name: str) -> type[ModelAdapter] | None:
@@ -36,6 +37,7 @@ __all__ = [
     "SD3Adapter",
     "SDAdapter",
     "SDXLAdapter",
+    "ZImageAdapter",
     "adapter_class",
     "get_adapter",
 ]

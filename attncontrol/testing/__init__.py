@@ -3,7 +3,7 @@
 Nothing here downloads anything. The CLIP tokenizer is rebuilt from the BPE vocabulary that the
 ``open-clip-torch`` wheel ships (install it with ``pip install --no-deps open-clip-torch``); its token ids equal
 Stable Diffusion's. The T5-style tokenizer is trained offline on CLIP's words. Run
-``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux]`` to write a tiny pipeline folder
+``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux|zimage]`` to write a tiny pipeline folder
 that ``attncontrol generate --model DIR`` can load.
 """
 
@@ -22,8 +22,9 @@ from .vocab import (
     make_t5_tokenizer,
     write_clip_tokenizer_files,
 )
+from .zimage import ZIMAGE_WIDTH_CONFIG, make_tiny_zimage_pipeline
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "zimage")
 
 
 def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
@@ -36,6 +37,8 @@ def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
         return make_tiny_sd3_pipeline(seed=seed, dual_attention=family == "sd35")
     if family == "flux":
         return make_tiny_flux_pipeline(seed=seed)
+    if family == "zimage":
+        return make_tiny_zimage_pipeline(seed=seed)
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
 
 
@@ -56,6 +59,7 @@ __all__ = [
     "SD35_MEDIUM_CONFIG",
     "SDXL_UNET_CONFIG",
     "SOT_TOKEN",
+    "ZIMAGE_WIDTH_CONFIG",
     "clip_bpe_path",
     "make_clip_tokenizer",
     "make_scheduler",
@@ -65,6 +69,7 @@ __all__ = [
     "make_tiny_sd3_pipeline",
     "make_tiny_sd_pipeline",
     "make_tiny_sdxl_pipeline",
+    "make_tiny_zimage_pipeline",
     "save_tiny_blip",
     "save_tiny_blip_vqa",
     "save_tiny_clip",
