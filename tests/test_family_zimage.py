@@ -27,7 +27,9 @@ from attncontrol.testing import make_tiny_pipeline
 from .conftest import seeded
 
 PROMPT = "a red cat and a blue dog"
-TWO = ("a cat and a dog", "a small red cat sitting next to a large blue dog on the green grass of a sunny garden, with tall trees and "
+TWO = (
+    "a cat and a dog",
+    "a small red cat sitting next to a large blue dog on the green grass of a sunny garden, with tall trees and "
     "yellow flowers behind them",
 )
 KW = dict(height=96, width=96)  # a 6x6 token grid: 36 image tokens, padded by the transformer to 64
@@ -117,9 +119,7 @@ def _explicit_maps(pipe, run, names, latents, n_img):
         found.append(p[:, :, :n_img, start:].mean(1))
 
     modules = dict(pipe.transformer.named_modules())
-    handles = [
-        modules[n.removesuffix(".processor")].register_forward_pre_hook(hook, with_kwargs=True) for n in names
-    ]
+    handles = [modules[n.removesuffix(".processor")].register_forward_pre_hook(hook, with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
             run.adapter.guidance_forward(latents, run.timesteps[0], run.cond)
@@ -165,7 +165,9 @@ def test_the_form_reads_q_k_v_as_the_layers_own_processor(zimage):
     attn = pipe.transformer.layers[1].attention
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 96, 32, generator=g, dtype=torch.float64)
-    freqs = torch.polar(torch.ones(2, 96, 8, dtype=torch.float64), torch.randn(2, 96, 8, generator=g, dtype=torch.float64))
+    freqs = torch.polar(
+        torch.ones(2, 96, 8, dtype=torch.float64), torch.randn(2, 96, 8, generator=g, dtype=torch.float64)
+    )
     mask = torch.arange(96)[None] < torch.tensor([[64 + 32], [64 + 20]])
     args = {"hidden_states": x, "attention_mask": mask, "freqs_cis": freqs}
     with torch.no_grad():
@@ -215,7 +217,9 @@ FAST = ("attend-excite", "attend-excite-velocity")
 
 def _lowers(pipe, name):
     control = CONTROLS[name]()
-    run = attncontrol.prepare_run(pipe, PROMPT, [control], num_inference_steps=8, guidance_scale=0.0, generator=seeded(0), **KW)
+    run = attncontrol.prepare_run(
+        pipe, PROMPT, [control], num_inference_steps=8, guidance_scale=0.0, generator=seeded(0), **KW
+    )
     z = run.draw_latents()
     with run.installed():
         before = run.engine.evaluate(z, 1).objective
@@ -232,7 +236,6 @@ def test_a_guidance_step_lowers_the_loss(zimage, name):
     _lowers(zimage, name)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CONTROLS if n not in FAST])
 def test_each_control_lowers_its_loss(zimage, name):
     _lowers(zimage, name)

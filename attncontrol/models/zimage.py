@@ -78,7 +78,7 @@ class _ProcessorView(torch.nn.Module):
     def set_attn_processor(self, processors: dict[str, Any]) -> None:
         for key, module in self._modules_with_processors().items():
             if key in processors:
-                module.set_processor(processors.pop(key))
+                module.set_processor(processors.pop(key))  # type: ignore[operator]
 
 
 class ZImageAdapter(ModelAdapter):

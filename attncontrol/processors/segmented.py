@@ -95,7 +95,7 @@ class SegmentedJointAttention(JointAttention):
         lengths = prefix_lengths(args.get("attention_mask"), b, length)
         x0, scale = self.text_start(n_image), 1.0 / math.sqrt(q.shape[-1])
         q_img = q[:, :, :n_image]
-        out = {}
+        out: dict[str, object] = {}
         if "cross" in kinds:
             cols = columns if columns is not None else torch.arange(length - x0, device=q.device)
             cols = cols.to(q.device)

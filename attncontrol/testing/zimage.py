@@ -31,7 +31,7 @@ ZIMAGE_WIDTH_CONFIG = {
 
 
 def _tiny_qwen3(vocab_size: int):
-    from transformers import Qwen3Config, Qwen3Model  # type: ignore[attr-defined]
+    from transformers import Qwen3Config, Qwen3Model
 
     config = Qwen3Config(
         vocab_size=vocab_size,
@@ -53,7 +53,9 @@ def make_tiny_zimage_pipeline(seed: int = 0, n_layers: int = 3):
     noise and one context refiner and ``n_layers`` main layers, the 16-channel tiny VAE (factor 8) and the
     flow-matching scheduler with Z-Image's shift. 64 px images are a 4x4 token grid (16 tokens, which the
     transformer pads to 32)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
+    from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline  # modules: the top level is a dummy
 
     torch.manual_seed(seed)
     tokenizer = make_chatml_tokenizer()
