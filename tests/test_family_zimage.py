@@ -106,8 +106,8 @@ def _explicit_maps(pipe, run, names, latents, n_img):
     found = []
 
     def hook(module, args, kwargs):
-        x, mask, freqs = kwargs.get("hidden_states", args[0] if args else None), kwargs["attention_mask"], None
-        freqs = kwargs["freqs_cis"]
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        mask, freqs = kwargs["attention_mask"], kwargs["freqs_cis"]
         q = module.norm_q(module.to_q(x).unflatten(-1, (module.heads, -1)))
         k = module.norm_k(module.to_k(x).unflatten(-1, (module.heads, -1)))
         q, k = _rope(q, freqs).transpose(1, 2), _rope(k, freqs).transpose(1, 2)
