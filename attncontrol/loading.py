@@ -10,7 +10,7 @@ from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 from .shapes import resolve_model
-from .tokens import PromptTemplate
+from .tokens import PromptTemplate, user_message
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_NAMES = {
@@ -127,6 +127,7 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
     "PixArtSigmaPipeline": (("tokenizer", "T5", 0),),
     "QwenImagePipeline": (("tokenizer", "Qwen2.5-VL", 0),),
+    "ZImagePipeline": (("tokenizer", "Qwen3", 0),),
 }
 # How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
 # packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.
@@ -135,6 +136,7 @@ PATCH_SIZE: dict[str, int] = {
     "FluxPipeline": 2,
     "PixArtSigmaPipeline": 2,
     "QwenImagePipeline": 2,
+    "ZImagePipeline": 2,
 }
 
 
@@ -163,6 +165,12 @@ QWENIMAGE_PROMPT_TEMPLATE = (
 # the family adapters read the positions the denoiser attends to.
 STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
     "QwenImagePipeline": {"tokenizer": PromptTemplate(pattern=QWENIMAGE_PROMPT_TEMPLATE, drop=34)},
+    # ZImagePipeline._encode_prompt: one user turn, the assistant's turn opened, thinking on (no empty think block)
+    "ZImagePipeline": {
+        "tokenizer": PromptTemplate(
+            messages=user_message, chat_kwargs=(("add_generation_prompt", True), ("enable_thinking", True))
+        )
+    },
 }
 
 

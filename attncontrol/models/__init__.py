@@ -10,6 +10,7 @@ from .qwenimage import QwenImageAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
+from .zimage import ZImageAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
 ADAPTERS: list[type[ModelAdapter]] = [
@@ -19,6 +20,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     FluxAdapter,
     PixArtAdapter,
     QwenImageAdapter,
+    ZImageAdapter,
 ]
 
 
@@ -47,6 +49,7 @@ __all__ = [
     "SD3Adapter",
     "SDAdapter",
     "SDXLAdapter",
+    "ZImageAdapter",
     "adapter_class",
     "get_adapter",
 ]

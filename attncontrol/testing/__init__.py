@@ -24,6 +24,7 @@ from .vocab import (
     make_t5_tokenizer,
     write_clip_tokenizer_files,
 )
+from .zimage import ZIMAGE_WIDTH_CONFIG, make_tiny_zimage_pipeline
 
 # family name -> its tiny pipeline's builder (seed -> pipeline), one line per family
 BUILDERS = {
@@ -35,6 +36,7 @@ BUILDERS = {
     "flux": lambda seed: make_tiny_flux_pipeline(seed=seed),
     "pixart": lambda seed: make_tiny_pixart_pipeline(seed=seed),
     "qwenimage": lambda seed: make_tiny_qwenimage_pipeline(seed=seed),
+    "zimage": lambda seed: make_tiny_zimage_pipeline(seed=seed),
 }
 FAMILIES = tuple(BUILDERS)
 
@@ -65,6 +67,7 @@ __all__ = [
     "SD35_MEDIUM_CONFIG",
     "SDXL_UNET_CONFIG",
     "SOT_TOKEN",
+    "ZIMAGE_WIDTH_CONFIG",
     "clip_bpe_path",
     "make_clip_tokenizer",
     "make_scheduler",
@@ -76,6 +79,7 @@ __all__ = [
     "make_tiny_sd3_pipeline",
     "make_tiny_sd_pipeline",
     "make_tiny_sdxl_pipeline",
+    "make_tiny_zimage_pipeline",
     "save_tiny_blip",
     "save_tiny_blip_vqa",
     "save_tiny_clip",
