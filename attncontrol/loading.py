@@ -164,6 +164,8 @@ QWENIMAGE_PROMPT_TEMPLATE = (
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.
 STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
+    # PixArtSigmaPipeline._text_preprocessing: the prompt lower-cased and stripped (without clean_caption)
+    "PixArtSigmaPipeline": {"tokenizer": PromptTemplate(lower=True)},
     "QwenImagePipeline": {"tokenizer": PromptTemplate(pattern=QWENIMAGE_PROMPT_TEMPLATE, drop=34)},
     # ZImagePipeline._encode_prompt: one user turn, the assistant's turn opened, thinking on (no empty think block)
     "ZImagePipeline": {

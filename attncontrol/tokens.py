@@ -111,18 +111,25 @@ class PromptTemplate:
     template is applied to the messages ``messages(prompt)`` gives, with ``chat_kwargs`` (e.g.
     ``add_generation_prompt``). ``special``: whether the tokenizer adds its special tokens to the rendered text
     (a chat template that writes its own BOS is tokenised without). ``drop``: leading tokens the pipeline drops
-    from the encoder's output (they never reach the denoiser)."""
+    from the encoder's output (they never reach the denoiser). ``lower``: the pipeline lower-cases the prompt
+    first (and so the subjects are matched lower-cased)."""
 
     pattern: str | None = None
     messages: Callable[[str], list[dict[str, Any]]] | None = None
     chat_kwargs: tuple[tuple[str, Any], ...] = ()
     special: bool = True
     drop: int = 0
+    lower: bool = False
 
     def render(self, tokenizer, prompt: str) -> str:
+        prompt = self.seen(prompt)
         if self.messages is not None:
             return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, **dict(self.chat_kwargs))
         return prompt if self.pattern is None else self.pattern.format(prompt)
+
+    def seen(self, text: str) -> str:
+        """``text`` as the pipeline hands it on (lower-cased and stripped where it lower-cases)."""
+        return text.lower().strip() if self.lower else text
 
     def wrap(self, tokenizer) -> TemplatedTokenizer:
         return TemplatedTokenizer(tokenizer, self)
@@ -145,7 +152,7 @@ class TemplatedTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = True, truncation: bool = False, **kwargs):
         if not add_special_tokens:
-            return self.tokenizer(text, add_special_tokens=False, truncation=False)
+            return self.tokenizer(self.template.seen(text), add_special_tokens=False, truncation=False)
         rendered = self.template.render(self.chat, text)
         ids = self.tokenizer(rendered, add_special_tokens=self.template.special, truncation=False).input_ids
         return SimpleNamespace(input_ids=list(ids)[self.template.drop :])

@@ -189,6 +189,18 @@ def test_subjects_resolve_to_their_t5_positions(pixart):
     assert keep.nonzero().flatten().tolist() == list(range(table.first_index, table.last_index + 1))
 
 
+def test_a_subject_is_matched_as_the_encoder_sees_it_lower_cased(pixart, pixart_dir):
+    """The pipeline lower-cases the prompt: "Cat" names the word "cat" of "A Cat ...", in the run and in the CLI's
+    check before torch (the stream's template lower-cases the subject too)."""
+    from attncontrol.cli.preflight import check_subjects
+
+    run = attncontrol.prepare_run(pixart, "A Cat resting and a dog", [AttendExcite(subjects=["Cat", "dog"])])
+    table = attncontrol.tokenize(pixart.tokenizer, "a cat resting and a dog", 300)
+    cat = tuple(r.index for r in table.rows() if r.word == "cat")
+    assert run.controls[0].maps.subjects[0][0] == cat
+    check_subjects(str(pixart_dir), ["A Cat resting and a dog"], ["Cat", "dog"])
+
+
 def test_velocity_rule_is_refused_on_this_epsilon_model(pixart):
     with pytest.raises(OptionError, match="flow-matching"):
         _run(pixart, [AttendExcite(subjects=["cat"], update="velocity")])

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError, ResolutionError
-from ..loading import TOKEN_STREAMS
+from ..loading import STREAM_TEMPLATES, TOKEN_STREAMS
 from ..processors import CLASSIC
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
@@ -204,7 +204,8 @@ class PixArtAdapter(ModelAdapter):
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         """One T5 stream of ``max_sequence_length`` positions, over the text the encoder sees (lower-cased)."""
         seen = tuple(self.pipe._text_preprocessing(list(prompts), clean_caption=self.clean_caption(pipe_kwargs)))
-        return TextLayout((TextSegment(self.pipe.tokenizer, 0, self.max_sequence_length(pipe_kwargs), seen, "T5"),))
+        tokenizer = STREAM_TEMPLATES["PixArtSigmaPipeline"]["tokenizer"].wrap(self.pipe.tokenizer)  # subjects too
+        return TextLayout((TextSegment(tokenizer, 0, self.max_sequence_length(pipe_kwargs), seen, "T5"),))
 
     def encode(self, batch: PromptBatch, device) -> Encoded:
         pe, mask, npe, nmask = self.pipe.encode_prompt(
