@@ -10,7 +10,7 @@ from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 from .shapes import resolve_model
-from .tokens import PromptTemplate
+from .tokens import PromptTemplate, user_message
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_NAMES = {
@@ -125,11 +125,41 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "StableDiffusionXLPipeline": (("tokenizer", "CLIP", 0),),
     "StableDiffusion3Pipeline": (("tokenizer", "CLIP", 0), ("tokenizer_3", "T5", 77)),
     "FluxPipeline": (("tokenizer_2", "T5", 0),),
+    "Flux2Pipeline": (("tokenizer", "Mistral-3", 0),),
+    "Flux2KleinPipeline": (("tokenizer", "Qwen3", 0),),
 }
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.
-STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {}
+
+
+def system_then_user(prompt: str, system_message: str | None = None) -> list[dict[str, Any]]:
+    """FLUX.2 [dev]'s chat (diffusers ``pipeline_flux2.py:format_input``): a system turn holding diffusers'
+    ``SYSTEM_MESSAGE`` (or ``system_message``: the pipeline's own ``system_message`` attribute), then a user turn
+    holding the prompt without ``[IMG]``, each content a list of text parts. Imported lazily: diffusers imports
+    torch, and token tables are built before it."""
+    if system_message is None:
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        system_message = SYSTEM_MESSAGE
+    return [
+        {"role": "system", "content": [{"type": "text", "text": system_message}]},
+        {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+    ]
+
+
+STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
+    # pipeline_flux2.py:_get_mistral_3_small_prompt_embeds: apply_chat_template(tokenize=True), which adds no
+    # special tokens of its own (the template writes <s>); padded to max_sequence_length, nothing dropped
+    "Flux2Pipeline": {"tokenizer": PromptTemplate(messages=system_then_user, special=False)},
+    # pipeline_flux2_klein.py:_get_qwen3_prompt_embeds: the rendered chat (generation prompt opened, thinking off)
+    # tokenised with the tokenizer's defaults, padded to max_sequence_length, nothing dropped
+    "Flux2KleinPipeline": {
+        "tokenizer": PromptTemplate(
+            messages=user_message, chat_kwargs=(("add_generation_prompt", True), ("enable_thinking", False))
+        )
+    },
+}
 
 
 def check_pipeline_folder(model: str, check_class: bool = True) -> dict:

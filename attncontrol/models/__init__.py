@@ -5,12 +5,20 @@ from __future__ import annotations
 from ..errors import UnsupportedPipelineError
 from .base import Encoded, ModelAdapter, PromptBatch
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
-ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    SDXLAdapter,
+    SDAdapter,
+    SD3Adapter,
+    FluxAdapter,
+    Flux2KleinAdapter,
+    Flux2Adapter,
+]
 
 
 def adapter_class(pipeline_name: str) -> type[ModelAdapter] | None:
@@ -30,6 +38,8 @@ def get_adapter(pipe) -> ModelAdapter:
 __all__ = [
     "ADAPTERS",
     "Encoded",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "ModelAdapter",
     "PromptBatch",

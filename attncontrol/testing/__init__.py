@@ -3,7 +3,7 @@
 Nothing here downloads anything. The CLIP tokenizer is rebuilt from the BPE vocabulary that the
 ``open-clip-torch`` wheel ships (install it with ``pip install --no-deps open-clip-torch``); its token ids equal
 Stable Diffusion's. The T5-style tokenizer is trained offline on CLIP's words. Run
-``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux]`` to write a tiny pipeline folder
+``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux|flux2|klein]`` to write a tiny pipeline folder
 that ``attncontrol generate --model DIR`` can load.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .eval_models import save_tiny_blip, save_tiny_blip_vqa, save_tiny_clip, save_tiny_owlv2
+from .flux2 import FLUX2_WIDTH_CONFIG, make_tiny_flux2_klein_pipeline, make_tiny_flux2_pipeline
 from .mmdit import FLUX_WIDTH_CONFIG, SD35_MEDIUM_CONFIG, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 from .sd import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, make_scheduler, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 from .vocab import (
@@ -23,7 +24,7 @@ from .vocab import (
     write_clip_tokenizer_files,
 )
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "flux2", "klein")
 
 
 def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
@@ -36,6 +37,10 @@ def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
         return make_tiny_sd3_pipeline(seed=seed, dual_attention=family == "sd35")
     if family == "flux":
         return make_tiny_flux_pipeline(seed=seed)
+    if family == "flux2":
+        return make_tiny_flux2_pipeline(seed=seed)
+    if family == "klein":
+        return make_tiny_flux2_klein_pipeline(seed=seed)
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
 
 
@@ -51,6 +56,7 @@ save_tiny_sd_pipeline = save_tiny_pipeline  # the name earlier code and docs use
 __all__ = [
     "EOT_TOKEN",
     "FAMILIES",
+    "FLUX2_WIDTH_CONFIG",
     "FLUX_WIDTH_CONFIG",
     "SD15_UNET_CONFIG",
     "SD35_MEDIUM_CONFIG",
@@ -60,6 +66,8 @@ __all__ = [
     "make_clip_tokenizer",
     "make_scheduler",
     "make_t5_tokenizer",
+    "make_tiny_flux2_klein_pipeline",
+    "make_tiny_flux2_pipeline",
     "make_tiny_flux_pipeline",
     "make_tiny_pipeline",
     "make_tiny_sd3_pipeline",
