@@ -29,7 +29,11 @@ def _qkv_of(attn, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
     local = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
     q, k, v = fused[..., :local].chunk(3, dim=-1)
-    return tuple(x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))  # type: ignore[return-value]
+    return (
+        q.unflatten(-1, (-1, attn.head_dim)),
+        k.unflatten(-1, (-1, attn.head_dim)),
+        v.unflatten(-1, (-1, attn.head_dim)),
+    )
 
 
 class ParallelRotaryJointAttention(RotaryJointAttention):
@@ -45,8 +49,8 @@ class ParallelRotaryJointAttention(RotaryJointAttention):
             return super().query_key(attn, args)
         from diffusers.models.embeddings import apply_rotary_emb
 
-        q, k, _ = _qkv_of(attn, args["hidden_states"])
-        q, k = attn.norm_q(q), attn.norm_k(k)
+        q_raw, k_raw, _ = _qkv_of(attn, args["hidden_states"])
+        q, k = attn.norm_q(q_raw), attn.norm_k(k_raw)
         rotary = args.get("image_rotary_emb")
         if rotary is not None:
             q = apply_rotary_emb(q, rotary, sequence_dim=1)
