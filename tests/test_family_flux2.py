@@ -395,3 +395,17 @@ def test_generate_runs_on_the_saved_folder(flux2_dirs, family, tmp_path, capsys)
     args += ["--width", "128"]
     assert main(args) == 0, capsys.readouterr().err
     assert out.is_file()
+
+
+def test_the_width_config_is_flux2_devs_block_width():
+    """FLUX2_WIDTH_CONFIG: the transformer's own arguments, at FLUX.2 [dev]'s width (48 x 128, Mistral-3's 3 x
+    5120 text features), with few blocks (not built here: its blocks alone are gigabytes)."""
+    import inspect
+
+    from diffusers import Flux2Transformer2DModel
+
+    from attncontrol.testing import FLUX2_WIDTH_CONFIG as cfg
+
+    assert set(cfg) <= set(inspect.signature(Flux2Transformer2DModel.__init__).parameters)
+    assert cfg["num_attention_heads"] * cfg["attention_head_dim"] == 6144 and cfg["joint_attention_dim"] == 3 * 5120
+    assert sum(cfg["axes_dims_rope"]) == cfg["attention_head_dim"]
