@@ -128,6 +128,8 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "PixArtSigmaPipeline": (("tokenizer", "T5", 0),),
     "QwenImagePipeline": (("tokenizer", "Qwen2.5-VL", 0),),
     "ZImagePipeline": (("tokenizer", "Qwen3", 0),),
+    "Flux2Pipeline": (("tokenizer", "Mistral-3", 0),),
+    "Flux2KleinPipeline": (("tokenizer", "Qwen3", 0),),
 }
 # How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
 # packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.
@@ -137,6 +139,8 @@ PATCH_SIZE: dict[str, int] = {
     "PixArtSigmaPipeline": 2,
     "QwenImagePipeline": 2,
     "ZImagePipeline": 2,
+    "Flux2Pipeline": 2,
+    "Flux2KleinPipeline": 2,
 }
 
 
@@ -160,6 +164,23 @@ QWENIMAGE_PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
+
+
+def system_then_user(prompt: str, system_message: str | None = None) -> list[dict[str, Any]]:
+    """FLUX.2 [dev]'s chat (diffusers ``pipeline_flux2.py:format_input``): a system turn holding diffusers'
+    ``SYSTEM_MESSAGE`` (or ``system_message``: the pipeline's own ``system_message`` attribute), then a user turn
+    holding the prompt without ``[IMG]``, each content a list of text parts. Imported lazily: diffusers imports
+    torch, and token tables are built before it."""
+    if system_message is None:
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        system_message = SYSTEM_MESSAGE
+    return [
+        {"role": "system", "content": [{"type": "text", "text": system_message}]},
+        {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+    ]
+
+
 # The pipelines that render the prompt into a template before their (LLM) text encoder: pipeline class ->
 # tokenizer subfolder -> the template (attncontrol.tokens.PromptTemplate), so that token tables, subject checks and
 # the family adapters read the positions the denoiser attends to.
@@ -171,6 +192,16 @@ STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
     "ZImagePipeline": {
         "tokenizer": PromptTemplate(
             messages=user_message, chat_kwargs=(("add_generation_prompt", True), ("enable_thinking", True))
+        )
+    },
+    # pipeline_flux2.py:_get_mistral_3_small_prompt_embeds: apply_chat_template(tokenize=True), which adds no
+    # special tokens of its own (the template writes <s>); padded to max_sequence_length, nothing dropped
+    "Flux2Pipeline": {"tokenizer": PromptTemplate(messages=system_then_user, special=False)},
+    # pipeline_flux2_klein.py:_get_qwen3_prompt_embeds: the rendered chat (generation prompt opened, thinking off)
+    # tokenised with the tokenizer's defaults, padded to max_sequence_length, nothing dropped
+    "Flux2KleinPipeline": {
+        "tokenizer": PromptTemplate(
+            messages=user_message, chat_kwargs=(("add_generation_prompt", True), ("enable_thinking", False))
         )
     },
 }

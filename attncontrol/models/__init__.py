@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import UnsupportedPipelineError
 from .base import Encoded, ModelAdapter, PromptBatch
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sd import SDAdapter
@@ -21,6 +22,8 @@ ADAPTERS: list[type[ModelAdapter]] = [
     PixArtAdapter,
     QwenImageAdapter,
     ZImageAdapter,
+    Flux2KleinAdapter,
+    Flux2Adapter,
 ]
 
 
@@ -41,6 +44,8 @@ def get_adapter(pipe) -> ModelAdapter:
 __all__ = [
     "ADAPTERS",
     "Encoded",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "ModelAdapter",
     "PixArtAdapter",

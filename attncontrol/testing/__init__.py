@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .eval_models import save_tiny_blip, save_tiny_blip_vqa, save_tiny_clip, save_tiny_owlv2
+from .flux2 import FLUX2_WIDTH_CONFIG, make_tiny_flux2_klein_pipeline, make_tiny_flux2_pipeline
 from .mmdit import FLUX_WIDTH_CONFIG, SD35_MEDIUM_CONFIG, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 from .pixart import PIXART_SIGMA_CONFIG, make_tiny_pixart_pipeline
 from .qwenimage import QWENIMAGE_WIDTH_CONFIG, make_tiny_qwenimage_pipeline
@@ -37,6 +38,8 @@ BUILDERS = {
     "pixart": lambda seed: make_tiny_pixart_pipeline(seed=seed),
     "qwenimage": lambda seed: make_tiny_qwenimage_pipeline(seed=seed),
     "zimage": lambda seed: make_tiny_zimage_pipeline(seed=seed),
+    "flux2": lambda seed: make_tiny_flux2_pipeline(seed=seed),
+    "klein": lambda seed: make_tiny_flux2_klein_pipeline(seed=seed),
 }
 FAMILIES = tuple(BUILDERS)
 
@@ -60,6 +63,7 @@ save_tiny_sd_pipeline = save_tiny_pipeline  # the name earlier code and docs use
 __all__ = [
     "EOT_TOKEN",
     "FAMILIES",
+    "FLUX2_WIDTH_CONFIG",
     "FLUX_WIDTH_CONFIG",
     "PIXART_SIGMA_CONFIG",
     "QWENIMAGE_WIDTH_CONFIG",
@@ -72,6 +76,8 @@ __all__ = [
     "make_clip_tokenizer",
     "make_scheduler",
     "make_t5_tokenizer",
+    "make_tiny_flux2_klein_pipeline",
+    "make_tiny_flux2_pipeline",
     "make_tiny_flux_pipeline",
     "make_tiny_pipeline",
     "make_tiny_pixart_pipeline",
