@@ -1,0 +1,51 @@
+"""Every family, the same way: what the CLI checks before torch (token streams, templates, the size multiple)
+agrees with what the family's adapter does once the model is loaded, and the README has a row and a runnable
+example per family."""
+
+from pathlib import Path
+
+import pytest
+
+from attncontrol.loading import PATCH_SIZE, STREAM_TEMPLATES, TOKEN_STREAMS, size_multiple
+from attncontrol.models import ADAPTERS, get_adapter
+from attncontrol.testing import FAMILIES, make_tiny_pipeline
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_pipe(request):
+    return request.param, make_tiny_pipeline(request.param, seed=0)
+
+
+def test_every_adapter_has_its_token_streams_before_torch():
+    for adapter in ADAPTERS:
+        assert adapter.pipeline_names, adapter.__name__
+        for name in adapter.pipeline_names:
+            assert TOKEN_STREAMS[name] == adapter.token_streams, name
+    assert set(STREAM_TEMPLATES) <= set(TOKEN_STREAMS) and set(PATCH_SIZE) <= set(TOKEN_STREAMS)
+
+
+def test_the_size_checked_before_torch_is_the_adapters(family_pipe):
+    """The CLI refuses sizes from the model folder's JSON alone (loading.size_multiple); the adapter refuses them
+    once loaded (ModelAdapter.size_multiple). A family whose patch or VAE factor the JSON rule misreads fails."""
+    family, pipe = family_pipe
+    index = {"_class_name": type(pipe).__name__}
+    assert size_multiple(index, dict(pipe.vae.config)) == get_adapter(pipe).size_multiple, family
+
+
+def test_the_template_checked_before_torch_is_the_adapters(family_pipe):
+    """A subject's positions from the CLI's templated stream (no model) equal the adapter's (the loaded pipeline)."""
+    from attncontrol.loading import TOKEN_STREAMS as streams
+    from attncontrol.tokens import tokenize
+
+    family, pipe = family_pipe
+    adapter = get_adapter(pipe)
+    layout = adapter.text_layout(["a cat and a dog"], {})
+    for (subfolder, _, offset), segment in zip(streams[type(pipe).__name__], layout.segments):
+        tokenizer = getattr(pipe, subfolder)
+        template = STREAM_TEMPLATES.get(type(pipe).__name__, {}).get(subfolder)
+        before = tokenize(tokenizer if template is None else template.wrap(tokenizer), "a cat and a dog")
+        after = segment.table(0)
+        assert after is not None and offset == segment.offset, family
+        assert before.ids == after.ids and before.prefix == after.prefix, family
