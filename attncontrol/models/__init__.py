@@ -5,12 +5,13 @@ from __future__ import annotations
 from ..errors import UnsupportedPipelineError
 from .base import Encoded, ModelAdapter, PromptBatch
 from .flux import FluxAdapter
+from .sana import SanaAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 
 # Most specific first. Adding a family = one adapter module + one entry here.
-ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [SDXLAdapter, SDAdapter, SD3Adapter, FluxAdapter, SanaAdapter]
 
 
 def adapter_class(pipeline_name: str) -> type[ModelAdapter] | None:
@@ -36,6 +37,7 @@ __all__ = [
     "SD3Adapter",
     "SDAdapter",
     "SDXLAdapter",
+    "SanaAdapter",
     "adapter_class",
     "get_adapter",
 ]

@@ -3,7 +3,7 @@
 Nothing here downloads anything. The CLIP tokenizer is rebuilt from the BPE vocabulary that the
 ``open-clip-torch`` wheel ships (install it with ``pip install --no-deps open-clip-torch``); its token ids equal
 Stable Diffusion's. The T5-style tokenizer is trained offline on CLIP's words. Run
-``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux]`` to write a tiny pipeline folder
+``python -m attncontrol.testing DIR [--family sd1|sd2|sdxl|sd3|sd35|flux|sana]`` to write a tiny pipeline folder
 that ``attncontrol generate --model DIR`` can load.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .eval_models import save_tiny_blip, save_tiny_blip_vqa, save_tiny_clip, save_tiny_owlv2
 from .mmdit import FLUX_WIDTH_CONFIG, SD35_MEDIUM_CONFIG, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
+from .sana import SANA_1600M_CONFIG, make_gemma_tokenizer, make_tiny_sana_pipeline
 from .sd import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, make_scheduler, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 from .vocab import (
     EOT_TOKEN,
@@ -23,7 +24,7 @@ from .vocab import (
     write_clip_tokenizer_files,
 )
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "sana")
 
 
 def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
@@ -36,6 +37,8 @@ def make_tiny_pipeline(family: str = "sd1", seed: int = 0):
         return make_tiny_sd3_pipeline(seed=seed, dual_attention=family == "sd35")
     if family == "flux":
         return make_tiny_flux_pipeline(seed=seed)
+    if family == "sana":
+        return make_tiny_sana_pipeline(seed=seed)
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
 
 
@@ -52,17 +55,20 @@ __all__ = [
     "EOT_TOKEN",
     "FAMILIES",
     "FLUX_WIDTH_CONFIG",
+    "SANA_1600M_CONFIG",
     "SD15_UNET_CONFIG",
     "SD35_MEDIUM_CONFIG",
     "SDXL_UNET_CONFIG",
     "SOT_TOKEN",
     "clip_bpe_path",
     "make_clip_tokenizer",
+    "make_gemma_tokenizer",
     "make_scheduler",
     "make_t5_tokenizer",
     "make_tiny_flux_pipeline",
     "make_tiny_pipeline",
     "make_tiny_sd3_pipeline",
+    "make_tiny_sana_pipeline",
     "make_tiny_sd_pipeline",
     "make_tiny_sdxl_pipeline",
     "save_tiny_blip",
