@@ -83,8 +83,10 @@ def test_without_binning_the_grid_is_the_size(sana):
 
 def test_the_adapter_facts(sana):
     adapter = get_adapter(sana)
-    assert isinstance(adapter, SanaAdapter) and adapter.flow_matching and adapter.attention_kwargs_name == (
-        "attention_kwargs"
+    assert (
+        isinstance(adapter, SanaAdapter)
+        and adapter.flow_matching
+        and adapter.attention_kwargs_name == ("attention_kwargs")
     )
     assert [la.kind for la in adapter.layers] == ["cross"] * 3 and adapter.default_blocks() == {"cross": (0, 1, 2)}
     assert adapter.grid(adapter.layers[0], (16, 15)) == (16, 15) and adapter.input_scale(500) == 1.0
@@ -114,9 +116,7 @@ def _explicit_cross_maps(pipe, names, latents, run, step=0):
         found.append(p.mean(1))
 
     modules = dict(pipe.transformer.named_modules())
-    handles = [
-        modules[n.removesuffix(".processor")].register_forward_pre_hook(hook, with_kwargs=True) for n in names
-    ]
+    handles = [modules[n.removesuffix(".processor")].register_forward_pre_hook(hook, with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
             run.adapter.guidance_forward(latents, run.timesteps[step], run.cond)
@@ -222,15 +222,17 @@ CONTROLS = {
     "astar": lambda: AStar(subjects=["cat", "dog"], scale_factor=200),
     "attend-excite-velocity": lambda: AttendExcite(subjects=["cat", "dog"], update="velocity", velocity_scale=20),
     "divide-bind": lambda: DivideBind(subjects=["cat", "dog"]),
-    "conform": lambda: Conform(subjects=["cat", "dog"]),
-    "syngen": lambda: SynGen(subjects=["cat", "dog"]),
+    # attribute-noun groups: with one token per group, NT-Xent has no positive pair and SynGen no attribute
+    "conform": lambda: Conform(subjects=["red cat", "blue dog"]),
+    "syngen": lambda: SynGen(subjects=["red cat", "blue dog"]),
     "boxdiff": lambda: BoxDiff(boxes=BOXES),
 }
 
 
 def _lowers(pipe, control, velocity=False):
+    prompt = "a red cat and a blue dog" if control.method in ("conform", "syngen") else PROMPT
     run = attncontrol.prepare_run(
-        pipe, PROMPT, [control], num_inference_steps=10, guidance_scale=1.0, generator=seeded(0), **KW
+        pipe, prompt, [control], num_inference_steps=10, guidance_scale=1.0, generator=seeded(0), **KW
     )
     z = run.draw_latents()
     with run.installed():
@@ -281,12 +283,14 @@ def test_controls_compose_and_the_observer_records(sana):
     ]
     out = _run(sana, controls, steps=3, attention=True)
     assert set(out.trace[0].losses) == {"attend-excite", "astar", "boxdiff"} and out.trace[0].edits["regulate"]
-    assert out.attention.maps.shape == (3, 1, 2, 8, 8) and torch.isfinite(out.attention.maps).all()
+    # 256x256 is binned to 512x512 (the 512 px bins of a sample_size 16 transformer): a 16x16 grid
+    assert out.attention.maps.shape == (3, 1, 2, 16, 16) and torch.isfinite(out.attention.maps).all()
 
 
 def test_blocks_choose_the_layers_and_the_guidance_pass_stops_after_the_last(sana):
     calls = []
-    hook = sana.transformer.transformer_blocks[2].register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    last = sana.transformer.transformer_blocks[2]
+    hook = last.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
     try:
         out = _run(sana, [AttendExcite(subjects=["cat", "dog"], blocks=(0, 1), thresholds={})], steps=2)
     finally:
