@@ -66,7 +66,10 @@ def _gemma_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab = {t: i for i, t in enumerate(_SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
     for piece, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges: list[tuple[str, str]] = []
+    for m in model["merges"]:  # "a b" in older tokenizers files, ["a", "b"] in newer ones
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        merges.append((left, right))
     return vocab, merges
 
 
@@ -138,8 +141,6 @@ def make_tiny_sana_pipeline(seed: int = 0, qk_norm: str | None = None):
         qk_norm=qk_norm,
     )
     scheduler = DPMSolverMultistepScheduler(**SANA_SCHEDULER_CONFIG)
-    pipe = SanaPipeline(
+    return SanaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
