@@ -150,6 +150,35 @@ def test_captured_maps_equal_the_explicit_masked_softmax(sana, sana_qk, qk):
     assert explicit[..., mask].sum(-1).sub(1).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+def test_the_classic_form_is_the_sana_cross_attention_processor(qk_norm):
+    """The layer's output through CLASSIC's explicit probabilities equals ``SanaAttnProcessor2_0``'s (float64),
+    with the key mask as the transformer passes it (a -10000 bias) and q/k norms over all heads."""
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    from attncontrol.processors.classic import CLASSIC
+
+    torch.manual_seed(0)
+    attn = SanaTransformerBlock(16, 2, 8, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                cross_attention_dim=16, qk_norm=qk_norm).attn2  # fmt: skip
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # norms' scales off 1
+    attn = attn.double().eval()
+    g = seeded(1)
+    hidden = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+    text = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float64)
+    bias = ((1 - keep) * -10000.0).unsqueeze(1)
+    seen = []
+    with torch.no_grad():
+        theirs = attn.processor(attn, hidden, encoder_hidden_states=text, attention_mask=bias)
+        ours = CLASSIC.explicit(attn, hidden, text, bias, None, on_probs=lambda p, h: seen.append(p))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    probs = seen[0].view(2, 2, 6, 5)
+    assert torch.equal(probs[0, ..., 3:], torch.zeros_like(probs[0, ..., 3:])) and probs[1, ..., 4].abs().max() == 0
+
+
 # ---------------------------------------------------------------- subjects: the instruction window
 
 
@@ -330,3 +359,10 @@ def test_cli_generate_with_a_method(sana_dir, tmp_path):
     args = ["generate", "a cat and a dog", "--model", str(sana_dir), "--methods", "attend-excite", "--subjects"]
     args += ["cat", "dog", "--steps", "2", "--height", "256", "--width", "256", "--device", "cpu", "--out", str(out)]
     assert main(args) == 0 and out.exists()
+
+
+def test_cli_refuses_a_size_off_the_dc_ae_factor_before_loading(sana_dir, capsys):
+    from attncontrol.cli import main
+
+    args = ["generate", "a cat", "--model", str(sana_dir), "--subjects", "cat", "--height", "48", "--width", "256"]
+    assert main(args) == 2 and "multiple of 32" in capsys.readouterr().err

@@ -94,7 +94,8 @@ def check_size(model: str, height: int | None, width: int | None) -> None:
     """Positive multiples of what the family needs (the VAE's factor, times the patch of transformer families)."""
     vae = _local_json(model, "vae", "config.json")
     index = _local_json(model, "model_index.json") or {}
-    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae and vae.get("block_out_channels") else 8
+    blocks = (vae or {}).get("block_out_channels") or (vae or {}).get("encoder_block_out_channels")  # DC-AE: the latter
+    factor = 2 ** (len(blocks) - 1) if blocks else 8
     patch = 2 if index.get("_class_name") in ("StableDiffusion3Pipeline", "FluxPipeline") else 1
     step = max(8, factor * patch)
     for flag, value in (("--height", height), ("--width", width)):
