@@ -366,3 +366,16 @@ def test_cli_refuses_a_size_off_the_dc_ae_factor_before_loading(sana_dir, capsys
 
     args = ["generate", "a cat", "--model", str(sana_dir), "--subjects", "cat", "--height", "48", "--width", "256"]
     assert main(args) == 2 and "multiple of 32" in capsys.readouterr().err
+
+
+def test_a_tail_window_keeps_the_head_and_the_padded_tail():
+    """The generic rule: pad to len(reference ids) + extra, keep ``head`` then the last ``length - head``; ids
+    past the padded length follow the window (cut off), and a window that would overlap its head is refused."""
+    from attncontrol.testing import make_gemma_tokenizer
+
+    tok = make_gemma_tokenizer()
+    n_ref = len(tok("red blue").input_ids)  # <bos> red ▁blue: 3
+    window = TailWindow(head=1, length=4, reference="red blue", extra=2)  # pad to 5, keep [0] + [2, 3, 4]
+    assert window.select(tok, list(range(10))) == [0, 2, 3, 4, 5, 6, 7, 8, 9] and n_ref == 3
+    with pytest.raises(OptionError, match="overlaps its head"):
+        TailWindow(head=1, length=8, reference="red blue", extra=2).select(tok, list(range(10)))
