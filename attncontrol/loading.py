@@ -10,7 +10,7 @@ from ._lazy import torch
 from .errors import ModelLoadError, OptionError
 from .hub import check_pipeline_tokenizers, check_tokenizer, hub_kwargs, is_hub_id, unavailable_message
 from .shapes import resolve_model
-from .tokens import PromptTemplate, user_message
+from .tokens import PromptTemplate, TailWindow, user_message
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_NAMES = {
@@ -130,6 +130,7 @@ TOKEN_STREAMS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "ZImagePipeline": (("tokenizer", "Qwen3", 0),),
     "Flux2Pipeline": (("tokenizer", "Mistral-3", 0),),
     "Flux2KleinPipeline": (("tokenizer", "Qwen3", 0),),
+    "SanaPipeline": (("tokenizer", "Gemma", 0),),
 }
 # How many latent cells one image token covers per side, per pipeline class (a transformer's patch or the 2x2
 # packing of the latents); absent: 1. With the VAE's factor it gives the size multiple checked before torch.
@@ -141,7 +142,7 @@ PATCH_SIZE: dict[str, int] = {
     "ZImagePipeline": 2,
     "Flux2Pipeline": 2,
     "Flux2KleinPipeline": 2,
-}
+}  # SanaPipeline: patch 1, its DC-AE's factor 32
 
 
 def vae_factor(vae_config: dict | None) -> int:
@@ -205,6 +206,46 @@ STREAM_TEMPLATES: dict[str, dict[str, PromptTemplate]] = {
         )
     },
 }
+
+
+def instruction_template(instruction: list[str] | None, max_sequence_length: int) -> PromptTemplate:
+    """The template of a pipeline that lowercases the prompt, puts its instruction lines (joined by newlines)
+    before it, pads the ids to the instruction's token count + ``max_sequence_length`` - 2 and keeps the first
+    (BOS) and the last ``max_sequence_length`` - 1 (diffusers ``pipeline_sana.py``:
+    ``SanaPipeline._get_gemma_prompt_embeds`` and ``encode_prompt``'s ``select_index``). Without an instruction:
+    the prompt alone, its first ``max_sequence_length`` ids."""
+    if not instruction:
+        return PromptTemplate(lower=True)
+    text = "\n".join(instruction)
+    window = TailWindow(head=1, length=max_sequence_length, reference=text, extra=max_sequence_length - 2)
+    return PromptTemplate(text.replace("{", "{{").replace("}", "}}") + "{}", window=window, lower=True)
+
+
+def call_default(path: tuple[str, ...], cls: str, name: str) -> Any:
+    """The default of ``name`` in ``cls.__call__`` of diffusers' module file ``path``, read from its source
+    without importing diffusers (or torch); None where it cannot be read."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        tree = ast.parse(Path(spec.origin).parent.joinpath(*path).read_text(encoding="utf-8"))
+        klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+        call = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == "__call__")
+        args = call.args.args[len(call.args.args) - len(call.args.defaults) :]
+        default = next(d for a, d in zip(args, call.args.defaults) if a.arg == name)
+        return ast.literal_eval(default)
+    except (OSError, StopIteration, ValueError, SyntaxError):
+        return None
+
+
+_SANA_FILE = ("pipelines", "sana", "pipeline_sana.py")
+_SANA_INSTRUCTION = call_default(_SANA_FILE, "SanaPipeline", "complex_human_instruction")
+_SANA_LENGTH = call_default(_SANA_FILE, "SanaPipeline", "max_sequence_length")
+if _SANA_INSTRUCTION is not None and isinstance(_SANA_LENGTH, int):  # the pipeline's defaults (300 tokens)
+    STREAM_TEMPLATES["SanaPipeline"] = {"tokenizer": instruction_template(_SANA_INSTRUCTION, _SANA_LENGTH)}
 
 
 def check_pipeline_folder(model: str, check_class: bool = True) -> dict:

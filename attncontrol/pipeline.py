@@ -165,6 +165,7 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         default_blocks=adapter.default_blocks(),
         flow_sigmas=[float(s) for s in pipe.scheduler.sigmas] if adapter.flow_matching else None,
         timesteps=[float(t) for t in ts],
+        missing_kinds=adapter.missing_kinds(),
     )
     prepared_all = [c.prepare(ctx) for c in controls]
     observer, labels = _observer(args.attention, controls, ctx, adapter)

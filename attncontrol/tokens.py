@@ -12,7 +12,9 @@ Mistral) marks it with ``Ġ``, the byte table's space, and a word after a newlin
 Pipelines with an LLM text encoder do not tokenise the prompt alone: they render it into a template (a chat
 template, an instruction) and may drop the template's first tokens. :class:`PromptTemplate` says how, and
 :class:`TemplatedTokenizer` tokenises as the encoder then sees it, so a table's positions are the positions the
-denoiser attends to and the template's tokens are its prefix and suffix (special, never a subject).
+denoiser attends to and the template's tokens are its prefix and suffix (special, never a subject). A pipeline that
+keeps a window of a padded sequence rather than dropping a prefix (the first token, then the last ones) says so with
+a :class:`TailWindow`; one that lower-cases the prompt first, with ``lower``.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class PromptTemplate:
     chat_kwargs: tuple[tuple[str, Any], ...] = ()
     special: bool = True
     drop: int = 0
+    window: TailWindow | None = None  # the ids kept after ``drop``: a window of the padded sequence
     lower: bool = False
 
     def render(self, tokenizer, prompt: str) -> str:
@@ -133,6 +136,26 @@ class PromptTemplate:
 
     def wrap(self, tokenizer) -> TemplatedTokenizer:
         return TemplatedTokenizer(tokenizer, self)
+
+
+@dataclass(frozen=True)
+class TailWindow:
+    """A pipeline that pads the rendered ids to ``len(tokenizer(reference)) + extra`` tokens (the token count of a
+    reference text, e.g. its instruction alone, plus a margin) and keeps the first ``head`` of them and the last
+    ``length - head``: the ``length`` positions the denoiser attends to. :meth:`select` gives those positions of
+    the unpadded, untruncated ids; ids past the padded length come after the window's end (cut off)."""
+
+    head: int
+    length: int
+    reference: str
+    extra: int
+
+    def select(self, tokenizer, ids: list[int]) -> list[int]:
+        pad_to = len(tokenizer(self.reference).input_ids) + self.extra
+        start = pad_to - (self.length - self.head)
+        if start < self.head:
+            raise OptionError(f"the window keeps {self.length} of {pad_to} padded tokens: it overlaps its head")
+        return ids[: self.head] + ids[start:]
 
 
 def user_message(prompt: str) -> list[dict[str, Any]]:
@@ -155,7 +178,9 @@ class TemplatedTokenizer:
             return self.tokenizer(self.template.seen(text), add_special_tokens=False, truncation=False)
         rendered = self.template.render(self.chat, text)
         ids = self.tokenizer(rendered, add_special_tokens=self.template.special, truncation=False).input_ids
-        return SimpleNamespace(input_ids=list(ids)[self.template.drop :])
+        kept = list(ids)[self.template.drop :]
+        window = self.template.window
+        return SimpleNamespace(input_ids=kept if window is None else window.select(self.tokenizer, kept))
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -224,12 +249,14 @@ class TokenTable:
         return "\n".join(lines)
 
 
-def _affixes(tokenizer, ids: list[int], bare: list[int]) -> tuple[int, int]:
-    """How many special tokens the tokenizer put before and after the prompt's own tokens."""
-    n = len(bare)
-    for prefix in range(len(ids) - n + 1):
-        if ids[prefix : prefix + n] == bare:
-            return prefix, len(ids) - n - prefix
+def _affixes(tokenizer, ids: list[int], candidates: list[list[int]]) -> tuple[int, int]:
+    """How many special tokens the tokenizer put before and after the prompt's own tokens (``candidates``: the
+    prompt's bare ids, then as they read after a space, for a template that ends in one)."""
+    for bare in candidates:
+        n = len(bare)
+        for prefix in range(len(ids) - n + 1):
+            if ids[prefix : prefix + n] == bare:
+                return prefix, len(ids) - n - prefix
     raise SubjectError(f"cannot locate the prompt's tokens inside what {type(tokenizer).__name__} returns")
 
 
@@ -240,7 +267,8 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> TokenTabl
         raise OptionTypeError(f"prompt must be a str, got {type(prompt).__name__}")
     check_text(prompt, "the prompt")
     ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
-    bare = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    texts = (prompt, " " + prompt.strip())  # the second: the prompt after a template that ends in a space
+    bare = [tokenizer(text, add_special_tokens=False, truncation=False).input_ids for text in texts]
     prefix, suffix = _affixes(tokenizer, ids, bare)
     tokens = tokenizer.convert_ids_to_tokens(ids)
     limit = int(max_length if max_length is not None else tokenizer.model_max_length)

@@ -35,6 +35,8 @@ class ControlContext:
     # flow-matching families: the schedule's sigmas (num_steps + 1, ending at 0) and timesteps
     flow_sigmas: list[float] | None = None
     timesteps: list[float] = field(default_factory=list)
+    # kinds of map this model cannot give, each with why (the adapter's ``missing_kinds``)
+    missing_kinds: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def simple(cls, tokenizer, prompts: list[str], latent_hw, grid, num_steps: int = 50, **kwargs) -> ControlContext:
@@ -69,6 +71,8 @@ class ControlContext:
         """The layers whose maps ``key`` averages: its kind at its grid, from ``key.blocks`` (None: the family's
         default blocks; all layers at that grid for families without blocks)."""
         names = self.grids.get(key.kind, {}).get(key.grid, [])
+        if not names and key.kind in self.missing_kinds:
+            raise ResolutionError(f"this model has no {key.kind}-attention maps: {self.missing_kinds[key.kind]}")
         if not names:
             have = ", ".join(f"{r}x{c}" for r, c in sorted(self.grids.get(key.kind, {})))
             raise ResolutionError(

@@ -8,6 +8,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
+from .sana import SanaAdapter
 from .sd import SDAdapter
 from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
@@ -24,6 +25,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     ZImageAdapter,
     Flux2KleinAdapter,
     Flux2Adapter,
+    SanaAdapter,
 ]
 
 
@@ -55,6 +57,7 @@ __all__ = [
     "SDAdapter",
     "SDXLAdapter",
     "ZImageAdapter",
+    "SanaAdapter",
     "adapter_class",
     "get_adapter",
 ]

@@ -19,6 +19,7 @@ Members, and what each answers:
 - ``encode`` / ``guidance_forward``: prompt encoding (once per run) and the cond-only guidance forward.
 - ``with_step_callback``: how the run's per-step callback reaches the pipeline.
 - ``text_layout``: which key positions of the maps are text, from which tokenizer; ``exclude_eot_default``.
+- ``missing_kinds``: the kinds of map the family has no layer for, and why (e.g. no softmax to read).
 - ``checkpoint_modules``: which modules gradient checkpointing wraps in a guidance pass.
 """
 
@@ -211,6 +212,11 @@ class ModelAdapter(ABC):
     def cfg_batched(self, do_cfg: bool) -> bool:
         """Whether its denoiser batch is then [negative; positive] (else one forward per branch, positive first)."""
         return do_cfg
+
+    def missing_kinds(self) -> dict[str, str]:
+        """Kinds of map ("self", "cross") the family cannot give, each with why (the error a method that reads
+        them meets)."""
+        return {}
 
     def default_blocks(self) -> dict[str, tuple[int, ...]]:
         """Transformer families: per kind, the blocks the maps average by default (see ``blocks=``)."""

@@ -1,6 +1,11 @@
 """Attention as diffusers' classic ``AttnProcessor`` computes it (separate q/k/v projections, optional group
-norm, spatial norm and cross norm, residual and rescale): the layers of the SD-family denoisers. Used by the capture
+norm, spatial norm and cross norm, q/k norms, an additive key mask, residual and rescale): the layers of the
+SD-family denoisers and the cross-attention of the transformers that keep that layout. Used by the capture
 processor for the layers where probabilities must be explicit; everywhere else the layer's own processor runs.
+
+q/k norms (``norm_q``/``norm_k``) are applied where their size says: a norm over one head's channels per head, as
+diffusers' ``AttnProcessor2_0`` does; a norm over all heads' channels before the heads are split (the
+``"rms_norm_across_heads"`` kind, whose processors normalise the projection as a whole).
 """
 
 from __future__ import annotations
@@ -10,6 +15,18 @@ from collections.abc import Callable
 import torch
 
 from .form import AttentionForm
+
+
+def _normed(norm, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``x`` (batch, tokens, heads * head_dim) through a q/k ``norm`` (None: unchanged) where its size fits (see the
+    module docstring)."""
+    if norm is None:
+        return x
+    size = getattr(norm, "dim", None) or getattr(norm, "normalized_shape", None)
+    if size is not None and int(torch.Size(size).numel()) == x.shape[-1]:
+        return norm(x)
+    b, n, inner = x.shape
+    return norm(x.view(b, n, heads, inner // heads)).reshape(b, n, inner)
 
 
 class ClassicAttention(AttentionForm):
@@ -37,8 +54,8 @@ class ClassicAttention(AttentionForm):
             context = hidden_states
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
+        query = attn.head_to_batch_dim(_normed(attn.norm_q, attn.to_q(hidden_states), attn.heads))
+        key = attn.head_to_batch_dim(_normed(attn.norm_k, attn.to_k(context), attn.heads))
         return attn.get_attention_scores(query, key, attention_mask)
 
     def explicit(
@@ -73,8 +90,8 @@ class ClassicAttention(AttentionForm):
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
+        query = attn.head_to_batch_dim(_normed(attn.norm_q, query, attn.heads))
+        key = attn.head_to_batch_dim(_normed(attn.norm_k, key, attn.heads))
         if on_scores is not None:
             scores = torch.baddbmm(
                 torch.zeros(1, 1, 1, dtype=torch.float32, device=query.device)

@@ -16,6 +16,7 @@ from .flux2 import FLUX2_WIDTH_CONFIG, make_tiny_flux2_klein_pipeline, make_tiny
 from .mmdit import FLUX_WIDTH_CONFIG, SD35_MEDIUM_CONFIG, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 from .pixart import PIXART_SIGMA_CONFIG, make_tiny_pixart_pipeline
 from .qwenimage import QWENIMAGE_WIDTH_CONFIG, make_tiny_qwenimage_pipeline
+from .sana import SANA_1600M_CONFIG, make_gemma_tokenizer, make_tiny_sana_pipeline
 from .sd import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, make_scheduler, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline
 from .vocab import (
     EOT_TOKEN,
@@ -40,6 +41,7 @@ BUILDERS = {
     "zimage": lambda seed: make_tiny_zimage_pipeline(seed=seed),
     "flux2": lambda seed: make_tiny_flux2_pipeline(seed=seed),
     "klein": lambda seed: make_tiny_flux2_klein_pipeline(seed=seed),
+    "sana": lambda seed: make_tiny_sana_pipeline(seed=seed),
 }
 FAMILIES = tuple(BUILDERS)
 
@@ -67,6 +69,7 @@ __all__ = [
     "FLUX_WIDTH_CONFIG",
     "PIXART_SIGMA_CONFIG",
     "QWENIMAGE_WIDTH_CONFIG",
+    "SANA_1600M_CONFIG",
     "SD15_UNET_CONFIG",
     "SD35_MEDIUM_CONFIG",
     "SDXL_UNET_CONFIG",
@@ -74,6 +77,7 @@ __all__ = [
     "ZIMAGE_WIDTH_CONFIG",
     "clip_bpe_path",
     "make_clip_tokenizer",
+    "make_gemma_tokenizer",
     "make_scheduler",
     "make_t5_tokenizer",
     "make_tiny_flux2_klein_pipeline",
@@ -83,6 +87,7 @@ __all__ = [
     "make_tiny_pixart_pipeline",
     "make_tiny_qwenimage_pipeline",
     "make_tiny_sd3_pipeline",
+    "make_tiny_sana_pipeline",
     "make_tiny_sd_pipeline",
     "make_tiny_sdxl_pipeline",
     "make_tiny_zimage_pipeline",
