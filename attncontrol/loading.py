@@ -149,7 +149,7 @@ def vae_factor(vae_config: dict | None) -> int:
     """The VAE's spatial downsampling, read from its config as each VAE class states it (default 8)."""
     config = vae_config or {}
     for key, levels in (("block_out_channels", -1), ("encoder_block_out_channels", -1), ("temperal_downsample", 0)):
-        if isinstance(config.get(key), list) and config[key]:
+        if isinstance(config.get(key), (list, tuple)) and config[key]:
             return 2 ** (len(config[key]) + levels)
     return 8
 

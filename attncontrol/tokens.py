@@ -175,7 +175,8 @@ class TemplatedTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = True, truncation: bool = False, **kwargs):
         if not add_special_tokens:
-            return self.tokenizer(self.template.seen(text), add_special_tokens=False, truncation=False)
+            bare = text.lower() if self.template.lower else text  # not stripped: a subject's leading space counts
+            return self.tokenizer(bare, add_special_tokens=False, truncation=False)
         rendered = self.template.render(self.chat, text)
         ids = self.tokenizer(rendered, add_special_tokens=self.template.special, truncation=False).input_ids
         kept = list(ids)[self.template.drop :]
