@@ -49,3 +49,48 @@ def test_the_template_checked_before_torch_is_the_adapters(family_pipe):
         after = segment.table(0)
         assert after is not None and offset == segment.offset, family
         assert before.ids == after.ids and before.prefix == after.prefix, family
+
+
+NEW = [f for f in FAMILIES if f in ("pixart", "qwenimage", "zimage", "flux2", "klein", "sana")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW)
+def test_the_front_ends_take_the_familys_folder(family, tmp_path, capsys):
+    """A saved tiny folder of the family through the batch command, eval's attention metrics, generate's heatmaps
+    and the app's runner: each front end takes the family with no family-specific code of its own."""
+    import json
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    from attncontrol.cli import main
+    from attncontrol.testing import save_tiny_pipeline
+    from attncontrol.ui.logic import Runner, build_request
+
+    folder = save_tiny_pipeline(tmp_path / family, family=family, seed=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat and a dog | cat, dog\n")
+    out = tmp_path / "batch"
+    common = ["--model", str(folder), "--steps", "2"]
+    assert (
+        main(["batch", str(prompts), "--out", str(out), "--seeds", "0", "--methods", "none,attend-excite", *common])
+        == 0
+    )
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"none", "attend-excite"}
+    assert main(["eval", str(out)]) == 0
+    assert "min_subject_attention" in capsys.readouterr().out
+    maps = tmp_path / "maps"
+    args = ["generate", "a cat and a dog", "--subjects", "cat", "dog", "--methods", "attend-excite"]
+    assert main([*args, *common, "--out", str(tmp_path / "x.png"), "--save-attention", str(maps)]) == 0
+    assert (tmp_path / "x.png").is_file() and sorted(p.suffix for p in maps.iterdir()).count(".png") >= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    runner = Runner(pipe, family)
+    height, width = runner.native_size()
+    guidance = runner.default_guidance()
+    request = build_request("a cat and a dog", ["cat", "dog"], ["attend-excite"], None, 0, 2, guidance, height, width)
+    result = runner.run(request)
+    assert result.heatmaps and result.curves

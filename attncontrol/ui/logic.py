@@ -473,9 +473,8 @@ class Runner:
         return self.adapter.default_size()
 
     def default_guidance(self) -> float:
-        import inspect
-
-        return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
+        """The family's default guidance scale (Qwen-Image's pipeline has none: its adapter says what to use)."""
+        return self.adapter.default_guidance_scale()
 
     def run(self, req: Request, progress=None, cancel: threading.Event | None = None) -> DemoResult:
         """Baseline then controlled, same seed; ``progress(done, total, what)`` is called after every step. Setting
