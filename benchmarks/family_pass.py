@@ -1,32 +1,40 @@
-"""One Attend-and-Excite guidance pass (forward + backward to the latents) per family added in issue #26, at each
-family's real block width (random weights: initialised on the meta device, then N(0, 0.02)) with few blocks, and
-random prompt embeddings of the real text width and a realistic text length: the research code's explicit
-attention against ours. The companion of ``mmdit_pass.py`` (SD3.5 and FLUX.1), with the same variants and output.
+"""One Attend-and-Excite guidance pass (forward + backward to the latents) per family added in issue #26
+(Qwen-Image, Z-Image, PixArt-Sigma, FLUX.2 [dev], SANA), at each family's real block width with few blocks, random
+weights (built on the meta device, then N(0, 0.02)) and random prompt embeddings of the real text width and a
+realistic text length: the research code's explicit attention against ours. The companion of ``mmdit_pass.py``
+(SD3.5 and FLUX.1), with the same variants and output.
 
-    python benchmarks/family_pass.py --all                      # every family, 512 and 1024 px, one table
-    python benchmarks/family_pass.py --arch qwenimage --size 512 [--size 1024] [--repeats 1]
+    python benchmarks/family_pass.py --all                 # every family at 512 and 1024 px, one table
+    python benchmarks/family_pass.py --arch qwenimage --size 512 [--arch sana] [--size 1024] [--repeats 3]
 
-Each family runs through its own adapter: the family's tiny pipeline from ``attncontrol.testing`` with its
-transformer swapped for the real-width one, ``attncontrol.prepare_run`` with ``AttendExcite(subjects=["cat",
-"dog"])`` on "a cat and a dog" (so the token layout and the text length are the pipeline's own: the templated
-prompt for the LLM-encoded families, 300 T5 positions for PixArt), then the encoded embeddings replaced by random
-ones of the real text width. The maps come from the adapter's default blocks.
+Each family runs through its own adapter: its tiny pipeline from ``attncontrol.testing`` with the transformer
+swapped for the real-width one, ``attncontrol.prepare_run`` with ``AttendExcite(subjects=["cat", "dog"])`` on
+"a cat and a dog" (so the token layout and the text length are the pipeline's own: the templated prompt for the
+LLM-encoded families, FLUX.2's 512 padded positions, 300 positions for PixArt's T5 and SANA's Gemma), then the
+encoded embeddings replaced by random ones of the transformer's text width. The maps come from the adapter's
+default blocks; which blocks each model has and captures is in ``FAMILIES`` and printed with the table.
 
 Variants (each in its own process, so peak RSS is its own; a variant the kernel kills is reported as such):
 
 - ``explicit``: the research code's capture. In every captured block the layer's processor is replaced by one that
-  forms the full probability matrix of each head explicitly, takes the layer's output from it and keeps the
-  image->text part; the full transformer runs. Joint-attention families (Qwen-Image, Z-Image): the (N+M)^2 softmax
-  over all image and text keys (Z-Image's padding included). Cross-attention DiTs (PixArt-Sigma): the plain
-  (N x M) cross-attention softmax, as Attend-and-Excite's own processor computes it (``get_attention_scores``).
-- ``ours``: ``run.engine.evaluate`` under ``run.installed()``: joint families get the layer's own SDPA for the
-  output and image->text probabilities from a fused log-sum-exp for the needed text columns only; classic cross
-  layers compute their (N x M) probabilities explicitly too (that is already the small matrix), so there the
-  difference is the early exit after the last captured block.
-- ``ours-ckpt``: ours with ``checkpointing=True`` (the blocks before the last captured one recomputed).
+  forms each head's probability matrix explicitly, takes the layer's output from it and keeps the image->text
+  part; the whole transformer runs (no early exit). Joint-attention families (Qwen-Image, Z-Image, FLUX.2): the
+  (N+M)^2 softmax over all image and text keys (Z-Image's segment padding included). Cross-attention DiTs
+  (PixArt-Sigma, SANA): the plain (N x M) cross-attention softmax, as Attend-and-Excite's own processor computes
+  it (``get_attention_scores``); their self-attention runs its own processor in every variant (SANA's is linear
+  attention: there is no self-attention matrix at all).
+- ``ours``: ``run.engine.evaluate`` under ``run.installed()``. Joint families: the layer's own SDPA for the output
+  and image->text probabilities from a fused log-sum-exp, for the needed text columns only. Cross-attention DiTs:
+  the classic form computes the (N x M) probabilities explicitly as well (that matrix is already the small one),
+  so there the comparison measures our capture's overhead and the early exit after the last captured block, not
+  a different attention computation.
+- ``ours-ckpt``: ours with ``checkpointing=True`` (the blocks before the last captured one recomputed in the
+  backward); not run where the captured block is the first (nothing to checkpoint).
 
 The loss is the prepared control's own (``AttendExcite``'s token softmax, smoothing and loss, times its step size
-at step 0) in both, so |sum|grad|| of ours and explicit must agree: the correctness column.
+at step 0) in both, so sum |grad| of ours and explicit must agree: the correctness column. The explicit processors
+read queries, keys and values through the family's attention form (the tests check those against diffusers'
+processors); the probabilities, the output and the maps are computed independently of it.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -67,22 +76,22 @@ def _softmax(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = N
 
 
 class ExplicitTextFirstJoint:
-    """Qwen-Image's double-stream joint attention, the research code's way: one explicit softmax over [text;
-    image] per head, the output from it, the image->text part kept (heads averaged)."""
+    """A double-stream joint layer with the text first (Qwen-Image, FLUX.2), the research code's way: one explicit
+    softmax over [text; image] per head, the output from it, the image->text part kept (heads averaged). ``ops``:
+    the family's attention form, for the layer's queries, keys and values exactly as its processor computes them.
+    The signature serves both processors: FLUX.2's passes its arguments by position, Qwen-Image's by name."""
 
-    def __init__(self, maps: list):
-        from attncontrol.processors.complex_rotary import COMPLEX_ROTARY_JOINT
-
-        self.ops, self.maps = COMPLEX_ROTARY_JOINT, maps
+    def __init__(self, ops, maps: list):
+        self.ops, self.maps = ops, maps
 
     def __call__(
         self,
         attn,
         hidden_states,
         encoder_hidden_states=None,
-        encoder_hidden_states_mask=None,
         attention_mask=None,
         image_rotary_emb=None,
+        encoder_hidden_states_mask=None,
     ):
         args = {
             "hidden_states": hidden_states,
@@ -118,8 +127,9 @@ class ExplicitSegmented:
 
 
 class ExplicitCross:
-    """A classic cross-attention layer as Attend-and-Excite's processor computes it: diffusers' explicit
-    ``get_attention_scores`` (N x M per head, the caption mask as its additive bias), the output from it."""
+    """A classic cross-attention layer (PixArt-Sigma, SANA) as Attend-and-Excite's processor computes it: diffusers'
+    explicit ``get_attention_scores`` (N x M per head, the caption mask as its additive bias), the output from it;
+    q/k norms over the whole projection where the layer has them (SANA's processor)."""
 
     def __init__(self, maps: list):
         self.maps = maps
@@ -128,11 +138,13 @@ class ExplicitCross:
         b, n, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, mask)
+        query, key = attn.to_q(hidden_states), attn.to_k(context)
+        query = attn.norm_q(query) if attn.norm_q is not None else query
+        key = attn.norm_k(key) if attn.norm_k is not None else key
+        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), mask)
         self.maps.append(probs.view(b, attn.heads, n, -1).mean(1))
-        return _out(attn, attn.batch_to_head_dim(torch.bmm(probs, value)))
+        out = torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context)))
+        return _out(attn, attn.batch_to_head_dim(out))
 
 
 @dataclass(frozen=True)
@@ -149,61 +161,79 @@ class Family:
     run_kwargs: dict = field(default_factory=dict)
 
 
-def _qwenimage_model():
-    from diffusers import QwenImageTransformer2DModel
+def _load(path: str):
+    """The object at ``module.name``."""
+    import importlib
 
-    from attncontrol.testing import QWENIMAGE_WIDTH_CONFIG
-
-    return QwenImageTransformer2DModel, dict(QWENIMAGE_WIDTH_CONFIG)
-
-
-def _zimage_model():
-    from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
-
-    from attncontrol.testing import ZIMAGE_WIDTH_CONFIG
-
-    return ZImageTransformer2DModel, dict(ZIMAGE_WIDTH_CONFIG)
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
-PIXART_BLOCKS = 8  # of 28: the default (middle-half) blocks are 2-5, the early exit leaves 6-7 (as 21-27 of 28)
-
-
-def _pixart_model():
-    from diffusers import PixArtTransformer2DModel
-
-    from attncontrol.testing import PIXART_SIGMA_CONFIG
-
-    return PixArtTransformer2DModel, dict(PIXART_SIGMA_CONFIG, num_layers=PIXART_BLOCKS)
+def _model(cls_path: str, config_name: str, **changes):
+    """``model()`` of a :class:`Family`: the transformer class and its width config from ``attncontrol.testing``,
+    with ``changes`` (fewer blocks)."""
+    return lambda: (_load(cls_path), dict(_load(f"attncontrol.testing.{config_name}"), **changes))
 
 
 def _tiny(name: str):
-    def build():
-        import attncontrol.testing as testing
+    return lambda: _load(f"attncontrol.testing.make_tiny_{name}_pipeline")()
 
-        return getattr(testing, f"make_tiny_{name}_pipeline")()
 
-    return build
+def _joint(form_path: str):
+    """The explicit processor factory of a text-first joint family whose attention form is at ``form_path``."""
+    return lambda maps, run, n_image: ExplicitTextFirstJoint(_load(form_path), maps)
 
+
+TRANSFORMERS = "diffusers.models.transformers"
+PIXART_BLOCKS = 8  # of 28: the default (middle-half) blocks are 2-5, the early exit leaves 6-7 (as 21-27 of 28)
+SANA_BLOCKS = 4  # of 20, all captured (its default: every block)
+FLUX2_DOUBLE = 1  # of 8 double-stream blocks (captured: the default), and none of its 48 single-stream blocks
 
 FAMILIES: dict[str, Family] = {
     "qwenimage": Family(
-        "Qwen-Image width (24 heads x 128, text 3584), 2 of 60 double-stream blocks, all captured",
-        _qwenimage_model,
+        "Qwen-Image width (24 heads x 128, text 3584), 2 of 60 double-stream blocks, both captured",
+        _model(f"{TRANSFORMERS}.transformer_qwenimage.QwenImageTransformer2DModel", "QWENIMAGE_WIDTH_CONFIG"),
         _tiny("qwenimage"),
         lambda config: config["joint_attention_dim"],
-        lambda maps, run, n: ExplicitTextFirstJoint(maps),
+        _joint("attncontrol.processors.complex_rotary.COMPLEX_ROTARY_JOINT"),
     ),
     "zimage": Family(
         "Z-Image width (30 heads x 128, caption 2560), 1+1 refiners and 2 of 30 main layers, the first captured",
-        _zimage_model,
+        _model(f"{TRANSFORMERS}.transformer_z_image.ZImageTransformer2DModel", "ZIMAGE_WIDTH_CONFIG"),
         _tiny("zimage"),
         lambda config: config["cap_feat_dim"],
         lambda maps, run, n: ExplicitSegmented(run.adapter.form, maps, n, run.ctx.seq_len),
     ),
     "pixart": Family(
         f"PixArt-Sigma XL/2 (16 heads x 72, T5 4096), {PIXART_BLOCKS} of 28 blocks, 2-5 captured",
-        _pixart_model,
+        _model(
+            f"{TRANSFORMERS}.pixart_transformer_2d.PixArtTransformer2DModel",
+            "PIXART_SIGMA_CONFIG",
+            num_layers=PIXART_BLOCKS,
+        ),
         _tiny("pixart"),
+        lambda config: config["caption_channels"],
+        lambda maps, run, n: ExplicitCross(maps),
+        {"use_resolution_binning": False},
+    ),
+    "flux2": Family(
+        f"FLUX.2 [dev] width (48 heads x 128, text 3 x 5120), {FLUX2_DOUBLE} of 8 double-stream blocks (captured), "
+        "no single-stream block",
+        _model(
+            f"{TRANSFORMERS}.transformer_flux2.Flux2Transformer2DModel",
+            "FLUX2_WIDTH_CONFIG",
+            num_layers=FLUX2_DOUBLE,
+            num_single_layers=0,
+        ),
+        _tiny("flux2"),
+        lambda config: config["joint_attention_dim"],
+        _joint("attncontrol.processors.parallel.PARALLEL_ROTARY_JOINT"),
+    ),
+    "sana": Family(
+        f"SANA 1.6B (cross-attention 20 heads x 112, Gemma-2 2304; linear self-attention), {SANA_BLOCKS} of 20 "
+        "blocks, all captured",
+        _model(f"{TRANSFORMERS}.sana_transformer.SanaTransformer2DModel", "SANA_1600M_CONFIG", num_layers=SANA_BLOCKS),
+        _tiny("sana"),
         lambda config: config["caption_channels"],
         lambda maps, run, n: ExplicitCross(maps),
         {"use_resolution_binning": False},
@@ -211,23 +241,27 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def random_model(family: Family):
-    """The family's real-width transformer: parameters initialised on the meta device, then filled with
-    N(0, 0.02); buffers (e.g. PixArt's sin-cos position table) keep their constructed values."""
+def empty_model(family: Family):
+    """The family's real-width transformer built on the meta device and given uninitialised CPU storage (fast:
+    nothing is written yet), its config, and its buffers as constructed (e.g. PixArt's sin-cos position table)."""
     from accelerate import init_empty_weights
 
     cls, config = family.model()
-    torch.manual_seed(0)
     with init_empty_weights():
         model = cls(**config)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    return model.eval().requires_grad_(False), config
+    return model.to_empty(device="cpu").eval().requires_grad_(False), config, buffers
+
+
+@torch.no_grad()
+def fill(model, buffers: dict) -> None:
+    """Random weights, N(0, 0.02) (default initialisation of this many parameters takes minutes on a small CPU);
+    the buffers back as constructed."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.normal_(0.0, 0.02)
+    for name, b in model.named_buffers():
+        b.copy_(buffers[name])
 
 
 def prepared(family: Family, model, config: dict, size: int, checkpointing: bool = False):
@@ -298,25 +332,21 @@ def run_explicit(family: Family, run, repeats: int):
 
 def child(args) -> None:
     family = FAMILIES[args.arch[0]]
-    model, config = random_model(family)
+    model, config, buffers = empty_model(family)
     run = prepared(family, model, config, args.size[0], checkpointing=args.variant == "ours-ckpt")
+    grid = run.controls[0].maps.key.grid
+    row: dict = {"variant": args.variant, "tokens": grid[0] * grid[1], "text_len": run.ctx.seq_len}
+    if args.variant == "ours-ckpt" and not run.adapter.checkpoint_modules(run.store.last_layer):
+        print(json.dumps({**row, "skipped": "nothing to checkpoint (the captured block is the first)"}))
+        return
+    fill(model, buffers)
     base = peak_rss_gb()
     if args.variant == "explicit":
         times, gsum, layers = run_explicit(family, run, args.repeats)
     else:
         times, gsum, layers = run_ours(run, args.repeats)
-    row = {
-        "variant": args.variant,
-        "times": times,
-        "median_s": sorted(times)[len(times) // 2],
-        "peak_gb": peak_rss_gb(),
-        "after_load_gb": base,
-        "grad_abs_sum": gsum,
-        "layers": layers,
-        "text_len": run.ctx.seq_len,
-        "tokens": run.ctx.latent_hw[0] * run.ctx.latent_hw[1] // 4,
-    }
-    print(json.dumps(row))
+    row.update(times=times, median_s=sorted(times)[len(times) // 2], peak_gb=peak_rss_gb(), after_load_gb=base)
+    print(json.dumps({**row, "grad_abs_sum": gsum, "layers": layers}))
 
 
 def measure(arch: str, size: int, variant: str, repeats: int) -> dict:
@@ -325,7 +355,7 @@ def measure(arch: str, size: int, variant: str, repeats: int) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([*cmd, "--repeats", str(repeats)], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if proc.returncode in (-9, 137):
+    if proc.returncode in (-9, 137) or "can't allocate memory" in proc.stderr:
         return {"variant": variant, "killed": True, "wall_s": wall}
     if proc.returncode:
         print(f"{arch} {size} {variant} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -345,6 +375,8 @@ def _row(arch: str, size: int, r: dict, explicit: dict) -> str:
     head = f"| {arch} | {size} | {LABELS[r['variant']]}"
     if r.get("killed"):
         return f"{head} | killed: out of memory | | | | |"
+    if "skipped" in r:
+        return f"{head} | not run: {r['skipped']} | | | | |"
     if "error" in r:
         return f"{head} | failed: {r['error']} | | | | |"
     adds = r["peak_gb"] - r["after_load_gb"]
@@ -353,7 +385,7 @@ def _row(arch: str, size: int, r: dict, explicit: dict) -> str:
         ratio = f"{adds / max(explicit['peak_gb'] - explicit['after_load_gb'], 1e-9):.2f}x"
         agree = f"{abs(explicit['grad_abs_sum'] - r['grad_abs_sum']) / explicit['grad_abs_sum']:.1e}"
     return (
-        f"{head} ({r['layers']} blocks) | {r['median_s']:.1f} | {r['peak_gb']:.2f} | {adds:.2f} | {ratio} | {agree} |"
+        f"{head} ({r['layers']} captured) | {r['median_s']:.1f} | {r['peak_gb']:.2f} | {adds:.2f} | {ratio} | {agree} |"
     )
 
 
@@ -370,8 +402,8 @@ def report(results: dict, repeats: int, seconds: float) -> None:
         explicit = next((r for r in rows if r["variant"] == "explicit"), {})
         for r in rows:
             print(_row(arch, size, r, explicit))
-    lengths = {f"{a} {s}": (r.get("tokens"), r.get("text_len")) for (a, s), rows in results.items() for r in rows}
-    print("\nimage tokens, text tokens: " + ", ".join(f"{k}: {v}" for k, v in lengths.items() if v[0]))
+    shapes = {(a, s): (r["tokens"], r["text_len"]) for (a, s), rows in results.items() for r in rows if "tokens" in r}
+    print("\nimage + text tokens: " + ", ".join(f"{a} {s} px {n} + {m}" for (a, s), (n, m) in shapes.items()))
     print(f"whole run: {seconds / 60:.1f} min")
 
 

@@ -10,6 +10,8 @@ sd35m: the SD3.5-medium transformer (24 joint blocks, 24 heads x 64, its publish
 block width (24 heads x 128, RoPE) with 2 double- and 4 single-stream blocks (the full 57 blocks do not fit in
 24 GiB with gradients); its image->text maps come from the double-stream blocks (FOCUS's default) in both variants.
 Each variant runs in its own process, so peak memory is its own; a variant the kernel kills is reported as such.
+The families of issue #26 (Qwen-Image, Z-Image, PixArt-Sigma, FLUX.2, SANA) are in ``family_pass.py``: the same
+variants and output, driven through each family's adapter and tiny pipeline (``--all`` runs them at 512 and 1024 px).
 """
 
 from __future__ import annotations
