@@ -51,7 +51,43 @@ def test_the_template_checked_before_torch_is_the_adapters(family_pipe):
         assert before.ids == after.ids and before.prefix == after.prefix, family
 
 
-NEW = [f for f in FAMILIES if f in ("pixart", "qwenimage", "zimage", "flux2", "klein", "sana")]
+# the new families and the hub id of each one's README command
+HUB_IDS = {
+    "flux2": "black-forest-labs/FLUX.2-dev",
+    "klein": "black-forest-labs/FLUX.2-klein-4B",
+    "qwenimage": "Qwen/Qwen-Image",
+    "zimage": "Tongyi-MAI/Z-Image-Turbo",
+    "pixart": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+    "sana": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+}
+NEW = [f for f in FAMILIES if f in HUB_IDS]
+
+
+def _readme_command(family: str, folder, steps: int, out) -> list[str]:
+    """The README's command for ``family`` with the tiny folder for its hub id, fewer steps and ``out``."""
+    import shlex
+
+    lines = [line for line in README.read_text().splitlines() if f"--model {HUB_IDS[family]} " in line]
+    assert len(lines) == 1, f"the README has {len(lines)} commands for {family}"
+    words = shlex.split(lines[0])
+    assert words[:2] == ["attncontrol", "generate"]
+    words = words[1:]
+    words[words.index("--model") + 1] = str(folder)
+    words[words.index("--out") + 1] = str(out)
+    if "--steps" in words:
+        words[words.index("--steps") + 1] = str(steps)
+    else:
+        words += ["--steps", str(steps)]
+    return words
+
+
+def test_every_family_has_a_readme_row_and_command():
+    text = README.read_text()
+    for family, hub_id in HUB_IDS.items():
+        assert family in NEW and text.count(f"--model {hub_id} ") == 1, family
+    for adapter in ADAPTERS:
+        for name in adapter.pipeline_names:
+            assert f"| `{name}` |" in text or f"`{name}`" in text.split("## Supported", 1)[1], name
 
 
 @pytest.mark.slow
@@ -82,8 +118,8 @@ def test_the_front_ends_take_the_familys_folder(family, tmp_path, capsys):
     assert main(["eval", str(out)]) == 0
     assert "min_subject_attention" in capsys.readouterr().out
     maps = tmp_path / "maps"
-    args = ["generate", "a cat and a dog", "--subjects", "cat", "dog", "--methods", "attend-excite"]
-    assert main([*args, *common, "--out", str(tmp_path / "x.png"), "--save-attention", str(maps)]) == 0
+    readme = _readme_command(family, folder, 2, tmp_path / "x.png")  # the README's example for this family
+    assert main([*readme, "--save-attention", str(maps)]) == 0
     assert (tmp_path / "x.png").is_file() and sorted(p.suffix for p in maps.iterdir()).count(".png") >= 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
