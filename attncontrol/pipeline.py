@@ -171,9 +171,9 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     observer, labels = _observer(args.attention, controls, ctx, adapter)
     _check_noise_inputs(adapter, args, len(prompts) * args.num_images_per_prompt, latent_hw)
     encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
-    text_dtype = encoded.cond["encoder_hidden_states"].dtype
+    latent_dtype = adapter.latent_dtype(encoded.cond["encoder_hidden_states"].dtype)
     if args.latents is not None:
-        args.latents = args.latents.to(device=device, dtype=text_dtype)
+        args.latents = args.latents.to(device=device, dtype=latent_dtype)
     call_kwargs = _call_kwargs(args, encoded, do_cfg, n_steps, adapter.attention_kwargs_name)
     return Run(
         pipe,
@@ -188,7 +188,7 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         observer_labels=labels,
         attention_kwargs=args.cross_attention_kwargs,
         checkpointing=args.checkpointing,
-        latent_dtype=text_dtype,
+        latent_dtype=latent_dtype,
     )
 
 

@@ -72,7 +72,7 @@ class Run:
     observer_labels: list[list[str]] | None = None
     attention_kwargs: dict[str, Any] | None = None
     checkpointing: bool = False
-    latent_dtype: torch.dtype = torch.float32  # the pipeline's latents (its text embeddings' dtype)
+    latent_dtype: torch.dtype = torch.float32  # the pipeline's latents (ModelAdapter.latent_dtype)
     store: AttentionStore | None = field(default=None, init=False)
     engine: GuidanceEngine | None = field(default=None, init=False)
     noise_reports: dict[str, list[dict]] = field(default_factory=dict, init=False)  # per control that chose noise

@@ -7,7 +7,7 @@ samples in 4 or 8 steps an index past the schedule never comes: "the first 25 of
 a refinement at step 10 does not happen. :func:`step_rules` says exactly what each option does at ``num_steps``
 (which steps it names, which lie beyond the schedule, and what each was as a fraction of the reference's 50), and
 ``start``/``stop`` also take a fraction of the schedule (``stop=0.5`` is "the first half" at any length). A window
-that has no step in the schedule is refused when the run is prepared (:meth:`Control.window`), never silently
+that has no step in the schedule is refused when the run is prepared (:meth:`Control.check_window`), never silently
 skipped.
 """
 

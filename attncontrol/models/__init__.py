@@ -14,7 +14,8 @@ from .sd3 import SD3Adapter
 from .sdxl import SDXLAdapter
 from .zimage import ZImageAdapter
 
-# Most specific first. Adding a family = one adapter module + one entry here.
+# Most specific first. Adding a family = one adapter module + one entry here (and its tables in
+# attncontrol.loading; see models/base.py).
 ADAPTERS: list[type[ModelAdapter]] = [
     SDXLAdapter,
     SDAdapter,

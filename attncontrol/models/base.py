@@ -2,7 +2,10 @@
 
 The rest of the library (the run, the guidance engine, the capture processors, the store, the controls and the
 losses) asks the adapter; it never names a family's modules, its latent layout, its scheduler quirks or its
-tokenizers. Adding a family is one module implementing this class plus one entry in ``models.ADAPTERS``.
+tokenizers. Adding a family is one module implementing this class plus its entry in ``models.ADAPTERS`` and, for
+the checks made before torch is imported, in ``attncontrol.loading`` (``TOKEN_STREAMS``, and ``STREAM_TEMPLATES``
+and ``PATCH_SIZE`` where it has them); its tiny test pipeline is one line of ``attncontrol.testing.BUILDERS``.
+``tests/test_families.py`` checks that the tables agree with the adapter.
 
 Members, and what each answers:
 
@@ -156,6 +159,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
         """The shape of the pipeline's latents for ``n`` images (packed, for families that pack them)."""
+
+    def latent_dtype(self, text_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the pipeline's latents: its text embeddings' by default (SD, SDXL, SD3, FLUX); a pipeline
+        that samples in float32 whatever the model's dtype says so here (a user's ``latents`` are cast to it)."""
+        return text_dtype
 
     def initial_latents(self, n: int, latent_hw, generator, device, dtype) -> torch.Tensor:
         """The initial noise exactly as the pipeline draws it (the same generator calls)."""

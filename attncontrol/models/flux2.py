@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..errors import OptionError
+from ..errors import OptionError, UnsupportedPipelineError
 from ..loading import STREAM_TEMPLATES, TOKEN_STREAMS, system_then_user
 from ..processors.parallel import PARALLEL_ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
@@ -167,6 +167,12 @@ class Flux2Adapter(ModelAdapter):
         return PromptTemplate(messages=functools.partial(system_then_user, system_message=system), special=base.special)
 
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
+        side = getattr(getattr(self.pipe.tokenizer, "tokenizer", self.pipe.tokenizer), "padding_side", "right")
+        if side != "right":  # positions count from the template's start: left padding would shift every one
+            raise UnsupportedPipelineError(
+                f"the pipeline's tokenizer pads on the {side}; attncontrol needs right padding (the published "
+                "tokenizers' setting) to place subjects; set pipe.tokenizer.padding_side = 'right'"
+            )
         tokenizer = TemplatedTokenizer(self.pipe.tokenizer, self.template())
         label = self.token_streams[0][1]
         segment = TextSegment(tokenizer, 0, self.max_sequence_length(pipe_kwargs), tuple(prompts), label)

@@ -177,7 +177,13 @@ class PixArtAdapter(ModelAdapter):
         written into the pipeline's own tensor, which the next step reads."""
         pipe = self.pipe
         kwargs = {k: v for k, v in call_kwargs.items() if k not in ("callback_on_step_end_tensor_inputs",)}
-        kwargs.pop("cross_attention_kwargs", None)  # the pipeline hands none to its transformer
+        if kwargs.pop(
+            "cross_attention_kwargs", None
+        ):  # the pipeline hands none to its transformer: not dropped quietly
+            raise OptionError(
+                "PixArtSigmaPipeline does not pass cross_attention_kwargs to its transformer (e.g. a LoRA scale); "
+                "call it without them"
+            )
 
         def callback(step: int, t, latents: torch.Tensor) -> None:
             out = on_step_end(pipe, step, t, {"latents": latents})
@@ -204,6 +210,13 @@ class PixArtAdapter(ModelAdapter):
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         """One T5 stream of ``max_sequence_length`` positions, over the text the encoder sees (lower-cased)."""
         seen = tuple(self.pipe._text_preprocessing(list(prompts), clean_caption=self.clean_caption(pipe_kwargs)))
+        for prompt, text in zip(prompts, seen):
+            if text != prompt.lower().strip():  # the caption cleaner rewrote it: the CLI's token tables would differ
+                raise OptionError(
+                    f"the pipeline's caption cleaning rewrites the prompt {prompt!r} into {text!r}, so subjects would "
+                    "not sit where the token tables show them; pass generate(..., clean_caption=False) or write the "
+                    "prompt as the cleaner leaves it"
+                )
         tokenizer = STREAM_TEMPLATES["PixArtSigmaPipeline"]["tokenizer"].wrap(self.pipe.tokenizer)  # subjects too
         return TextLayout((TextSegment(tokenizer, 0, self.max_sequence_length(pipe_kwargs), seen, "T5"),))
 

@@ -183,16 +183,23 @@ class QwenImageAdapter(ModelAdapter):
         return TextLayout((TextSegment(tok, 0, min(longest, limit), tuple(prompts), label),))
 
     def _encode(self, prompts, batch: PromptBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``encode_prompt``; an all-ones mask where it returns None (the pipeline turns it back into None)."""
+        """``encode_prompt`` once per prompt, each prompt's rows then repeated for its images, the embeddings and
+        the mask alike; an all-ones mask where it returns None (the pipeline turns it back into None).
+
+        Not ``encode_prompt(num_images_per_prompt=k)``: diffusers 0.42.1 repeats the embeddings prompt by prompt
+        ([p0, p0, p1, p1]) but the mask as a whole ([p0, p1, p0, p1]) (``pipeline_qwenimage.py:encode_prompt``),
+        so with prompts of different lengths and k > 1 an image would read its padding through another prompt's
+        mask."""
         embeds, mask = self.pipe.encode_prompt(
             prompt=prompts,
             device=device,
-            num_images_per_prompt=batch.num_images_per_prompt,
+            num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length(batch.extra),
         )
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return embeds, mask
+        k = batch.num_images_per_prompt
+        return embeds.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
 
     def encode(self, batch: PromptBatch, device) -> Encoded:
         self.guidance_scale = batch.guidance_scale

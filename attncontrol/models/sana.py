@@ -164,6 +164,9 @@ class SanaAdapter(ModelAdapter):
             height, width = self.pipe.image_processor.classify_height_width_bin(height, width, ratios=bins)
         return int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor
 
+    def latent_dtype(self, text_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # SanaPipeline.__call__ prepares its latents in torch.float32 whatever the model's dtype
+
     def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
         return (n, int(self.pipe.transformer.config.in_channels), *latent_hw)
 

@@ -139,6 +139,9 @@ class ZImageAdapter(ModelAdapter):
     def latent_shape(self, n: int, latent_hw: tuple[int, int]) -> tuple[int, ...]:
         return (n, int(self.pipe.transformer.in_channels), *latent_hw)
 
+    def latent_dtype(self, text_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # ZImagePipeline.prepare_latents is called with torch.float32
+
     def initial_latents(self, n: int, latent_hw, generator, device, dtype) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
 
