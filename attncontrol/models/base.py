@@ -210,6 +210,22 @@ class ModelAdapter(ABC):
         """The family's own pipeline arguments, checked before any model work (default: nothing to check)."""
         return None
 
+    def call_default(self, name: str, extra: dict[str, Any] | None = None) -> Any:
+        """A pipeline argument: the value the caller gave (in ``extra``), else the default of ``__call__``."""
+        if extra and extra.get(name) is not None:
+            return extra[name]
+        return inspect.signature(self.pipe.__call__).parameters[name].default
+
+    def max_sequence_length(self, extra: dict[str, Any]) -> int:
+        """The text encoder's length: the caller's ``max_sequence_length``, else the pipeline's default."""
+        return int(self.call_default("max_sequence_length", extra) or self.call_default("max_sequence_length"))
+
+    def blocks_before(self, blocks, last_layer: str) -> list[torch.nn.Module]:
+        """The entries of ``blocks`` (in execution order, numbered as the layers' ``block_index``) before the one
+        holding ``last_layer``: what gradient checkpointing wraps in a guidance pass."""
+        index = next(la.block_index for la in self.layers if la.name == last_layer)
+        return list(blocks[:index])
+
     def default_guidance_scale(self) -> float:
         return float(inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default)
 

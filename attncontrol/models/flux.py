@@ -13,7 +13,6 @@ blocks 0-18 and the single-stream blocks 19-56; the default is the double-stream
 from __future__ import annotations
 
 import contextlib
-import inspect
 from functools import cached_property
 from typing import Any
 
@@ -109,11 +108,6 @@ class FluxAdapter(ModelAdapter):
     def cfg_batched(self, do_cfg: bool) -> bool:
         return False  # the negative branch is a second forward, after the positive one
 
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        if extra.get("max_sequence_length"):
-            return int(extra["max_sequence_length"])
-        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
-
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         t5_prompts = _per_prompt(pipe_kwargs.get("prompt_2"), prompts, "prompt_2")
         segment = TextSegment(self.pipe.tokenizer_2, 0, self.max_sequence_length(pipe_kwargs), t5_prompts, "T5")
@@ -200,6 +194,4 @@ class FluxAdapter(ModelAdapter):
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The blocks (double- then single-stream) before the one holding ``last_layer``."""
         t = self.pipe.transformer
-        blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return blocks[:index]
+        return self.blocks_before([*t.transformer_blocks, *t.single_transformer_blocks], last_layer)

@@ -155,11 +155,6 @@ class Flux2Adapter(ModelAdapter):
     def cfg_batched(self, do_cfg: bool) -> bool:
         return False  # a negative branch (Klein) is a second forward, after the positive one
 
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        if extra.get("max_sequence_length"):
-            return int(extra["max_sequence_length"])
-        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
-
     def template(self) -> PromptTemplate:
         """The chat template the pipeline renders the prompt into, with the pipeline's own system message."""
         base = STREAM_TEMPLATES["Flux2Pipeline"]["tokenizer"]
@@ -235,9 +230,7 @@ class Flux2Adapter(ModelAdapter):
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The blocks (double- then single-stream) before the one holding ``last_layer``."""
         t = self.pipe.transformer
-        blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return blocks[:index]
+        return self.blocks_before([*t.transformer_blocks, *t.single_transformer_blocks], last_layer)
 
 
 class Flux2KleinAdapter(Flux2Adapter):

@@ -193,11 +193,6 @@ class PixArtAdapter(ModelAdapter):
 
         return {**kwargs, "callback": callback, "callback_steps": 1}
 
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        if extra.get("max_sequence_length"):
-            return int(extra["max_sequence_length"])
-        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
-
     def clean_caption(self, extra: dict[str, Any]) -> bool:
         """The pipeline's ``clean_caption`` (True by default in ``__call__``), where bs4 and ftfy allow it."""
         from diffusers.utils import is_bs4_available, is_ftfy_available
@@ -256,5 +251,4 @@ class PixArtAdapter(ModelAdapter):
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The transformer blocks before the one holding ``last_layer``."""
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return list(self.pipe.transformer.transformer_blocks[:index])
+        return self.blocks_before(self.pipe.transformer.transformer_blocks, last_layer)

@@ -35,7 +35,6 @@ captured block, i.e. the whole transformer; ``blocks=`` narrows it (and ``checkp
 from __future__ import annotations
 
 import contextlib
-import inspect
 from functools import cached_property
 from typing import Any
 
@@ -139,9 +138,6 @@ class QwenImageAdapter(ModelAdapter):
         )
         return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
 
-    def _call_default(self, name: str):
-        return inspect.signature(self.pipe.__call__).parameters[name].default
-
     def default_guidance_scale(self) -> float:
         """The pipeline's ``guidance_scale`` defaults to None: it only feeds a guidance embedding, which the
         published model has not (1.0 is then passed and ignored). A guidance-distilled config needs one given."""
@@ -151,16 +147,13 @@ class QwenImageAdapter(ModelAdapter):
 
     def uses_cfg(self, guidance_scale: float, negative_prompt=None, extra=None) -> bool:
         """True CFG: ``true_cfg_scale`` (default 4.0) > 1 and a negative prompt (``QwenImagePipeline.__call__``)."""
-        scale = (extra or {}).get("true_cfg_scale", self._call_default("true_cfg_scale"))
+        scale = self.call_default("true_cfg_scale", extra)
         return float(scale) > 1.0 and negative_prompt is not None
 
     def cfg_batched(self, do_cfg: bool) -> bool:
         return False  # the negative branch is a second forward, after the positive one
 
     # ---------------------------------------------------------------- prompts
-
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        return int(extra.get("max_sequence_length") or self._call_default("max_sequence_length"))
 
     @property
     def template(self) -> PromptTemplate:
@@ -243,5 +236,4 @@ class QwenImageAdapter(ModelAdapter):
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The double-stream blocks before the one holding ``last_layer``."""
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return list(self.pipe.transformer.transformer_blocks[:index])
+        return self.blocks_before(self.pipe.transformer.transformer_blocks, last_layer)

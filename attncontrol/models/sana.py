@@ -133,8 +133,7 @@ class SanaAdapter(ModelAdapter):
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The blocks before the one holding ``last_layer``."""
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return list(self.pipe.transformer.transformer_blocks[:index])
+        return self.blocks_before(self.pipe.transformer.transformer_blocks, last_layer)
 
     # ---------------------------------------------------------------- sizes and latents
 
@@ -184,11 +183,6 @@ class SanaAdapter(ModelAdapter):
     def exclude_eot_default(self) -> bool:
         # no end token; hundreds of masked <pad> positions and BOS would only dilute a token softmax: left out
         return True
-
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        if extra.get("max_sequence_length"):
-            return int(extra["max_sequence_length"])
-        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
 
     def instruction(self, extra: dict[str, Any]) -> list[str] | None:
         """The complex human instruction of this run: the pipeline's default unless given."""

@@ -13,7 +13,6 @@ Captured maps (all at the patch grid, H/16 x W/16):
 from __future__ import annotations
 
 import contextlib
-import inspect
 from functools import cached_property
 from typing import Any
 
@@ -101,11 +100,6 @@ class SD3Adapter(ModelAdapter):
     def uses_cfg(self, guidance_scale: float, negative_prompt=None, extra=None) -> bool:
         return guidance_scale > 1.0
 
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        if extra.get("max_sequence_length"):
-            return int(extra["max_sequence_length"])
-        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
-
     def text_layout(self, prompts: list[str], pipe_kwargs: dict[str, Any]) -> TextLayout:
         pipe = self.pipe
         clip_len = int(pipe.tokenizer_max_length)
@@ -177,5 +171,4 @@ class SD3Adapter(ModelAdapter):
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The joint blocks before the one holding ``last_layer``."""
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return list(self.pipe.transformer.transformer_blocks[:index])
+        return self.blocks_before(self.pipe.transformer.transformer_blocks, last_layer)

@@ -42,7 +42,6 @@ Z-Image-Turbo samples in 8 to 9 steps with ``guidance_scale=0`` (no CFG).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from functools import cached_property
 from typing import Any
 
@@ -155,11 +154,6 @@ class ZImageAdapter(ModelAdapter):
         # one forward of [positive; negative]; the form shows it to the capture as [negative; positive] (pairs)
         return do_cfg
 
-    def max_sequence_length(self, extra: dict[str, Any]) -> int:
-        if extra.get("max_sequence_length"):
-            return int(extra["max_sequence_length"])
-        return int(inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
-
     @property
     def tokenizer(self):
         return STREAM_TEMPLATES["ZImagePipeline"]["tokenizer"].wrap(self.pipe.tokenizer)
@@ -252,5 +246,4 @@ class ZImageAdapter(ModelAdapter):
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The refiners and the main layers before the one holding ``last_layer``."""
         t = self.pipe.transformer
-        index = next(la.block_index for la in self.layers if la.name == last_layer)
-        return [*t.noise_refiner, *t.context_refiner, *t.layers[:index]]
+        return [*t.noise_refiner, *t.context_refiner, *self.blocks_before(t.layers, last_layer)]
