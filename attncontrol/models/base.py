@@ -41,6 +41,18 @@ from ..store import AttnLayer, grid_after
 from ..text import TextLayout
 
 
+def joint_layers(blocks: list[str], form) -> list[AttnLayer]:
+    """The layers of joint-attention blocks (each ``{block}.attn``, one softmax over image and text tokens, block
+    index = position in ``blocks``): a "cross" layer (its image->text part) and a "self" layer (its image->image
+    part, renormalised over the image keys) per block, both at the token grid, both with ``form``."""
+    layers = []
+    for i, label in enumerate(blocks):
+        proc = f"{label}.attn.processor"
+        layers.append(AttnLayer(proc, "cross", label, 1, i, form, proc, i))
+        layers.append(AttnLayer(f"{proc}#self", "self", label, 1, i, form, proc, i))
+    return layers
+
+
 @dataclass
 class PromptBatch:
     """What ``encode`` needs: the prompts and the pipeline arguments that shape their embeddings."""

@@ -23,7 +23,7 @@ from ..loading import TOKEN_STREAMS
 from ..processors.joint import ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
-from .base import Encoded, ModelAdapter, PromptBatch
+from .base import Encoded, ModelAdapter, PromptBatch, joint_layers
 from .sd3 import _per_prompt
 
 
@@ -56,16 +56,11 @@ class FluxAdapter(ModelAdapter):
     @cached_property
     def layers(self) -> list[AttnLayer]:
         t = self.pipe.transformer
-        blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(t.transformer_blocks)]
-        blocks += [(f"single_transformer_blocks.{j}", b) for j, b in enumerate(t.single_transformer_blocks)]
-        layers = []
+        blocks = [f"transformer_blocks.{i}" for i in range(len(t.transformer_blocks))]
+        blocks += [f"single_transformer_blocks.{j}" for j in range(len(t.single_transformer_blocks))]
         # FLUX's attention form, for both kinds of block: ROTARY_JOINT tells a single-stream block (text already in
         # the sequence) from a double-stream one (text passed apart) by the call's arguments
-        for i, (label, _) in enumerate(blocks):
-            proc = f"{label}.attn.processor"
-            layers.append(AttnLayer(proc, "cross", label, 1, i, ROTARY_JOINT, proc, i))
-            layers.append(AttnLayer(f"{proc}#self", "self", label, 1, i, ROTARY_JOINT, proc, i))
-        return layers
+        return joint_layers(blocks, ROTARY_JOINT)
 
     def default_blocks(self) -> dict[str, tuple[int, ...]]:
         double = tuple(range(len(self.pipe.transformer.transformer_blocks)))

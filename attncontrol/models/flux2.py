@@ -47,7 +47,7 @@ from ..processors.parallel import PARALLEL_ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
 from ..tokens import PromptTemplate, TemplatedTokenizer
-from .base import Encoded, ModelAdapter, PromptBatch
+from .base import Encoded, ModelAdapter, PromptBatch, joint_layers
 
 # pipeline arguments that would change the token sequence or the image tokens behind the maps' back
 _REFUSED = {
@@ -85,12 +85,7 @@ class Flux2Adapter(ModelAdapter):
         t = self.pipe.transformer
         blocks = [f"transformer_blocks.{i}" for i in range(len(t.transformer_blocks))]
         blocks += [f"single_transformer_blocks.{j}" for j in range(len(t.single_transformer_blocks))]
-        layers = []
-        for i, label in enumerate(blocks):  # one form for both kinds of block: it tells them apart by the layer
-            proc = f"{label}.attn.processor"
-            layers.append(AttnLayer(proc, "cross", label, 1, i, PARALLEL_ROTARY_JOINT, proc, i))
-            layers.append(AttnLayer(f"{proc}#self", "self", label, 1, i, PARALLEL_ROTARY_JOINT, proc, i))
-        return layers
+        return joint_layers(blocks, PARALLEL_ROTARY_JOINT)  # one form for both kinds of block: it tells them apart
 
     def default_blocks(self) -> dict[str, tuple[int, ...]]:
         double = tuple(range(len(self.pipe.transformer.transformer_blocks)))

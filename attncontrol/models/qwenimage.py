@@ -46,7 +46,7 @@ from ..processors.complex_rotary import COMPLEX_ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
 from ..tokens import PromptTemplate
-from .base import Encoded, ModelAdapter, PromptBatch
+from .base import Encoded, ModelAdapter, PromptBatch, joint_layers
 
 
 class QwenImageAdapter(ModelAdapter):
@@ -74,13 +74,8 @@ class QwenImageAdapter(ModelAdapter):
 
     @cached_property
     def layers(self) -> list[AttnLayer]:
-        layers = []
-        for i, _ in enumerate(self.pipe.transformer.transformer_blocks):
-            label = f"transformer_blocks.{i}"
-            proc = f"{label}.attn.processor"
-            layers.append(AttnLayer(proc, "cross", label, 1, i, COMPLEX_ROTARY_JOINT, proc, i))
-            layers.append(AttnLayer(f"{proc}#self", "self", label, 1, i, COMPLEX_ROTARY_JOINT, proc, i))
-        return layers
+        blocks = [f"transformer_blocks.{i}" for i in range(len(self.pipe.transformer.transformer_blocks))]
+        return joint_layers(blocks, COMPLEX_ROTARY_JOINT)
 
     def default_blocks(self) -> dict[str, tuple[int, ...]]:
         every = tuple(range(len(self.pipe.transformer.transformer_blocks)))
