@@ -88,7 +88,7 @@ def test_every_family_has_a_readme_row_and_command():
         assert family in NEW and text.count(f"--model {hub_id} ") == 1, family
     for adapter in ADAPTERS:
         for name in adapter.pipeline_names:
-            assert f"| `{name}` |" in text or f"`{name}`" in text.split("## Supported", 1)[1], name
+            assert f"| `{name}` |" in text, f"no row of a families table names {name}"
 
 
 @pytest.mark.slow
