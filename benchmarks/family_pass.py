@@ -411,7 +411,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", action="append", choices=[*FAMILIES, "all"], help="repeatable (default: all)")
     parser.add_argument("--size", action="append", type=int, help="repeatable (default: 512 and 1024)")
-    parser.add_argument("--all", action="store_true", help="every family at 512 and 1024 px, one table")
+    parser.add_argument("--all", action="store_true", help="every family, one table (512 and 1024 px unless --size)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
