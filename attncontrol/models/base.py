@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ResolutionError
+from ..errors import OptionError, ResolutionError
 from ..store import AttnLayer, grid_after
 from ..text import TextLayout
 
@@ -277,3 +277,19 @@ class ModelAdapter(ABC):
     @abstractmethod
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
         """Cond-only forward of the model input up to the last captured layer."""
+
+
+class PackedLatents(ModelAdapter):
+    """A family whose latents reach the transformer packed 2x2 into a sequence (FLUX, FLUX.2, Qwen-Image): the
+    run's token grid, bound once per run, is what a guidance forward unpacks its sequence by."""
+
+    token_grid: tuple[int, int] | None = None
+
+    def bind_size(self, latent_hw: tuple[int, int]) -> None:
+        self.token_grid = (latent_hw[0] // 2, latent_hw[1] // 2)
+
+    def grid_of(self, seq: int) -> tuple[int, int]:
+        """The bound token grid, checked against a packed sequence of ``seq`` tokens."""
+        if self.token_grid is None or self.token_grid[0] * self.token_grid[1] != seq:
+            raise OptionError(f"packed latents have {seq} tokens, the image size gives {self.token_grid}")
+        return self.token_grid

@@ -18,16 +18,15 @@ from typing import Any
 
 import torch
 
-from ..errors import OptionError
 from ..loading import TOKEN_STREAMS
 from ..processors.joint import ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
-from .base import Encoded, ModelAdapter, PromptBatch, joint_layers
+from .base import Encoded, PackedLatents, PromptBatch, joint_layers
 from .sd3 import _per_prompt
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PackedLatents):
     description = "FluxPipeline (FLUX.1 dev and schnell)"
     pipeline_names = ("FluxPipeline",)
     token_streams = TOKEN_STREAMS["FluxPipeline"]
@@ -162,7 +161,7 @@ class FluxAdapter(ModelAdapter):
             scale = self.guidance_scale
             assert scale is not None  # encode() keeps the run's scale (prepare_run fills in the pipeline's default)
             guidance = torch.full([b], float(scale), device=model_input.device, dtype=torch.float32)
-        grid = self._grid_of(seq)
+        grid = self.grid_of(seq)
         img_ids = self.pipe._prepare_latent_image_ids(b, *grid, model_input.device, model_input.dtype)
         with contextlib.suppress(EarlyExit):
             transformer(
@@ -176,15 +175,6 @@ class FluxAdapter(ModelAdapter):
                 joint_attention_kwargs=attention_kwargs,
                 return_dict=False,
             )
-
-    def _grid_of(self, seq: int) -> tuple[int, int]:
-        rows, cols = self.token_grid
-        if rows * cols != seq:
-            raise OptionError(f"packed latents have {seq} tokens, the image size gives {rows}x{cols}")
-        return rows, cols
-
-    def bind_size(self, latent_hw: tuple[int, int]) -> None:
-        self.token_grid = (latent_hw[0] // 2, latent_hw[1] // 2)
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The blocks (double- then single-stream) before the one holding ``last_layer``."""

@@ -47,7 +47,7 @@ from ..processors.parallel import PARALLEL_ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
 from ..tokens import PromptTemplate, TemplatedTokenizer
-from .base import Encoded, ModelAdapter, PromptBatch, joint_layers
+from .base import Encoded, PackedLatents, PromptBatch, joint_layers
 
 # pipeline arguments that would change the token sequence or the image tokens behind the maps' back
 _REFUSED = {
@@ -56,7 +56,7 @@ _REFUSED = {
 }
 
 
-class Flux2Adapter(ModelAdapter):
+class Flux2Adapter(PackedLatents):
     description = "Flux2Pipeline (FLUX.2 [dev])"
     pipeline_names = ("Flux2Pipeline",)
     token_streams = TOKEN_STREAMS["Flux2Pipeline"]
@@ -74,7 +74,6 @@ class Flux2Adapter(ModelAdapter):
         super().__init__(pipe)
         self.guidance_scale: float | None = None
         self.text_ids: torch.Tensor | None = None
-        self.token_grid: tuple[int, int] | None = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -110,9 +109,6 @@ class Flux2Adapter(ModelAdapter):
         """``Flux2Pipeline.prepare_latents``' noise, patchified and not yet packed: the shape its ``latents=`` takes
         (the pipeline packs it); the callbacks then see the packed (B, tokens, channels)."""
         return (n, int(self.pipe.transformer.config.in_channels), latent_hw[0] // 2, latent_hw[1] // 2)
-
-    def bind_size(self, latent_hw: tuple[int, int]) -> None:
-        self.token_grid = (latent_hw[0] // 2, latent_hw[1] // 2)
 
     def schedule(self, num_inference_steps, device, timesteps=None, sigmas=None, latent_hw=None, extra=None):
         """``__call__``'s step 6: sigmas ``linspace(1, 1/n, n)`` (unless given; none with ``use_flow_sigmas``),
@@ -200,7 +196,7 @@ class Flux2Adapter(ModelAdapter):
             img_ids = self.pipe._prepare_latent_ids(model_input)
             model_input = self.pipe._pack_latents(model_input)
         else:
-            rows, cols = self._grid_of(model_input.shape[1])
+            rows, cols = self.grid_of(model_input.shape[1])
             img_ids = self.pipe._prepare_latent_ids(model_input.new_empty((b, 0, rows, cols)))
         timestep = torch.as_tensor(t, device=model_input.device).expand(b).to(model_input.dtype)
         with contextlib.suppress(EarlyExit):
@@ -214,13 +210,6 @@ class Flux2Adapter(ModelAdapter):
                 joint_attention_kwargs=attention_kwargs,
                 return_dict=False,
             )
-
-    def _grid_of(self, seq: int) -> tuple[int, int]:
-        assert self.token_grid is not None  # prepare_run binds the size before any forward
-        rows, cols = self.token_grid
-        if rows * cols != seq:
-            raise OptionError(f"packed latents have {seq} tokens, the image size gives {rows}x{cols}")
-        return rows, cols
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The blocks (double- then single-stream) before the one holding ``last_layer``."""

@@ -46,10 +46,10 @@ from ..processors.complex_rotary import COMPLEX_ROTARY_JOINT
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
 from ..tokens import PromptTemplate
-from .base import Encoded, ModelAdapter, PromptBatch, joint_layers
+from .base import Encoded, PackedLatents, PromptBatch, joint_layers
 
 
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(PackedLatents):
     description = "QwenImagePipeline (Qwen-Image)"
     pipeline_names = ("QwenImagePipeline",)
     token_streams = TOKEN_STREAMS["QwenImagePipeline"]
@@ -66,7 +66,6 @@ class QwenImageAdapter(ModelAdapter):
     def __init__(self, pipe) -> None:
         super().__init__(pipe)
         self.guidance_scale: float | None = None
-        self.token_grid: tuple[int, int] | None = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -109,9 +108,6 @@ class QwenImageAdapter(ModelAdapter):
 
         noise = randn_tensor((n, 1, self.channels, *latent_hw), generator=generator, device=device, dtype=dtype)
         return self.pipe._pack_latents(noise, n, self.channels, *latent_hw)
-
-    def bind_size(self, latent_hw: tuple[int, int]) -> None:
-        self.token_grid = (latent_hw[0] // 2, latent_hw[1] // 2)
 
     # ---------------------------------------------------------------- schedule and guidance rule
 
@@ -211,7 +207,7 @@ class QwenImageAdapter(ModelAdapter):
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full([b], float(self.guidance_scale or 1.0), device=model_input.device)
-        rows, cols = self._grid_of(seq)
+        rows, cols = self.grid_of(seq)
         with contextlib.suppress(EarlyExit):
             transformer(
                 hidden_states=model_input,
@@ -223,11 +219,6 @@ class QwenImageAdapter(ModelAdapter):
                 attention_kwargs=attention_kwargs,
                 return_dict=False,
             )
-
-    def _grid_of(self, seq: int) -> tuple[int, int]:
-        if self.token_grid is None or self.token_grid[0] * self.token_grid[1] != seq:
-            raise OptionError(f"packed latents have {seq} tokens, the image size gives {self.token_grid}")
-        return self.token_grid
 
     def checkpoint_modules(self, last_layer: str) -> list[torch.nn.Module]:
         """The double-stream blocks before the one holding ``last_layer``."""

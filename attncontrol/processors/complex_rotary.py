@@ -21,10 +21,11 @@ from .joint import JointAttention, image_probs, text_probs
 
 
 def rotate_pairs(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, S, H, D) rotated by complex ``freqs`` (S, D/2): channels (2i, 2i+1) are one complex number. Computed
-    in float32 and cast back, as the layers' own processor does."""
+    """``x`` (B, S, H, D) rotated by complex ``freqs`` ((S, D/2), or (B, S, D/2) per batch row): channels (2i, 2i+1)
+    are one complex number, the same rotation for every head. Computed in float32 and cast back, as the layers' own
+    processors do."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * freqs.unsqueeze(1)).flatten(3).type_as(x)
+    return torch.view_as_real(pairs * freqs.unsqueeze(-2)).flatten(3).type_as(x)
 
 
 def masked_text_probs(q_img, k, text_start: int, columns: torch.Tensor, scale: float, key_mask: torch.Tensor):

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from .complex_rotary import rotate_pairs
 from .joint import JointAttention, image_probs, logsumexp_keys
 
 
@@ -71,7 +72,7 @@ class SegmentedJointAttention(JointAttention):
             k = attn.norm_k(k)
         freqs = args.get("freqs_cis")
         if freqs is not None:
-            q, k = _rotate(q, freqs), _rotate(k, freqs)
+            q, k = rotate_pairs(q, freqs), rotate_pairs(k, freqs)
         return q.transpose(1, 2), k.transpose(1, 2), 0
 
     def values(self, attn, args: dict) -> torch.Tensor:
@@ -152,10 +153,3 @@ class SegmentedJointAttention(JointAttention):
 
 def _same(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """A complex rotary embedding as such layers apply it: (B, L, H, D) viewed as D/2 complex pairs in float32,
-    times ``freqs`` (B, L, D/2) per head, back to ``x``'s dtype."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * freqs.unsqueeze(2)).flatten(3).type_as(x)
