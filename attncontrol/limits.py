@@ -17,6 +17,8 @@ MAX_ITERATIONS = 1000
 SEED_RANGE = (0, 2**64 - 1)
 # seeds in one batch (--seeds, a line's "seeds"): a range is counted before it is expanded
 MAX_SEEDS = 1_000_000
+# regions of regional prompting (one bit each in a token's label; the app draws at most this many boxes)
+MAX_BOXES = 8
 
 
 def check_image_size(height, width, where: tuple[str, str] = ("height", "width")) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .attention import AttentionObserver, subjects_of
-from .controls.base import Control, ControlContext, PreparedEditor
+from .controls.base import Control, ControlContext, PreparedControl, PreparedEditor
+from .controls.regions import PreparedRegions
 from .controls.vocabulary import MapKey
 from .errors import OptionError, OptionTypeError, UnsupportedPipelineError
 from .limits import check_image_size
@@ -168,9 +169,12 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         missing_kinds=adapter.missing_kinds(),
     )
     prepared_all = [c.prepare(ctx) for c in controls]
+    regions = _regions(adapter, prepared_all)
     observer, labels = _observer(args.attention, controls, ctx, adapter)
     _check_noise_inputs(adapter, args, len(prompts) * args.num_images_per_prompt, latent_hw)
     encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
+    if regions is not None:
+        encoded = _encode_regions(adapter, encoded, regions, prompts, args, do_cfg, device)
     latent_dtype = adapter.latent_dtype(encoded.cond["encoder_hidden_states"].dtype)
     if args.latents is not None:
         args.latents = args.latents.to(device=device, dtype=latent_dtype)
@@ -179,8 +183,9 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         pipe,
         adapter,
         ctx,
-        controls=[c for c in prepared_all if not isinstance(c, PreparedEditor)],
+        controls=[c for c in prepared_all if isinstance(c, PreparedControl)],
         editors=[c for c in prepared_all if isinstance(c, PreparedEditor)],
+        regions=regions,
         observer=observer,
         timesteps=ts,
         cond=encoded.cond,
@@ -190,6 +195,49 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         checkpointing=args.checkpointing,
         latent_dtype=latent_dtype,
     )
+
+
+def _regions(adapter: ModelAdapter, prepared: list) -> PreparedRegions | None:
+    """The run's regional prompting, if asked for: refused on a family that cannot mask its attention, and beside an
+    attention editor (Attention Regulation rewrites one softmax; regional attention blends two)."""
+    regions = next((p for p in prepared if isinstance(p, PreparedRegions)), None)
+    if regions is None:
+        return None
+    why = adapter.regions_unsupported()
+    if why is not None:
+        raise UnsupportedPipelineError(f"regions: {why}")
+    editors = [p.name for p in prepared if isinstance(p, PreparedEditor)]
+    if editors:
+        raise OptionError(
+            f"regions cannot run with {', '.join(editors)}: both rewrite the same attention (an editor changes one "
+            "softmax, regions blend two); run them apart"
+        )
+    return regions
+
+
+def _encode_regions(adapter: ModelAdapter, encoded, regions: PreparedRegions, prompts, args, do_cfg, device):
+    """Each region's sub-prompt encoded as the pipeline encodes a prompt (its own template and padding; for every
+    input prompt), appended after the base prompt's tokens; the regions learn the segments' lengths."""
+    parts = []
+    for text in regions.texts:
+        batch = PromptBatch(
+            [text] * len(prompts),
+            args.num_images_per_prompt,
+            False,
+            None,
+            args.clip_skip,
+            (args.cross_attention_kwargs or {}).get("scale"),
+            args.height or 0,
+            args.width or 0,
+            dict(args.pipe_kwargs),
+            args.guidance_scale,
+        )
+        with torch.no_grad():
+            parts.append(adapter.encode(batch, device))
+    base_len = int(encoded.cond["encoder_hidden_states"].shape[1])
+    joined = adapter.append_text(encoded, parts, do_cfg)
+    regions.bind_text(base_len, [int(p.cond["encoder_hidden_states"].shape[1]) for p in parts])
+    return joined
 
 
 def _check_noise_inputs(adapter: ModelAdapter, args: GenerateArgs, n_images: int, latent_hw) -> None:

@@ -70,6 +70,7 @@ class Run:
     cond: dict[str, torch.Tensor]  # cond-branch inputs of a guidance forward
     call_kwargs: dict[str, Any]  # what the pipeline is called with (embeddings instead of the prompt, ...)
     observer_labels: list[list[str]] | None = None
+    regions: Any = None  # a PreparedRegions: regional prompting in every forward
     attention_kwargs: dict[str, Any] | None = None
     checkpointing: bool = False
     latent_dtype: torch.dtype = torch.float32  # the pipeline's latents (ModelAdapter.latent_dtype)
@@ -117,8 +118,12 @@ class Run:
                 by_layer.setdefault(name, []).append(e)
         with ExitStack() as stack:
             denoiser = self.adapter.denoiser
-            if self.store is not None or by_layer or self.observer is not None:
-                stack.enter_context(capture_layers(denoiser, self.adapter.layers, self.store, by_layer, self.observer))
+            if self.store is not None or by_layer or self.observer is not None or self.regions is not None:
+                stack.enter_context(
+                    capture_layers(
+                        denoiser, self.adapter.layers, self.store, by_layer, self.observer, regions=self.regions
+                    )
+                )
             if self.store is not None:
                 stack.enter_context(frozen(denoiser))
             yield
@@ -127,6 +132,8 @@ class Run:
         """Start ``step``: the editors' step begins and the latents (the scheduler's, for that step) are guided."""
         for e in self.editors:
             e.begin_step(step)
+        if self.regions is not None:
+            self.regions.begin_step(step)
         if self.engine is None:
             return latents, StepRecord(index=step, timestep=float(self.timesteps[step]))
         return self.engine.guide(latents, step)

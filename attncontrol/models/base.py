@@ -93,6 +93,9 @@ class ModelAdapter(ABC):
     # the text streams a user picks subjects in: (tokenizer subfolder, label, first position in the maps), as
     # attncontrol.loading.TOKEN_STREAMS has them for the pipeline class
     token_streams: ClassVar[tuple[tuple[str, str, int], ...]] = (("tokenizer", "CLIP", 0),)
+    # the encoded tensors (``Encoded.cond`` and ``Encoded.to_pipe`` keys) that run along the text sequence, dim 1:
+    # regional prompting appends each sub-prompt's to them (``append_text``)
+    text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -273,6 +276,38 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def encode(self, batch: PromptBatch, device) -> Encoded: ...
+
+    def regions_unsupported(self) -> str | None:
+        """Why regional prompting cannot run on this family (None: it can)."""
+        return None
+
+    def append_text(self, base: Encoded, parts: list[Encoded], do_cfg: bool) -> Encoded:
+        """``base`` with each of ``parts`` (the sub-prompts, each encoded as a prompt by :meth:`encode`) appended
+        along the text sequence of every ``text_keys`` tensor. The negative branch keeps its own tokens: where the
+        pipeline batches it with the positive one it is zero-padded to the same length (masks padded with 0, and
+        the regional attention lets the negative rows see only its own tokens); a negative run as its own forward
+        is left as it is."""
+        extra = sum(int(p.cond["encoder_hidden_states"].shape[1]) for p in parts)
+
+        def joined(source: dict, key: str, pieces: list[dict]):
+            value = source[key]
+            if not torch.is_tensor(value):
+                return value
+            if key.startswith("negative_"):
+                if not self.cfg_batched(do_cfg):
+                    return value
+                pad = value.new_zeros(value.shape[0], extra, *value.shape[2:])
+                return torch.cat([value, pad], dim=1)
+            return torch.cat([value, *(piece[key].to(value.dtype) for piece in pieces)], dim=1)
+
+        cond = {
+            k: joined(base.cond, k, [p.cond for p in parts]) if k in self.text_keys else v for k, v in base.cond.items()
+        }
+        to_pipe = {
+            k: joined(base.to_pipe, k, [p.to_pipe for p in parts]) if k in self.text_keys else v
+            for k, v in base.to_pipe.items()
+        }
+        return Encoded(cond, to_pipe)
 
     @abstractmethod
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):

@@ -152,6 +152,14 @@ class FluxAdapter(PackedLatents):
             to_pipe.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
         return Encoded({"encoder_hidden_states": pe, "pooled_projections": ppe}, to_pipe)
 
+    def append_text(self, base: Encoded, parts: list[Encoded], do_cfg: bool) -> Encoded:
+        """The sub-prompts' T5 tokens after the base's; FLUX's text ids are all zero (``encode_prompt``), so the
+        longer sequence gets zero ids too, as the pipeline gives them for the longer ``prompt_embeds``."""
+        joined = super().append_text(base, parts, do_cfg)
+        pe = joined.cond["encoder_hidden_states"]
+        self.text_ids = pe.new_zeros(pe.shape[1], 3)
+        return joined
+
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
         transformer = self.pipe.transformer
         b, seq = model_input.shape[:2]

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedPipelineError
 from ..store import AttentionStore, AttnLayer
 from .form import AttentionForm
-from .recipients import ActiveEdits, LayerObserver, StoreRecorder
+from .joint import image_probs
+from .recipients import ActiveEdits, LayerObserver, LayerRegions, StoreRecorder
 
 
 class CaptureProcessor:
@@ -34,7 +36,14 @@ class CaptureProcessor:
     """
 
     def __init__(
-        self, original, store: AttentionStore | None, layers: list[AttnLayer], captured=(), editors=(), observer=None
+        self,
+        original,
+        store: AttentionStore | None,
+        layers: list[AttnLayer],
+        captured=(),
+        editors=(),
+        observer=None,
+        regions=None,
     ):
         self.original = original
         self.store = store
@@ -47,6 +56,10 @@ class CaptureProcessor:
         self.observer = observer
         self.recorder = StoreRecorder(store, self.name, self.captured) if store is not None and self.capture else None
         self.watch = LayerObserver(self.name, observer) if observer is not None else None
+        self.regional = None
+        if regions is not None and any(la.name in regions.grid_of for la in self.layers):
+            cross = next(la for la in self.layers if la.name in regions.grid_of)
+            self.regional = LayerRegions(cross.name, regions, getattr(cross.ops, "text_first", None))
         self.signature = inspect.signature(original.__call__)
         # diffusers filters cross_attention_kwargs by the processor's signature: expose the original's.
         self.__dict__["__call__"] = _SignatureProxy(self, self.signature)
@@ -67,6 +80,8 @@ class CaptureProcessor:
         def own() -> Any:
             return self.original(attn, *args, **kwargs)
 
+        if self.regional is not None:
+            return self._regional(form, attn, args, kwargs, own)
         if self.store is not None and self.store.active:
             if self.recorder is None:
                 return own()
@@ -124,6 +139,81 @@ class CaptureProcessor:
         maps = form.maps(attn, named, watch.n_image, {"cross"}, watch.columns)
         watch.record_cross(maps["cross"][0])  # (images, heads, queries, columns)
 
+    def _regional(self, form: AttentionForm, attn, args, kwargs, own: Callable[[], Any]):
+        """Regional prompting in this layer, in any forward: the layer's own processor with its attention call
+        replaced (:class:`~.regional.RegionalSDPA`); where a recorder, the observer or a probe wants maps, the
+        probabilities the regional attention uses (explicit cross-attention: from the scores; joint layers: from
+        the queries and keys of the replaced call)."""
+        from .regional import RegionalSDPA, regional_probs, regional_text_probs
+
+        regional = self.regional
+        assert regional is not None
+        guidance = self.store is not None and self.store.active
+        recorder = self.recorder if guidance else None
+        watch = None if guidance or self.watch is None or not self.watch.active else self.watch
+        probe = regional.regions.probe
+        layout, beta, base = regional.layout, regional.beta, regional.base_len
+        if recorder is None and watch is None and probe is None:
+            mode = RegionalSDPA(layout, beta, lambda b: regional.n_plain(b, guidance), regional.regions.kernel)
+            with mode:
+                out = own()
+            _check_caught(mode, attn)
+            return out
+        if form.explicit_scores:
+            named = self._arguments(attn, args, kwargs)
+            n_plain: list[int] = []
+
+            def on_scores(scores, heads):
+                n_plain[:] = [regional.n_plain(scores.shape[0] // heads, guidance)]
+                return regional_probs(scores, heads, layout, beta, n_plain[0])
+
+            def on_probs(probs, heads):
+                cond = probs.view(-1, heads, *probs.shape[1:])[n_plain[0] :]
+                if probe is not None:
+                    probe(self.name, cond.detach())
+                if recorder is not None:
+                    recorder.record(cond.flatten(0, 1)[..., :base], heads)
+                if watch is not None:
+                    watch.observer.record(cond.flatten(0, 1)[..., :base], heads, self.name)
+
+            return _explicit(form, attn, named, on_probs=on_probs, on_scores=on_scores)
+        seen: list = []
+        mode = RegionalSDPA(
+            layout, beta, lambda b: regional.n_plain(b, guidance), regional.regions.kernel, lambda *qk: seen.append(qk)
+        )
+        with mode:
+            out = own()
+        _check_caught(mode, attn)
+        if not seen:  # a forward at another text length (a sequential negative branch): nothing to record
+            return out
+        q, k, scale = seen[0]
+        if probe is not None:
+            with torch.no_grad():
+                probe(self.name, regional_text_probs(q, k, layout, beta, scale, None)[0])
+        wanted = recorder.columns if recorder is not None else watch.columns if watch is not None else None
+        columns = wanted if wanted is not None else torch.arange(base, device=q.device)
+        if recorder is not None:
+            maps: dict = {"cross": regional_text_probs(q, k, layout, beta, scale, columns)}
+            if "self" in recorder.kinds:
+                img = layout.tables.image_rows
+                maps["self"] = image_probs(q.index_select(2, img), k.index_select(2, img), scale)
+            recorder.record_maps(maps)
+        if watch is not None:
+            with torch.no_grad():
+                watch.observer.record_heads(regional_text_probs(q, k, layout, beta, scale, columns)[0], self.name)
+        return out
+
+
+def _check_caught(mode, attn) -> None:
+    """A layer whose processor never called ``F.scaled_dot_product_attention`` at the regional shapes (a flash,
+    sage or xformers backend, a processor of the user's) cannot be masked: say so rather than run unmasked."""
+    if mode.calls == 0 and mode.other_calls == 0:
+        raise UnsupportedPipelineError(
+            f"regions: the attention of {type(attn).__name__} did not go through torch's "
+            "scaled_dot_product_attention, so its regional mask cannot be applied; use the native attention "
+            '(pipe.transformer.set_attention_backend("native"), or drop xformers/flash processors)'
+        )
+
 
 def _explicit(form: AttentionForm, attn, named: dict, on_probs=None, on_scores=None) -> torch.Tensor:
     """``form.explicit`` on the call's arguments by name."""
@@ -156,16 +246,19 @@ def capture_layers(
     store: AttentionStore | None = None,
     editors: dict[str, list] | None = None,
     observer=None,
+    regions=None,
 ) -> Iterator[dict]:
     """Install :class:`CaptureProcessor` on the processors of the store's, the edited and the observed layers only
     (``layers``: the adapter's description of every capturable layer); restore every original processor on exit,
-    also when an error is raised."""
+    also when an error is raised. ``regions``: a :class:`~attncontrol.controls.regions.PreparedRegions` whose layers
+    get its regional attention."""
     saved = dict(denoiser.attn_processors)
     by_name = {layer.name: layer for layer in layers}
     captured = {layer.name for layer in store.layers} if store is not None else set()
     editors = editors or {}
     observed = set(observer.layers) if observer is not None else set()
-    wanted = captured | set(editors) | observed
+    regional = set(regions.layers) if regions is not None else set()
+    wanted = captured | set(editors) | observed | regional
     missing = sorted(wanted - by_name.keys())
     if missing:
         raise ValueError(f"layers not in this model: {missing}")
@@ -190,6 +283,7 @@ def capture_layers(
             captured & names,
             [e for n in names for e in editors.get(n, ())],
             observer if observed & names else None,
+            regions if regional & names else None,
         )
     try:
         denoiser.set_attn_processor(dict(procs))  # set_attn_processor pops from the dict it is given

@@ -131,3 +131,39 @@ class LayerObserver:
             else obs.cond_half(probs.detach()),
             self.name,
         )
+
+
+class LayerRegions:
+    """Regional prompting (:class:`~attncontrol.controls.regions.PreparedRegions`) in one layer: its layout at the
+    layer's grid and form, the plain rows of a batch, and the base weight of the current step. Acts in every
+    forward, ordinary and guidance passes alike (a guidance method then optimises the network that is sampled)."""
+
+    def __init__(self, name: str, regions, text_first: bool | None):
+        self.name = name
+        self.regions = regions
+        self.text_first = text_first
+        self._layout = None
+
+    @property
+    def layout(self):
+        from .regional import RegionLayout
+
+        regions = self.regions
+        if self._layout is None or self._layout.segments != regions.segments:
+            labels = regions.labels[regions.grid_of[self.name]]
+            self._layout = RegionLayout(regions.segments, labels, self.text_first, regions.image_self)
+        return self._layout
+
+    @property
+    def base_len(self) -> int:
+        return int(self.regions.segments[0])
+
+    @property
+    def beta(self) -> float:
+        return float(self.regions.weight)
+
+    def n_plain(self, batch: int, guidance: bool) -> int:
+        """Leading rows of the batch that are not the conditional branch: the negative half of a batched
+        classifier-free-guidance forward (a guidance pass is the conditional branch alone)."""
+        regions = self.regions
+        return batch // 2 if not guidance and regions.cfg_batch and batch == 2 * regions.n_images else 0
