@@ -172,9 +172,7 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     regions = _regions(adapter, prepared_all)
     observer, labels = _observer(args.attention, controls, ctx, adapter)
     _check_noise_inputs(adapter, args, len(prompts) * args.num_images_per_prompt, latent_hw)
-    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len)
-    if regions is not None:
-        encoded = _encode_regions(adapter, encoded, regions, prompts, args, do_cfg, device)
+    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len, regions)
     latent_dtype = adapter.latent_dtype(encoded.cond["encoder_hidden_states"].dtype)
     if args.latents is not None:
         args.latents = args.latents.to(device=device, dtype=latent_dtype)
@@ -342,8 +340,17 @@ def _check_objects(adapter: ModelAdapter, args: GenerateArgs) -> None:
     adapter.check_pipe_kwargs(args.pipe_kwargs)
 
 
-def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cfg: bool, device, seq_len: int):
-    """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``)."""
+def _encode(
+    adapter: ModelAdapter,
+    prompts: list[str],
+    args: GenerateArgs,
+    do_cfg: bool,
+    device,
+    seq_len: int,
+    regions: PreparedRegions | None = None,
+):
+    """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``), then the
+    regions' sub-prompts, appended after it."""
     lora_scale = (args.cross_attention_kwargs or {}).get("scale")
     assert args.height is not None and args.width is not None  # _check_args filled in the pipeline's default size
     batch = PromptBatch(
@@ -368,6 +375,8 @@ def _encode(adapter: ModelAdapter, prompts: list[str], args: GenerateArgs, do_cf
             f"the text encoder returned {text.shape[1]} tokens, the tokenizer allows {seq_len}; "
             "token positions would not line up with the attention maps"
         )
+    if regions is not None:
+        return _encode_regions(adapter, encoded, regions, prompts, args, do_cfg, device)
     return encoded
 
 

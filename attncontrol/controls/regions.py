@@ -34,7 +34,9 @@ Box = tuple[float, float, float, float]
 
 def _region_list(value, where: str) -> list[tuple[str, list[Box]]]:
     """``[(sub-prompt, box or boxes), ...]``: 1 to MAX_BOXES regions, each a non-empty text and boxes in [0, 1]."""
-    if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)) or not value:
+    if isinstance(value, (list, tuple)) and not value:
+        raise OptionError(f'{where} needs at least one (sub-prompt, box) pair: [("a red car", (0.1, 0.1, 0.5, 0.9))]')
+    if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
         raise OptionError(f"{where} must be a list of (sub-prompt, (x0, y0, x1, y1)) pairs, got {value!r}")
     if len(value) > MAX_BOXES:
         raise OptionError(f"{where}: at most {MAX_BOXES} regions, got {len(value)}")
@@ -71,7 +73,7 @@ def box_tokens(box: Box, rows: int, cols: int) -> torch.Tensor:
 def region_labels(boxes: list[list[Box]], grid: tuple[int, int], finest: tuple[int, int] | None = None) -> torch.Tensor:
     """(rows * cols,) int64, row-major: bit r set when the token lies in region r (any of its boxes); 0 is the
     background. With ``finest`` (a grid that ``grid`` divides), the labels are found there and OR-pooled down, so
-    a small box keeps its tokens on coarse UNet levels (InvokeAI's ``_prepare_spatial_masks`` max-pools its masks
+    a small box keeps its tokens on coarse map levels (InvokeAI's ``_prepare_spatial_masks`` max-pools its masks
     the same way)."""
     rows, cols = grid
     if finest is not None and tuple(finest) != tuple(grid) and finest[0] % rows == 0 and finest[1] % cols == 0:

@@ -144,7 +144,7 @@ class CaptureProcessor:
         replaced (:class:`~.regional.RegionalSDPA`); where a recorder, the observer or a probe wants maps, the
         probabilities the regional attention uses (explicit cross-attention: from the scores; joint layers: from
         the queries and keys of the replaced call)."""
-        from .regional import RegionalSDPA, regional_probs, regional_text_probs
+        from .regional import RegionalSDPA, regional_text_probs
 
         regional = self.regional
         assert regional is not None
@@ -160,23 +160,7 @@ class CaptureProcessor:
             _check_caught(mode, attn)
             return out
         if form.explicit_scores:
-            named = self._arguments(attn, args, kwargs)
-            n_plain: list[int] = []
-
-            def on_scores(scores, heads):
-                n_plain[:] = [regional.n_plain(scores.shape[0] // heads, guidance)]
-                return regional_probs(scores, heads, layout, beta, n_plain[0])
-
-            def on_probs(probs, heads):
-                cond = probs.view(-1, heads, *probs.shape[1:])[n_plain[0] :]
-                if probe is not None:
-                    probe(self.name, cond.detach())
-                if recorder is not None:
-                    recorder.record(cond.flatten(0, 1)[..., :base], heads)
-                if watch is not None:
-                    watch.observer.record(cond.flatten(0, 1)[..., :base], heads, self.name)
-
-            return _explicit(form, attn, named, on_probs=on_probs, on_scores=on_scores)
+            return self._regional_explicit(form, attn, self._arguments(attn, args, kwargs), guidance, recorder, watch)
         seen: list = []
         mode = RegionalSDPA(
             layout, beta, lambda b: regional.n_plain(b, guidance), regional.regions.kernel, lambda *qk: seen.append(qk)
@@ -202,6 +186,31 @@ class CaptureProcessor:
             with torch.no_grad():
                 watch.observer.record_heads(regional_text_probs(q, k, layout, beta, scale, columns)[0], self.name)
         return out
+
+    def _regional_explicit(self, form: AttentionForm, attn, named: dict, guidance: bool, recorder, watch):
+        """A cross-attention layer's regional output through explicit probabilities (from its scores), recorded
+        (base columns) and probed (every column) for the conditional images."""
+        from .regional import regional_probs
+
+        regional = self.regional
+        assert regional is not None
+        probe, layout, beta, base = regional.regions.probe, regional.layout, regional.beta, regional.base_len
+        n_plain: list[int] = []
+
+        def on_scores(scores, heads):
+            n_plain[:] = [regional.n_plain(scores.shape[0] // heads, guidance)]
+            return regional_probs(scores, heads, layout, beta, n_plain[0])
+
+        def on_probs(probs, heads):
+            cond = probs.view(-1, heads, *probs.shape[1:])[n_plain[0] :]
+            if probe is not None:
+                probe(self.name, cond.detach())
+            if recorder is not None:
+                recorder.record(cond.flatten(0, 1)[..., :base], heads)
+            if watch is not None:
+                watch.observer.record(cond.flatten(0, 1)[..., :base], heads, self.name)
+
+        return _explicit(form, attn, named, on_probs=on_probs, on_scores=on_scores)
 
 
 def _check_caught(mode, attn) -> None:

@@ -257,18 +257,19 @@ def regional_text_probs(
     seg = tables.segment_of_key
     text_keys = (seg >= 0).nonzero().flatten()
     b, h = q.shape[:2]
-    probs = q.new_zeros(b, h, layout.n_image, cols.numel(), dtype=torch.float32)
-    mass = q.new_zeros(b, h, layout.n_image, dtype=torch.float32)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    probs = q.new_zeros(b, h, layout.n_image, cols.numel(), dtype=wide)
+    mass = q.new_zeros(b, h, layout.n_image, dtype=wide)
     img_rows = tables.image_rows
 
     def branch(rows: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qr = q.index_select(2, rows)
-        lse = logsumexp_keys(qr, k.index_select(2, keys), scale).float()
-        logits = (qr.float() @ k.index_select(2, key_cols).float().transpose(-1, -2)) * scale
+        lse = logsumexp_keys(qr, k.index_select(2, keys), scale).to(wide)
+        logits = (qr.to(wide) @ k.index_select(2, key_cols).to(wide).transpose(-1, -2)) * scale
         allowed = torch.isin(key_cols, keys)
         p = torch.exp(logits - lse[..., None]) * allowed
         texts = keys[torch.isin(keys, text_keys)]
-        m = torch.exp(logsumexp_keys(qr, k.index_select(2, texts), scale).float() - lse) if texts.numel() else lse * 0
+        m = torch.exp(logsumexp_keys(qr, k.index_select(2, texts), scale).to(wide) - lse) if texts.numel() else lse * 0
         return p, m
 
     if beta < 1.0:
