@@ -349,3 +349,26 @@ def test_a_processor_that_does_not_use_sdpa_is_refused_not_run_unmasked():
     with pytest.raises(UnsupportedPipelineError, match="scaled_dot_product_attention"):
         _run(pipe, "sd1", [Regions(regions=TWO)]).execute()
     assert all(isinstance(p, AttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_checkpointed_guidance_passes_see_the_same_masks(tiny):
+    """Gradient checkpointing recomputes the masked layers in the backward: the same images as without it."""
+    family, pipe = tiny
+    controls = lambda: [Regions(regions=TWO, stop=None), attncontrol.AttendExcite(subjects=["car", "dog"])]  # noqa: E731
+    plain = _run(pipe, family, controls(), steps=2).execute()
+    checkpointed = _run(pipe, family, controls(), steps=2, checkpointing=True).execute()
+    assert torch.allclose(plain.images, checkpointed.images, atol=1e-6, rtol=0)
+    assert plain.trace[0].loss == pytest.approx(checkpointed.trace[0].loss, rel=1e-5)
+
+
+def test_observed_maps_are_the_blended_probabilities_of_the_base_prompt(tiny):
+    """``attention=`` beside Regions records the subjects' maps from the probabilities the masked layers use: with
+    beta 0 a box token gives the base prompt nothing, so "car"'s raw map is 0 inside both boxes' tokens and the
+    background keeps it."""
+    family, pipe = tiny
+    half = [("a red car", (0.0, 0.0, 0.5, 0.5)), ("a dog", (0.5, 0.0, 1.0, 0.5))]  # the bottom half: background
+    out = _run(pipe, family, [Regions(regions=half, base_prompt_weight=0.0, stop=None)], attention=["car"]).execute()
+    raw = out.attention.raw[0][0, 0]  # step 0, image 0, "car": (rows, cols)
+    rows = raw.shape[0]
+    assert raw[: rows // 2].abs().max() == 0
+    assert raw[rows // 2 :].min() > 0
