@@ -372,3 +372,14 @@ def test_observed_maps_are_the_blended_probabilities_of_the_base_prompt(tiny):
     rows = raw.shape[0]
     assert raw[: rows // 2].abs().max() == 0
     assert raw[rows // 2 :].min() > 0
+
+
+def test_a_joined_text_call_the_rule_does_not_match_is_refused_not_run_unmasked(monkeypatch):
+    """A layer called with the base and sub-prompts whose attention call has shapes the layout does not know (a
+    family layout the rule was not written for) raises instead of sampling unmasked."""
+    from attncontrol.testing import BUILDERS
+
+    pipe = BUILDERS["sd1"](0)
+    monkeypatch.setattr(RegionLayout, "matches", lambda self, n_queries, n_keys: False)
+    with pytest.raises(UnsupportedPipelineError, match="regional shapes"):
+        _run(pipe, "sd1", [Regions(regions=TWO)]).execute()

@@ -157,7 +157,7 @@ class CaptureProcessor:
             mode = RegionalSDPA(layout, beta, lambda b: regional.n_plain(b, guidance), regional.regions.kernel)
             with mode:
                 out = own()
-            _check_caught(mode, attn)
+            _check_caught(mode, attn, self._arguments(attn, args, kwargs))
             return out
         if form.explicit_scores:
             return self._regional_explicit(form, attn, self._arguments(attn, args, kwargs), guidance, recorder, watch)
@@ -167,7 +167,7 @@ class CaptureProcessor:
         )
         with mode:
             out = own()
-        _check_caught(mode, attn)
+        _check_caught(mode, attn, self._arguments(attn, args, kwargs))
         if not seen:  # a forward at another text length (a sequential negative branch): nothing to record
             return out
         q, k, scale = seen[0]
@@ -213,13 +213,22 @@ class CaptureProcessor:
         return _explicit(form, attn, named, on_probs=on_probs, on_scores=on_scores)
 
 
-def _check_caught(mode, attn) -> None:
-    """A layer whose processor never called ``F.scaled_dot_product_attention`` at the regional shapes (a flash,
-    sage or xformers backend, a processor of the user's) cannot be masked: say so rather than run unmasked."""
-    if mode.calls == 0 and mode.other_calls == 0:
+def _check_caught(mode, attn, named: dict) -> None:
+    """A layer called with the joined text (base and sub-prompts) must have made a regional attention call; one
+    whose processor never reached ``F.scaled_dot_product_attention`` at the regional shapes (a flash, sage or
+    xformers backend, a processor of the user's, a layout the regional rule does not know) cannot be masked: say
+    so rather than run unmasked. A call at another text length (a negative branch run as its own forward) is
+    the plain model's and needs nothing."""
+    layout = mode.layout
+    context, hidden = named.get("encoder_hidden_states"), named.get("hidden_states")
+    if torch.is_tensor(context):
+        joined = context.ndim == 3 and context.shape[1] == layout.text_len
+    else:
+        joined = torch.is_tensor(hidden) and hidden.ndim == 3 and hidden.shape[1] == layout.n_queries
+    if mode.calls == 0 and (joined or mode.other_calls == 0):
         raise UnsupportedPipelineError(
-            f"regions: the attention of {type(attn).__name__} did not go through torch's "
-            "scaled_dot_product_attention, so its regional mask cannot be applied; use the native attention "
+            f"regions: the attention of {type(attn).__name__} did not reach torch's scaled_dot_product_attention "
+            "with the regional shapes, so its regional mask cannot be applied; use the native attention "
             '(pipe.transformer.set_attention_backend("native"), or drop xformers/flash processors)'
         )
 
