@@ -226,16 +226,14 @@ def _dense(q, k, v, tables: RegionTables, beta: float, n_plain: int, attn_mask, 
     )
     parts = []
     if n_plain:
-        mask = _bool_with(base, own_plain, q.dtype)
+        mask = _bool_with(base[:1], own_plain, q.dtype)  # every row the same: broadcast
         parts.append(F.scaled_dot_product_attention(q[:n_plain], k[:n_plain], v[:n_plain], attn_mask=mask, scale=scale))
     qc, kc, vc = q[n_plain:], k[n_plain:], v[n_plain:]
     out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=_bool_with(regional, own_cond, q.dtype), scale=scale)
-    if beta > 0.0:
-        with_base = F.scaled_dot_product_attention(
-            qc, kc, vc, attn_mask=_bool_with(base, own_cond, q.dtype), scale=scale
-        )
+    if beta > 0.0:  # the base branch of the image rows only: every row of its mask is the same, broadcast
         img = tables.image_rows
-        mixed = with_base.index_select(2, img)
+        mask = _bool_with(base[:1], _rows(attn_mask, img, None, slice(n_plain, None)), q.dtype)
+        mixed = F.scaled_dot_product_attention(qc.index_select(2, img), kc, vc, attn_mask=mask, scale=scale)
         if beta < 1.0:
             mixed = (1.0 - beta) * out.index_select(2, img) + beta * mixed
         out = out.index_copy(2, img, mixed.to(out.dtype))
