@@ -1,7 +1,7 @@
 """Regional prompting (issue #27): the memory and time of the regional attention against plain attention, at
 FLUX.1's attention width and an SD-like cross-attention width, random tensors and random weights.
 
-    python benchmarks/regions_pass.py                       # this CPU's subset (fp32, about 15 minutes here)
+    python benchmarks/regions_pass.py                       # this CPU's subset (fp32, 16 minutes here)
     python benchmarks/regions_pass.py --device cuda --full  # the whole set (bf16; what benchmarks/gpu.sh runs)
     python benchmarks/regions_pass.py --quick               # the smallest case at reduced width (a smoke test)
 
@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's attncontrol, not another install's
 from _common import machine  # noqa: E402
 
 BETA = 0.3
@@ -175,13 +176,13 @@ class Width:
 QUICK_WIDTH = Width((2, 128), (2, 64), 64, 16)
 
 
-def _layout(case: Case, width: Width):
+def _layout(case: Case, width: Width, device):
     from attncontrol.controls.regions import region_labels
     from attncontrol.processors.regional import RegionLayout
 
     side = case.px // 16
     text = width.text(case.what)
-    labels = region_labels(BOXES[case.regions], (side, side))
+    labels = region_labels(BOXES[case.regions], (side, side)).to(device)
     return RegionLayout((text,) * (1 + case.regions), labels, None if case.what == "cross" else True)
 
 
@@ -223,7 +224,7 @@ class AttentionCall:
         if variant in ("plain", "no mask"):
             self.fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
         else:
-            layout = _layout(case, width)
+            layout = _layout(case, width, device)
             _ = layout.tables  # built once per layout in a run (RegionalSDPA's layout is the run's): not timed
             kernel = "grouped" if variant == "grouped" else "dense"
             self.fn = lambda q, k, v: regional_attention(q, k, v, layout, BETA, 0, None, None, kernel)
@@ -306,7 +307,7 @@ class BlockCall:
             block.attn.set_processor(own)
         else:
             kernel = "grouped" if variant == "grouped" else "dense"
-            block.attn.set_processor(InMode(own, _layout(case, blocks.width), kernel))
+            block.attn.set_processor(InMode(own, _layout(case, blocks.width, blocks.device), kernel))
         side = case.px // 16
         text = blocks.width.t5 * (1 if variant == "plain" else 1 + case.regions)
         g = torch.Generator(device=blocks.device).manual_seed(0)
@@ -486,7 +487,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per variant for repeats after the first")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1) if args.device == "cpu" else None
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     _fix_malloc()
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
