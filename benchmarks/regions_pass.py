@@ -508,11 +508,15 @@ def main(argv=None) -> None:
         parser.error("no case left after --what/--sizes/--regions")
     t0 = time.perf_counter()
     results = run(cases, width, device, dtype, repeats, args.budget, lambda s: print(s, file=sys.stderr, flush=True))
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({machine()})"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        memory = "torch.cuda.max_memory_allocated over the allocation before the call"
+    else:
+        where = f"cpu ({machine()}), {torch.get_num_threads()} thread(s)"
+        memory = "peak RSS (VmHWM) over the RSS before the call"
     print(
-        f"Regional prompting vs plain attention, beta {BETA}, batch 1, {dtype_name}, {where}, "
-        f"{torch.get_num_threads() if device.type == 'cpu' else ''}{' thread(s), ' if device.type == 'cpu' else ''}"
-        f"seconds: median of up to {repeats}"
+        f"Regional prompting vs plain attention, beta {BETA}, batch 1, {dtype_name}, {where}; "
+        f"adds: {memory}; s: median of up to {repeats} calls"
     )
     print(tables(cases, results, width, torch.finfo(dtype).bits // 8))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
