@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a GPU machine (sized for under 8 minutes on one H100): fp16 correctness (and gradient
+# One script for a GPU machine (sized for under 9 minutes on one H100): fp16 correctness (and gradient
 # checkpointing giving the same images), then the benchmark tables at 512 px fp16 (the guidance-pass tables
 # include the gradient-checkpointing row). Run from the repository root after `pip install -e .` (plus
 # open-clip-torch --no-deps).
@@ -39,3 +39,6 @@ python benchmarks/guidance_pass.py --device cuda --dtype fp16 --repeats 5
 python benchmarks/whole_image.py --device cuda --dtype fp16 --steps 50
 python benchmarks/batched.py --device cuda --dtype fp16 --size 512 --steps 50 --images 4
 python benchmarks/guidance_pass.py --arch sdxl --size 1024 --device cuda --dtype fp16 --repeats 3
+# Regional prompting (#27): every attention and FLUX-block row at 512 and 1024 px, R = 2 and 4, bf16 (about a
+# minute: milliseconds per call, plus building one random FLUX double and single block).
+python benchmarks/regions_pass.py --device cuda --dtype bf16 --full --repeats 10

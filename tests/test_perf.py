@@ -1,5 +1,11 @@
 """Gradient checkpointing of the guidance forward (``GuidanceEngine(..., checkpointing=True)``): same losses,
-gradients and latents as without it, the recompute really happens, and nothing is left patched afterwards."""
+gradients and latents as without it, the recompute really happens, and nothing is left patched afterwards; and the
+regional-prompting benchmark runs (its smallest case, no time asserted)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +170,31 @@ def test_public_option_and_cli_flag(sd1, tiny_dirs, tmp_path):
     out = tmp_path / "c.png"
     args = ["generate", PROMPT, "--model", str(tiny_dirs["sd1"]), "--subjects", "cat", "dog", "--steps", "2"]
     assert main([*args, "--out", str(out), "--checkpointing"]) == 0 and out.is_file()
+
+
+@pytest.mark.slow
+def test_regions_benchmark_quick_runs():
+    """``benchmarks/regions_pass.py --quick``: every row kind (joint and cross attention calls, a FLUX double and
+    single block through RegionalSDPA) and every variant runs at reduced width and prints its tables with a memory
+    figure per cell; times and ratios are not asserted (a shared machine)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "regions_pass.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for title in ("Joint attention call", "Cross-attention call", "FluxTransformerBlock", "FluxSingleTransformerBlock"):
+        assert title in out
+    rows = [line for line in out.splitlines() if line.startswith("| 256 |")]
+    # attention calls: plain, no mask, grouped, dense, dense with the math SDPA; blocks: the same but the math one
+    assert len(rows) == 5 + 5 + 4 + 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 5 + 2 * 4 and "out of memory" not in cells, row
+        assert "n/a" not in cells or not sys.platform.startswith("linux"), row  # peak RSS: Linux only
+        assert float(cells[5]) >= -1 and float(cells[7]) > 0 and float(cells[11]) > 0, row  # MB, s (fwd, fwd+bwd)
