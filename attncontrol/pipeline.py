@@ -217,6 +217,7 @@ def _encode_regions(adapter: ModelAdapter, encoded, regions: PreparedRegions, pr
     """Each region's sub-prompt encoded as the pipeline encodes a prompt (its own template and padding; for every
     input prompt), appended after the base prompt's tokens; the regions learn the segments' lengths."""
     parts = []
+    state = dict(vars(adapter))  # what the base prompt's encode left on the adapter (text ids, a CFG order, ...)
     for text in regions.texts:
         batch = PromptBatch(
             [text] * len(prompts),
@@ -232,6 +233,8 @@ def _encode_regions(adapter: ModelAdapter, encoded, regions: PreparedRegions, pr
         )
         with torch.no_grad():
             parts.append(adapter.encode(batch, device))
+    vars(adapter).clear()
+    vars(adapter).update(state)  # a sub-prompt's encode must not leave its state for the run; append_text joins
     base_len = int(encoded.cond["encoder_hidden_states"].shape[1])
     joined = adapter.append_text(encoded, parts, do_cfg)
     regions.bind_text(base_len, [int(p.cond["encoder_hidden_states"].shape[1]) for p in parts])

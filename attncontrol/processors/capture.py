@@ -153,8 +153,13 @@ class CaptureProcessor:
         watch = None if guidance or self.watch is None or not self.watch.active else self.watch
         probe = regional.regions.probe
         layout, beta, base = regional.layout, regional.beta, regional.base_len
-        if recorder is None and watch is None and probe is None:
-            mode = RegionalSDPA(layout, beta, lambda b: regional.n_plain(b, guidance), regional.regions.kernel)
+        negative = regional.negative_forward(guidance)
+
+        def n_plain(batch: int) -> int:
+            return batch if negative else regional.n_plain(batch, guidance)
+
+        if negative or (recorder is None and watch is None and probe is None):
+            mode = RegionalSDPA(layout, beta, n_plain, regional.regions.kernel)
             with mode:
                 out = own()
             _check_caught(mode, attn, self._arguments(attn, args, kwargs))
@@ -162,9 +167,7 @@ class CaptureProcessor:
         if form.explicit_scores:
             return self._regional_explicit(form, attn, self._arguments(attn, args, kwargs), guidance, recorder, watch)
         seen: list = []
-        mode = RegionalSDPA(
-            layout, beta, lambda b: regional.n_plain(b, guidance), regional.regions.kernel, lambda *qk: seen.append(qk)
-        )
+        mode = RegionalSDPA(layout, beta, n_plain, regional.regions.kernel, lambda *qk: seen.append(qk))
         with mode:
             out = own()
         _check_caught(mode, attn, self._arguments(attn, args, kwargs))

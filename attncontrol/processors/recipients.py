@@ -143,6 +143,7 @@ class LayerRegions:
         self.regions = regions
         self.text_first = text_first
         self._layout = None
+        self._step, self._forwards = -1, 0
 
     @property
     def layout(self):
@@ -161,6 +162,18 @@ class LayerRegions:
     @property
     def beta(self) -> float:
         return float(self.regions.weight)
+
+    def negative_forward(self, guidance: bool) -> bool:
+        """Called once per call of the layer: whether this call is a negative branch run as its own forward (a
+        family that runs classifier-free guidance as two forwards runs the positive one first; the layer's second
+        ordinary call in a step is the negative one, whatever its text length)."""
+        regions = self.regions
+        if guidance or regions.cfg_batch:
+            return False
+        if regions.step != self._step:
+            self._step, self._forwards = regions.step, 0
+        self._forwards += 1
+        return self._forwards > 1
 
     def n_plain(self, batch: int, guidance: bool) -> int:
         """Leading rows of the batch that are not the conditional branch: the negative half of a batched

@@ -190,6 +190,8 @@ def regional_attention(
     ``(1 - beta) * regional + beta * base``. ``beta = 1`` is the plain model for every row but the sub-prompts'."""
     tables = layout.tables
     plain, cond = slice(0, n_plain), slice(n_plain, q.shape[0])
+    if n_plain >= q.shape[0]:  # no conditional row: the plain model's attention over its own keys
+        return _attend(q, k, v, None, tables.base_keys, attn_mask, scale, plain)
     if kernel == "dense":
         return _dense(q, k, v, tables, beta, n_plain, attn_mask, scale)
     parts = []
@@ -315,7 +317,7 @@ class RegionalSDPA(TorchFunctionMode):
         scale = bound.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         n_plain = self.n_plain(q.shape[0])
         self.calls += 1
-        if self.on_qk is not None:
+        if self.on_qk is not None and n_plain < q.shape[0]:
             self.on_qk(q[n_plain:], k[n_plain:], scale)
         return regional_attention(
             q, k, v, self.layout, self.beta, n_plain, bound.get("attn_mask"), bound.get("scale"), self.kernel
