@@ -388,3 +388,18 @@ def test_qwenimage_joined_text_beyond_max_sequence_length_is_refused():
     needed = int(str(err.value).split("pass max_sequence_length=")[1].split()[0])
     run = _run("qwenimage", [Regions(regions=REGIONS)], max_sequence_length=needed)
     assert sum(run.regions.segments) == needed
+
+
+def test_qwenimage_negative_as_long_as_the_joined_text_is_refused():
+    """Qwen-Image's negative is a second forward told apart by its text length: a negative exactly as long as the
+    joined text would be masked as the positive (its prediction then differs from the stock one), so it is refused;
+    one token shorter runs."""
+    pipe = _pipe("qwenimage")
+    total = sum(_run("qwenimage", [Regions(regions=REGIONS)]).regions.segments)
+    negative = "blurry"
+    while pipe.encode_prompt(prompt=negative, device="cpu")[0].shape[1] < total:
+        negative += " a"
+    assert pipe.encode_prompt(prompt=negative, device="cpu")[0].shape[1] == total
+    with pytest.raises(OptionError, match="change the negative prompt by a word"):
+        _run("qwenimage", [Regions(regions=REGIONS)], negative_prompt=negative)
+    _run("qwenimage", [Regions(regions=REGIONS)], negative_prompt=negative.removesuffix(" a"))
