@@ -182,6 +182,17 @@ class Flux2Adapter(PackedLatents):
         self.guidance_scale = batch.guidance_scale
         return Encoded({"encoder_hidden_states": pe}, {"prompt_embeds": pe})
 
+    def append_text(self, base: Encoded, parts: list[Encoded], do_cfg: bool) -> Encoded:
+        """The sub-prompts' templated tokens after the base's. ``encode_prompt`` derives the text ids from the
+        embeddings' length (``Flux2Pipeline._prepare_text_ids``: L-axis ``arange(L)``), so the pipeline gives the
+        longer sequence ids that continue after the base's; the guidance forward takes the same. Encoding the
+        sub-prompts replaced ``text_ids`` with a sub-prompt's: they are rebuilt here. A negative (Klein's CFG) is
+        a second forward with its own embeddings and ids: untouched."""
+        joined = super().append_text(base, parts, do_cfg)
+        pe = joined.cond["encoder_hidden_states"]
+        self.text_ids = self.pipe._prepare_text_ids(pe).to(pe.device)
+        return joined
+
     def guidance(self, b: int, device) -> torch.Tensor | None:
         """``__call__``'s guidance embedding input: the scale, float32, one per image."""
         scale = self.guidance_scale

@@ -64,6 +64,17 @@ class PixArtAdapter(ModelAdapter):
     description = "PixArtSigmaPipeline (PixArt-Sigma)"
     pipeline_names = ("PixArtSigmaPipeline",)
     token_streams = TOKEN_STREAMS["PixArtSigmaPipeline"]
+    # regional prompting appends each sub-prompt's T5 tokens and its caption mask (``encode_prompt`` returns both;
+    # ``PixArtTransformer2DModel.forward`` turns the mask into the -10000 bias of ``attn2``); the batched negative's
+    # mask is zero-padded, so its extra keys are hidden as its own padding is
+    text_keys = (
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "prompt_embeds",
+        "prompt_attention_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_attention_mask",
+    )
 
     @staticmethod
     def matches(pipe) -> bool:

@@ -63,9 +63,19 @@ class QwenImageAdapter(PackedLatents):
 
         return isinstance(pipe, QwenImagePipeline) and isinstance(pipe.transformer, QwenImageTransformer2DModel)
 
+    # regional prompting appends each sub-prompt's embeddings and mask (``_encode`` always gives a mask)
+    text_keys = (
+        "encoder_hidden_states",
+        "prompt_embeds",
+        "prompt_embeds_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_embeds_mask",
+    )
+
     def __init__(self, pipe) -> None:
         super().__init__(pipe)
         self.guidance_scale: float | None = None
+        self.text_limit: int | None = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -187,6 +197,7 @@ class QwenImageAdapter(PackedLatents):
 
     def encode(self, batch: PromptBatch, device) -> Encoded:
         self.guidance_scale = batch.guidance_scale
+        self.text_limit = self.max_sequence_length(batch.extra)
         embeds, mask = self._encode(batch.prompts, batch, device)
         to_pipe = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
         if batch.do_cfg:
@@ -198,6 +209,39 @@ class QwenImageAdapter(PackedLatents):
         if not bool(mask.all()):
             cond["encoder_hidden_states_mask"] = mask
         return Encoded(cond, to_pipe)
+
+    def append_text(self, base: Encoded, parts: list[Encoded], do_cfg: bool) -> Encoded:
+        """The sub-prompts' tokens and masks after the base's (each sub-prompt templated and cut as a prompt).
+
+        The joined mask is the transformer's ``encoder_hidden_states_mask`` where it hides anything (the padding of
+        a shorter base prompt), else absent, as ``QwenImagePipeline.encode_prompt`` turns an all-ones mask into
+        None; the text RoPE then runs over the whole joined length (``QwenEmbedRope.forward``'s
+        ``max_txt_seq_len`` from ``compute_text_seq_len_from_mask``), so the base keeps its positions and the
+        sub-prompts continue after it. The pipeline cuts the embeddings it is given to ``max_sequence_length``
+        (``encode_prompt``: ``prompt_embeds[:, :max_sequence_length]``), so a longer joined text is refused."""
+
+        def unmasked(e: Encoded) -> Encoded:
+            return Encoded({k: v for k, v in e.cond.items() if k != "encoder_hidden_states_mask"}, e.to_pipe)
+
+        joined = super().append_text(unmasked(base), [unmasked(e) for e in parts], do_cfg)
+        length, limit = int(joined.cond["encoder_hidden_states"].shape[1]), self.text_limit
+        if limit is not None and length > limit:
+            raise OptionError(
+                f"regions: the prompt and its sub-prompts take {length} text tokens, more than max_sequence_length="
+                f"{limit}, to which QwenImagePipeline cuts its embeddings; pass max_sequence_length={length} "
+                "(at most 1024) or shorten the sub-prompts"
+            )
+        negative = joined.to_pipe.get("negative_prompt_embeds")
+        if do_cfg and negative is not None and int(negative.shape[1]) == length:
+            raise OptionError(
+                f"regions: the negative prompt takes {length} text tokens, as many as the prompt and its sub-prompts "
+                "together; the regional attention tells the negative forward (a second forward) from the positive one "
+                "by its text length, so it would mask the negative too: change the negative prompt by a word"
+            )
+        mask = joined.to_pipe["prompt_embeds_mask"]
+        if not bool(mask.all()):
+            joined.cond["encoder_hidden_states_mask"] = mask
+        return joined
 
     def guidance_forward(self, model_input: torch.Tensor, t, cond: dict[str, torch.Tensor], attention_kwargs=None):
         """The pipeline's cond forward (``QwenImagePipeline.__call__``'s loop) up to the last captured layer."""

@@ -86,6 +86,17 @@ class SanaAdapter(ModelAdapter):
     description = "SanaPipeline (SANA 600M / 1.6B, SANA 1.5)"
     pipeline_names = ("SanaPipeline",)
     token_streams = TOKEN_STREAMS["SanaPipeline"]
+    # regional prompting appends each sub-prompt's Gemma tokens and its mask (``SanaPipeline.encode_prompt`` returns
+    # both; ``SanaTransformer2DModel.forward`` turns the mask into the bias of ``attn2``, whose
+    # ``SanaAttnProcessor2_0`` calls ``F.scaled_dot_product_attention``); the batched negative's mask is zero-padded
+    text_keys = (
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "prompt_embeds",
+        "prompt_attention_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_attention_mask",
+    )
     consumed_kwargs = ("complex_human_instruction", "clean_caption")
     attention_kwargs_name = "attention_kwargs"
     flow_matching = True

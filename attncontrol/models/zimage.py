@@ -154,6 +154,23 @@ class ZImageAdapter(ModelAdapter):
         # one forward of [positive; negative]; the form shows it to the capture as [negative; positive] (pairs)
         return do_cfg
 
+    def regions_unsupported(self) -> str | None:
+        """Refused: Z-Image's unified sequence cannot be laid out as the regional attention's ``[image; text
+        segments]`` (``processors/regional.py:RegionLayout``). (1) ``ZImageTransformer2DModel.patchify_and_embed``
+        pads the image tokens to a multiple of ``SEQ_MULTI_OF`` with ``x_pad_token`` *between* the image and the
+        caption, and pads the caption once, at its end, so the caption pads would fall into the last sub-prompt's
+        segment; the layout has no place for either. (2) ``ZImagePipeline.__call__`` batches CFG as [positive;
+        negative], while the regional attention takes a batch's leading half as the plain (negative) branch.
+        (3) The captions are a list of per-image lengths with a key-padding mask, and the negative keeps its own
+        length, so one segment table cannot hold every row. (4) The image's RoPE t-positions start after the
+        padded caption, so appending sub-prompts moves them and beta = 1 would not be the plain model."""
+        return (
+            "Z-Image is not supported yet: its unified [image; image pads; caption; caption pads] sequence "
+            "(ZImageTransformer2DModel.patchify_and_embed) and its [positive; negative] CFG batch do not fit the "
+            "regional attention's [image; text segments] layout with the negative first, and appended sub-prompts "
+            "would move the image's rotary positions"
+        )
+
     @property
     def tokenizer(self):
         return STREAM_TEMPLATES["ZImagePipeline"]["tokenizer"].wrap(self.pipe.tokenizer)
