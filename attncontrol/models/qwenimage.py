@@ -231,13 +231,6 @@ class QwenImageAdapter(PackedLatents):
                 f"{limit}, to which QwenImagePipeline cuts its embeddings; pass max_sequence_length={length} "
                 "(at most 1024) or shorten the sub-prompts"
             )
-        negative = joined.to_pipe.get("negative_prompt_embeds")
-        if do_cfg and negative is not None and int(negative.shape[1]) == length:
-            raise OptionError(
-                f"regions: the negative prompt takes {length} text tokens, as many as the prompt and its sub-prompts "
-                "together; the regional attention tells the negative forward (a second forward) from the positive one "
-                "by its text length, so it would mask the negative too: change the negative prompt by a word"
-            )
         mask = joined.to_pipe["prompt_embeds_mask"]
         if not bool(mask.all()):
             joined.cond["encoder_hidden_states_mask"] = mask

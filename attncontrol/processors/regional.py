@@ -290,7 +290,9 @@ class RegionalSDPA(TorchFunctionMode):
     """Around one call of a layer's own processor: its ``F.scaled_dot_product_attention`` call, when its shapes are
     the layout's, returns :func:`regional_attention`; any other call (a negative forward at the base length, an
     image-only attention) runs unchanged. ``on_qk(q, k, scale)`` (optional) sees the conditional rows' queries and
-    keys of the regional call (to read maps). ``calls``: how many regional calls were made."""
+    keys of the regional call (to read maps). ``calls``: how many regional calls were made. ``n_plain(batch)`` says
+    how many leading rows are a batched negative branch; all of them: a negative branch run as its own forward,
+    whose call runs unchanged."""
 
     def __init__(self, layout: RegionLayout, beta: float, n_plain, kernel: str = "grouped", on_qk=None):
         super().__init__()
@@ -317,7 +319,9 @@ class RegionalSDPA(TorchFunctionMode):
         scale = bound.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         n_plain = self.n_plain(q.shape[0])
         self.calls += 1
-        if self.on_qk is not None and n_plain < q.shape[0]:
+        if n_plain >= q.shape[0]:  # a negative branch run as its own forward: every token is its own, unmasked
+            return func(*args, **kwargs)
+        if self.on_qk is not None:
             self.on_qk(q[n_plain:], k[n_plain:], scale)
         return regional_attention(
             q, k, v, self.layout, self.beta, n_plain, bound.get("attn_mask"), bound.get("scale"), self.kernel
