@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..io import jsonable
 from .inputs import BatchInputError, Entry
@@ -33,7 +34,8 @@ class Item:
 
     @property
     def key(self) -> str:
-        payload = [self.prompt, self.subjects, self.boxes, self.method, self.seed, self.options, self.negative_prompt]
+        fields = (self.prompt, self.subjects, self.boxes, self.method, self.seed, self.options, self.negative_prompt)
+        payload: list[Any] = list(fields)
         if self.settings != "{}":
             payload.append(self.settings)
         if self.regions:  # only where there are regions: every other item keeps the key it had before them
