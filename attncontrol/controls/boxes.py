@@ -133,13 +133,6 @@ def region_list(value, where: str = "regions") -> list[tuple[str, list[Box]]]:
     return out
 
 
-def region_text(regions) -> str:
-    """Checked regions back in the text form (``|``-joined; ``;`` between one region's boxes)."""
-    return "|".join(
-        f"{text}@" + ";".join(",".join(str(float(v)) for v in box) for box in boxes) for text, boxes in regions
-    )
-
-
 def box_maps(cfg, ctx, method: str):
     """The per-subject maps of a box-driven method: the boxes' subjects resolved in the prompt (an error names
     the method's boxes)."""

@@ -112,6 +112,7 @@ def _request_inputs(gr, runner: Runner, limits: Limits, params: list[Param], nat
         ui["regions"] = gr.Textbox(
             label=f"One region a line, at most {limits.max_boxes}: its sub-prompt, '@', its box (normalised "
             "x0,y0,x1,y1); or draw it on the canvas",
+            value="",  # a default: an API client that leaves the regions out sends none
             placeholder="a red car@0.05,0.3,0.5,0.9\na dog@0.55,0.3,0.95,0.9",
             lines=3,
             elem_id="regions",
