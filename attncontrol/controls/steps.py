@@ -14,6 +14,7 @@ skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .base import Control, step_index
 from .options import method_fields
@@ -105,7 +106,7 @@ def steps_markdown(methods: dict[str, type[Control]], lengths: tuple[int, ...] =
 def default_control(cls: type[Control]) -> Control | None:
     """The method with its defaults (and placeholder subjects, boxes or regions, which no step option depends
     on)."""
-    placeholders = (
+    placeholders: tuple[dict[str, Any], ...] = (
         {"subjects": ["a", "b"]},
         {"boxes": {"a": (0.0, 0.0, 0.5, 1.0), "b": (0.5, 0.0, 1.0, 1.0)}},
         {"regions": [("a", (0.0, 0.0, 0.5, 1.0)), ("b", (0.5, 0.0, 1.0, 1.0))]},
