@@ -1,5 +1,5 @@
 """One request, whatever the front end: the command line, a batch line, the app and Python all turn what a user
-gave (methods, per-method options, subjects, boxes, pipeline arguments) into a :class:`ControlRequest` through
+gave (methods, per-method options, subjects, boxes, regions, pipeline arguments) into a :class:`ControlRequest` through
 :func:`build_request`, so every value meets the same checks and every error names where the value came from
 (``--set astar.scale_factor=abc``, ``prompts.jsonl:3: options.refocus.tiered``, ``the field 'astar · lr'``).
 Torch-free: the command line validates a request before it loads a model.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .controls import METHODS
-from .controls.boxes import parse_boxes
+from .controls.boxes import parse_boxes, region_list
 from .controls.options import build_controls, method_key, option_value, parse_methods
 from .errors import OptionError, OptionTypeError
 from .limits import SEED_RANGE, check_image_size
@@ -23,7 +23,8 @@ from .tokens import check_text
 class ControlRequest:
     """A validated request: the methods (registry keys, in the order given), each method's options (canonical
     field names, checked values), the subjects, the boxes, the controls built from them, where each option came
-    from, and the pipeline arguments as given (checked by :func:`attncontrol.generate`)."""
+    from, the pipeline arguments as given (checked by :func:`attncontrol.generate`) and the regions (checked
+    ``(sub-prompt, [box, ...])`` pairs, in order)."""
 
     methods: tuple[str, ...]
     options: dict[str, dict[str, Any]]
@@ -32,6 +33,7 @@ class ControlRequest:
     controls: list
     sources: dict[tuple[str, str], str] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
+    regions: list | None = None
 
 
 def check_pipeline(values: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
@@ -130,16 +132,23 @@ def build_request(
     options_from: str = "options",
     pipeline: dict[str, Any] | None = None,
     pipeline_from: dict[str, str] | None = None,
+    regions: Sequence | str | None = None,
+    regions_from: str = "regions",
 ) -> ControlRequest:
-    """The one way in: methods (text or a list), subjects, boxes (a dict or ``"cat=x0,y0,x1,y1;dog=..."``) and
-    per-method options, checked and built into controls. ``text``: option values are text (command line, app,
-    files); ``sources`` says where each (method, field) came from, ``*_from`` how the front end names its inputs,
-    ``where`` the request's own source (a file line), prefixed to every error; ``pipeline`` the pipeline arguments
+    """The one way in: methods (text or a list), subjects, boxes (a dict or ``"cat=x0,y0,x1,y1;dog=..."``),
+    regions (``[("a red car", (x0, y0, x1, y1)), ...]``, ``"a red car@x0,y0,x1,y1|a dog@..."`` or a list of such
+    texts: the ``regions`` method's regions, which they select when ``methods`` is None) and per-method options,
+    checked and built into controls. ``text``: option values are text (command line, app, files); ``sources``
+    says where each (method, field) came from, ``*_from`` how the front end names its inputs, ``where`` the
+    request's own source (a file line), prefixed to every error; ``pipeline`` the pipeline arguments
     (:func:`check_pipeline`), ``pipeline_from`` their names in the front end. Raises
     :class:`~attncontrol.errors.OptionError` (:class:`~attncontrol.errors.OptionTypeError` for a wrong type)."""
     prefix = f"{where}: " if where else ""
     given = {key: f"{prefix}{(pipeline_from or {}).get(key, key)}" for key in pipeline or {}}
     checked_pipeline = check_pipeline(dict(pipeline or {}), given)
+    given_regions = _regions(regions, f"{prefix}{regions_from}")
+    if methods is None and given_regions:  # regions name their method, as --boxes names refocus
+        methods = ["regions"]
     names = method_list(methods, f"{prefix}{methods_from}")
     if isinstance(boxes, str):
         try:
@@ -157,6 +166,15 @@ def build_request(
         where=where,
         subjects_from=subjects_from,
         boxes_from=boxes_from,
+        regions=given_regions,
+        regions_from=regions_from,
     )
     subject_list = list(subjects) if subjects else None
-    return ControlRequest(tuple(names), checked, subject_list, boxes, controls, origin, checked_pipeline)
+    return ControlRequest(tuple(names), checked, subject_list, boxes, controls, origin, checked_pipeline, given_regions)
+
+
+def _regions(regions, where: str) -> list | None:
+    """The regions checked (:func:`~attncontrol.controls.boxes.region_list`), or None for none (None, an empty
+    text or list)."""
+    empty = regions is None or (regions.strip() == "" if isinstance(regions, str) else regions in ([], ()))
+    return None if empty else region_list(regions, where)

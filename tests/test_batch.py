@@ -445,3 +445,58 @@ def test_json_lines_are_strict_json(tmp_path):
         raise ValueError(name)
 
     json.loads(line, parse_constant=reject)  # no NaN / Infinity tokens
+
+
+# ------------------------------------------------------------------ regions
+
+REGIONS = [["a red car", [0.05, 0.1, 0.5, 0.9]], ["a brown dog", [0.5, 0.1, 0.95, 0.9]]]
+
+
+def test_regions_are_part_of_an_item_only_where_the_regions_method_runs(tmp_path):
+    import hashlib
+
+    line = {"prompt": "a car and a dog", "subjects": ["car", "dog"], "regions": REGIONS}
+    path = _write(tmp_path, "p.jsonl", json.dumps(line) + "\n")
+    plain, ae, regional = expand(read_entries(path), [0], ["none", "attend-excite", "attend-excite+regions"])
+    assert plain.regions is None and ae.regions is None
+    assert json.loads(regional.regions) == [["a red car", [REGIONS[0][1]]], ["a brown dog", [REGIONS[1][1]]]]
+    # an item without regions keeps the key it had before regions existed (old folders resume)
+    old = [ae.prompt, ae.subjects, ae.boxes, ae.method, ae.seed, ae.options, ae.negative_prompt]  # settings "{}"
+    assert ae.key == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    # other regions are another item
+    line["regions"] = REGIONS[:1]
+    path.write_text(json.dumps(line) + "\n")
+    (other,) = expand(read_entries(path), [0], ["attend-excite+regions"])
+    assert other.key != regional.key and other.controls()[1].extra_text() == ("a red car",)
+
+
+def test_regions_without_the_regions_method_name_both(tmp_path):
+    path = _write(tmp_path, "p.jsonl", json.dumps({"prompt": "a car", "subjects": ["car"], "regions": REGIONS}) + "\n")
+    with pytest.raises(BatchInputError, match="p.jsonl:1: regions are for the regions method, which is not among the "):
+        expand(read_entries(path), [0], ["none", "astar"])
+    line = {"prompt": "a car", "methods": ["regions"]}
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(OptionError, match="p.jsonl:1: regions needs regions"):
+        expand(read_entries(path), [0], ["attend-excite"])
+
+
+@pytest.mark.slow
+def test_a_regions_batch_records_its_regions_and_resumes(tiny_dirs, tmp_path, capsys):
+    """A csv line's regions reach the run: the record keeps them, the image differs from the baseline's, and a
+    rerun rebuilds the same items (every one skipped)."""
+    prompts = _write(
+        tmp_path, "p.csv", 'prompt,regions\na car and a dog,"a red car@0.05,0.1,0.5,0.9|a brown dog@0.5,0.1,0.95,0.9"\n'
+    )
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out", str(out), "--methods", "none,regions", "--model", str(tiny_dirs["sd1"])]
+    args += ["--steps", "3", "--set", "regions.base_prompt_weight=0.2"]
+    assert main(args) == 0
+    assert "done 2, skipped 0, failed 0 of 2 items" in capsys.readouterr().out
+    records = {r["method"]: r for r in _check_folder(out, 2)}
+    assert records["none"]["regions"] is None
+    assert records["regions"]["regions"] == [["a red car", [REGIONS[0][1]]], ["a brown dog", [REGIONS[1][1]]]]
+    assert records["regions"]["options"] == {"regions": {"base_prompt_weight": 0.2}}
+    with Image.open(out / records["none"]["file"]) as a, Image.open(out / records["regions"]["file"]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert main(args) == 0
+    assert "done 0, skipped 2, failed 0 of 2 items" in capsys.readouterr().out

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -234,3 +235,89 @@ def test_method_option_errors(tiny_dirs, tmp_path, capsys, args, message):
     out = tmp_path / "x.png"
     assert main(["generate", "a cat and a dog", "--model", str(tiny_dirs["sd1"]), "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+# ------------------------------------------------------------------ regions
+
+CAR_DOG = ["--region", "a red car@0.05,0.1,0.5,0.9", "--region", "a brown dog@0.5,0.1,0.95,0.9"]
+
+
+@pytest.mark.slow
+def test_generate_with_two_regions_uses_them(tiny_dirs, tmp_path, capsys):
+    """--region twice on a tiny saved model: the run record names the regions method with both regions in order
+    and the --set value, and the image differs from the same run without regions and from the boxes swapped."""
+
+    def run(name, *args):
+        out = tmp_path / f"{name}.png"
+        argv = ["generate", "a car and a dog", "--model", str(tiny_dirs["sd1"]), "--out", str(out), "--steps", "4"]
+        assert main([*argv, "--seed", "3", *args]) == 0, capsys.readouterr().err
+        with Image.open(out) as img:
+            return json.loads(img.text["parameters"]), np.asarray(img.convert("RGB"), dtype=np.int16)
+
+    params, regional = run("regions", *CAR_DOG, "--set", "regions.base_prompt_weight=0.2")
+    (control,) = params["controls"]
+    assert control["method"] == "regions" and control["base_prompt_weight"] == 0.2
+    assert control["regions"] == [["a red car", [[0.05, 0.1, 0.5, 0.9]]], ["a brown dog", [[0.5, 0.1, 0.95, 0.9]]]]
+    plain_params, plain = run("plain", "--no-control")
+    assert plain_params["controls"] == []
+    swap = ["--region", "a red car@0.5,0.1,0.95,0.9", "--region", "a brown dog@0.05,0.1,0.5,0.9"]
+    _, swapped = run("swapped", *swap, "--set", "regions.base_prompt_weight=0.2")
+    assert np.abs(regional - plain).max() > 0  # the regions changed the image
+    assert np.abs(regional - swapped).max() > 0  # and which box holds which sub-prompt matters
+
+
+def test_generate_help_documents_region(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--region TEXT@X0,Y0,X1,Y1" in text and "'a red car@0.1,0.1,0.5,0.9'" in text
+    assert "repeatable, in order, at most 8" in text and "--set regions.base_prompt_weight=0.2" in text
+
+
+def test_region_flags_build_the_regions_control():
+    from attncontrol.cli.commands import controls_from_args
+    from attncontrol.cli.parser import build_parser
+
+    def controls(*args):
+        return controls_from_args(build_parser().parse_args(["generate", "a car and a dog", *args]))
+
+    (control,) = controls(*CAR_DOG[2:], *CAR_DOG[:2], "--set", "regions.until=0.5")
+    assert control.extra_text() == ("a brown dog", "a red car") and control.stop == 0.5  # order kept
+    ae, regions = controls("--subjects", "car", *CAR_DOG)  # --subjects and --region: attend-excite and regions
+    assert (ae.method, regions.method) == ("attend-excite", "regions")
+    assert [c.method for c in controls("--methods", "regions", "--region", "a car@0,0,1,1")] == ["regions"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "astar", "--subjects", "car", *CAR_DOG], "--region is for the regions method, which is not"),
+        (["--methods", "regions"], "regions needs --region"),
+        (["--no-control", *CAR_DOG], "--no-control runs the plain pipeline; drop --region"),
+        (["--region", "a red car@0.1,0.1,0.5,0.9", "--set", "regions.base_prompt_weight=2"], "between 0 and 1"),
+        (["--region", "a car@0.1,0.1,0.5,0.9", "--set", "regions.regions=x"], "regions has no option 'regions'"),
+    ],
+)
+def test_region_mistakes_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
+    import attncontrol.loading
+
+    monkeypatch.setattr(attncontrol.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "x.png"
+    assert main(["generate", "a car and a dog", "--model", str(tmp_path), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_bad_region_fails_before_torch_is_imported(tmp_path):
+    code = (
+        "import sys\n"
+        "from attncontrol.cli import main\n"
+        f"argv = ['generate', 'a car', '--region', 'a car@0.1,0.1,1.5,0.9', '--out', {str(tmp_path / 'x.png')!r}]\n"
+        "code = main(argv)\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.stdout.split() == ["2", "False"], res.stderr
+    assert res.stderr.strip() == (
+        "error: --region 'a car@0.1,0.1,1.5,0.9': box for 'a car' must lie inside [0, 1] (normalised x0, y0, x1, y1), "
+        "got (0.1, 0.1, 1.5, 0.9)"
+    )

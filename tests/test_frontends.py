@@ -14,7 +14,7 @@ import attncontrol
 from attncontrol import AttendExcite, AttnControlError, OptionError
 from attncontrol.cli import main
 from attncontrol.controls import METHODS
-from attncontrol.controls.options import method_fields, takes_boxes
+from attncontrol.controls.options import method_fields, takes_boxes, takes_regions
 
 from .conftest import SUBPROCESS_TIMEOUT, seeded
 
@@ -46,6 +46,9 @@ SPECIAL = {
     "bindings": {"cat": ("furry", "small")},
     "refinement_steps": (5, 15),
     "alignment_cache": "once",
+    "image_self": "all",
+    "kernel": "dense",
+    "base_prompt_weight": 0.2,
 }
 
 
@@ -83,8 +86,9 @@ def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(met
 
     value = _other(spec)
     assert value != spec.default
-    boxed = takes_boxes(METHODS[method])
-    extra = ["--boxes", "cat=0,0,0.5,1"] if boxed else ["--subjects", "cat"]
+    boxed, regional = takes_boxes(METHODS[method]), takes_regions(METHODS[method])
+    extra = ["--boxes", "cat=0,0,0.5,1"] if boxed else ["--region", "a cat@0,0,0.5,1"] if regional else []
+    extra = extra or ["--subjects", "cat"]
     args = build_parser().parse_args(
         ["generate", "a cat", "--methods", method, *extra, "--set", f"{method}.{spec.name}={_text(value)}"]
     )
@@ -93,6 +97,8 @@ def test_every_option_reaches_its_control_from_the_cli_and_from_a_batch_line(met
 
     line = {"prompt": "a cat", "options": {method: {spec.name: json.loads(json.dumps(value))}}, "methods": [method]}
     line.update({"boxes": "cat=0,0,0.5,1"} if boxed else {"subjects": ["cat"]})
+    if regional:
+        line.update(regions=[["a cat", [0, 0, 0.5, 1]]])
     (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
     (item,) = expand(read_entries(tmp_path / "p.jsonl"), [0], [method])
     (from_batch,) = item.controls()
@@ -463,3 +469,111 @@ def test_batch_no_refinement_reaches_every_item(tmp_path):
         assert control.thresholds == {}  # no refinement step at any denoising step
     (plain,) = expand(read_entries(tmp_path / "p.txt"), [0], ["attend-excite"])[0].controls()
     assert plain.thresholds  # without the flag the official refinement schedule is used
+
+
+# ------------------------------------------------------------------ regions: one parser, every front end
+
+GOOD_REGIONS = [("a red car", (0.1, 0.1, 0.5, 0.9)), ("a dog@home", (0.5, 0.1, 0.9, 0.9))]  # split at the last @
+NINE = "|".join(f"thing {k}@0.1,0.1,0.5,0.9" for k in range(9))
+# (the regions as text, one per --region / app line / '|' in a csv cell; a fragment of the error that names it)
+BAD_REGIONS = {
+    "empty-text": (["@0.1,0.1,0.5,0.9"], "'@0.1,0.1,0.5,0.9': the sub-prompt before '@' is empty"),
+    "outside": (["a red car@0.1,0.1,1.5,0.9"], "'a red car@0.1,0.1,1.5,0.9': box for 'a red car' must lie inside"),
+    "x0-not-below-x1": (["a red car@0.5,0.1,0.5,0.9"], "box for 'a red car' needs x0 < x1 and y0 < y1"),
+    "nine": (NINE.split("|"), "at most 8 regions, got 9"),
+    "no-at": (["a red car 0.1,0.1,0.5,0.9"], "'a red car 0.1,0.1,0.5,0.9': a region is a sub-prompt, '@' and its box"),
+}
+
+
+def _region_controls(tmp_path, texts: list[str]) -> dict:
+    """The regions control each front end builds from the same regions: Python (pairs and text), the command line
+    (--region each), a jsonl line (pairs), a csv cell ('|'-joined) and the app (one a line)."""
+    from attncontrol.batch import expand, read_entries
+    from attncontrol.cli.commands import controls_from_args
+    from attncontrol.cli.parser import build_parser
+    from attncontrol.request import build_request
+    from attncontrol.ui.logic import build_request as app_request
+
+    built = {"python-text": build_request(None, regions="|".join(texts)).controls}
+    pairs = [(t.rpartition("@")[0], [float(v) for v in t.rpartition("@")[2].split(",")]) for t in texts]
+    built["python-pairs"] = build_request(["regions"], regions=pairs).controls
+    argv = ["generate", "a car and a dog", *(x for t in texts for x in ("--region", t))]
+    built["cli"] = controls_from_args(build_parser().parse_args(argv))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a car and a dog", "regions": pairs}) + "\n")
+    (tmp_path / "p.csv").write_text(f'prompt,regions\na car and a dog,"{"|".join(texts)}"\n')
+    for name in ("p.jsonl", "p.csv"):
+        (item,) = expand(read_entries(tmp_path / name), [0], ["regions"])
+        built[name] = item.controls()
+    request = app_request("a car and a dog", [], ["regions"], "", 0, 3, 7.5, 64, 64, regions_text="\n".join(texts))
+    built["app"] = request.controls
+    return built
+
+
+def test_every_front_end_builds_the_same_regions_control(tmp_path):
+    texts = [f"{t}@{','.join(map(str, box))}" for t, box in GOOD_REGIONS]
+    expected = attncontrol.Regions(regions=GOOD_REGIONS)
+    built = _region_controls(tmp_path, texts)
+    assert set(built) == {"python-text", "python-pairs", "cli", "p.jsonl", "p.csv", "app"}
+    for name, controls in built.items():
+        assert controls == [expected], name
+    assert expected.extra_text() == ("a red car", "a dog@home")  # in order, each split at its last '@'
+
+
+@pytest.mark.parametrize("name", list(BAD_REGIONS))
+def test_every_front_end_refuses_the_same_bad_regions_naming_them(name, tmp_path, capsys):
+    """The same bad regions are refused by Python, the command line (exit 2, one line, before any model), a csv
+    batch line and the app, each error naming the bad region and where it came from."""
+    from attncontrol.batch import read_entries
+    from attncontrol.request import build_request
+    from attncontrol.ui.logic import DemoError
+    from attncontrol.ui.logic import build_request as app_request
+
+    texts, fragment = BAD_REGIONS[name]
+    with pytest.raises(OptionError) as err:
+        build_request(None, regions="|".join(texts))
+    assert fragment in str(err.value) and str(err.value).startswith("regions")
+    argv = ["generate", "a car", "--model", str(tmp_path / "never-read"), "--out", str(tmp_path / "x.png")]
+    assert main([*argv, *(x for t in texts for x in ("--region", t))]) == 2
+    cli = capsys.readouterr().err
+    assert cli.startswith("error: --region") and fragment in cli and cli.count("\n") == 1, cli
+    (tmp_path / "p.csv").write_text(f'prompt,regions\na car,"{"|".join(texts)}"\n')
+    with pytest.raises(AttnControlError) as err:
+        read_entries(tmp_path / "p.csv")
+    assert str(err.value).startswith("p.csv:2: regions") and fragment in str(err.value)
+    with pytest.raises(DemoError) as err:
+        app_request("a car", [], ["regions"], "", 0, 3, 7.5, 64, 64, regions_text="\n".join(texts))
+    assert fragment in str(err.value)
+    assert list(tmp_path.iterdir()) == [tmp_path / "p.csv"]  # the command line wrote nothing
+
+
+@pytest.mark.parametrize(
+    "region,message",
+    [
+        (["", [0.1, 0.1, 0.5, 0.9]], "regions[1]: the sub-prompt is empty"),
+        (["a red car", [0.1, 0.1, 1.5, 0.9]], "regions[1]: box for 'a red car' must lie inside [0, 1]"),
+        (["a red car", [0.5, 0.1, 0.4, 0.9]], "regions[1]: box for 'a red car' needs x0 < x1"),
+        (["a red car", [0.1, 0.1, 0.5]], "regions[1]: box for 'a red car' must be four numbers"),
+        (["a red car"], "regions[1]: a region is (sub-prompt, (x0, y0, x1, y1)), got ['a red car']"),
+    ],
+)
+def test_a_jsonl_line_names_its_bad_region(region, message, tmp_path):
+    from attncontrol.batch import read_entries
+
+    line = {"prompt": "a car", "regions": [["a dog", [0, 0, 0.5, 1]], region]}
+    (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(AttnControlError) as err:
+        read_entries(tmp_path / "p.jsonl")
+    assert str(err.value).startswith("p.jsonl:1: ") and message in str(err.value), str(err.value)
+
+
+def test_a_jsonl_line_takes_at_most_8_regions(tmp_path):
+    from attncontrol.batch import read_entries
+
+    for count in (8, 9):
+        line = {"prompt": "a car", "regions": [[f"thing {k}", [0, 0, 1, 1]] for k in range(count)]}
+        (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n")
+        if count == 8:
+            assert len(read_entries(tmp_path / "p.jsonl")[0].regions) == 8
+            continue
+        with pytest.raises(AttnControlError, match="p.jsonl:1: regions: at most 8 regions, got 9"):
+            read_entries(tmp_path / "p.jsonl")

@@ -74,3 +74,24 @@ def test_readme_option_tables_are_the_fields_metadata():
     text = README.read_text()
     block = text.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
     assert block == options_markdown(METHODS, GuidanceOptions)
+
+
+def test_readme_regions_example_runs(sd1):
+    """The Regional prompting section's Python example, on the tiny model: a regions run that differs from the
+    plain one with the same seed."""
+    import numpy as np
+    import torch
+
+    import attncontrol
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    code = next(b for b in blocks if "attncontrol.Regions(" in b)
+    code = code.replace("[regions],", "[regions], num_inference_steps=3,")
+    namespace = {"pipe": sd1}
+    exec("import torch\nimport attncontrol\n" + code, namespace)
+    regions = namespace["regions"]
+    assert regions.extra_text() == ("a red car", "a brown dog") and regions.base_prompt_weight == 0.3
+    plain = attncontrol.generate(
+        sd1, "a car and a dog in a park", [], num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(namespace["out"].images[0]))

@@ -199,3 +199,65 @@ def test_pipeline_arguments_are_checked_by_the_request_and_named_by_the_front_en
         build_request("none", pipeline=pipeline, pipeline_from=PIPELINE_FLAGS)
     good = {"prompt": "a cat", "num_inference_steps": 3, "guidance_scale": 7.5, "height": 64, "seed": 0}
     assert build_request("none", pipeline=good).pipeline == good
+
+
+# ------------------------------------------------------------------ regions
+
+
+def test_regions_select_their_method_and_are_kept_in_the_request():
+    request = build_request(None, regions="a red car@0.1,0.1,0.5,0.9|a dog@0.5,0.1,0.9,0.9")
+    assert request.methods == ("regions",)
+    assert request.regions == [("a red car", [(0.1, 0.1, 0.5, 0.9)]), ("a dog", [(0.5, 0.1, 0.9, 0.9)])]
+    (control,) = request.controls
+    assert control.regions == request.regions and control.base_prompt_weight == 0.3
+    # with other methods named, regions go to the regions method among them, the options to theirs
+    request = build_request(
+        "attend-excite,regions",
+        ["car"],
+        regions=[("a red car", (0.1, 0.1, 0.5, 0.9)), "a dog@0.5,0.1,0.9,0.9;0.0,0.0,0.2,0.2"],
+        options={"regions": {"base_ratio": "0.2", "until": "0.5"}},
+        text=True,
+    )
+    ae, regions = request.controls
+    assert ae.subjects == ["car"] and regions.base_prompt_weight == 0.2 and regions.stop == 0.5
+    assert regions.regions[1] == ("a dog", [(0.5, 0.1, 0.9, 0.9), (0.0, 0.0, 0.2, 0.2)])  # ';' joins one's boxes
+    assert build_request("astar", ["cat"], regions="").regions is None  # empty: none given
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(methods="astar", subjects=["cat"], regions="a cat@0,0,1,1"),
+            "regions is for the regions method, which is not among the methods astar",
+        ),
+        (
+            dict(methods="astar", subjects=["cat"], regions="a cat@0,0,1,1", regions_from="--region", where="p:3"),
+            "p:3: --region is for the regions method, which is not among the methods astar",
+        ),
+        (dict(methods="regions"), "regions needs regions, e.g. 'a red car@0.1,0.1,0.5,0.9'"),
+        (dict(methods=None, regions=[("a cat", (0, 0, 2, 1))]), "regions[0]: box for 'a cat' must lie inside"),
+        (dict(methods=None, regions=5), "regions must be a list of (sub-prompt, (x0, y0, x1, y1)) pairs"),
+        (dict(methods=None, regions="a cat\ud800@0,0,1,1", where="p:3"), "is not valid text: a lone surrogate"),
+        (dict(methods=None, regions="a cat@0,0,1", where="p:3"), "p:3: regions 'a cat@0,0,1': expected 4 numbers"),
+    ],
+)
+def test_regions_errors_name_their_source(kwargs, message):
+    with pytest.raises(OptionError) as err:
+        build_request(**kwargs)
+    assert message in str(err.value), str(err.value)
+
+
+def test_the_regions_parser_loads_no_torch():
+    """The command line checks regions before it imports torch: the parser and the request builder need none."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from attncontrol.request import build_request\n"
+        "r = build_request(None, regions=['a red car@0.1,0.1,0.5,0.9', 'a dog@0.5,0.1,0.9,0.9'])\n"
+        "print(r.controls[0].extra_text(), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "('a red car', 'a dog') False"

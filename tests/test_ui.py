@@ -18,9 +18,12 @@ from attncontrol.ui.logic import (
     DemoError,
     Limits,
     Runner,
+    boxes_canvas,
     build_request,
+    canvas_click,
     check_param,
     click_box,
+    click_region,
     draw_boxes,
     method_params,
     parse_subjects,
@@ -155,7 +158,60 @@ def test_click_box_two_corners_make_a_box():
     assert req.boxes == {"cat": [(0.25, 0.25, 0.75, 0.75)], "dog": [(0.0, 0.0, 1.0, 1.0)]}
 
 
+def test_regions_from_the_app():
+    """The Regions part: one region a line, through the same request builder; regions alone need no subjects; the
+    mistakes named as everywhere else."""
+    text = "a red car@0.05,0.1,0.5,0.9\n\n  a brown dog@0.5,0.1,0.95,0.9  \n"
+    req = _request(methods=["regions"], subjects=[], regions_text=text)
+    assert req.regions == [("a red car", [(0.05, 0.1, 0.5, 0.9)]), ("a brown dog", [(0.5, 0.1, 0.95, 0.9)])]
+    assert req.controls == [attncontrol.Regions(regions=req.regions)] and req.observed == []
+    req = _request(methods=["attend-excite", "regions"], regions_text=text, params={("regions", "kernel"): "dense"})
+    assert [c.method for c in req.controls] == ["attend-excite", "regions"] and req.controls[1].kernel == "dense"
+    for change, message in (
+        (dict(regions_text=text), "regions are used by the regions method: tick it, or clear the regions"),
+        (dict(methods=["regions"], regions_text=" \n"), "regions needs regions, one a line"),
+        (dict(methods=["regions"], regions_text=5), "regions must be text, got 5"),
+        (dict(methods=["regions"], regions_text="a car@0,0,1,1\na dog"), "regions 'a dog': a region is a sub-prompt"),
+        (dict(methods=["regions"], regions_text=text, limits=Limits(max_boxes=1)), "2 regions; at most 1"),
+    ):
+        with pytest.raises(DemoError) as err:
+            _request(**change)
+        assert message in str(err.value), str(err.value)
+
+
+def test_the_canvas_draws_regions():
+    from types import SimpleNamespace
+
+    pending, text = click_region(None, (16, 8), (64, 32), "a red car", "")
+    assert pending == (0.25, 0.25) and text == ""
+    pending, text = click_region(pending, (48, 24), (64, 32), " a red car ", "a dog@0,0,0.2,0.2")
+    assert pending is None and text == "a dog@0,0,0.2,0.2\na red car@0.250,0.250,0.750,0.750"
+    with pytest.raises(DemoError, match="type the region's sub-prompt"):
+        click_region(None, (1, 1), (64, 64), " ", "")
+    with pytest.raises(DemoError, match="cannot contain '|'"):
+        click_region(None, (1, 1), (64, 64), "a car|a dog", "")
+    # the canvas click handler draws into the regions with into="regions", and the request reads what it wrote
+    pending, _ = canvas_click(None, SimpleNamespace(index=(0, 0)), "a cat", "", 64, 64, (64, 64), into="regions")
+    _, text = canvas_click(pending, SimpleNamespace(index=(32, 64)), "a cat", text, 64, 64, (64, 64), into="regions")
+    assert _request(methods=["regions"], subjects=[], regions_text=text).regions[-1] == ("a cat", [(0, 0, 0.5, 1)])
+    with pytest.raises(DemoError, match="draws boxes or regions, got 'masks'"):
+        canvas_click(None, SimpleNamespace(index=(0, 0)), "a cat", "", 64, 64, (64, 64), into="masks")
+    canvas = np.asarray(boxes_canvas("", 64, 64, (64, 64), regions_text="a cat@0.25,0.25,0.75,0.75\nbad line"))
+    blank = np.asarray(boxes_canvas("", 64, 64, (64, 64), regions_text="bad line"))
+    assert tuple(canvas[16, 40]) != (238, 238, 238) and tuple(blank[16, 40]) == (238, 238, 238)
+
+
 # ------------------------------------------------------------------ runner
+
+
+def test_runner_with_regions_alone_shows_the_images_and_the_regions(sd1):
+    """Regions without subjects: nothing to observe, so no maps, but both images, the regions drawn over the
+    controlled one and a summary that says so."""
+    req = _request(methods=["regions"], subjects=[], regions_text="a red car@0,0,0.5,1\na dog@0.5,0,1,1", steps=2)
+    result = Runner(sd1, "tiny").run(req)
+    assert [caption for _, caption in result.heatmaps] == ["controlled · regions"]
+    assert result.curves == [] and "2 regions; no subjects ticked" in result.summary
+    assert not np.array_equal(np.asarray(result.baseline), np.asarray(result.controlled))
 
 
 @pytest.mark.slow
@@ -316,6 +372,29 @@ def test_gradio_client_end_to_end(app, capfd):
     assert call("square")[4]  # still serving after the mistake
 
 
+@pytest.mark.slow
+def test_gradio_client_runs_regions(app):
+    """The regions are the run API's last input (the inputs before them keep their places): a regions-only run
+    through the served app, and a bad region named in the error."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    _, url = app
+    client = Client(url, verbose=False)
+    defaults = [p.shown() for p in method_params()]
+
+    def call(regions):
+        head = ["a red circle and a blue square", [], "", ["regions"], "", 0, 3, 7.5, 64, 64]
+        return client.predict(*head, *defaults, regions, api_name="/run")
+
+    baseline, controlled, gallery, curve, summary = call("a red circle@0,0,0.5,1\na blue square@0.5,0,1,1")
+    with Image.open(baseline) as b, Image.open(controlled) as c:
+        assert not np.array_equal(np.asarray(b), np.asarray(c))
+    assert [g["caption"] for g in gallery] == ["controlled · regions"] and "2 regions" in summary
+    with pytest.raises(AppError, match="regions 'a red circle@0,0,1.5,1': box for 'a red circle' must lie inside"):
+        call("a red circle@0,0,1.5,1")
+
+
 # ------------------------------------------------------------------ real browser
 
 
@@ -383,6 +462,15 @@ def test_browser_pick_subjects_run_and_see_maps(app):
             canvas.click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.3})
             canvas.click(position={"x": box["width"] * 0.6, "y": box["height"] * 0.9})
             expect(page.locator("#boxes textarea")).to_have_value(re.compile(r"^circle=0\.\d+,0\.\d+,0\.\d+,0\.\d+$"))
+            # a region drawn the same way: the canvas draws regions, the sub-prompt typed where the subject goes
+            page.get_by_text("Regions (regional prompting", exact=False).first.click()  # open its part
+            page.locator("#draw-into").get_by_label("regions").check()
+            page.locator("#box-subject input").fill("a red circle")
+            page.locator("#box-subject input").press("Enter")
+            canvas.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})
+            canvas.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.5})
+            region = re.compile(r"^a red circle@0\.\d+,0\.\d+,0\.\d+,0\.\d+$")
+            expect(page.locator("#regions textarea")).to_have_value(region)
             page.locator("#prompt textarea").fill("a green triangle above a yellow square")  # still reacting
             expect(page.get_by_label("triangle", exact=True)).to_be_visible(timeout=30_000)
             ctx.close()

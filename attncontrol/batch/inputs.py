@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..controls import METHODS, parse_boxes
+from ..controls.boxes import region_list
 from ..controls.options import field_key, method_key, parse_methods
 from ..controls.refocus import Refocus  # its module: the package sets the class at run time
 from ..errors import AttnControlError
@@ -50,7 +51,7 @@ T2I_PHRASE_FILES = {
     "texture": "t2i_compbench_texture_val.txt",
     "non_spatial": "t2i_compbench_non_spatial_val.txt",
 }
-ENTRY_KEYS = {"prompt", "subjects", "boxes", "seeds", "methods", "options", "negative_prompt"}
+ENTRY_KEYS = {"prompt", "subjects", "boxes", "regions", "seeds", "methods", "options", "negative_prompt"}
 
 
 class BatchInputError(AttnControlError, ValueError):
@@ -67,6 +68,9 @@ class Entry:
     methods: list[str] | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     negative_prompt: str | None = None
+    # the regions method's (sub-prompt, [box, ...]) pairs, checked: jsonl [["a red car", [x0, y0, x1, y1]], ...],
+    # csv "a red car@x0,y0,x1,y1|a dog@..."
+    regions: list | None = None
 
 
 def parse_seeds(text) -> list[int]:
@@ -142,6 +146,8 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
             boxes = parse_boxes(boxes)
         if boxes:
             boxes = Refocus(boxes=boxes).boxes  # validated and normalised to lists of boxes
+        regions = raw.get("regions")
+        regions = region_list(regions, "regions") if regions not in (None, "", []) else None
         seeds = parse_seeds(raw["seeds"]) if raw.get("seeds") not in (None, "", []) else None
         methods = raw.get("methods")
         if isinstance(methods, list):
@@ -161,7 +167,8 @@ def _entry(raw: dict, source: str, auto: bool) -> Entry:
         }
     except (ValueError, TypeError) as err:
         raise BatchInputError(f"{source}: {err}") from None
-    return Entry(prompt.strip(), source, subjects, boxes, seeds, methods, options, raw.get("negative_prompt"))
+    negative = raw.get("negative_prompt")
+    return Entry(prompt.strip(), source, subjects, boxes, seeds, methods, options, negative, regions)
 
 
 def read_entries(path: str | Path, auto: bool = False) -> list[Entry]:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..io import jsonable
 from .inputs import BatchInputError, Entry
@@ -24,6 +25,7 @@ class Item:
     negative_prompt: str | None
     source: str
     settings: str = "{}"  # canonical JSON of the run settings that change the image (model, steps, size, ...)
+    regions: str | None = None  # canonical JSON of the regions method's regions (None where it does not run)
     # the subjects whose attention is measured (also for the baseline); not part of the identity
     observe: tuple | None = field(default=None, compare=False)
     # canonical JSON of the benchmark entry the prompt came from ({"benchmark", "task", "metadata"}), recorded in
@@ -32,9 +34,12 @@ class Item:
 
     @property
     def key(self) -> str:
-        payload = [self.prompt, self.subjects, self.boxes, self.method, self.seed, self.options, self.negative_prompt]
+        fields = (self.prompt, self.subjects, self.boxes, self.method, self.seed, self.options, self.negative_prompt)
+        payload: list[Any] = list(fields)
         if self.settings != "{}":
             payload.append(self.settings)
+        if self.regions:  # only where there are regions: every other item keeps the key it had before them
+            payload.append({"regions": self.regions})
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -45,16 +50,17 @@ class Item:
     def controls(self) -> list:
         names = [] if self.method == "none" else self.method.split("+")
         boxes = json.loads(self.boxes) if self.boxes else None
-        return checked_controls(names, list(self.subjects or []), boxes, json.loads(self.options), self.source)
+        regions = json.loads(self.regions) if self.regions else None
+        return checked_controls(names, list(self.subjects or []), boxes, json.loads(self.options), self.source, regions)
 
 
-def checked_controls(names: list[str], subjects, boxes, raw_options: dict, source: str) -> list:
+def checked_controls(names: list[str], subjects, boxes, raw_options: dict, source: str, regions=None) -> list:
     """Controls through the one request builder, every option checked against its field; errors name ``source``.
     A line's prompt is not checked here: a prompt that is not valid text fails its own items (recorded in
     failures.jsonl), not the whole batch."""
     from ..request import build_request
 
-    return build_request(names, subjects, boxes, raw_options, text=True, where=source).controls
+    return build_request(names, subjects, boxes, raw_options, text=True, where=source, regions=regions).controls
 
 
 def _method_names(text: str, source: str) -> list[str]:
@@ -74,7 +80,7 @@ def expand(
     """Entries x seeds x methods -> items; fails on the first entry that cannot make its controls. ``settings``
     (model, steps, size, guidance) are part of each item's identity, so a rerun with other settings redoes it."""
     from ..controls import METHODS
-    from ..controls.options import takes_boxes
+    from ..controls.options import takes_boxes, takes_regions
 
     settings_json = json.dumps(settings or {}, sort_keys=True)
     items = []
@@ -87,6 +93,11 @@ def expand(
                 f"{e.source}: options for {', '.join(stray)}, which is not among the methods "
                 f"{', '.join(sorted(run)) or 'none'}"
             )
+        if e.regions and not any(takes_regions(METHODS[n]) for n in run):
+            raise BatchInputError(
+                f"{e.source}: regions are for the regions method, which is not among the methods "
+                f"{', '.join(e.methods or methods)}"
+            )
         for method_text in e.methods or methods:
             names = _method_names(method_text, e.source)
             method = "+".join(names) or "none"
@@ -96,7 +107,8 @@ def expand(
                 for name in names
             }
             item_boxes = e.boxes if any(takes_boxes(METHODS[n]) for n in names) else None
-            checked_controls(names, e.subjects, item_boxes, merged, e.source)  # checked before any generation
+            item_regions = e.regions if any(takes_regions(METHODS[n]) for n in names) else None
+            checked_controls(names, e.subjects, item_boxes, merged, e.source, item_regions)  # before any generation
             for seed in e.seeds or seeds:
                 items.append(
                     Item(
@@ -109,6 +121,7 @@ def expand(
                         negative_prompt=e.negative_prompt,
                         source=e.source,
                         settings=settings_json,
+                        regions=json.dumps(jsonable(item_regions)) if item_regions else None,
                         observe=tuple(e.subjects) if e.subjects else (tuple(e.boxes) if e.boxes else None),
                         benchmark=benchmark,
                     )

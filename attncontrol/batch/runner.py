@@ -67,12 +67,12 @@ def _observed(pipe, group: list[Item]) -> list[list] | None:
 
 
 def _group_key(it: Item) -> tuple:
-    return (it.method, it.boxes, it.options)
+    return (it.method, it.boxes, it.regions, it.options)
 
 
 def group_items(items: list[Item], batch_size: int) -> list[list[Item]]:
-    """Items of the same method, boxes and options (whatever their prompts and seeds), at most ``batch_size`` per
-    group, in the order of each group's first item."""
+    """Items of the same method, boxes, regions and options (whatever their prompts and seeds), at most
+    ``batch_size`` per group, in the order of each group's first item."""
     groups: list[list[Item]] = []
     open_group: dict[tuple, list[Item]] = {}
     for it in items:
@@ -130,7 +130,8 @@ class BatchRun:
         names = [] if first.method == "none" else first.method.split("+")
         subjects = [list(it.subjects or []) for it in group] if names and first.subjects else None
         boxes = json.loads(first.boxes) if first.boxes else None
-        controls = checked_controls(names, subjects, boxes, json.loads(first.options), first.source)
+        regions = json.loads(first.regions) if first.regions else None
+        controls = checked_controls(names, subjects, boxes, json.loads(first.options), first.source, regions)
         observed = _observed(self.pipe, group)
         negative = [it.negative_prompt or "" for it in group] if any(it.negative_prompt for it in group) else None
         s = self.settings
@@ -158,6 +159,7 @@ class BatchRun:
             "prompt": it.prompt,
             "subjects": list(it.subjects) if it.subjects else None,
             "boxes": json.loads(it.boxes) if it.boxes else None,
+            "regions": json.loads(it.regions) if it.regions else None,
             "method": it.method,
             "seed": it.seed,
             "options": json.loads(it.options),

@@ -27,13 +27,16 @@ PIPELINE_FLAGS = {
 
 
 def request_from_args(args):
-    """The request that the prompt, --methods, --subjects, --boxes, --set, the shortcut flags and the sampling flags
-    make (no model needed): one :class:`~attncontrol.request.ControlRequest`, every error naming its flag."""
+    """The request that the prompt, --methods, --subjects, --boxes, --region, --set, the shortcut flags and the
+    sampling flags make (no model needed): one :class:`~attncontrol.request.ControlRequest`, every error naming
+    its flag. Without --methods, --subjects select attend-excite, --boxes refocus and --region regions."""
     from ..request import build_request
 
     names, options, sources = [], {}, {}
+    regions = getattr(args, "region", None)
     if not getattr(args, "no_control", False):
-        default = ",".join(n for n, given in (("attend-excite", args.subjects), ("refocus", args.boxes)) if given)
+        selected = (("attend-excite", args.subjects), ("refocus", args.boxes), ("regions", regions))
+        default = ",".join(n for n, given in selected if given)
         if args.methods and "none" in [m.strip() for m in args.methods.replace("+", ",").split(",")]:
             raise OptionError("--methods: use --no-control for the baseline")
         names = method_names(args.methods or default or "attend-excite")
@@ -58,11 +61,14 @@ def request_from_args(args):
         boxes_from="--boxes",
         pipeline=pipeline,
         pipeline_from=PIPELINE_FLAGS,
+        regions=regions if names else None,
+        regions_from="--region",
     )
 
 
 def controls_from_args(args) -> list:
-    """The controls that --methods, --subjects, --boxes, --set and the shortcut flags ask for (no model needed)."""
+    """The controls that --methods, --subjects, --boxes, --region, --set and the shortcut flags ask for (no model
+    needed)."""
     return request_from_args(args).controls
 
 
@@ -87,6 +93,7 @@ def _check(args):
     if args.no_control:
         shortcuts = [(f"--{a.replace('_', '-')}", getattr(args, a) is not None) for a in AE_SHORTCUTS]
         flags = [("--methods", args.methods), ("--set", args.set), *shortcuts, ("--no-refinement", args.no_refinement)]
+        flags.append(("--region", getattr(args, "region", None)))
         given = [flag for flag, on in flags if on]
         if given:
             raise OptionError(f"--no-control runs the plain pipeline; drop {', '.join(given)}")

@@ -100,6 +100,12 @@ def _generate(sub) -> None:
     gen.add_argument("--subjects", nargs="+", type=_parse_subject, default=None, help=subjects_help)
     boxes_help = "Refocus boxes, normalised x0,y0,x1,y1: 'cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9'"
     gen.add_argument("--boxes", default=None, help=boxes_help)
+    region_help = (
+        "regional prompting: a sub-prompt for a box, 'a red car@0.1,0.1,0.5,0.9' (normalised x0,y0,x1,y1; split at "
+        "the last '@'); repeatable, in order, at most 8; selects the regions method "
+        "(--set regions.base_prompt_weight=0.2 and its other options)"
+    )
+    gen.add_argument("--region", action="append", default=None, metavar="TEXT@X0,Y0,X1,Y1", help=region_help)
     add_model_args(gen)
     gen.add_argument("--out", default="out.png", help="output PNG (parameters stored in its text chunk)")
     clobber = gen.add_mutually_exclusive_group()

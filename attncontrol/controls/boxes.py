@@ -1,9 +1,16 @@
 """Subject boxes as every front end gives them: ``{"cat": (x0, y0, x1, y1), ...}`` normalised to [0, 1], x to the
-right, y down; the command line's ``cat=x0,y0,x1,y1;dog=...``. Read by the box-driven methods (Refocus, BoxDiff)."""
+right, y down; the command line's ``cat=x0,y0,x1,y1;dog=...``. Read by the box-driven methods (Refocus, BoxDiff).
+And regions (regional prompting): ``[("a red car", (x0, y0, x1, y1)), ...]``, the command line's
+``a red car@x0,y0,x1,y1``. Torch-free: the command line checks both before it loads a model."""
 
 from __future__ import annotations
 
-from ..errors import OptionError
+from ..errors import OptionError, OptionTypeError
+from ..limits import MAX_BOXES
+from ..tokens import check_text
+
+Box = tuple[float, float, float, float]
+REGION_EXAMPLE = "'a red car@0.1,0.1,0.5,0.9'"
 
 
 def _is_number(v) -> bool:
@@ -49,6 +56,81 @@ def parse_boxes(text: str) -> dict[str, list[tuple[float, float, float, float]]]
     if not boxes:
         raise OptionError(f"no boxes in {text!r}; expected 'cat=x0,y0,x1,y1;dog=...'")
     return boxes
+
+
+def _region_text(part: str, where: str) -> tuple[str, list[Box]]:
+    """One region in the text form, ``"a red car@0.1,0.1,0.5,0.9"``: split at the last ``@`` (a sub-prompt may hold
+    one); several boxes of one region are joined by ``;``. Errors name ``where`` and the region as written."""
+    text, sep, values = part.rpartition("@")
+    named = f"{where} {part!r}"
+    if not sep:
+        raise OptionError(f"{named}: a region is a sub-prompt, '@' and its box, e.g. {REGION_EXAMPLE}; no '@' found")
+    text = text.strip()
+    if not text:
+        raise OptionError(f"{named}: the sub-prompt before '@' is empty")
+    check_text(text, named)
+    boxes = []
+    for chunk in values.split(";"):
+        try:
+            numbers = tuple(float(v) for v in chunk.replace(" ", ",").split(",") if v)
+        except ValueError:
+            raise OptionError(
+                f"{named}: the box after '@' must be numbers x0,y0,x1,y1, got {values.strip()!r}"
+            ) from None
+        if len(numbers) != 4:
+            raise OptionError(f"{named}: expected 4 numbers x0,y0,x1,y1 after '@', got {len(numbers)}")
+        boxes.append(numbers)
+    try:
+        return text, _as_box_list(text, boxes)
+    except OptionError as err:
+        raise OptionError(f"{named}: {err}") from None
+
+
+def parse_regions(text: str, where: str = "regions") -> list[tuple[str, list[Box]]]:
+    """``"a red car@0.1,0.1,0.5,0.9|a dog@0.55,0.1,0.95,0.9"`` -> ``[("a red car", [(0.1, 0.1, 0.5, 0.9)]),
+    ("a dog", [...])]``: regions joined by ``|``, each a sub-prompt, ``@`` (the last one) and its box, normalised
+    x0,y0,x1,y1, checked (inside [0, 1], x0 < x1, y0 < y1); at most :data:`~attncontrol.limits.MAX_BOXES`
+    regions. Every error names ``where`` (``--region``, ``prompts.csv:3: regions``) and the bad region."""
+    if not isinstance(text, str):
+        raise OptionTypeError(f"{where} must be text like {REGION_EXAMPLE}, got {text!r}")
+    regions = [_region_text(part.strip(), where) for part in text.split("|") if part.strip()]
+    if not regions:
+        raise OptionError(f"{where}: no region in {text!r}; expected {REGION_EXAMPLE} (several joined by '|')")
+    if len(regions) > MAX_BOXES:
+        raise OptionError(f"{where}: at most {MAX_BOXES} regions, got {len(regions)}")
+    return regions
+
+
+def region_list(value, where: str = "regions") -> list[tuple[str, list[Box]]]:
+    """Regions as any front end gives them, checked: the text form (:func:`parse_regions`), or a list whose items
+    are ``(sub-prompt, box or boxes)`` pairs (a batch line's JSON, Python) or texts (``--region``, repeatable), in
+    order; 1 to :data:`~attncontrol.limits.MAX_BOXES` regions in all. Errors name ``where`` and the bad region."""
+    if isinstance(value, str):
+        return parse_regions(value, where)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise OptionTypeError(
+            f"{where} must be a list of (sub-prompt, (x0, y0, x1, y1)) pairs or text like {REGION_EXAMPLE}, "
+            f"got {value!r}"
+        )
+    out: list[tuple[str, list[Box]]] = []
+    for k, item in enumerate(value):
+        if isinstance(item, str):
+            out += parse_regions(item, where)
+            continue
+        named = f"{where}[{k}]"
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
+            raise OptionTypeError(f"{named}: a region is (sub-prompt, (x0, y0, x1, y1)), got {item!r}")
+        text = item[0].strip()
+        if not text:
+            raise OptionError(f"{named}: the sub-prompt is empty, got {item!r}")
+        check_text(text, f"{named} sub-prompt")
+        try:
+            out.append((text, _as_box_list(text, item[1])))
+        except OptionError as err:
+            raise OptionError(f"{named}: {err}") from None
+    if len(out) > MAX_BOXES:
+        raise OptionError(f"{where}: at most {MAX_BOXES} regions, got {len(out)}")
+    return out
 
 
 def box_maps(cfg, ctx, method: str):

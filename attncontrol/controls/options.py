@@ -23,8 +23,8 @@ from typing import Any
 from ..errors import AttnControlError, OptionError, OptionTypeError
 from .fields import Meta, check_value, label, meta
 
-# fields given otherwise (--subjects, --boxes), not as options
-NOT_OPTIONS = {"subjects", "boxes"}
+# fields given otherwise (--subjects, --boxes, --region), not as options
+NOT_OPTIONS = {"subjects", "boxes", "regions"}
 
 
 @dataclass(frozen=True)
@@ -258,6 +258,11 @@ def takes_boxes(cls) -> bool:
     return "boxes" in {f.name for f in dataclasses.fields(cls)}
 
 
+def takes_regions(cls) -> bool:
+    """Whether a method is driven by regions, (sub-prompt, box) pairs (Regions), rather than by subjects."""
+    return "regions" in {f.name for f in dataclasses.fields(cls)}
+
+
 def option_value(methods: dict, method: str, name: str, value, where: str, text: bool = True):
     """A single option checked against its method's field: (canonical field name, value). Method and field names
     may use ``-`` or ``_``."""
@@ -285,10 +290,12 @@ def build_controls(
     where: str = "",
     subjects_from: str = "subjects",
     boxes_from: str = "boxes",
+    regions: list | None = None,
+    regions_from: str = "regions",
 ) -> list:
     """The one validator: controls for ``names`` with ``options`` (already checked per field, see
-    :func:`option_value`), ``subjects`` and ``boxes``. ``sources[(method, field)]`` says where an option came from
-    (a flag, a file line, an app field), so a dataclass check failing on it names that source."""
+    :func:`option_value`), ``subjects``, ``boxes`` and ``regions``. ``sources[(method, field)]`` says where an
+    option came from (a flag, a file line, an app field), so a dataclass check failing on it names that source."""
     prefix = f"{where}: " if where else ""
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -307,13 +314,15 @@ def build_controls(
     for n in boxed:
         if not boxes:
             raise OptionError(f"{prefix}{n} needs {boxes_from}, e.g. 'cat=0.05,0.2,0.5,0.9;dog=0.55,0.2,0.95,0.9'")
-    needing = [n for n in names if n not in boxed]
+    regional = _check_regions(methods, names, regions, prefix, regions_from)
+    needing = [n for n in names if n not in boxed and n not in regional]
     if needing and not subjects:
         raise OptionError(f"{prefix}{subjects_from} are required for {', '.join(needing)}")
     controls = []
     for n in names:
         kwargs = dict(options.get(n, {}))
-        kwargs.update({"boxes": boxes} if n in boxed else {"subjects": list(subjects or [])})
+        given = {"boxes": boxes} if n in boxed else {"regions": regions} if n in regional else None
+        kwargs.update(given or {"subjects": list(subjects or [])})
         try:
             controls.append(methods[n](**kwargs))
         except (ValueError, TypeError) as err:
@@ -323,6 +332,21 @@ def build_controls(
             kind = OptionTypeError if isinstance(err, TypeError) else OptionError
             raise kind(f"{source + ': ' if source else ''}{n}: {err}") from None
     return controls
+
+
+def _check_regions(methods: dict, names: list[str], regions, prefix: str, regions_from: str) -> list[str]:
+    """The methods among ``names`` that take regions: regions are given exactly when one is there."""
+    regional = [n for n in names if takes_regions(methods[n])]
+    if regions and not regional:
+        users = ", ".join(n for n, cls in methods.items() if takes_regions(cls))
+        raise OptionError(
+            f"{prefix}{regions_from} is for the {users} method, which is not among the methods "
+            f"{', '.join(names) or 'none'}"
+        )
+    for n in regional:
+        if not regions:
+            raise OptionError(f"{prefix}{n} needs {regions_from}, e.g. 'a red car@0.1,0.1,0.5,0.9'")
+    return regional
 
 
 def _source_of(message: str, method: str, kwargs: dict, sources: dict) -> str | None:

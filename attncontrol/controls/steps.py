@@ -14,6 +14,7 @@ skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .base import Control, step_index
 from .options import method_fields
@@ -90,7 +91,7 @@ def steps_markdown(methods: dict[str, type[Control]], lengths: tuple[int, ...] =
         if cfg.stop is None:
             stop = "the end"
         elif isinstance(cfg.stop, float):
-            stop = f"{cfg.stop!r} of the schedule"
+            stop = f"{cfg.stop:.4g} of the schedule"
         else:
             stop = f"step {cfg.stop} ({_as_fraction(cfg.stop)} of 50)"
         window = f"{cfg.start!r} .. {stop}"
@@ -103,8 +104,15 @@ def steps_markdown(methods: dict[str, type[Control]], lengths: tuple[int, ...] =
 
 
 def default_control(cls: type[Control]) -> Control | None:
-    """The method with its defaults (and placeholder subjects or boxes, which no step option depends on)."""
-    for kwargs in ({"subjects": ["a", "b"]}, {"boxes": {"a": (0.0, 0.0, 0.5, 1.0), "b": (0.5, 0.0, 1.0, 1.0)}}, {}):
+    """The method with its defaults (and placeholder subjects, boxes or regions, which no step option depends
+    on)."""
+    placeholders: tuple[dict[str, Any], ...] = (
+        {"subjects": ["a", "b"]},
+        {"boxes": {"a": (0.0, 0.0, 0.5, 1.0), "b": (0.5, 0.0, 1.0, 1.0)}},
+        {"regions": [("a", (0.0, 0.0, 0.5, 1.0)), ("b", (0.5, 0.0, 1.0, 1.0))]},
+        {},
+    )
+    for kwargs in placeholders:
         try:
             return cls(**kwargs)
         except (TypeError, ValueError):

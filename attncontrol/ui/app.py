@@ -108,6 +108,15 @@ def _request_inputs(gr, runner: Runner, limits: Limits, params: list[Param], nat
         placeholder="cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9",
         elem_id="boxes",
     )
+    with gr.Accordion("Regions (regional prompting: tick regions)", open=False):
+        ui["regions"] = gr.Textbox(
+            label=f"One region a line, at most {limits.max_boxes}: its sub-prompt, '@', its box (normalised "
+            "x0,y0,x1,y1); or draw it on the canvas",
+            value="",  # a default: an API client that leaves the regions out sends none
+            placeholder="a red car@0.05,0.3,0.5,0.9\na dog@0.55,0.3,0.95,0.9",
+            lines=3,
+            elem_id="regions",
+        )
     with gr.Row():
         ui["seed"] = gr.Number(label="Seed", value=0, minimum=0)  # no precision: 1.5 is refused, not rounded
         ui["steps"] = gr.Slider(
@@ -134,7 +143,15 @@ def _token_and_box_inputs(gr, native: tuple[int, int]) -> dict:
     height0, width0 = native
     ui: dict[str, Any] = {}
     ui["tokens"] = gr.Dataframe(headers=["index", "token", "word"], label="Tokens", interactive=False, elem_id="tokens")
-    ui["box_subject"] = gr.Dropdown(label="Draw a box for", choices=[], allow_custom_value=True, elem_id="box-subject")
+    ui["box_subject"] = gr.Dropdown(
+        label="Draw a box for (a subject; for a region, type its sub-prompt)",
+        choices=[],
+        allow_custom_value=True,
+        elem_id="box-subject",
+    )
+    ui["draw_into"] = gr.Radio(
+        ["boxes", "regions"], value="boxes", label="The canvas draws", elem_id="draw-into", interactive=True
+    )
     ui["canvas"] = gr.Image(
         value=draw_boxes({}, (width0, height0)),
         label="Boxes: click two opposite corners on this canvas (or type them)",
@@ -178,7 +195,8 @@ def _outputs(gr) -> dict:
 
 
 def _wire(ui: dict, runner: Runner, limits: Limits, params: list[Param], native: tuple[int, int]) -> None:
-    """The events: a prompt change updates the tokens and the words to tick, the canvas draws boxes, Run runs."""
+    """The events: a prompt change updates the tokens and the words to tick, the canvas draws boxes or regions, Run
+    runs."""
     on_prompt, on_canvas_click, on_boxes = _token_and_box_handlers(runner, limits, native)
     ui["prompt"].change(
         on_prompt,
@@ -189,18 +207,20 @@ def _wire(ui: dict, runner: Runner, limits: Limits, params: list[Param], native:
     )
     ui["canvas"].select(
         on_canvas_click,
-        [ui["pending"], ui["box_subject"], ui["boxes"], ui["height"], ui["width"]],
-        [ui["pending"], ui["boxes"]],
+        [ui["pending"], ui["box_subject"], ui["boxes"], ui["regions"], ui["draw_into"], ui["height"], ui["width"]],
+        [ui["pending"], ui["boxes"], ui["regions"]],
         queue=False,
         preprocess=False,
     )
-    ui["clear_boxes"].click(lambda: (None, ""), None, [ui["pending"], ui["boxes"]], queue=False)
-    for trigger in (ui["boxes"].change, ui["height"].change, ui["width"].change):
-        trigger(on_boxes, [ui["boxes"], ui["height"], ui["width"]], ui["canvas"], queue=False, preprocess=False)
+    ui["clear_boxes"].click(lambda: (None, "", ""), None, [ui["pending"], ui["boxes"], ui["regions"]], queue=False)
+    for trigger in (ui["boxes"].change, ui["regions"].change, ui["height"].change, ui["width"].change):
+        drawn = [ui["boxes"], ui["height"], ui["width"], ui["regions"]]
+        trigger(on_boxes, drawn, ui["canvas"], queue=False, preprocess=False)
     inputs = ["prompt", "subjects", "typed", "methods", "boxes", "seed", "steps", "guidance", "height", "width"]
     ui["run"].click(
         _run_handler(runner, limits, params),
-        [*(ui[name] for name in inputs), *ui["params"]],
+        # the regions last: an API client's positional inputs before them keep their places
+        [*(ui[name] for name in inputs), *ui["params"], ui["regions"]],
         [ui[name] for name in ("baseline", "controlled", "heatmaps", "curve", "summary")],
         api_name="run",
         preprocess=False,
@@ -225,17 +245,22 @@ def _token_and_box_handlers(runner: Runner, limits: Limits, native: tuple[int, i
             super().__init__(target, data)
             self.index = data.get("index") if isinstance(data, dict) else None
 
-    def on_canvas_click(pending, subject, text, height, width, evt=None):
+    def on_canvas_click(pending, subject, boxes, regions, into, height, width, evt=None):
+        """The click draws into the boxes or, with ``into == "regions"``, into the regions."""
         try:  # evt is None when the call came without event data (the API): canvas_click says what it needs
-            return canvas_click(pending, evt, subject, text, height, width, native, limits)
+            if into == "regions":
+                pending, regions = canvas_click(pending, evt, subject, regions, height, width, native, limits, into)
+            else:
+                pending, boxes = canvas_click(pending, evt, subject, boxes, height, width, native, limits)
         except DemoError as err:
             raise gr.Error(str(err), print_exception=False) from None
+        return pending, boxes, regions
 
     # gradio finds the event-data parameter by its annotation: give it the class, not the postponed string
     on_canvas_click.__annotations__["evt"] = Click
 
-    def on_boxes(text, height, width):
-        return boxes_canvas(text, height, width, native, limits)
+    def on_boxes(text, height, width, regions=None):
+        return boxes_canvas(text, height, width, native, limits, regions)
 
     return on_prompt, on_canvas_click, on_boxes
 
@@ -250,6 +275,7 @@ def _run_handler(runner: Runner, limits: Limits, params: list[Param]):
 
     def run(prompt, picked, typed, methods, boxes, seed, steps, guidance, height, width, *values, progress=track):
         chosen = {(p.method, p.name): v for p, v in zip(params, values)}
+        regions = values[len(params)] if len(values) > len(params) else None  # the last input
         try:
             req = build_request(
                 prompt,
@@ -263,6 +289,7 @@ def _run_handler(runner: Runner, limits: Limits, params: list[Param]):
                 width,
                 chosen,
                 limits,
+                regions,
             )
         except DemoError as err:
             raise gr.Error(str(err), print_exception=False) from None

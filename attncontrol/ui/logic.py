@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..controls import METHODS, parse_boxes
-from ..controls.options import FieldSpec, method_fields, option_value, show_value, takes_boxes
+from ..controls.boxes import region_list
+from ..controls.options import FieldSpec, method_fields, option_value, show_value, takes_boxes, takes_regions
 from ..errors import AttnControlError
 from ..request import build_request as build_control_request
 from ..request import method_list
@@ -212,10 +213,12 @@ class Request:
     width: int
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     controls: list = field(default_factory=list)  # built by build_request from the fields above
+    regions: list | None = None  # the regions method's (sub-prompt, [box, ...]) pairs, checked
 
     @property
     def observed(self) -> list:
-        """Whose attention to show: the subjects, or the boxes' subjects for Refocus alone."""
+        """Whose attention to show: the subjects, or the boxes' subjects for Refocus alone (none for regions
+        alone without subjects: the run then records no maps)."""
         return list(self.subjects) or list(self.boxes or {})
 
 
@@ -231,12 +234,15 @@ def build_request(
     width,
     params: dict[tuple[str, str], Any] | None = None,
     limits: Limits = Limits(),
+    regions_text: str | None = None,
 ) -> Request:
     """Validate everything a user typed (and whatever a client of the API sends: every field is checked for its
-    type too); raise :class:`DemoError` naming the bad value."""
+    type too); raise :class:`DemoError` naming the bad value. ``regions_text``: one region a line,
+    ``a red car@x0,y0,x1,y1``."""
     prompt = _checked_prompt(prompt, limits)
     _check_input_types(subjects, methods, boxes_text, params)
     methods = _checked_methods(methods, subjects, limits)
+    regions = _checked_regions(regions_text, methods, limits)
     boxes = _checked_boxes(boxes_text, methods, subjects, limits)
     ints, guidance = _checked_numbers(steps, height, width, seed, guidance_scale, limits)
     options = _checked_options(methods, params)
@@ -247,7 +253,7 @@ def build_request(
         pipeline.update(height=ints["height"], width=ints["width"], seed=ints["seed"])
         names = {"num_inference_steps": "steps", "guidance_scale": "guidance scale"}
         request = build_control_request(
-            methods, subjects, boxes, options, sources=sources, pipeline=pipeline, pipeline_from=names
+            methods, subjects, boxes, options, sources=sources, pipeline=pipeline, pipeline_from=names, regions=regions
         )
         controls = request.controls
     except (ValueError, TypeError) as err:
@@ -264,6 +270,7 @@ def build_request(
         ints["width"],
         options,
         controls,
+        regions,
     )
 
 
@@ -321,9 +328,33 @@ def _checked_boxes(boxes_text: str | None, methods: list[str], subjects: list, l
             raise DemoError(f"at most {limits.max_boxes} boxes")
     elif boxed:
         raise DemoError(f"{' and '.join(boxed)} needs boxes, e.g. 'cat=0.05,0.2,0.5,0.9; dog=0.55,0.2,0.95,0.9'")
-    if any(m not in boxed for m in methods) and not subjects:
-        raise DemoError(f"pick the subjects for {', '.join(m for m in methods if m not in boxed)} (tick or type them)")
+    needing = [m for m in methods if m not in boxed and not takes_regions(METHODS[m])]
+    if needing and not subjects:
+        raise DemoError(f"pick the subjects for {', '.join(needing)} (tick or type them)")
     return boxes
+
+
+def _checked_regions(regions_text, methods: list[str], limits: Limits) -> list | None:
+    """The parsed regions, one ``a red car@x0,y0,x1,y1`` a line (None without any): given exactly when a method
+    takes regions; each error names the bad region."""
+    if regions_text is not None:
+        _text(regions_text, "regions")
+    lines = [line.strip() for line in (regions_text or "").splitlines() if line.strip()]
+    regional = [m for m in methods if takes_regions(METHODS[m])]
+    if not lines:
+        if regional:
+            raise DemoError(f"{' and '.join(regional)} needs regions, one a line: 'a red car@0.1,0.1,0.5,0.9'")
+        return None
+    if not regional:
+        users = " or ".join(m for m, cls in METHODS.items() if takes_regions(cls))
+        raise DemoError(f"regions are used by the {users} method: tick it, or clear the regions")
+    try:
+        regions = region_list(lines, "regions")
+    except ValueError as err:
+        raise DemoError(str(err)) from None
+    if len(regions) > limits.max_boxes:
+        raise DemoError(f"{len(regions)} regions; at most {limits.max_boxes}")
+    return regions
 
 
 def _checked_numbers(steps, height, width, seed, guidance_scale, limits: Limits) -> tuple[dict[str, int], float]:
@@ -376,20 +407,43 @@ def canvas_size(height, width, default: tuple[int, int], limits: Limits = Limits
     return sides[0], sides[1]
 
 
-def boxes_canvas(text, height, width, default: tuple[int, int], limits: Limits = Limits()):
-    """The canvas with the boxes of ``text`` drawn (a blank canvas while the text is not valid boxes)."""
+def boxes_canvas(text, height, width, default: tuple[int, int], limits: Limits = Limits(), regions_text=None):
+    """The canvas with the boxes of ``text`` and the regions of ``regions_text`` drawn (each left out while its
+    text is not valid)."""
     try:
         boxes = parse_boxes(text) if isinstance(text, str) and text.strip() and check_text(text) else {}
     except (ValueError, TypeError):
         boxes = {}
-    return draw_boxes(boxes, canvas_size(height, width, default, limits))
+    return draw_boxes({**boxes, **_drawn_regions(regions_text)}, canvas_size(height, width, default, limits))
+
+
+def _drawn_regions(regions_text) -> dict:
+    """``{"sub-prompt": [box, ...]}`` of the valid lines of a regions text, to draw (bad lines are left out)."""
+    drawn: dict = {}
+    lines = regions_text.splitlines() if isinstance(regions_text, str) else []
+    for line in filter(str.strip, lines):
+        try:
+            for text, boxes in region_list([check_text(line)], "regions"):
+                drawn.setdefault(f"@ {text}", []).extend(boxes)
+        except (ValueError, TypeError):
+            continue
+    return drawn
 
 
 def canvas_click(
-    pending, event, subject, boxes_text, height, width, default: tuple[int, int], limits: Limits = Limits()
+    pending,
+    event,
+    subject,
+    boxes_text,
+    height,
+    width,
+    default: tuple[int, int],
+    limits: Limits = Limits(),
+    into: str = "boxes",
 ):
     """A click on the box canvas (``event``: Gradio's select data, None when the call came without one, e.g.
-    through the API): :func:`click_box` at the clicked point. Returns ``(pending, boxes_text)``."""
+    through the API): :func:`click_box` at the clicked point, or :func:`click_region` with ``into="regions"``
+    (``subject`` is then the region's sub-prompt, ``boxes_text`` the regions text). Returns ``(pending, text)``."""
     point = getattr(event, "index", None)
     if (
         not isinstance(point, (list, tuple))
@@ -403,9 +457,13 @@ def canvas_click(
         pending = None
     if subject is not None and not isinstance(subject, str):
         raise DemoError(f"the subject a box is for must be a word, got {subject!r}")
+    if into not in ("boxes", "regions"):
+        raise DemoError(f"the canvas draws boxes or regions, got {into!r}")
     if boxes_text is not None:
-        _text(boxes_text, "boxes")
-    return click_box(pending, tuple(point), canvas_size(height, width, default, limits), subject, boxes_text)
+        _text(boxes_text, into)
+    size = canvas_size(height, width, default, limits)
+    click = click_region if into == "regions" else click_box
+    return click(pending, tuple(point), size, subject, boxes_text)
 
 
 def draw_boxes(boxes: dict | None, size: tuple[int, int], base=None):
@@ -432,15 +490,38 @@ def click_box(pending, point, size, subject, boxes_text: str | None):
         raise DemoError("choose the subject the box is for, then click two opposite corners")
     if "=" in subject or ";" in subject:
         raise DemoError(f"a subject cannot contain '=' or ';', got {subject!r}")
+    corner, box = _clicked(pending, point, size)
+    if box is None:
+        return corner, boxes_text or ""
+    entry = f"{subject}={box}"
+    return None, "; ".join(part for part in ((boxes_text or "").strip().rstrip(";").strip(), entry) if part)
+
+
+def click_region(pending, point, size, text, regions_text: str | None):
+    """Drawing a region on the canvas, as :func:`click_box`: the second click adds the line
+    ``sub-prompt@x0,y0,x1,y1`` to the regions text. Returns ``(pending, regions_text)``."""
+    text = (text or "").strip()
+    if not text:
+        raise DemoError("type the region's sub-prompt (e.g. 'a red car') in 'Draw a box for', then click two corners")
+    if "|" in text or "\n" in text:
+        raise DemoError(f"a region's sub-prompt cannot contain '|' or a line break, got {text!r}")
+    corner, box = _clicked(pending, point, size)
+    if box is None:
+        return corner, regions_text or ""
+    return None, "\n".join(part for part in ((regions_text or "").strip(), f"{text}@{box}") if part)
+
+
+def _clicked(pending, point, size) -> tuple[tuple[float, float] | None, str | None]:
+    """A click at ``point`` on a canvas of ``size``: the first corner (``(corner, None)``), or with ``pending``
+    the box ``"x0,y0,x1,y1"`` the two corners make (``(None, box)``)."""
     (x, y), (w, h) = point, size
     corner = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
     if pending is None:
-        return corner, boxes_text or ""
+        return corner, None
     (x0, x1), (y0, y1) = sorted((pending[0], corner[0])), sorted((pending[1], corner[1]))
     if x1 - x0 < 0.02 or y1 - y0 < 0.02:
         raise DemoError("that box is too small: click two opposite corners")
-    entry = f"{subject}={x0:.3f},{y0:.3f},{x1:.3f},{y1:.3f}"
-    return None, "; ".join(part for part in ((boxes_text or "").strip().rstrip(";").strip(), entry) if part)
+    return None, f"{x0:.3f},{y0:.3f},{x1:.3f},{y1:.3f}"
 
 
 @dataclass
@@ -529,7 +610,7 @@ class Runner:
                         height=req.height,
                         width=req.width,
                         generator=torch.Generator(gen_device).manual_seed(req.seed),
-                        attention=req.observed,
+                        attention=req.observed or False,
                         callback_on_step_end=step_done,
                     )
                 except DemoError:
@@ -539,28 +620,36 @@ class Runner:
         return outputs
 
 
-def _attention(out: GenerationResult) -> AttentionMaps:
-    """The attention maps of one of the app's generations (always asked for: the request's subjects, or the
-    boxes' subjects, never none)."""
-    assert out.attention is not None
+def _attention(out: GenerationResult) -> AttentionMaps | None:
+    """The attention maps of one of the app's generations: the request's subjects, or the boxes' subjects; None
+    for regions alone without subjects (nothing to observe)."""
     return out.attention
 
 
 def _heatmaps(req: Request, base: GenerationResult, ctrl: GenerationResult) -> list[tuple[Any, str]]:
-    """Each subject's heatmap in the baseline then the controlled image, and the boxes over the controlled one."""
+    """Each subject's heatmap in the baseline then the controlled image, and the boxes and the regions over the
+    controlled one."""
     heatmaps = []
     for label, out in (("baseline", base), ("controlled", ctrl)):
         maps = _attention(out)
+        if maps is None:
+            continue
         for subject in maps.labels[0]:
             heatmaps.append((maps.heatmap(subject), f"{label} · {subject}"))
+    image = ctrl.images[0]
     if req.boxes:
-        heatmaps.append((draw_boxes(req.boxes, ctrl.images[0].size, ctrl.images[0]), "controlled · boxes"))
+        heatmaps.append((draw_boxes(req.boxes, image.size, image), "controlled · boxes"))
+    if req.regions:
+        drawn: dict = {}
+        for text, boxes in req.regions:
+            drawn.setdefault(text, []).extend(boxes)
+        heatmaps.append((draw_boxes(drawn, image.size, image), "controlled · regions"))
     return heatmaps
 
 
 def _curves(base: GenerationResult, ctrl: GenerationResult) -> list[dict]:
     """The plot's rows ``{step, value, series}``: the controlled run's losses per guided step, then the weakest
-    subject's attention per step of each run."""
+    subject's attention per step of each run (where subjects were observed)."""
     from ..attention import attention_metrics
 
     curves = []
@@ -569,6 +658,8 @@ def _curves(base: GenerationResult, ctrl: GenerationResult) -> list[dict]:
             curves.append({"step": r.index, "value": float(values[0]), "series": f"{name} loss"})
     for label, out in (("baseline", base), ("controlled", ctrl)):
         attention = _attention(out)
+        if attention is None:
+            continue
         maps = attention.maps[:, 0]
         for k, step in enumerate(attention.steps):
             weakest = attention_metrics(maps[k : k + 1])["min_subject_attention"]
@@ -577,10 +668,16 @@ def _curves(base: GenerationResult, ctrl: GenerationResult) -> list[dict]:
 
 
 def _summary(req: Request, base: GenerationResult, ctrl: GenerationResult) -> str:
-    """One line: the weakest subject's attention and the subjects' overlap, baseline -> controlled."""
-    mb, mc = _attention(base).metrics(), _attention(ctrl).metrics()
+    """One line: the weakest subject's attention and the subjects' overlap, baseline -> controlled (or, with no
+    subject observed, what ran)."""
+    run = f"(seed {req.seed}, {req.steps} steps, {'+'.join(req.methods)})"
+    attention_base, attention_ctrl = _attention(base), _attention(ctrl)
+    if attention_base is None or attention_ctrl is None:
+        regions = f"{len(req.regions)} regions; " if req.regions else ""
+        return f"{regions}no subjects ticked, so no attention maps {run}"
+    mb, mc = attention_base.metrics(), attention_ctrl.metrics()
     return (
         f"weakest subject attention: baseline {mb['min_subject_attention']:.3f} → controlled "
         f"{mc['min_subject_attention']:.3f}; subject overlap {mb['subject_overlap']:.3f} → "
-        f"{mc['subject_overlap']:.3f} (seed {req.seed}, {req.steps} steps, {'+'.join(req.methods)})"
+        f"{mc['subject_overlap']:.3f} {run}"
     )
