@@ -265,6 +265,8 @@ class StepDriver:
         self.pending = None
         for e in run.editors:
             record.edits[e.name] = e.step_stats()
+        if run.regions is not None:  # the weight of the base prompt in the image tokens' attention at this step
+            record.edits[run.regions.name] = {"base_prompt_weight": run.regions.weight}
         now = time.perf_counter()
         record.seconds = now - self.clock
         self.trace.append(record)

@@ -294,8 +294,9 @@ def test_after_the_window_the_steps_are_the_plain_models(tiny):
     seen: list[float] = []
     original = one.regions.begin_step
     one.regions.begin_step = lambda step: (original(step), seen.append(one.regions.weight))[0]
-    one.execute()
+    out = one.execute()
     assert seen == [0.3, 1.0, 1.0]
+    assert [step.edits["regions"]["base_prompt_weight"] for step in out.trace] == seen  # the trace says so
 
 
 def test_every_guidance_method_runs_on_the_masked_network(tiny):
