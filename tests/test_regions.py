@@ -384,3 +384,19 @@ def test_a_joined_text_call_the_rule_does_not_match_is_refused_not_run_unmasked(
     monkeypatch.setattr(RegionLayout, "matches", lambda self, n_queries, n_keys: False)
     with pytest.raises(UnsupportedPipelineError, match="regional shapes"):
         _run(pipe, "sd1", [Regions(regions=TWO)]).execute()
+
+
+def test_the_guidance_pass_reads_the_masked_probabilities_the_sampling_uses(tiny):
+    """At step 0, before any update moves the latents (a step size too small to change them), the guidance pass's
+    probabilities in each masked layer it reaches equal the sampling forward's conditional ones: the guidance
+    forward gets the joined text, the same masks and the same base weight."""
+    family, pipe = tiny
+    ae = attncontrol.AttendExcite(subjects=["car", "dog"], scale_factor=1e-30, max_refinement_steps=0)
+    run = _run(pipe, family, [Regions(regions=TWO, stop=None), ae], steps=1)
+    seen: dict[bool, dict[str, torch.Tensor]] = {True: {}, False: {}}
+    run.regions.probe = lambda name, p: seen[bool(run.store.active)].setdefault(name, p.float().clone())
+    run.execute()
+    guided, sampled = seen[True], seen[False]
+    assert guided and set(guided) <= set(sampled)
+    for name, probs in guided.items():
+        assert torch.allclose(probs, sampled[name], atol=1e-5, rtol=1e-4), name
