@@ -5,7 +5,7 @@ bootstrap interval, and the paired differences (same prompts, same seeds, sign-f
 from Refocus and from BoxDiff.
 
     python benchmarks/regions_quality.py --out regions-bench [--sets shapes-two,shapes-spatial]
-        [--sample 12 | --limit N] [--seeds 0-1] [--steps 50] [--methods ...] [--device cpu] [--bootstrap 2000]
+        [--sample 10 | --limit N] [--seeds 0-1] [--steps 50] [--methods ...] [--device cpu] [--bootstrap 2000]
         [--table-only]
 
 Every prompt of the shapes sets carries a layout (one box per subject, the boxes ``attncontrol batch`` gives
