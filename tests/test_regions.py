@@ -400,3 +400,24 @@ def test_the_guidance_pass_reads_the_masked_probabilities_the_sampling_uses(tiny
     assert guided and set(guided) <= set(sampled)
     for name, probs in guided.items():
         assert torch.allclose(probs, sampled[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_background_prompt_is_read_by_the_pixels_outside_every_box(tiny):
+    """``background=``: a last sub-prompt that only the pixels outside every box read (at beta 0 they give the
+    base prompt nothing); the boxes' tokens still read only their own sub-prompt."""
+    family, pipe = tiny
+    half = [("a red car", (0.0, 0.0, 0.5, 0.5)), ("a dog", (0.5, 0.0, 1.0, 0.5))]  # the bottom half: background
+    run = _run(pipe, family, [Regions(regions=half, background="a photo", base_prompt_weight=0.0, stop=None)])
+    assert run.regions.texts == ("a red car", "a dog", "a photo") and len(run.regions.segments) == 4
+    seen: dict[str, torch.Tensor] = {}
+    run.regions.probe = lambda name, p: seen.setdefault(name, p)
+    run.execute()
+    base, first, second, _ = run.regions.segments
+    for name, probs in seen.items():
+        labels = run.regions.labels[run.regions.grid_of[name]]
+        summed = probs.float().sum(1)
+        outside, car = summed[:, labels == 4], summed[:, labels == 1]
+        assert outside.numel() and car.numel()
+        assert outside[..., : base + first + second].abs().max() == 0
+        assert outside[..., base + first + second :].sum(-1).min() > 0
+        assert car[..., :base].abs().max() == 0 and car[..., base + first :].abs().max() == 0

@@ -116,6 +116,12 @@ class Regions(Control):
         range=UNIT,
         aliases=("base_ratio",),
     )
+    background: str | None = option(
+        None,
+        "the prompt the pixels outside every box read in the regional branch (None: the base prompt, InvokeAI's "
+        'rule; Regional-Prompting-FLUX\'s demo gives them a region "a photo"); "" in Python is the empty prompt.',
+        check=lambda value, where: value if value is None else check_text(value, where),
+    )
     image_self: str = option(
         "region",
         'which image keys an image token of the regional branch sees: "region" (tokens sharing one of its boxes, or '
@@ -143,8 +149,10 @@ class Regions(Control):
             )
 
     def extra_text(self) -> tuple[str, ...]:
-        """The sub-prompts the pipeline encodes and appends to the text sequence, in order."""
-        return tuple(text for text, _ in self.regions)
+        """The sub-prompts the pipeline encodes and appends to the text sequence, in order (the background's
+        last, when given)."""
+        texts = tuple(text for text, _ in self.regions)
+        return texts if self.background is None else (*texts, self.background)
 
     def prepare(self, ctx: ControlContext) -> PreparedRegions:
         return PreparedRegions(self, ctx)
@@ -169,10 +177,18 @@ class PreparedRegions(Prepared):
         cross = ctx.grids.get("cross", {})
         self.grid_of = {name: grid for grid, names in cross.items() for name in names}
         finest = max(cross, key=lambda g: g[0] * g[1]) if cross else None
-        self.labels = {grid: region_labels(self.boxes, grid, finest).to(ctx.device) for grid in cross}
+        self.labels = {grid: self._labels(grid, finest).to(ctx.device) for grid in cross}
         self.segments: tuple[int, ...] = (ctx.seq_len,)
         self.step = 0
         self.probe: Any = None
+
+    def _labels(self, grid: tuple[int, int], finest) -> torch.Tensor:
+        """The boxes' bits; with a background prompt, the pixels outside every box are one more region (its bit
+        after the boxes'), as Regional-Prompting-FLUX's demo makes them."""
+        labels = region_labels(self.boxes, grid, finest)
+        if self.cfg.background is None:
+            return labels
+        return labels | ((labels == 0).long() << len(self.boxes))
 
     @property
     def layers(self) -> list[str]:
