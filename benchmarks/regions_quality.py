@@ -11,7 +11,8 @@ from Refocus and from BoxDiff.
 Every prompt of the shapes sets carries a layout (one box per subject, the boxes ``attncontrol batch`` gives
 Refocus and BoxDiff); the regions are each subject's phrase ("a red circle") in its layout box. The methods
 (:data:`METHODS`): plain, Regions at its defaults (base_prompt_weight 0.3, masks for the first 10/24 of the steps),
-Regions with the masks for every step (stop=1.0), Refocus and BoxDiff at their published defaults (built by the
+Regions with the masks for every step (stop=1.0), Regions whose pixels outside the boxes read the empty prompt
+(background=""), Refocus and BoxDiff at their published defaults (built by the
 batch's own request builder, as ``attncontrol batch --methods refocus`` builds them), and Regions + Refocus.
 
 The batch CLI does not take regions, so the images are made here through ``attncontrol.generate`` into a folder
@@ -39,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_quality import METRICS, _cell, _delta, _read, _run, _seconds  # noqa: E402
 
-METHODS = ("none", "regions", "regions stop=1", "refocus", "boxdiff", "regions+refocus")
+METHODS = ("none", "regions", "regions stop=1", "regions background", "refocus", "boxdiff", "regions+refocus")
 BASELINES = (("none", "plain"), ("refocus", "Refocus"), ("boxdiff", "BoxDiff"))
 COMPARED = (("shapes_bound", "bound"), ("shapes_box_iou", "box IoU"))  # the deltas the table shows per baseline
 
@@ -62,6 +63,8 @@ def controls(method: str, entry) -> list:
             out.append(Regions(regions=regions_of(entry)))
         elif name == "regions stop=1":
             out.append(Regions(regions=regions_of(entry), stop=1.0))
+        elif name == "regions background":  # the pixels outside the boxes read the empty prompt, not the base
+            out.append(Regions(regions=regions_of(entry), background=""))
         else:
             out += checked_controls([name], entry.subjects, entry.boxes, {}, entry.source)
     return out
