@@ -224,7 +224,7 @@ def test_the_mode_leaves_other_attention_calls_alone():
         ([("a car", (0.5, 0, 0.2, 1))], "x0 < x1"),
         ([("a car", (0, 0, 1.5, 1))], "inside \\[0, 1\\]"),
         ([("a car", (0, 0, 1, 1))] * 9, "at most 8 regions"),
-        ("a car", "list of \\(sub-prompt"),
+        ("a car", "no .@. found"),
     ],
 )
 def test_bad_regions_are_refused_naming_the_value(regions, message):

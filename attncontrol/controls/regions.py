@@ -23,33 +23,20 @@ from typing import Any
 
 from .._lazy import torch
 from ..errors import OptionError
-from ..limits import MAX_BOXES
 from ..tokens import check_text
 from .base import Control, ControlContext, Prepared, register, window_stop
-from .boxes import _as_box_list
+from .boxes import region_list
 from .fields import UNIT, option
 
 Box = tuple[float, float, float, float]
 
 
 def _region_list(value, where: str) -> list[tuple[str, list[Box]]]:
-    """``[(sub-prompt, box or boxes), ...]``: 1 to MAX_BOXES regions, each a non-empty text and boxes in [0, 1]."""
+    """``[(sub-prompt, box or boxes), ...]`` or the text form, checked as every front end checks it
+    (:func:`~attncontrol.controls.boxes.region_list`); at least one region."""
     if isinstance(value, (list, tuple)) and not value:
         raise OptionError(f'{where} needs at least one (sub-prompt, box) pair: [("a red car", (0.1, 0.1, 0.5, 0.9))]')
-    if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-        raise OptionError(f"{where} must be a list of (sub-prompt, (x0, y0, x1, y1)) pairs, got {value!r}")
-    if len(value) > MAX_BOXES:
-        raise OptionError(f"{where}: at most {MAX_BOXES} regions, got {len(value)}")
-    out = []
-    for item in value:
-        if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
-            raise OptionError(f"{where}: each region is (sub-prompt, (x0, y0, x1, y1)), got {item!r}")
-        text = item[0].strip()
-        if not text:
-            raise OptionError(f"{where}: a region's sub-prompt is empty: {item!r}")
-        check_text(text, f"{where} sub-prompt")
-        out.append((text, _as_box_list(text, item[1])))
-    return out
+    return region_list(value, where)
 
 
 # -- which token is in which box ---------------------------------------------------------------------------------

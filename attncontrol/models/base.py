@@ -78,6 +78,18 @@ class Encoded:
     to_pipe: dict[str, Any]
 
 
+# the text keys of a family whose pipeline passes a caption mask beside its embeddings (``prompt_attention_mask``
+# for the pipeline, ``encoder_attention_mask`` for the denoiser): regional prompting appends both
+MASKED_TEXT_KEYS = (
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_embeds",
+    "negative_prompt_attention_mask",
+)
+
+
 class ModelAdapter(ABC):
     """One model family's facts. Subclasses set ``description`` and implement the abstract members."""
 

@@ -49,7 +49,7 @@ from ..loading import STREAM_TEMPLATES, TOKEN_STREAMS
 from ..processors import CLASSIC
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
-from .base import Encoded, ModelAdapter, PromptBatch
+from .base import MASKED_TEXT_KEYS, Encoded, ModelAdapter, PromptBatch
 
 # the pipeline's sample size -> the name of its aspect-ratio bins (PixArtSigmaPipeline.__call__)
 _BINS = {
@@ -67,14 +67,7 @@ class PixArtAdapter(ModelAdapter):
     # regional prompting appends each sub-prompt's T5 tokens and its caption mask (``encode_prompt`` returns both;
     # ``PixArtTransformer2DModel.forward`` turns the mask into the -10000 bias of ``attn2``); the batched negative's
     # mask is zero-padded, so its extra keys are hidden as its own padding is
-    text_keys = (
-        "encoder_hidden_states",
-        "encoder_attention_mask",
-        "prompt_embeds",
-        "prompt_attention_mask",
-        "negative_prompt_embeds",
-        "negative_prompt_attention_mask",
-    )
+    text_keys = MASKED_TEXT_KEYS
 
     @staticmethod
     def matches(pipe) -> bool:

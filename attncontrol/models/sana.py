@@ -54,7 +54,7 @@ from ..loading import TOKEN_STREAMS, instruction_template
 from ..processors.classic import CLASSIC
 from ..store import AttnLayer, EarlyExit
 from ..text import TextLayout, TextSegment
-from .base import Encoded, ModelAdapter, PromptBatch
+from .base import MASKED_TEXT_KEYS, Encoded, ModelAdapter, PromptBatch
 
 _NO_SELF = (
     "SANA's self-attention is linear attention (ReLU feature maps, no softmax, diffusers' "
@@ -89,14 +89,7 @@ class SanaAdapter(ModelAdapter):
     # regional prompting appends each sub-prompt's Gemma tokens and its mask (``SanaPipeline.encode_prompt`` returns
     # both; ``SanaTransformer2DModel.forward`` turns the mask into the bias of ``attn2``, whose
     # ``SanaAttnProcessor2_0`` calls ``F.scaled_dot_product_attention``); the batched negative's mask is zero-padded
-    text_keys = (
-        "encoder_hidden_states",
-        "encoder_attention_mask",
-        "prompt_embeds",
-        "prompt_attention_mask",
-        "negative_prompt_embeds",
-        "negative_prompt_attention_mask",
-    )
+    text_keys = MASKED_TEXT_KEYS
     consumed_kwargs = ("complex_human_instruction", "clean_caption")
     attention_kwargs_name = "attention_kwargs"
     flow_matching = True
