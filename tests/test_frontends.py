@@ -49,6 +49,7 @@ SPECIAL = {
     "image_self": "all",
     "kernel": "dense",
     "base_prompt_weight": 0.2,
+    "background": "a photo",
 }
 
 

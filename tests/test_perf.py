@@ -197,4 +197,5 @@ def test_regions_benchmark_quick_runs():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 5 + 2 * 4 and "out of memory" not in cells, row
         assert "n/a" not in cells or not sys.platform.startswith("linux"), row  # peak RSS: Linux only
-        assert float(cells[5]) >= -1 and float(cells[7]) > 0 and float(cells[11]) > 0, row  # MB, s (fwd, fwd+bwd)
+        # MB, s (fwd, fwd+bwd): measured numbers (a call at this width may round to 0.000 s)
+        assert float(cells[5]) >= -1 and float(cells[7]) >= 0 and float(cells[11]) >= 0, row
