@@ -29,6 +29,7 @@ from .limits import check_image_size
 from .models import ModelAdapter, PromptBatch, get_adapter
 from .request import check_pipeline
 from .run import GenerationResult, Run
+from .text import TextLayout
 from .tokens import check_text
 
 __all__ = ["GenerationResult", "Run", "generate", "prepare_run"]
@@ -153,7 +154,7 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         args.num_inference_steps, device, args.timesteps, args.sigmas, latent_hw, args.pipe_kwargs
     )
     ctx = ControlContext(
-        text=adapter.text_layout(prompts, args.pipe_kwargs),
+        text=_text_layout(adapter, prompts, controls, args.pipe_kwargs),
         num_images_per_prompt=args.num_images_per_prompt,
         latent_hw=latent_hw,
         num_steps=len(ts),
@@ -172,7 +173,7 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
     regions = _regions(adapter, prepared_all)
     observer, labels = _observer(args.attention, controls, ctx, adapter)
     _check_noise_inputs(adapter, args, len(prompts) * args.num_images_per_prompt, latent_hw)
-    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.seq_len, regions)
+    encoded = _encode(adapter, prompts, args, do_cfg, device, ctx.text, regions)
     latent_dtype = adapter.latent_dtype(encoded.cond["encoder_hidden_states"].dtype)
     if args.latents is not None:
         args.latents = args.latents.to(device=device, dtype=latent_dtype)
@@ -193,6 +194,17 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         checkpointing=args.checkpointing,
         latent_dtype=latent_dtype,
     )
+
+
+def _text_layout(adapter: ModelAdapter, prompts: list[str], controls: list[Control], pipe_kwargs: dict):
+    """The run's token axis: the prompt's streams, then each regional sub-prompt's, as the adapter lays out a
+    prompt of its own (the prompt's own family arguments, ``prompt_2`` and the like, are not the sub-prompt's)."""
+    text = adapter.text_layout(prompts, pipe_kwargs)
+    extra = [t for c in controls for t in c.extra_text()]
+    if not extra:
+        return text
+    own = {k: v for k, v in pipe_kwargs.items() if k not in adapter.consumed_kwargs}
+    return text.with_regions([adapter.text_layout([t] * len(prompts), own) for t in extra])
 
 
 def _regions(adapter: ModelAdapter, prepared: list) -> PreparedRegions | None:
@@ -349,7 +361,7 @@ def _encode(
     args: GenerateArgs,
     do_cfg: bool,
     device,
-    seq_len: int,
+    layout: TextLayout,
     regions: PreparedRegions | None = None,
 ):
     """Encode the prompt once (the adapter consumes its own prompt arguments from ``pipe_kwargs``), then the
@@ -372,15 +384,21 @@ def _encode(
         encoded = adapter.encode(batch, device)
     for key in adapter.consumed_kwargs:
         args.pipe_kwargs.pop(key, None)
+    _check_length(encoded, layout.base_length)
+    if regions is not None:
+        encoded = _encode_regions(adapter, encoded, regions, prompts, args, do_cfg, device)
+        _check_length(encoded, layout.length)
+    return encoded
+
+
+def _check_length(encoded, expected: int) -> None:
+    """The encoder's tokens are the positions the maps and subjects are read at."""
     text = encoded.cond["encoder_hidden_states"]
-    if text.shape[1] != seq_len:
+    if text.shape[1] != expected:
         raise UnsupportedPipelineError(
-            f"the text encoder returned {text.shape[1]} tokens, the tokenizer allows {seq_len}; "
+            f"the text encoder returned {text.shape[1]} tokens, the tokenizer allows {expected}; "
             "token positions would not line up with the attention maps"
         )
-    if regions is not None:
-        return _encode_regions(adapter, encoded, regions, prompts, args, do_cfg, device)
-    return encoded
 
 
 def _call_kwargs(args: GenerateArgs, encoded, do_cfg: bool, n_steps: int, attention_kwargs_name: str) -> dict[str, Any]:

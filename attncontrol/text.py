@@ -10,7 +10,7 @@ start/end tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._lazy import torch
@@ -23,7 +23,9 @@ class TextSegment:
     """One text stream: ``length`` positions of the token axis from ``offset``, tokenised by ``tokenizer``.
 
     ``prompts`` (one per input prompt) are what this stream encodes; ``parallel`` are other (tokenizer, prompts)
-    streams concatenated on channels with this one, whose token positions must agree (SDXL's second encoder)."""
+    streams concatenated on channels with this one, whose token positions must agree (SDXL's second encoder).
+    ``region``: a regional prompting sub-prompt's stream, after the prompt's own (0: the prompt itself); a subject
+    it does not name has no positions there."""
 
     tokenizer: Any
     offset: int
@@ -31,6 +33,7 @@ class TextSegment:
     prompts: tuple[str, ...]
     label: str = "CLIP"
     parallel: tuple[tuple[Any, tuple[str, ...]], ...] = ()
+    region: int = 0
 
     def table(self, k: int) -> TokenTable | None:
         """The token table of input prompt ``k`` (None for a stream without a tokenizer: zeros, no tokens)."""
@@ -81,6 +84,21 @@ class TextLayout:
     def length(self) -> int:
         return sum(s.length for s in self.segments)
 
+    @property
+    def base_length(self) -> int:
+        """The prompt's own tokens, before any regional sub-prompt."""
+        return sum(s.length for s in self.segments if not s.region)
+
+    def with_regions(self, regions: list[TextLayout]) -> TextLayout:
+        """This layout followed by each regional sub-prompt's layout (as the pipeline encodes that sub-prompt
+        alone), in order: the token axis of a run with regions. A subject is then found in the prompt and in every
+        sub-prompt that names it."""
+        segments, offset = list(self.segments), self.length
+        for r, layout in enumerate(regions, start=1):
+            segments += [replace(seg, offset=offset + seg.offset, region=r) for seg in layout.segments]
+            offset += layout.length
+        return TextLayout(tuple(segments))
+
     def resolve(self, k: int, subjects: list) -> list[tuple[int, ...]]:
         """Each subject's positions in every stream (SD3: its CLIP positions and its T5 positions).
 
@@ -91,6 +109,9 @@ class TextLayout:
         streams = [seg for seg in self.segments if seg.tokenizer is not None]
         per_stream = []
         for seg in self.segments:
+            if seg.region:
+                per_stream.append(self._in_region(k, seg, subjects))
+                continue
             mine = subjects
             if indexed and len(streams) > 1 and seg is not streams[0]:
                 mine = [self._same_word(k, streams[0], seg, s) if s in indexed else s for s in subjects]
@@ -101,6 +122,21 @@ class TextLayout:
                     raise
                 raise type(err)(f"in the {seg.label} tokens: {err}") from None
         return [tuple(p for stream in per_stream for p in stream[j]) for j in range(len(subjects))]
+
+    @staticmethod
+    def _in_region(k: int, seg: TextSegment, subjects: list) -> list[tuple[int, ...]]:
+        """Each subject's positions in a sub-prompt's stream: none where the sub-prompt does not name it (a token
+        index always means the prompt's own token)."""
+        out: list[tuple[int, ...]] = []
+        for subject in subjects:
+            if isinstance(subject, (int, _Positions)):
+                out.append(())
+                continue
+            try:
+                out += seg.resolve(k, [subject])
+            except SubjectError:  # not there, or not that occurrence: the sub-prompt does not name it
+                out.append(())
+        return out
 
     @staticmethod
     def _same_word(k: int, first: TextSegment, other: TextSegment, index: int) -> _Positions | int:

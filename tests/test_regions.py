@@ -362,17 +362,34 @@ def test_checkpointed_guidance_passes_see_the_same_masks(tiny):
     assert plain.trace[0].loss == pytest.approx(checkpointed.trace[0].loss, rel=1e-5)
 
 
-def test_observed_maps_are_the_blended_probabilities_of_the_base_prompt(tiny):
-    """``attention=`` beside Regions records the subjects' maps from the probabilities the masked layers use: with
-    beta 0 a box token gives the base prompt nothing, so "car"'s raw map is 0 inside both boxes' tokens and the
-    background keeps it."""
+def test_observed_maps_read_the_subject_in_the_prompt_and_in_its_sub_prompt(tiny):
+    """``attention=`` beside Regions records a subject's maps from the probabilities the masked layers use, over
+    its tokens in the prompt and in every sub-prompt that names it: with beta 0, "car"'s raw map is positive in the
+    car's box (its sub-prompt), 0 in the dog's (whose sub-prompt has no car) and positive in the background (the
+    prompt's own "car")."""
     family, pipe = tiny
     half = [("a red car", (0.0, 0.0, 0.5, 0.5)), ("a dog", (0.5, 0.0, 1.0, 0.5))]  # the bottom half: background
     out = _run(pipe, family, [Regions(regions=half, base_prompt_weight=0.0, stop=None)], attention=["car"]).execute()
     raw = out.attention.raw[0][0, 0]  # step 0, image 0, "car": (rows, cols)
-    rows = raw.shape[0]
-    assert raw[: rows // 2].abs().max() == 0
+    rows, cols = raw.shape
+    assert raw[: rows // 2, : cols // 2].min() > 0
+    assert raw[: rows // 2, cols // 2 :].abs().max() == 0
     assert raw[rows // 2 :].min() > 0
+
+
+def test_a_subject_is_found_in_the_prompt_and_in_the_sub_prompts_that_name_it(tiny):
+    family, pipe = tiny
+    run = _run(pipe, family, [Regions(regions=TWO)], prompt="a red car and a dog")
+    base, first, _ = run.regions.segments
+    assert run.ctx.seq_len == sum(run.regions.segments) and run.ctx.text.base_length == base
+    (car, dog, red), *_ = run.ctx.subjects_per_image(["car", "dog", "red"])
+    base_car = [p for p in car if p < base]
+    assert base_car and [p for p in car if p >= base] and all(base <= p < base + first for p in car if p >= base)
+    assert all(p < base or p >= base + first for p in dog)  # the dog's sub-prompt is the second
+    # "a red car" as the pipeline's tokenizer writes it: CLIP puts a start token first ("car" at 3), T5 none (at 2)
+    assert [p - base for p in car if p >= base] == [3 if family == "sd1" else 2]
+    with pytest.raises(attncontrol.errors.SubjectError):
+        run.ctx.subjects_per_image(["bus"])  # named nowhere: still an error
 
 
 def test_a_joined_text_call_the_rule_does_not_match_is_refused_not_run_unmasked(monkeypatch):

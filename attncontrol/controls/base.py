@@ -324,6 +324,11 @@ class Control:
                 "a fraction of the schedule (start=0.0, stop=0.5: the first half at any length)"
             )
 
+    def extra_text(self) -> tuple[str, ...]:
+        """Texts the pipeline encodes after the prompt, as prompts of their own (regional prompting's
+        sub-prompts); most methods have none."""
+        return ()
+
     def prepare(self, ctx: ControlContext) -> Prepared:
         raise NotImplementedError
 

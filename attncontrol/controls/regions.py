@@ -165,7 +165,7 @@ class PreparedRegions(Prepared):
         self.grid_of = {name: grid for grid, names in cross.items() for name in names}
         finest = max(cross, key=lambda g: g[0] * g[1]) if cross else None
         self.labels = {grid: self._labels(grid, finest).to(ctx.device) for grid in cross}
-        self.segments: tuple[int, ...] = (ctx.seq_len,)
+        self.segments: tuple[int, ...] = (ctx.text.base_length,)
         self.step = 0
         self.probe: Any = None
 

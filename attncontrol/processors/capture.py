@@ -152,7 +152,7 @@ class CaptureProcessor:
         recorder = self.recorder if guidance else None
         watch = None if guidance or self.watch is None or not self.watch.active else self.watch
         probe = regional.regions.probe
-        layout, beta, base = regional.layout, regional.beta, regional.base_len
+        layout, beta = regional.layout, regional.beta
         negative = regional.negative_forward(guidance)
 
         def n_plain(batch: int) -> int:
@@ -177,8 +177,7 @@ class CaptureProcessor:
         if probe is not None:
             with torch.no_grad():
                 probe(self.name, regional_text_probs(q, k, layout, beta, scale, None)[0])
-        wanted = recorder.columns if recorder is not None else watch.columns if watch is not None else None
-        columns = wanted if wanted is not None else torch.arange(base, device=q.device)
+        columns = recorder.columns if recorder is not None else watch.columns if watch is not None else None
         if recorder is not None:
             maps: dict = {"cross": regional_text_probs(q, k, layout, beta, scale, columns)}
             if "self" in recorder.kinds:
@@ -197,7 +196,7 @@ class CaptureProcessor:
 
         regional = self.regional
         assert regional is not None
-        probe, layout, beta, base = regional.regions.probe, regional.layout, regional.beta, regional.base_len
+        probe, layout, beta = regional.regions.probe, regional.layout, regional.beta
         n_plain: list[int] = []
 
         def on_scores(scores, heads):
@@ -209,9 +208,9 @@ class CaptureProcessor:
             if probe is not None:
                 probe(self.name, cond.detach())
             if recorder is not None:
-                recorder.record(cond.flatten(0, 1)[..., :base], heads)
+                recorder.record(cond.flatten(0, 1), heads)
             if watch is not None:
-                watch.observer.record(cond.flatten(0, 1)[..., :base], heads, self.name)
+                watch.observer.record(cond.flatten(0, 1), heads, self.name)
 
         return _explicit(form, attn, named, on_probs=on_probs, on_scores=on_scores)
 

@@ -156,10 +156,6 @@ class LayerRegions:
         return self._layout
 
     @property
-    def base_len(self) -> int:
-        return int(self.regions.segments[0])
-
-    @property
     def beta(self) -> float:
         return float(self.regions.weight)
 
