@@ -163,13 +163,15 @@ class TextLayout:
         """(length,) positions kept in a token softmax for input prompt ``k``.
 
         ``exclude_eot=False``: diffusers' A&E slice ``[1:-1]`` per stream (drops the start token and the last
-        slot; keeps the end token and padding). ``True``: only the prompt's own tokens."""
+        slot; keeps the end token and padding). ``True``: only the prompt's own tokens. A regional sub-prompt's
+        stream keeps only its own tokens either way: its padding would add hundreds of columns that no image token
+        outside its box reads to every token softmax."""
         keep = torch.zeros(self.length, dtype=torch.bool)
         for seg in self.segments:
             table = seg.table(k)
             if table is None:  # a stream of zeros: padding
-                keep[seg.offset : seg.offset + seg.length] = not exclude_eot
-            elif exclude_eot:
+                keep[seg.offset : seg.offset + seg.length] = not exclude_eot and not seg.region
+            elif exclude_eot or seg.region:
                 keep[seg.offset + table.first_index : seg.offset + table.last_index + 1] = True
             else:
                 keep[seg.offset + table.prefix : seg.offset + seg.length - 1] = True

@@ -390,6 +390,12 @@ def test_a_subject_is_found_in_the_prompt_and_in_the_sub_prompts_that_name_it(ti
     assert [p - base for p in car if p >= base] == [3 if family == "sd1" else 2]
     with pytest.raises(attncontrol.errors.SubjectError):
         run.ctx.subjects_per_image(["bus"])  # named nowhere: still an error
+    # the token softmax keeps the prompt's tokens as the family does, and only the sub-prompts' own words
+    keep = run.ctx.keep_mask(False)[0]
+    plain = _run(pipe, family, [], prompt="a red car and a dog").ctx.keep_mask(False)[0]
+    assert torch.equal(keep[:base], plain)
+    words = 3 + 2  # "a red car", "a dog": no start, end or padding token
+    assert int(keep[base:].sum()) == words
 
 
 def test_a_joined_text_call_the_rule_does_not_match_is_refused_not_run_unmasked(monkeypatch):
