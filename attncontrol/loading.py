@@ -143,6 +143,9 @@ PATCH_SIZE: dict[str, int] = {
     "Flux2Pipeline": 2,
     "Flux2KleinPipeline": 2,
 }  # SanaPipeline: patch 1, its DC-AE's factor 32
+# Pipeline classes whose adapter refuses regional prompting (``ModelAdapter.regions_unsupported`` says why), so the
+# command line refuses ``--region`` before torch loads; tests/test_families.py checks the table against the adapters.
+REGIONS_UNSUPPORTED: frozenset[str] = frozenset({"ZImagePipeline"})
 
 
 def vae_factor(vae_config: dict | None) -> int:

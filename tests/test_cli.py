@@ -321,3 +321,22 @@ def test_a_bad_region_fails_before_torch_is_imported(tmp_path):
         "error: --region 'a car@0.1,0.1,1.5,0.9': box for 'a car' must lie inside [0, 1] (normalised x0, y0, x1, y1), "
         "got (0.1, 0.1, 1.5, 0.9)"
     )
+
+
+def test_a_family_that_refuses_regions_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--region on a folder whose model_index.json names a pipeline whose adapter refuses regional prompting
+    (loading.REGIONS_UNSUPPORTED, checked against the adapters in tests/test_families.py): exit 2, no model
+    loaded, no image; the same folder without --region gets past that check (to the tokenizers it lacks)."""
+    import json
+
+    import attncontrol.loading
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    monkeypatch.setattr(attncontrol.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "x.png"
+    argv = ["generate", "a car and a dog", "--model", str(tmp_path), "--out", str(out)]
+    assert main([*argv, *CAR_DOG]) == 2
+    assert "regional prompting does not support ZImagePipeline" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--subjects", "car"]) == 2  # without --region: past that check, to the next one (the folder)
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "regional prompting" not in err

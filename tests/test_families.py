@@ -26,6 +26,16 @@ def test_every_adapter_has_its_token_streams_before_torch():
     assert set(STREAM_TEMPLATES) <= set(TOKEN_STREAMS) and set(PATCH_SIZE) <= set(TOKEN_STREAMS)
 
 
+def test_the_regions_refusal_before_torch_is_the_adapters(family_pipe):
+    """The CLI refuses --region from the model folder's class name alone (loading.REGIONS_UNSUPPORTED); the adapter
+    refuses it once loaded (ModelAdapter.regions_unsupported). The two agree for every family."""
+    from attncontrol.loading import REGIONS_UNSUPPORTED
+
+    family, pipe = family_pipe
+    refused = get_adapter(pipe).regions_unsupported() is not None
+    assert refused == (type(pipe).__name__ in REGIONS_UNSUPPORTED), family
+
+
 def test_the_size_checked_before_torch_is_the_adapters(family_pipe):
     """The CLI refuses sizes from the model folder's JSON alone (loading.size_multiple); the adapter refuses them
     once loaded (ModelAdapter.size_multiple). A family whose patch or VAE factor the JSON rule misreads fails."""

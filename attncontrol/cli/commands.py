@@ -107,6 +107,7 @@ def _check(args):
     preflight.check_device(args.device)
     preflight.check_steps(args.model, args.steps)
     preflight.check_size(args.model, args.height, args.width)
+    preflight.check_regions(args.model, controls)
     subjects = args.subjects or ([] if not args.boxes else [s for c in controls for s in getattr(c, "boxes", {})])
     if subjects:
         preflight.check_subjects(args.model, [args.prompt], subjects)  # reads the model index, then its tokenizers

@@ -101,6 +101,18 @@ def check_size(model: str, height: int | None, width: int | None) -> None:
     check_image_size(height, width, ("--height", "--width"))
 
 
+def check_regions(model: str, controls) -> None:
+    """A family whose adapter refuses regional prompting, refused before the model loads (the reason is the
+    adapter's, given once it loads; here the class is named)."""
+    from ..loading import REGIONS_UNSUPPORTED
+
+    if not any(c.extra_text() for c in controls):
+        return
+    name = str((_local_json(model, "model_index.json") or {}).get("_class_name", ""))
+    if name in REGIONS_UNSUPPORTED:
+        raise OptionError(f"--region: regional prompting does not support {name} yet ({model!r}); drop --region")
+
+
 def check_subjects(model: str, prompts: list[str], subjects) -> None:
     """Subjects resolve in every text stream the model attends to (tokenizers only, no model)."""
     from ..loading import load_token_streams
