@@ -262,14 +262,18 @@ def _first_step_outputs(
         out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
         outs.append(out.detach().clone())
 
-    handle = run.adapter.denoiser.register_forward_hook(hook)
+    _execute_hooked(run, run.adapter.denoiser.register_forward_hook(hook))
+    return outs[: 2 if CFG[family] == "sequential" else 1]
+
+
+def _execute_hooked(run, handle) -> None:
+    """Run ``run`` (the families' warnings silenced), then remove the hook ``handle``, however it ends."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run.execute()
     finally:
         handle.remove()
-    return outs[: 2 if CFG[family] == "sequential" else 1]
 
 
 @pytest.mark.parametrize("family", sorted(CFG))
@@ -371,13 +375,7 @@ def test_guidance_forward_gets_the_joined_text(family):
     kw = {k: v for k, v in KW[family].items() if k != "negative_prompt"}  # no second forward at another length
     run = prepare_run(pipe, prompts, controls, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw)
     total = sum(run.regions.segments)
-    handle = pipe.transformer.register_forward_pre_hook(seen, with_kwargs=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run.execute()
-    finally:
-        handle.remove()
+    _execute_hooked(run, pipe.transformer.register_forward_pre_hook(seen, with_kwargs=True))
     assert len(calls) > 2  # the pipeline's two steps and at least one guidance pass
     assert all(call == (total, total) for call in calls), calls
 

@@ -162,7 +162,8 @@ class CaptureProcessor:
             mode = RegionalSDPA(layout, beta, n_plain, regional.regions.kernel)
             with mode:
                 out = own()
-            _check_caught(mode, attn, self._arguments(attn, args, kwargs))
+            if mode.calls == 0:  # nothing regional happened: was that right for this call?
+                _check_caught(mode, attn, self._arguments(attn, args, kwargs))
             return out
         if form.explicit_scores:
             return self._regional_explicit(form, attn, self._arguments(attn, args, kwargs), guidance, recorder, watch)
@@ -170,7 +171,8 @@ class CaptureProcessor:
         mode = RegionalSDPA(layout, beta, n_plain, regional.regions.kernel, lambda *qk: seen.append(qk))
         with mode:
             out = own()
-        _check_caught(mode, attn, self._arguments(attn, args, kwargs))
+        if mode.calls == 0:  # nothing regional happened: was that right for this call?
+            _check_caught(mode, attn, self._arguments(attn, args, kwargs))
         if not seen:  # a forward at another text length (a sequential negative branch): nothing to record
             return out
         q, k, scale = seen[0]

@@ -33,7 +33,7 @@ are the stock code (diffusers' ``hooks/layer_skip.py:AttentionScoreSkipFunctionM
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -101,6 +101,7 @@ class RegionTables:
     base_keys: torch.Tensor
     segment_of_key: torch.Tensor  # -1 for image keys, else the text segment (0 = base)
     image_keys_label: torch.Tensor  # (n_keys,) the label of each image key, -1 for text keys
+    _dense: dict = field(default_factory=dict, compare=False, repr=False)  # n_queries -> the masks, built once
 
     @classmethod
     def of(cls, lay: RegionLayout) -> RegionTables:
@@ -139,7 +140,13 @@ class RegionTables:
 
     def masks(self, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(regional, base) boolean masks (queries, keys): the dense form of the tables (base: image rows only;
-        other rows see the base keys, so the base mask is also the plain rows' mask)."""
+        other rows see the base keys, so the base mask is also the plain rows' mask). Built once per size: every
+        layer call of a run asks for the same ones."""
+        if n_queries not in self._dense:
+            self._dense[n_queries] = self._build_masks(n_queries)
+        return self._dense[n_queries]
+
+    def _build_masks(self, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
         n_keys = self.segment_of_key.numel()
         device = self.segment_of_key.device
         regional = torch.zeros(n_queries, n_keys, dtype=torch.bool, device=device)
