@@ -134,13 +134,16 @@ class GenerateArgs:
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
+def prepare_run(pipe, prompt, controls=(), *, sequential_cfg: bool = False, **kwargs) -> Run:
     """Check every input and prepare a :class:`~attncontrol.run.Run` (the keyword arguments are :func:`generate`'s).
-    Nothing is installed and no noise is drawn yet; what fails on user input fails here, before model work."""
+    Nothing is installed and no noise is drawn yet; what fails on user input fails here, before model work.
+    ``sequential_cfg``: the caller runs classifier-free guidance as one forward per branch, positive first (a
+    Modular Diffusers guider), whatever ``pipe`` itself would do."""
     names = {f.name for f in fields(GenerateArgs)} - {"pipe_kwargs"}
     args = GenerateArgs(**{k: v for k, v in kwargs.items() if k in names})
     args.pipe_kwargs = {k: v for k, v in kwargs.items() if k not in names}
     adapter = get_adapter(pipe)
+    adapter.sequential_cfg = sequential_cfg
     controls = _check_controls(controls)
     prompts = _as_prompts(prompt)
     height, width, guidance_scale = _check_args(adapter, args)
@@ -162,7 +165,7 @@ def prepare_run(pipe, prompt, controls=(), **kwargs) -> Run:
         default_resolution=adapter.default_attn_res(latent_hw),
         exclude_eot_default=adapter.exclude_eot_default,
         device=device,
-        cfg_batch=adapter.cfg_batched(do_cfg),
+        cfg_batch=adapter.batches_cfg(do_cfg),
         block_index={la.name: la.block_index for la in adapter.layers if la.block_index is not None},
         default_blocks=adapter.default_blocks(),
         flow_sigmas=[float(s) for s in pipe.scheduler.sigmas] if adapter.flow_matching else None,

@@ -253,14 +253,13 @@ class StepDriver:
             self.run.observer.begin_step()  # records the ordinary forward of this step (not the guidance passes)
         return latents
 
-    def __call__(self, pipe, i: int, t, kwargs: dict) -> dict:
+    def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
+        """Close step ``i`` (its record: time, editors' statistics, observed maps), check its latents and return
+        them less the velocity-rule shift computed at that step. The stock pipeline's callback and the Modular
+        loop's end-of-step block both end a step here; :meth:`begin` starts the next."""
         run = self.run
         if run.observer is not None:
             run.observer.end_step(i)
-        out = kwargs
-        if self.user_callback is not None:
-            out = self.user_callback(pipe, i, t, kwargs)
-            out = dict(kwargs) if out is None else out
         record = self.pending or StepRecord(index=i, timestep=float(t))
         self.pending = None
         for e in run.editors:
@@ -271,12 +270,19 @@ class StepDriver:
         record.seconds = now - self.clock
         self.trace.append(record)
         self.clock = now
-        _check_finite(out.get("latents", kwargs["latents"]), f"after step {i}")
-        latents = run.apply_deferred(out.get("latents", kwargs["latents"]), i)
-        if latents is not None:
-            out["latents"] = latents
-        if i + 1 < run.num_steps and not getattr(pipe, "_interrupt", False):
-            out["latents"] = self.begin(out.get("latents", kwargs["latents"]), i + 1)
+        _check_finite(latents, f"after step {i}")
+        shifted = run.apply_deferred(latents, i)
+        return latents if shifted is None else shifted
+
+    def __call__(self, pipe, i: int, t, kwargs: dict) -> dict:
+        out = kwargs
+        if self.user_callback is not None:
+            out = self.user_callback(pipe, i, t, kwargs)
+            out = dict(kwargs) if out is None else out
+        latents = self.end_step(i, t, out.get("latents", kwargs["latents"]))
+        out["latents"] = latents
+        if i + 1 < self.run.num_steps and not getattr(pipe, "_interrupt", False):
+            out["latents"] = self.begin(latents, i + 1)
         return out
 
 

@@ -11,7 +11,7 @@ from .boxes import parse_boxes
 from .vocabulary import Evaluation, Row, StepInfo, StepPlan
 
 # the seam's own modules; every other module here is a method
-_INFRASTRUCTURE = {"base", "boxes", "common", "fields", "options", "steps", "vocabulary"}
+_INFRASTRUCTURE = {"base", "boxes", "common", "data", "fields", "options", "steps", "vocabulary"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")

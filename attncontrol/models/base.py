@@ -108,9 +108,16 @@ class ModelAdapter(ABC):
     # the encoded tensors (``Encoded.cond`` and ``Encoded.to_pipe`` keys) that run along the text sequence, dim 1:
     # regional prompting appends each sub-prompt's to them (``append_text``)
     text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds")
+    # Modular Diffusers (attncontrol.modular): the modular pipeline classes of the family, and the stock pipeline
+    # argument its guider's scale stands for (None: the modular loop has no classifier-free-guidance guider)
+    modular_names: ClassVar[tuple[str, ...]] = ()
+    modular_guidance: ClassVar[str | None] = "guidance_scale"
 
     def __init__(self, pipe):
         self.pipe = pipe
+        # set by a caller that runs the branches of classifier-free guidance as separate forwards, positive first,
+        # whatever the stock pipeline does (a Modular Diffusers guider)
+        self.sequential_cfg = False
 
     @staticmethod
     @abstractmethod
@@ -264,6 +271,10 @@ class ModelAdapter(ABC):
         """Whether its denoiser batch is then [negative; positive] (else one forward per branch, positive first)."""
         return do_cfg
 
+    def batches_cfg(self, do_cfg: bool) -> bool:
+        """:meth:`cfg_batched` for this run: False when the caller runs the branches one after the other."""
+        return not self.sequential_cfg and self.cfg_batched(do_cfg)
+
     def missing_kinds(self) -> dict[str, str]:
         """Kinds of map ("self", "cross") the family cannot give, each with why (the error a method that reads
         them meets)."""
@@ -306,7 +317,7 @@ class ModelAdapter(ABC):
             if not torch.is_tensor(value):
                 return value
             if key.startswith("negative_"):
-                if not self.cfg_batched(do_cfg):
+                if not self.batches_cfg(do_cfg):
                     return value
                 pad = value.new_zeros(value.shape[0], extra, *value.shape[2:])
                 return torch.cat([value, pad], dim=1)

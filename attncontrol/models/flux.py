@@ -28,6 +28,8 @@ from .sd3 import _per_prompt
 
 class FluxAdapter(PackedLatents):
     description = "FluxPipeline (FLUX.1 dev and schnell)"
+    modular_names = ("FluxModularPipeline",)
+    modular_guidance = None  # no guider: guidance_scale is the distilled guidance embedding, an input
     pipeline_names = ("FluxPipeline",)
     token_streams = TOKEN_STREAMS["FluxPipeline"]
     consumed_kwargs = ("prompt_2", "negative_prompt_2")

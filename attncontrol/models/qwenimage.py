@@ -51,6 +51,8 @@ from .base import Encoded, PackedLatents, PromptBatch, joint_layers
 
 class QwenImageAdapter(PackedLatents):
     description = "QwenImagePipeline (Qwen-Image)"
+    modular_names = ("QwenImageModularPipeline",)
+    modular_guidance = "true_cfg_scale"
     pipeline_names = ("QwenImagePipeline",)
     token_streams = TOKEN_STREAMS["QwenImagePipeline"]
     attention_kwargs_name = "attention_kwargs"

@@ -16,6 +16,7 @@ from .sd import SDAdapter
 
 class SDXLAdapter(SDAdapter):
     description = "StableDiffusionXLPipeline (SDXL base)"
+    modular_names = ("StableDiffusionXLModularPipeline",)
     pipeline_names = ("StableDiffusionXLPipeline",)
     consumed_kwargs = ("prompt_2", "negative_prompt_2")
 
