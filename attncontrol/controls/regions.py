@@ -168,6 +168,9 @@ class PreparedRegions(Prepared):
         self.segments: tuple[int, ...] = (ctx.text.base_length,)
         self.step = 0
         self.probe: Any = None
+        # a negative branch run as its own forward but zero-padded to the joined text (a caller that needs equal
+        # lengths): it attends to its own tokens only, as a batched negative does
+        self.padded_negative = False
 
     def _labels(self, grid: tuple[int, int], finest) -> torch.Tensor:
         """The boxes' bits; with a background prompt, the pixels outside every box are one more region (its bit

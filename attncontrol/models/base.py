@@ -112,6 +112,8 @@ class ModelAdapter(ABC):
     # argument its guider's scale stands for (None: the modular loop has no classifier-free-guidance guider)
     modular_names: ClassVar[tuple[str, ...]] = ()
     modular_guidance: ClassVar[str | None] = "guidance_scale"
+    # its modular input step refuses a negative text of another length than the positive one
+    modular_equal_lengths: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -270,6 +272,12 @@ class ModelAdapter(ABC):
     def cfg_batched(self, do_cfg: bool) -> bool:
         """Whether its denoiser batch is then [negative; positive] (else one forward per branch, positive first)."""
         return do_cfg
+
+    @classmethod
+    def from_guider_scale(cls, scale: float) -> float:
+        """The value of the stock argument :attr:`modular_guidance` that means what a Modular Diffusers CFG guider's
+        ``guidance_scale`` means (``pred_uncond + scale * (pred_cond - pred_uncond)``; 1: no guidance)."""
+        return scale
 
     def batches_cfg(self, do_cfg: bool) -> bool:
         """:meth:`cfg_batched` for this run: False when the caller runs the branches one after the other."""

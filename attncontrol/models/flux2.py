@@ -58,6 +58,8 @@ _REFUSED = {
 
 class Flux2Adapter(PackedLatents):
     description = "Flux2Pipeline (FLUX.2 [dev])"
+    modular_names = ("Flux2ModularPipeline",)
+    modular_guidance = None  # no guider: guidance_scale is the distilled guidance embedding, an input
     pipeline_names = ("Flux2Pipeline",)
     token_streams = TOKEN_STREAMS["Flux2Pipeline"]
     attention_kwargs_name = "attention_kwargs"
@@ -232,6 +234,8 @@ class Flux2KleinAdapter(Flux2Adapter):
     """FLUX.2 [klein]: the same transformer without a guidance embedding, a Qwen3 encoder, CFG on base models."""
 
     description = "Flux2KleinPipeline (FLUX.2 [klein], base and distilled)"
+    modular_names = ("Flux2KleinModularPipeline", "Flux2KleinBaseModularPipeline")
+    modular_guidance = "guidance_scale"  # the base model's guider; the distilled one has none
     pipeline_names = ("Flux2KleinPipeline",)
     token_streams = TOKEN_STREAMS["Flux2KleinPipeline"]
 

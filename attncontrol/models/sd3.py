@@ -37,6 +37,7 @@ def _per_prompt(value, prompts: list[str], label: str) -> tuple[str, ...]:
 
 class SD3Adapter(ModelAdapter):
     description = "StableDiffusion3Pipeline (SD3, SD3.5 medium and large)"
+    modular_names = ("StableDiffusion3ModularPipeline",)
     pipeline_names = ("StableDiffusion3Pipeline",)
     token_streams = TOKEN_STREAMS["StableDiffusion3Pipeline"]
     consumed_kwargs = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")

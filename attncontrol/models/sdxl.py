@@ -17,6 +17,7 @@ from .sd import SDAdapter
 class SDXLAdapter(SDAdapter):
     description = "StableDiffusionXLPipeline (SDXL base)"
     modular_names = ("StableDiffusionXLModularPipeline",)
+    modular_equal_lengths = True  # StableDiffusionXLInputStep.check_inputs
     pipeline_names = ("StableDiffusionXLPipeline",)
     consumed_kwargs = ("prompt_2", "negative_prompt_2")
 

@@ -82,6 +82,7 @@ class _ProcessorView(torch.nn.Module):
 
 class ZImageAdapter(ModelAdapter):
     description = "ZImagePipeline (Z-Image, Z-Image-Turbo)"
+    modular_names = ("ZImageModularPipeline",)
     pipeline_names = ("ZImagePipeline",)
     token_streams = TOKEN_STREAMS["ZImagePipeline"]
     attention_kwargs_name = "joint_attention_kwargs"
@@ -149,6 +150,11 @@ class ZImageAdapter(ModelAdapter):
 
     def uses_cfg(self, guidance_scale: float, negative_prompt=None, extra=None) -> bool:
         return float(guidance_scale) > 0  # ZImagePipeline.do_classifier_free_guidance
+
+    @classmethod
+    def from_guider_scale(cls, scale: float) -> float:
+        # ZImagePipeline guides with pos + scale * (pos - neg) (0: none); a guider's scale s is neg + s * (pos - neg)
+        return scale - 1.0
 
     def cfg_batched(self, do_cfg: bool) -> bool:
         # one forward of [positive; negative]; the form shows it to the capture as [negative; positive] (pairs)
@@ -234,7 +240,7 @@ class ZImageAdapter(ModelAdapter):
                 "token positions would not line up with the attention maps"
             )
         self.text_dtype = pe[0].dtype
-        self.form.pairs = len(pe) if batch.do_cfg else None
+        self.form.pairs = len(pe) if self.batches_cfg(batch.do_cfg) else None
         width = self.form.padded(max(expected))
         padded = torch.zeros(len(pe), width, pe[0].shape[-1], dtype=torch.float32, device=pe[0].device)
         for i, p in enumerate(pe):

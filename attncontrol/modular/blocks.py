@@ -180,6 +180,7 @@ class AttnControl(ModularPipelineBlocks):
             raise UnsupportedPipelineError(
                 f"{type(encoder).__name__} gives no {', '.join(stray)}, which {type(view).__name__} is called with"
             )
+        _pad_negative(run)
         for name, out in outputs.items():
             state.set(name, run.call_kwargs.get(name), out.kwargs_type)
         # the embeddings are per image already; the size as the pipeline resolved its defaults
@@ -205,7 +206,7 @@ class AttnControl(ModularPipelineBlocks):
             return kwargs
         guider = getattr(components, "guider", None)
         wants = guider is not None and bool(guider._enabled) and guider.num_conditions > 1
-        scale = float(guider.guidance_scale) if wants else 1.0
+        scale = adapter.from_guider_scale(float(guider.guidance_scale) if wants else 1.0)
         kwargs[adapter.modular_guidance] = scale
         extra = {adapter.modular_guidance: scale}
         if wants and kwargs.get("negative_prompt") is None and not adapter(view).uses_cfg(scale, None, extra):
@@ -231,6 +232,23 @@ class AttnControl(ModularPipelineBlocks):
         from .folder import load_block
 
         return load_block(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _pad_negative(run: Run) -> None:
+    """Regional prompting under a guider on a family whose modular input step wants the negative text as long as
+    the positive one: the negative is zero-padded (as a batched negative is) and attends to its own tokens only."""
+    if run.regions is None or not type(run.adapter).modular_equal_lengths:
+        return
+    padded = False
+    for key in run.adapter.text_keys:
+        neg, pos = run.call_kwargs.get(f"negative_{key}"), run.call_kwargs.get(key)
+        if key.startswith("negative_") or not torch.is_tensor(neg) or not torch.is_tensor(pos):
+            continue
+        extra = pos.shape[1] - neg.shape[1]
+        if extra > 0:
+            run.call_kwargs[f"negative_{key}"] = torch.cat([neg, neg.new_zeros(neg.shape[0], extra, *neg.shape[2:])], 1)
+            padded = True
+    run.regions.padded_negative = padded
 
 
 class AttnControlNoise(ModularPipelineBlocks):

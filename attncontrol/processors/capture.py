@@ -159,7 +159,8 @@ class CaptureProcessor:
             return batch if negative else regional.n_plain(batch, guidance)
 
         if negative or (recorder is None and watch is None and probe is None):
-            mode = RegionalSDPA(layout, beta, n_plain, regional.regions.kernel)
+            padded = negative and regional.regions.padded_negative
+            mode = RegionalSDPA(layout, beta, n_plain, regional.regions.kernel, padded=padded)
             with mode:
                 out = own()
             if mode.calls == 0:  # nothing regional happened: was that right for this call?

@@ -299,10 +299,13 @@ class RegionalSDPA(TorchFunctionMode):
     image-only attention) runs unchanged. ``on_qk(q, k, scale)`` (optional) sees the conditional rows' queries and
     keys of the regional call (to read maps). ``calls``: how many regional calls were made. ``n_plain(batch)`` says
     how many leading rows are a batched negative branch; all of them: a negative branch run as its own forward,
-    whose call runs unchanged."""
+    whose call runs unchanged (``padded``: zero-padded to the joined text, it attends to its base tokens only)."""
 
-    def __init__(self, layout: RegionLayout, beta: float, n_plain, kernel: str = "grouped", on_qk=None):
+    def __init__(
+        self, layout: RegionLayout, beta: float, n_plain, kernel: str = "grouped", on_qk=None, padded: bool = False
+    ):
         super().__init__()
+        self.padded = padded  # a negative forward zero-padded to the joined text: its own (base) tokens only
         self.layout = layout
         self.beta = beta
         self.n_plain = n_plain  # batch -> number of leading plain rows
@@ -326,7 +329,7 @@ class RegionalSDPA(TorchFunctionMode):
         scale = bound.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         n_plain = self.n_plain(q.shape[0])
         self.calls += 1
-        if n_plain >= q.shape[0]:  # a negative branch run as its own forward: every token is its own, unmasked
+        if n_plain >= q.shape[0] and not self.padded:  # a negative run as its own forward: its tokens, unmasked
             return func(*args, **kwargs)
         if self.on_qk is not None:
             self.on_qk(q[n_plain:], k[n_plain:], scale)
