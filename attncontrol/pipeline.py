@@ -137,11 +137,8 @@ class GenerateArgs:
 def prepare_run(pipe, prompt, controls=(), *, sequential_cfg: bool = False, **kwargs) -> Run:
     """Check every input and prepare a :class:`~attncontrol.run.Run` (the keyword arguments are :func:`generate`'s).
     Nothing is installed and no noise is drawn yet; what fails on user input fails here, before model work.
-    ``sequential_cfg``: the caller runs classifier-free guidance as one forward per branch, positive first (a
-    Modular Diffusers guider), whatever ``pipe`` itself would do."""
-    names = {f.name for f in fields(GenerateArgs)} - {"pipe_kwargs"}
-    args = GenerateArgs(**{k: v for k, v in kwargs.items() if k in names})
-    args.pipe_kwargs = {k: v for k, v in kwargs.items() if k not in names}
+    ``sequential_cfg``: the caller runs CFG as one forward per branch, positive first (a Modular Diffusers guider)."""
+    args = _generate_args(kwargs)
     adapter = get_adapter(pipe)
     adapter.sequential_cfg = sequential_cfg
     controls = _check_controls(controls)
@@ -197,6 +194,13 @@ def prepare_run(pipe, prompt, controls=(), *, sequential_cfg: bool = False, **kw
         checkpointing=args.checkpointing,
         latent_dtype=latent_dtype,
     )
+
+
+def _generate_args(kwargs: dict) -> GenerateArgs:
+    names = {f.name for f in fields(GenerateArgs)} - {"pipe_kwargs"}
+    args = GenerateArgs(**{k: v for k, v in kwargs.items() if k in names})
+    args.pipe_kwargs = {k: v for k, v in kwargs.items() if k not in names}
+    return args
 
 
 def _text_layout(adapter: ModelAdapter, prompts: list[str], controls: list[Control], pipe_kwargs: dict):

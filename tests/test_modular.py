@@ -146,9 +146,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "family,controls,scale", CASES, ids=[f"{f}-{c()[0].method}-{s}" for f, c, s in CASES]
-)
+@pytest.mark.parametrize("family,controls,scale", CASES, ids=[f"{f}-{c()[0].method}-{s}" for f, c, s in CASES])
 def test_modular_equals_generate(tiny, family, controls, scale):
     pipe = tiny(family)
     stock_kwargs = STOCK_CFG[family](scale) if scale is not None else {}

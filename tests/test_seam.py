@@ -1,8 +1,8 @@
 """The model seam holds: family facts live only in ``attncontrol/models/``.
 
 The generic parts (the run, the guidance engine, the capture processors, the store, gradient checkpointing,
-the controls, the losses, the text layout and the attention observer) must not name a family's modules, its latent
-scaling or its tokenizer's word marker. Adding a family is then one adapter module.
+the controls, the losses, the text layout, the attention observer, the Modular Diffusers blocks) must not name a
+family's modules, its latent scaling or its tokenizer's word marker. Adding a family is then one adapter module.
 
 The other side of the seam: the attention ops (processors/classic.py, processors/joint.py) read diffusers' attention
 layers by attribute and argument name; those words must still exist in the installed diffusers, and mean the same.
@@ -29,6 +29,7 @@ GENERIC = [
     "losses",
     "text.py",
     "attention.py",
+    "modular",
 ]
 FAMILY_WORDS = ["unet", "down_blocks", "up_blocks", "mid_block", "attn1", "attn2", "</w>", "init_noise_sigma"]
 

@@ -37,7 +37,7 @@ import functools
 import inspect
 import sys
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,8 +58,10 @@ _REFUSED = {
 
 class Flux2Adapter(PackedLatents):
     description = "Flux2Pipeline (FLUX.2 [dev])"
-    modular_names = ("Flux2ModularPipeline",)
-    modular_guidance = None  # no guider: guidance_scale is the distilled guidance embedding, an input
+    modular_names: ClassVar[tuple[str, ...]] = ("Flux2ModularPipeline",)
+    modular_guidance: ClassVar[str | None] = (
+        None  # no guider: guidance_scale is the distilled guidance embedding, an input
+    )
     pipeline_names = ("Flux2Pipeline",)
     token_streams = TOKEN_STREAMS["Flux2Pipeline"]
     attention_kwargs_name = "attention_kwargs"
@@ -234,8 +236,8 @@ class Flux2KleinAdapter(Flux2Adapter):
     """FLUX.2 [klein]: the same transformer without a guidance embedding, a Qwen3 encoder, CFG on base models."""
 
     description = "Flux2KleinPipeline (FLUX.2 [klein], base and distilled)"
-    modular_names = ("Flux2KleinModularPipeline", "Flux2KleinBaseModularPipeline")
-    modular_guidance = "guidance_scale"  # the base model's guider; the distilled one has none
+    modular_names: ClassVar[tuple[str, ...]] = ("Flux2KleinModularPipeline", "Flux2KleinBaseModularPipeline")
+    modular_guidance: ClassVar[str | None] = "guidance_scale"  # the base model's guider; the distilled one has none
     pipeline_names = ("Flux2KleinPipeline",)
     token_streams = TOKEN_STREAMS["Flux2KleinPipeline"]
 

@@ -26,9 +26,11 @@ from .blocks import (
     AttnControlNoise,
     AttnControlScope,
     RunHandle,
+    load_block,
+    save_block,
     stock_view,
 )
-from .folder import load_block, save_block
+from .folder import UntrustedBlockError
 
 __all__ = [
     "AttnControl",
@@ -37,6 +39,7 @@ __all__ = [
     "AttnControlNoise",
     "AttnControlScope",
     "RunHandle",
+    "UntrustedBlockError",
     "attach",
     "load_block",
     "save_block",

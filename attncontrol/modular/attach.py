@@ -5,17 +5,24 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from diffusers.modular_pipelines import (
+from diffusers.modular_pipelines.modular_pipeline import (
+    MODULAR_PIPELINE_MAPPING,
     ConditionalPipelineBlocks,
     LoopSequentialPipelineBlocks,
     ModularPipelineBlocks,
     SequentialPipelineBlocks,
 )
-from diffusers.modular_pipelines.modular_pipeline import MODULAR_PIPELINE_MAPPING
 from diffusers.modular_pipelines.modular_pipeline_utils import InsertableDict
 
 from ..errors import OptionError, UnsupportedPipelineError
-from .blocks import AttnControl, AttnControlEndStep, AttnControlGuide, AttnControlNoise, AttnControlScope, _adapter_class
+from .blocks import (
+    AttnControl,
+    AttnControlEndStep,
+    AttnControlGuide,
+    AttnControlNoise,
+    AttnControlScope,
+    adapter_class_of,
+)
 
 GUIDE, END, NOISE, SCOPE = "attncontrol_guide", "attncontrol_end", "attncontrol_noise", "attncontrol"
 
@@ -49,7 +56,7 @@ def _check_family(blocks: ModularPipelineBlocks) -> None:
     model = blocks.model_name
     map_fn = MODULAR_PIPELINE_MAPPING.get(model) if model else None
     name = map_fn() if map_fn is not None else f"model {model!r}"
-    _adapter_class(name)  # raises naming the supported modular pipelines
+    adapter_class_of(name)  # raises naming the supported modular pipelines
 
 
 def attach(blocks: ModularPipelineBlocks, controls=(), *, workflow: str = "text2image", **options):

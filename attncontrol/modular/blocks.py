@@ -21,10 +21,11 @@ Nothing per call is stored on a block (blocks are shared and saved): the run tra
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.modular_pipelines import ModularPipelineBlocks, PipelineState, SequentialPipelineBlocks
+from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks, PipelineState, SequentialPipelineBlocks
 from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, OutputParam
 
 from ..controls.base import Control
@@ -33,6 +34,7 @@ from ..errors import OptionError, UnsupportedPipelineError
 from ..models import ADAPTERS, ModelAdapter
 from ..pipeline import prepare_run
 from ..run import Run, StepDriver
+from .folder import OWN_KEYS, UntrustedBlockError, read_folder, write_folder
 
 RUN = "attncontrol_run"
 TRACE, ATTENTION, NOISE_SEARCH = "attncontrol_trace", "attncontrol_attention", "attncontrol_noise_search"
@@ -50,6 +52,12 @@ RUN_INPUTS = (
 ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
+def _handle(values) -> RunHandle | None:
+    """The run handle in a pipeline state or a loop's block state (None: no controls, or no AttnControl block)."""
+    handle = values.get(RUN) if isinstance(values, PipelineState) else getattr(values, RUN, None)
+    return handle if isinstance(handle, RunHandle) else None
+
+
 class RunHandle:
     """One call's run and its step driver, carried in the pipeline state. ``ModularPipeline.__call__`` deep-copies
     a state passed back in (``pipe(state=...)``): the handle is shared, never copied (it holds the models)."""
@@ -65,7 +73,7 @@ class RunHandle:
         return f"RunHandle({type(self.run.adapter).__name__}, {self.run.num_steps} steps)"
 
 
-def _adapter_class(modular_name: str) -> type[ModelAdapter]:
+def adapter_class_of(modular_name: str) -> type[ModelAdapter]:
     for cls in ADAPTERS:
         if modular_name in cls.modular_names:
             return cls
@@ -80,7 +88,7 @@ def stock_view(components) -> Any:
     no weight is copied), so every adapter method works unchanged."""
     import diffusers
 
-    adapter = _adapter_class(type(components).__name__)
+    adapter = adapter_class_of(type(components).__name__)
     stock = getattr(diffusers, adapter.pipeline_names[0])
     config = getattr(components, "config", {}) or {}
     kwargs = {}
@@ -105,7 +113,8 @@ class AttnControl(ModularPipelineBlocks):
     text-to-image blocks with every attncontrol block in place (see :func:`attncontrol.modular.attach`).
     ``attention=True`` (or a list of subjects) also records the per-subject maps (``attncontrol_attention``);
     ``checkpointing=True`` as in :func:`attncontrol.generate`. Saved with :meth:`save_pretrained`; loaded offline
-    with :meth:`from_pretrained` (see :mod:`attncontrol.modular.folder`)."""
+    with :meth:`from_pretrained` (see :mod:`attncontrol.modular.folder`). Put into a family's blocks with
+    :func:`attncontrol.modular.attach`."""
 
     model_name = None
 
@@ -165,7 +174,7 @@ class AttnControl(ModularPipelineBlocks):
         return bool(self.controls) or self.attention not in (False, None, [], ())
 
     def __call__(self, components, state: PipelineState):
-        encoder = self._encoder()
+        encoder: Any = self._encoder()
         if not self.active:
             components, state = encoder(components, state)
             state.set(RUN, None)
@@ -199,14 +208,14 @@ class AttnControl(ModularPipelineBlocks):
             if value is None:
                 continue
             kwargs["cross_attention_kwargs" if name in ATTENTION_KWARGS else name] = value
-        adapter = _adapter_class(type(components).__name__)
+        adapter = adapter_class_of(type(components).__name__)
         if adapter.modular_guidance is None:
             if state.get("guidance_scale") is not None:
                 kwargs["guidance_scale"] = state.get("guidance_scale")
             return kwargs
         guider = getattr(components, "guider", None)
         wants = guider is not None and bool(guider._enabled) and guider.num_conditions > 1
-        scale = adapter.from_guider_scale(float(guider.guidance_scale) if wants else 1.0)
+        scale = adapter.from_guider_scale(float(guider.guidance_scale) if guider is not None and wants else 1.0)
         kwargs[adapter.modular_guidance] = scale
         extra = {adapter.modular_guidance: scale}
         if wants and kwargs.get("negative_prompt") is None and not adapter(view).uses_cfg(scale, None, extra):
@@ -215,23 +224,40 @@ class AttnControl(ModularPipelineBlocks):
             kwargs["negative_prompt"] = ""
         return kwargs
 
-    def attach(self, blocks, workflow: str = "text2image"):
-        from .attach import attach
-
-        return attach(blocks, self, workflow=workflow)
-
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
-        from .folder import save_block
-
+        """Write the block as a Modular Diffusers custom-block folder (see :mod:`attncontrol.modular.folder`)."""
         if push_to_hub:
-            raise OptionError("AttnControl.save_pretrained writes a folder; push it with huggingface_hub's upload_folder")
-        save_block(self, save_directory)
+            raise OptionError("AttnControl.save_pretrained writes a folder; upload it with huggingface_hub")
+        write_folder({k: self.config[k] for k in OWN_KEYS}, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, trust_remote_code: bool = False, **kwargs):
-        from .folder import load_block
+        """The block saved in a folder: one written by :meth:`save_pretrained` loads offline and runs none of its
+        code; any other needs ``trust_remote_code=True`` and goes to ``ModularPipelineBlocks.from_pretrained``."""
+        settings, why = read_folder(pretrained_model_name_or_path)
+        if settings is not None:
+            return AttnControl(settings["controls"], settings["attention"], settings["checkpointing"])
+        if not trust_remote_code:
+            raise UntrustedBlockError(
+                f"{pretrained_model_name_or_path}: {why}; loading it would run its Python code. Pass "
+                "trust_remote_code=True if you trust it"
+            )
+        return ModularPipelineBlocks.from_pretrained(
+            str(pretrained_model_name_or_path), trust_remote_code=True, **kwargs
+        )
 
-        return load_block(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
+def save_block(block: AttnControl, folder) -> Path:
+    """Write ``block`` to ``folder`` (:meth:`AttnControl.save_pretrained`). Returns the folder."""
+    if not isinstance(block, AttnControl):
+        raise OptionError(f"save_block saves an AttnControl block, got {type(block).__name__}")
+    block.save_pretrained(folder)
+    return Path(folder)
+
+
+def load_block(path, trust_remote_code: bool = False, **kwargs) -> AttnControl:
+    """The block saved in ``path`` (:meth:`AttnControl.from_pretrained`)."""
+    return AttnControl.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def _pad_negative(run: Run) -> None:
@@ -270,7 +296,7 @@ class AttnControlNoise(ModularPipelineBlocks):
         return [OutputParam("latents", type_hint=torch.Tensor)]
 
     def __call__(self, components, state: PipelineState):
-        handle = state.get(RUN)
+        handle = _handle(state)
         if handle is not None:
             state.set("latents", handle.run.initial_latents(handle.driver))
         return components, state
@@ -291,7 +317,7 @@ class AttnControlGuide(ModularPipelineBlocks):
         return [InputParam("latents"), InputParam(RUN)]
 
     def __call__(self, components, block_state, i: int, t):
-        handle = getattr(block_state, RUN, None)
+        handle = _handle(block_state)
         if handle is not None and i > 0:
             block_state.latents = handle.driver.begin(block_state.latents, i)
         return components, block_state
@@ -312,7 +338,7 @@ class AttnControlEndStep(ModularPipelineBlocks):
         return [InputParam("latents"), InputParam(RUN)]
 
     def __call__(self, components, block_state, i: int, t):
-        handle = getattr(block_state, RUN, None)
+        handle = _handle(block_state)
         if handle is not None:
             block_state.latents = handle.driver.end_step(i, t, block_state.latents)
         return components, block_state
@@ -331,7 +357,7 @@ class AttnControlScope(SequentialPipelineBlocks):
         return "attncontrol: the capture processors installed around the noise and the denoise loop"
 
     @property
-    def intermediate_outputs(self) -> list[OutputParam]:
+    def intermediate_outputs(self) -> list[Any]:  # diffusers annotates list[str]; they are OutputParams
         return [
             *super().intermediate_outputs,
             OutputParam(TRACE, description="attncontrol: one StepRecord per step"),
@@ -340,7 +366,7 @@ class AttnControlScope(SequentialPipelineBlocks):
         ]
 
     def __call__(self, components, state: PipelineState):
-        handle = state.get(RUN)
+        handle = _handle(state)
         if handle is None:
             components, state = super().__call__(components, state)
             state.set(TRACE, [])

@@ -10,7 +10,8 @@ The folder is what diffusers' ``ModularPipelineBlocks.save_pretrained`` writes f
 
 diffusers treats every such folder as remote code. :func:`load_block` (``AttnControl.from_pretrained``) needs no
 trust for a folder whose only code is exactly the module this version generates for its config: it then runs
-none of the folder's code and builds the block from the installed package and the JSON. Any other folder (an
+none of the folder's code and builds the block from the installed package and the JSON
+(:meth:`AttnControl.from_pretrained`, :func:`attncontrol.modular.load_block`). Any other folder (an
 edited module, another class, more Python files) is refused unless ``trust_remote_code=True``, which hands it to
 diffusers' own loader (which also honours ``DIFFUSERS_DISABLE_REMOTE_CODE``).
 """
@@ -24,7 +25,6 @@ from typing import Any
 from .. import __version__
 from ..errors import OptionError
 from ..io import atomic_write_bytes
-from .blocks import AttnControl
 
 MODULE, CLASS = "attncontrol_block", "AttnControlBlock"
 CONFIG_NAME = "modular_config.json"
@@ -55,17 +55,16 @@ def module_text(config: dict[str, Any]) -> str:
     )
 
 
-def save_block(block: AttnControl, folder) -> Path:
-    """Write ``block`` to ``folder`` (created; each file written whole or not at all). Returns the folder."""
-    if not isinstance(block, AttnControl):
-        raise OptionError(f"save_block saves an AttnControl block, got {type(block).__name__}")
+def write_folder(settings: dict[str, Any], folder) -> Path:
+    """Write a block folder for ``settings`` (``controls`` as JSON data, ``attention``, ``checkpointing``): the
+    config and the module; each file is written whole or not at all. Returns the folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OptionError(f"{folder} exists and is not a folder")
     config = {
         "_class_name": CLASS,
         "_diffusers_version": _diffusers_version(),
-        **{k: block.config[k] for k in OWN_KEYS},
+        **{k: settings[k] for k in OWN_KEYS},
         "auto_map": AUTO_MAP,
         "requirements": {"attncontrol": f">={__version__}"},
     }
@@ -77,21 +76,15 @@ def save_block(block: AttnControl, folder) -> Path:
     return folder
 
 
-def load_block(path, trust_remote_code: bool = False, **kwargs) -> AttnControl:
-    """The block saved in ``path``. A folder written by :func:`save_block` loads offline with no code run; anything
-    else needs ``trust_remote_code=True`` and goes to ``ModularPipelineBlocks.from_pretrained``."""
+def read_folder(path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(settings, None)`` for a folder exactly as :func:`write_folder` writes it (no code of it is run), else
+    ``(None, what differs)``."""
     folder = Path(path)
     why = _why_not_ours(folder)
-    if why is None:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        return AttnControl(config["controls"], config["attention"], config["checkpointing"])
-    if not trust_remote_code:
-        raise UntrustedBlockError(
-            f"{path}: {why}; loading it would run its Python code. Pass trust_remote_code=True if you trust it"
-        )
-    from diffusers.modular_pipelines import ModularPipelineBlocks
-
-    return ModularPipelineBlocks.from_pretrained(str(path), trust_remote_code=True, **kwargs)
+    if why is not None:
+        return None, why
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    return {k: config[k] for k in OWN_KEYS}, None
 
 
 def _why_not_ours(folder: Path) -> str | None:
