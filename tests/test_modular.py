@@ -277,6 +277,22 @@ def test_attach_refuses_what_it_cannot_serve():
         attach(M.FluxAutoBlocks(), AttnControl(AE()), attention=True)
 
 
+def test_other_workflows_and_many_branch_guiders_are_refused(tiny):
+    with pytest.raises(OptionError, match="text-to-image only"):
+        attach(M.StableDiffusionXLAutoBlocks(), AE(), workflow="image2image")
+    from diffusers.guiders import PerturbedAttentionGuidance
+
+    pipe = tiny("sdxl")
+    mp = modular(pipe, attach(M.StableDiffusionXLAutoBlocks(), [ac.Regulate(subjects=["cat", "dog"])]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.update_components(guider=PerturbedAttentionGuidance(guidance_scale=5.0, perturbed_guidance_layers=[0]))
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(UnsupportedPipelineError, match="3 branches per step; regulate"):
+        run_modular(mp)
+    assert pipe.unet.attn_processors == before
+
+
 def test_an_unattached_block_says_how_to_attach():
     block = AttnControl(AE())
     with pytest.raises(UnsupportedPipelineError, match="attach"):
@@ -359,3 +375,33 @@ def test_control_data_names_what_is_wrong():
         control_from_data({"method": "attend-excite", "subjects": ["cat"], "colour": 1})
     with pytest.raises(OptionError, match="scale_factor"):
         control_from_data({"method": "attend-excite", "subjects": ["cat"], "scale_factor": "big"})
+
+
+def _example():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "modular.py"
+    spec = importlib.util.spec_from_file_location("modular_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE_FAMILIES = ["sdxl", "sd3", "flux", "flux2", "klein", "klein-base", "qwenimage", "zimage"]
+
+
+@pytest.mark.parametrize("family", EXAMPLE_FAMILIES)
+def test_the_example_runs_every_family(family, tmp_path, capsys):
+    """examples/modular.py, one complete example per family: with --tiny it runs offline and guides."""
+    example = _example()
+    assert sorted(example.FAMILIES) == sorted(EXAMPLE_FAMILIES)
+    out = tmp_path / f"{family}.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        example.main(["--family", family, "--tiny", "--out", str(out), "--prompt", PROMPT, "--subjects", "cat", "dog"])
+    assert out.is_file()
+    assert "loss per guided step [0." in capsys.readouterr().out

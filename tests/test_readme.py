@@ -95,3 +95,32 @@ def test_readme_regions_example_runs(sd1):
         sd1, "a car and a dog in a park", [], num_inference_steps=3, generator=torch.Generator().manual_seed(0)
     )
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(namespace["out"].images[0]))
+
+
+def test_readme_modular_examples_run(tmp_path, monkeypatch):
+    """The Modular Diffusers section's examples, on the tiny models: the hub id and the device left out, the
+    components set from a tiny pipeline instead of downloaded; each saves its image, and the saved block loads."""
+    import warnings
+
+    from attncontrol.testing import make_tiny_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    examples = [b for b in blocks if "attncontrol.modular" in b]
+    assert len(examples) == 2, "the section has an SDXL and a FLUX example"
+    for code, family in zip(examples, ("sdxl", "flux")):
+        tiny = make_tiny_pipeline(family)
+        code = re.sub(r'init_pipeline\("[^"]+"\)', "init_pipeline()", code)
+        code = re.sub(r"pipe.load_components\([^)]*\)", "pipe.update_components(**tiny_parts)", code)
+        code = code.replace('pipe.to("cuda")', "").replace('"cuda"', '"cpu"')
+        code = re.sub(r"num_inference_steps=\d+", "num_inference_steps=2, height=64, width=64", code)
+        parts = {k: v for k, v in tiny.components.items() if v is not None}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(code, "README.md", "exec"), {"tiny_parts": parts})
+    assert (tmp_path / "cat_frog_modular.png").is_file() and (tmp_path / "car_dog_modular.png").is_file()
+    assert (tmp_path / "dog_heat.png").is_file()
+    save = next(b for b in blocks if "save_pretrained(" in b and "AttnControl" in b)
+    namespace: dict = {}
+    exec("import attncontrol\nfrom attncontrol.modular import AttnControl\n" + save, namespace)
+    assert namespace["block"].controls == [namespace["attncontrol"].AttendExcite(subjects=["cat", "frog"])]

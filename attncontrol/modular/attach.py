@@ -71,6 +71,11 @@ def attach(blocks: ModularPipelineBlocks, controls=(), *, workflow: str = "text2
     block = controls if isinstance(controls, AttnControl) else AttnControl(_controls(controls), **options)
     if isinstance(controls, AttnControl) and options:
         raise OptionError(f"pass {', '.join(sorted(options))} to AttnControl(...), not to attach, with a block")
+    if workflow != "text2image":
+        raise OptionError(
+            f"workflow {workflow!r}: attncontrol's blocks serve text-to-image only (its noise block replaces the "
+            "initial latents an image-to-image or inpainting workflow would make from the image)"
+        )
     if workflow in _workflows(blocks):
         blocks = blocks.get_workflow(workflow)
     _check_family(blocks)

@@ -182,6 +182,7 @@ class AttnControl(ModularPipelineBlocks):
         view = stock_view(components)
         kwargs = self._run_kwargs(components, state, encoder, view)
         run = prepare_run(view, state.get("prompt"), self.controls, sequential_cfg=True, **kwargs)
+        _check_guider(getattr(components, "guider", None), run)
         to_pipe = {k: v for k, v in run.call_kwargs.items() if k in run.adapter.text_keys or k.endswith("_embeds")}
         outputs = {o.name: o for o in encoder.intermediate_outputs}
         stray = sorted(k for k, v in to_pipe.items() if v is not None and k not in outputs)
@@ -258,6 +259,21 @@ def save_block(block: AttnControl, folder) -> Path:
 def load_block(path, trust_remote_code: bool = False, **kwargs) -> AttnControl:
     """The block saved in ``path`` (:meth:`AttnControl.from_pretrained`)."""
     return AttnControl.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _check_guider(guider, run: Run) -> None:
+    """Attention editors, regional prompting and the map observer tell the branches of a forward apart by their
+    order (the conditional one first, as the CFG guider runs them); a guider with more branches (PAG, SEG, ...)
+    runs forwards they would misread."""
+    if guider is None or not guider._enabled or guider.num_conditions <= 2:
+        return
+    users = [e.name for e in run.editors] + (["regions"] if run.regions is not None else [])
+    users += ["attention"] if run.observer is not None else []
+    if users:
+        raise UnsupportedPipelineError(
+            f"{type(guider).__name__} runs {guider.num_conditions} branches per step; {', '.join(users)} can "
+            "only tell the conditional forward apart under a two-branch guider (ClassifierFreeGuidance)"
+        )
 
 
 def _pad_negative(run: Run) -> None:
