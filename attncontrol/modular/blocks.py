@@ -109,12 +109,11 @@ def stock_view(components) -> Any:
 class AttnControl(ModularPipelineBlocks):
     """The controls, as a Modular Diffusers block that stands in for the family's text-encoder step.
 
-    ``AttnControl([AttendExcite(subjects=["cat", "dog"])]).attach(StableDiffusionXLAutoBlocks())`` gives the
+    ``attach(StableDiffusionXLAutoBlocks(), AttnControl([AttendExcite(subjects=["cat", "dog"])]))`` gives the
     text-to-image blocks with every attncontrol block in place (see :func:`attncontrol.modular.attach`).
     ``attention=True`` (or a list of subjects) also records the per-subject maps (``attncontrol_attention``);
     ``checkpointing=True`` as in :func:`attncontrol.generate`. Saved with :meth:`save_pretrained`; loaded offline
-    with :meth:`from_pretrained` (see :mod:`attncontrol.modular.folder`). Put into a family's blocks with
-    :func:`attncontrol.modular.attach`."""
+    with :meth:`from_pretrained` (see :mod:`attncontrol.modular.folder`)."""
 
     model_name = None
 
