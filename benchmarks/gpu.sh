@@ -42,3 +42,5 @@ python benchmarks/guidance_pass.py --arch sdxl --size 1024 --device cuda --dtype
 # Regional prompting (#27): every attention and FLUX-block row at 512 and 1024 px, R = 2 and 4, bf16 (about a
 # minute: milliseconds per call, plus building one random FLUX double and single block).
 python benchmarks/regions_pass.py --device cuda --dtype bf16 --full --repeats 10
+# Modular Diffusers (#28): the modular pipeline with attncontrol's blocks against generate, tiny models (seconds).
+python benchmarks/modular_overhead.py --device cuda --repeats 5
