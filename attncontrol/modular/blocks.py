@@ -115,8 +115,6 @@ class AttnControl(ModularPipelineBlocks):
     ``checkpointing=True`` as in :func:`attncontrol.generate`. Saved with :meth:`save_pretrained`; loaded offline
     with :meth:`from_pretrained` (see :mod:`attncontrol.modular.folder`)."""
 
-    model_name = None
-
     def __init__(self, controls=(), attention: bool | list = False, checkpointing: bool = False):
         super().__init__()
         controls = list(controls or ())
@@ -292,19 +290,21 @@ def _pad_negative(run: Run) -> None:
     run.regions.padded_negative = padded
 
 
-class AttnControlNoise(ModularPipelineBlocks):
-    """Before the family's prepare-latents step: the initial noise of the run (the ``latents`` given, or drawn as
-    the stock pipeline draws it), chosen by the controls that choose it and guided for step 0."""
-
-    model_name = None
-
-    @property
-    def description(self) -> str:
-        return "attncontrol: the initial noise, chosen (InitNO) and guided for step 0"
+class _RunStep(ModularPipelineBlocks):
+    """A block of the run's steps: it reads the latents and the run handle (and does nothing without a run)."""
 
     @property
     def inputs(self) -> list[InputParam]:
         return [InputParam("latents"), InputParam(RUN)]
+
+
+class AttnControlNoise(_RunStep):
+    """Before the family's prepare-latents step: the initial noise of the run (the ``latents`` given, or drawn as
+    the stock pipeline draws it), chosen by the controls that choose it and guided for step 0."""
+
+    @property
+    def description(self) -> str:
+        return "attncontrol: the initial noise, chosen (InitNO) and guided for step 0"
 
     @property
     def intermediate_outputs(self) -> list[OutputParam]:
@@ -317,19 +317,13 @@ class AttnControlNoise(ModularPipelineBlocks):
         return components, state
 
 
-class AttnControlGuide(ModularPipelineBlocks):
+class AttnControlGuide(_RunStep):
     """First in the denoise loop: the latents of step ``i >= 1`` guided before the denoiser runs (step 0 was
     guided by :class:`AttnControlNoise`)."""
-
-    model_name = None
 
     @property
     def description(self) -> str:
         return "attncontrol: guides the latents of this step before the denoiser"
-
-    @property
-    def inputs(self) -> list[InputParam]:
-        return [InputParam("latents"), InputParam(RUN)]
 
     def __call__(self, components, block_state, i: int, t):
         handle = _handle(block_state)
@@ -338,19 +332,13 @@ class AttnControlGuide(ModularPipelineBlocks):
         return components, block_state
 
 
-class AttnControlEndStep(ModularPipelineBlocks):
+class AttnControlEndStep(_RunStep):
     """Last in the denoise loop: closes the step's record, checks the latents are finite, applies the velocity
     rule's deferred shift."""
-
-    model_name = None
 
     @property
     def description(self) -> str:
         return "attncontrol: closes the step (trace record, finite check)"
-
-    @property
-    def inputs(self) -> list[InputParam]:
-        return [InputParam("latents"), InputParam(RUN)]
 
     def __call__(self, components, block_state, i: int, t):
         handle = _handle(block_state)
